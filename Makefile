@@ -1,0 +1,32 @@
+# Two commands do all set-up on a fresh machine:  make demo  and  make test.
+# Both install what is missing first (Debian packages as root, .venv, torch, DALI, mpi4py, Horovod).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+RANKS  ?= 2
+DEMO_DATA := data/demo
+
+.PHONY: install demo demo-data test clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: launch/install.sh setup.cfg pyproject.toml
+	bash launch/install.sh $(VENV)
+	touch $@
+
+$(DEMO_DATA)/.complete: dali_ba/data/synth.py | install
+	rm -rf $(DEMO_DATA)
+	$(PY) -m dali_ba.data.synth --out $(DEMO_DATA)
+	touch $@
+
+demo-data: $(DEMO_DATA)/.complete
+
+# With one core per rank, MPI waiting by yielding (not spinning) leaves the core to DALI and torch.
+demo: install demo-data
+	rm -rf runs/demo
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" OMPI_MCA_mpi_yield_when_idle=1 horovodrun -np $(RANKS) python -m dali_ba.train --recipe pipelines/demo.toml
+
+test: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" python -m pytest -q tests
+
+clean:
+	rm -rf runs data .pytest_cache

@@ -1,0 +1,19 @@
+"""dali-ba: Batch Augmentation (Hoffer et al.) with NVIDIA DALI, PyTorch and Horovod.
+
+Each of B samples per step is read and decoded once and trained on as M augmented views.
+"""
+__version__ = "0.1.0"
+
+from dali_ba.errors import UsageError
+
+__all__ = ["BatchAugmentLoader", "ValidationLoader", "flatten_views", "normalize", "UsageError", "__version__"]
+
+
+def __getattr__(name: str):
+    # The loader pulls in torch and DALI; import it only when asked, so the CLI can reject bad
+    # input before paying for those imports.
+    if name in ("BatchAugmentLoader", "ValidationLoader", "flatten_views", "normalize"):
+        from dali_ba import loader
+
+        return getattr(loader, name)
+    raise AttributeError(f"module 'dali_ba' has no attribute {name!r}")

@@ -1,0 +1,107 @@
+"""Reader stage: turn an ImageNet-style folder or a file list into (files, labels).
+
+Pure Python and cheap, so every data problem is reported before a DALI pipeline or a model exists.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from dali_ba.errors import UsageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+@dataclass(frozen=True)
+class ImageDataset:
+    """Absolute file paths, integer labels and class names, in a fixed (sorted) order."""
+
+    files: tuple[str, ...]
+    labels: tuple[int, ...]
+    classes: tuple[str, ...]
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def scan_folder(root: str | os.PathLike, classes: Sequence[str] | None = None) -> ImageDataset:
+    """Index ``root/<class>/<image>`` (classes sorted by name, labels 0..C-1, as torchvision does).
+
+    Pass the training set's ``classes`` when indexing validation data, so that a label means the
+    same class in both even when a class folder is missing from one of them.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise UsageError(f"data directory not found: {root}")
+    if not root.is_dir():
+        raise UsageError(f"data path is not a directory: {root}")
+    found = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
+    if not found:
+        raise UsageError(f"no class folders in {root} (expected {root}/<class>/<image>.jpg)")
+    classes = list(classes) if classes is not None else found
+    unknown = [name for name in found if name not in classes]
+    if unknown:
+        raise UsageError(f"class folder {root / unknown[0]} is not one of the {len(classes)} training classes")
+    files: list[str] = []
+    labels: list[int] = []
+    for name in found:
+        label = classes.index(name)
+        images = sorted(
+            str(root / name / f)
+            for f in os.listdir(root / name)
+            if _is_image(f) and (root / name / f).is_file()
+        )
+        if not images:
+            raise UsageError(f"class folder has no images: {root / name}")
+        files += images
+        labels += [label] * len(images)
+    return ImageDataset(tuple(files), tuple(labels), tuple(classes), str(root))
+
+
+def read_file_list(list_path: str | os.PathLike, root: str | os.PathLike | None = None) -> ImageDataset:
+    """Index a text file of ``<path> <label>`` lines (DALI's file_list format).
+
+    Relative paths are taken from ``root`` (default: the list's own folder). Blank lines and lines
+    starting with ``#`` are skipped.
+    """
+    list_path = Path(list_path)
+    if not list_path.is_file():
+        raise UsageError(f"file list not found: {list_path}")
+    base = Path(root) if root is not None else list_path.parent
+    files: list[str] = []
+    labels: list[int] = []
+    for lineno, line in enumerate(list_path.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        path, _, label = line.rpartition(" ")
+        if not path or not label.lstrip("-").isdigit() or int(label) < 0:
+            raise UsageError(f"{list_path}:{lineno}: expected '<path> <label>' with a label >= 0, got {line!r}")
+        full = Path(path.strip()) if Path(path.strip()).is_absolute() else base / path.strip()
+        if not full.is_file():
+            raise UsageError(f"{list_path}:{lineno}: image not found: {full}")
+        files.append(str(full))
+        labels.append(int(label))
+    if not files:
+        raise UsageError(f"file list has no entries: {list_path}")
+    classes = tuple(str(c) for c in range(max(labels) + 1))
+    return ImageDataset(tuple(files), tuple(labels), classes, str(list_path))
+
+
+def load_dataset(path: str | os.PathLike, classes: Sequence[str] | None = None) -> ImageDataset:
+    """A folder of class folders (labels by ``classes`` when given), or a ``.txt`` file list."""
+    path = Path(path)
+    if path.suffix == ".txt" and not path.is_dir():
+        return read_file_list(path)
+    return scan_folder(path, classes)

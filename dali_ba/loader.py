@@ -1,0 +1,238 @@
+"""The loader API: batches of B samples x M augmented views, as torch tensors on the training device.
+
+    loader = BatchAugmentLoader("imagenet/train", batch_size=64, views=4, view_size=224,
+                                rank=hvd.rank(), world_size=hvd.size(), seed=0)
+    for epoch in range(epochs):
+        for images, labels in loader.epoch(epoch):        # (B, M, 3, H, W) uint8, (B,) int64
+            x, y = flatten_views(images, labels)          # (B*M, 3, H, W), (B*M,)
+            loss = F.cross_entropy(model(normalize(x)), y)
+
+The rank, world size and device are plain arguments: launching and process groups stay outside.
+A yielded batch is only valid until the next one is requested; ``.clone()`` what you keep.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from dali_ba.data.dataset import ImageDataset, load_dataset
+from dali_ba.data.sharding import eval_shard, train_shard
+from dali_ba.errors import UnreadableImageError, UsageError
+from dali_ba.pipeline import AUGMENTATIONS, READER_NAME, batch_augment_pipeline, center_crop_pipeline
+
+DECODERS = ("auto", "cpu", "mixed")
+PREFETCH_DEPTH = 2  # DALI's default prefetch_queue_depth: batches decoded ahead of the one yielded
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def flatten_views(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, M, 3, H, W) + (B,) -> (B*M, 3, H, W) + (B*M,): the M copies of a sample stay adjacent."""
+    views = images.shape[1]
+    return images.flatten(0, 1), labels.repeat_interleave(views)
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float32 channels_last, (x/255 - mean)/std, on the tensor's own device."""
+    x = images.to(memory_format=torch.channels_last).float()
+    scale = torch.tensor(std, device=x.device).view(1, 3, 1, 1) * 255
+    shift = torch.tensor(mean, device=x.device).view(1, 3, 1, 1) * 255
+    return x.sub_(shift).div_(scale)
+
+
+def _first_undecodable(files: Sequence[str]) -> tuple[str, str] | None:
+    """The first file PIL cannot fully decode, with the reason (used only after DALI has failed)."""
+    from PIL import Image
+
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                image.load()
+        except Exception as exc:  # noqa: BLE001 - any failure to decode is the answer
+            return str(path), str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return None
+
+
+def _resolve_decoder(decoder: str) -> str:
+    if decoder not in DECODERS:
+        raise UsageError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+    if decoder == "auto":
+        return "mixed" if torch.cuda.is_available() else "cpu"
+    if decoder == "mixed" and not torch.cuda.is_available():
+        raise UsageError("decoder 'mixed' needs a visible GPU; use 'cpu' or 'auto'")
+    return decoder
+
+
+def _as_dataset(data: ImageDataset | str | os.PathLike) -> ImageDataset:
+    return data if isinstance(data, ImageDataset) else load_dataset(data)
+
+
+class _ShardedLoader:
+    """What both loaders share: a dataset, a rank's place in the world, and the DALI plumbing."""
+
+    def __init__(self, data, batch_size: int, rank: int, world_size: int, decoder: str, device, num_threads: int, seed: int):
+        if batch_size < 1:
+            raise UsageError(f"batch_size must be >= 1, got {batch_size}")
+        if num_threads < 1:
+            raise UsageError(f"num_threads must be >= 1, got {num_threads}")
+        self.dataset = _as_dataset(data)
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.num_threads, self.seed = num_threads, seed
+        self.decoder = _resolve_decoder(decoder)
+        if self.decoder == "mixed":
+            self.device_id = torch.cuda.current_device()
+            self.device = torch.device(device) if device is not None else torch.device("cuda", self.device_id)
+        else:
+            self.device_id = None
+            self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self._files = np.array(self.dataset.files)
+        self._labels = np.array(self.dataset.labels, dtype=np.int32)
+        self._check_shard()
+
+    def _check_shard(self) -> None:
+        eval_shard(len(self.dataset), self.rank, self.world_size, self.batch_size)  # raises on a bad world
+
+    def _pipeline_args(self, order: np.ndarray, seed: int) -> dict:
+        """Arguments every pipeline of this loader takes: the files to read, in order, and where to run."""
+        return dict(
+            files=self._files[order].tolist(),
+            labels=self._labels[order].tolist(),
+            decoder=self.decoder,
+            batch_size=self.batch_size,
+            num_threads=self.num_threads,
+            device_id=self.device_id,
+            seed=seed,
+        )
+
+    def _run(self, pipe, order: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Drive a pipeline over ``order`` for one pass; tensors land on ``self.device``."""
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        step = 0
+        try:
+            batches = DALIGenericIterator(
+                pipe, ["images", "labels"], reader_name=READER_NAME, last_batch_policy=LastBatchPolicy.DROP,
+                auto_reset=False,
+            )
+            for (batch,) in batches:
+                images = batch["images"].to(self.device, non_blocking=True)
+                yield images, batch["labels"].view(-1).to(self.device, torch.int64, non_blocking=True)
+                step += 1
+        except RuntimeError as exc:
+            # DALI names the operator but not the file; find it among the batches in flight.
+            suspects = self._files[order[step * self.batch_size : (step + PREFETCH_DEPTH + 2) * self.batch_size]]
+            bad = _first_undecodable(suspects)
+            if bad is None:
+                raise
+            raise UnreadableImageError(f"cannot decode {bad[0]} ({bad[1]}); remove or replace the file") from exc
+
+
+class BatchAugmentLoader(_ShardedLoader):
+    """Training batches: each of B samples decoded once and seen as M independently augmented views.
+
+    Yields ``images`` (B, M, 3, H, W) uint8 in channels_last memory and ``labels`` (B,) int64. Each
+    epoch reshuffles the whole dataset from (seed, epoch) and deals it out to ranks; every rank gets
+    the same number of steps (see :func:`dali_ba.data.sharding.train_shard`).
+    """
+
+    def __init__(
+        self,
+        data: ImageDataset | str | os.PathLike,
+        batch_size: int,
+        views: int = 4,
+        view_size: int = 224,
+        *,
+        augment: str = "imagenet",
+        crop_area_min: float = 0.08,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        decoder: str = "auto",
+        device: torch.device | str | None = None,
+        num_threads: int = 2,
+    ) -> None:
+        if views < 1:
+            raise UsageError(f"views must be >= 1, got {views}")
+        if view_size < 1:
+            raise UsageError(f"view_size must be >= 1, got {view_size}")
+        if augment not in AUGMENTATIONS:
+            raise UsageError(f"unknown augment {augment!r}; known: {', '.join(AUGMENTATIONS)}")
+        if not 0 < crop_area_min <= 1:
+            raise UsageError(f"crop_area_min must be in (0, 1], got {crop_area_min}")
+        self.views, self.view_size, self.augment, self.crop_area_min = views, view_size, augment, crop_area_min
+        super().__init__(data, batch_size, rank, world_size, decoder, device, num_threads, seed)
+        self._next_epoch = 0
+
+    def __len__(self) -> int:
+        """Steps per epoch (the same on every rank)."""
+        return len(self.shard(0)) // self.batch_size
+
+    def shard(self, epoch: int) -> np.ndarray:
+        """Dataset indices this rank reads in ``epoch``, in order."""
+        return train_shard(len(self.dataset), self.rank, self.world_size, self.batch_size, self.seed, epoch)
+
+    def build_pipeline(self, epoch: int):
+        """The DALI pipeline for one epoch of this rank (not yet built)."""
+        return batch_augment_pipeline(
+            views=self.views,
+            view_size=self.view_size,
+            augment=self.augment,
+            crop_area_min=self.crop_area_min,
+            **self._pipeline_args(self.shard(epoch), self.pipeline_seed(epoch)),
+        )
+
+    def pipeline_seed(self, epoch: int) -> int:
+        """DALI's seed for (seed, epoch, rank): augmentations differ across ranks and epochs, reproducibly."""
+        return (self.seed * 1_000_003 + epoch * 1009 + self.rank) % (2**31)
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Iterate one epoch: ``len(self)`` batches of (B, M, 3, H, W) images and (B,) labels."""
+        self._next_epoch = epoch + 1
+        for images, labels in self._run(self.build_pipeline(epoch), self.shard(epoch)):
+            yield images.permute(0, 1, 4, 2, 3), labels
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.epoch(self._next_epoch)
+
+
+class ValidationLoader(_ShardedLoader):
+    """Evaluation batches: resize shorter side + centre crop, one view per sample.
+
+    Across ranks every sample is yielded exactly once per pass: ranks are padded to the same number
+    of batches for the pipeline, and the padding is cut off before a batch is yielded (so the last
+    batch of a rank may be shorter than ``batch_size``). Yields (b, 3, H, W) uint8 and (b,) int64.
+    """
+
+    def __init__(
+        self,
+        data: ImageDataset | str | os.PathLike,
+        batch_size: int,
+        resize: int = 256,
+        crop: int = 224,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        decoder: str = "auto",
+        device: torch.device | str | None = None,
+        num_threads: int = 2,
+    ) -> None:
+        if crop < 1 or resize < crop:
+            raise UsageError(f"validation needs 1 <= crop <= resize, got crop {crop}, resize {resize}")
+        self.resize, self.crop = resize, crop
+        super().__init__(data, batch_size, rank, world_size, decoder, device, num_threads, seed=0)
+
+    def __len__(self) -> int:
+        return len(eval_shard(len(self.dataset), self.rank, self.world_size, self.batch_size)[0]) // self.batch_size
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order, real = eval_shard(len(self.dataset), self.rank, self.world_size, self.batch_size)
+        pipe = center_crop_pipeline(resize=self.resize, crop=self.crop, **self._pipeline_args(order, seed=0))
+        remaining = real
+        for images, labels in self._run(pipe, order):
+            keep = min(remaining, len(labels))
+            remaining -= keep
+            if keep:
+                yield images[:keep].permute(0, 3, 1, 2), labels[:keep]

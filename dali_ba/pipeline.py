@@ -1,0 +1,53 @@
+"""Decode once, then M views: the DALI graphs behind the loaders.
+
+Each graph reads B encoded files, decodes each one exactly once, and only then branches: M
+independent random augmentations of the same decoded image, stacked to (M, H, W, 3) uint8 per sample.
+The "mixed" decoder (GPU) puts everything after it on the GPU; the "cpu" decoder keeps it all on CPU.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from nvidia.dali import fn, pipeline_def, types
+
+READER_NAME = "reader"
+
+
+def imagenet_view(images, view_size: int, crop_area_min: float):
+    """ImageNet training augmentation: random resized crop (scale, ratio as torchvision) + h-flip."""
+    view = fn.random_resized_crop(
+        images, size=(view_size, view_size), random_area=(crop_area_min, 1.0), random_aspect_ratio=(3 / 4, 4 / 3)
+    )
+    return fn.flip(view, horizontal=fn.random.coin_flip())
+
+
+AUGMENTATIONS: dict[str, Callable] = {"imagenet": imagenet_view}
+
+
+def _read_and_decode(files: Sequence[str], labels: Sequence[int], decoder: str):
+    jpegs, label = fn.readers.file(files=list(files), labels=list(labels), random_shuffle=False, name=READER_NAME)
+    return fn.decoders.image(jpegs, device=decoder, output_type=types.RGB), label
+
+
+@pipeline_def
+def batch_augment_pipeline(
+    files: Sequence[str],
+    labels: Sequence[int],
+    views: int,
+    view_size: int,
+    augment: str = "imagenet",
+    crop_area_min: float = 0.08,
+    decoder: str = "cpu",
+):
+    """Per sample: (M, view_size, view_size, 3) uint8 views of one decode, and its label."""
+    images, label = _read_and_decode(files, labels, decoder)
+    make_view = AUGMENTATIONS[augment]
+    return fn.stack(*[make_view(images, view_size, crop_area_min) for _ in range(views)]), label
+
+
+@pipeline_def
+def center_crop_pipeline(files: Sequence[str], labels: Sequence[int], resize: int, crop: int, decoder: str = "cpu"):
+    """Validation: resize the shorter side to ``resize``, then a centred ``crop`` square; one view."""
+    images, label = _read_and_decode(files, labels, decoder)
+    images = fn.resize(images, resize_shorter=resize)
+    return fn.crop(images, crop=(crop, crop)), label

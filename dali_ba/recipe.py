@@ -1,0 +1,191 @@
+"""Recipes: named training settings as TOML data, with a command-line flag for every field.
+
+A recipe file has four tables, [data], [model], [optim] and [run]; every key is optional and falls
+back to the defaults below. ``--views 8`` overrides ``[data] views`` and so on: each field's flag is
+its name with dashes. Unknown keys, wrong types and out-of-range values are errors.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from dali_ba.errors import UsageError
+
+
+@dataclass
+class DataConfig:
+    train: str = "data/demo/train"  # ImageNet-style folder (class sub-folders) or a '<path> <label>' .txt list
+    val: str = "data/demo/val"  # same, for validation
+    augment: str = "imagenet"  # per-view augmentation recipe (see dali_ba.pipeline.AUGMENTATIONS)
+    batch_size: int = 256  # B: unique images per step across all ranks (each rank reads B / ranks)
+    views: int = 4  # M: augmented views of every sample
+    view_size: int = 224  # training crop side, pixels
+    crop_area_min: float = 0.08  # smallest area fraction kept by the random resized crop
+    val_resize: int = 256  # validation: shorter side resized to this...
+    val_crop: int = 224  # ...then a centred square of this side
+    val_batch_size: int = 0  # images per rank per validation step; 0: same as the training B per rank
+    dali_threads: int = 4  # DALI CPU threads per rank
+    decoder: str = "auto"  # auto (GPU 'mixed' decoder when a GPU is visible), cpu, mixed
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet50"  # torchvision resnet18/34/50/101/152 or CIFAR-style resnet20/32/44/56/110
+    amp: str = "off"  # off, bf16 (CPU or GPU), fp16 (GPU only)
+    channels_last: bool = True  # NHWC memory format for the model and its input
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 90
+    lr: float = 0.1  # peak learning rate per `lr_batch` unique images
+    lr_batch: int = 256  # LR scales with the unique global batch B, never with B*M
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    decay_epochs: list[int] = field(default_factory=lambda: [30, 60, 80])
+    decay_factor: float = 0.1
+    warmup_epochs: float = 0.0  # linear warm-up from 0, in epochs
+    label_smoothing: float = 0.0
+    chunks: int = 1  # split the B*M views into this many micro-batches, one optimizer step
+
+
+@dataclass
+class RunConfig:
+    output: str = "runs/default"  # metrics.jsonl, recipe.toml and the final model land here
+    seed: int = 0
+    log_every: int = 10  # steps between step records
+    max_steps: int = 0  # stop each epoch after this many steps (0: full epochs); for smoke runs
+    torch_threads: int = 0  # torch CPU threads per rank (0: cores / local ranks)
+
+
+@dataclass
+class Recipe:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> "Recipe":
+        """Range checks that need no data or GPU; raises UsageError naming the field."""
+        d, m, o, r = self.data, self.model, self.optim, self.run
+        at_least = [(d, "batch_size", 1), (d, "views", 1), (d, "view_size", 1), (d, "val_resize", 1),
+                    (d, "val_crop", 1), (d, "dali_threads", 1), (d, "val_batch_size", 0), (o, "epochs", 1),
+                    (o, "lr_batch", 1), (o, "chunks", 1), (r, "log_every", 1), (r, "max_steps", 0),
+                    (r, "torch_threads", 0)]
+        for section, name, low in at_least:
+            if getattr(section, name) < low:
+                raise UsageError(f"{_key(section, name)} must be >= {low}, got {getattr(section, name)}")
+        for section, name in [(o, "lr"), (o, "momentum"), (o, "weight_decay"), (o, "warmup_epochs"),
+                              (o, "label_smoothing"), (o, "decay_factor")]:
+            if getattr(section, name) < 0:
+                raise UsageError(f"{_key(section, name)} must be >= 0, got {getattr(section, name)}")
+        if not 0 < d.crop_area_min <= 1:
+            raise UsageError(f"{_key(d, 'crop_area_min')} must be in (0, 1], got {d.crop_area_min}")
+        if d.val_resize < d.val_crop:
+            raise UsageError(f"{_key(d, 'val_resize')} ({d.val_resize}) must be >= --val-crop ({d.val_crop})")
+        if d.decoder not in ("auto", "cpu", "mixed"):
+            raise UsageError(f"{_key(d, 'decoder')} must be auto, cpu or mixed, got {d.decoder!r}")
+        if m.amp not in ("off", "bf16", "fp16"):
+            raise UsageError(f"{_key(m, 'amp')} must be off, bf16 or fp16, got {m.amp!r}")
+        if d.batch_size * d.views < o.chunks:
+            raise UsageError(f"--chunks {o.chunks} is more than the B*M = {d.batch_size * d.views} views per step")
+        return self
+
+
+SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Recipe)}
+_SECTION_OF = {cls: name for name, cls in SECTIONS.items()}
+
+
+def _key(section: Any, name: str) -> str:
+    return f"--{name.replace('_', '-')} ([{_SECTION_OF[type(section)]}] {name})"
+
+
+def _fields(section_cls) -> dict[str, type]:
+    return get_type_hints(section_cls)
+
+
+def _coerce(value: Any, kind: Any, where: str) -> Any:
+    """Check a TOML value against a field type (ints are accepted for floats, bools never for numbers)."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind == list[int]:
+        if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return value
+        raise UsageError(f"{where} must be a list of integers, got {value!r}")
+    if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
+        raise UsageError(f"{where} must be {kind.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a recipe TOML file; every problem is a UsageError naming the file and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"recipe not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"recipe {path}: not valid TOML: {exc}") from None
+    recipe = Recipe()
+    for section_name, values in raw.items():
+        if section_name == "name" and isinstance(values, str):
+            continue
+        if section_name not in SECTIONS or not isinstance(values, dict):
+            raise UsageError(f"recipe {path}: unknown table [{section_name}] (known: {', '.join(SECTIONS)})")
+        section = getattr(recipe, section_name)
+        kinds = _fields(type(section))
+        for key, value in values.items():
+            if key not in kinds:
+                raise UsageError(f"recipe {path}: unknown key '{key}' in [{section_name}] (known: {', '.join(kinds)})")
+            setattr(section, key, _coerce(value, kinds[key], f"recipe {path}: [{section_name}] {key}"))
+    return recipe
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(recipe)
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line on stderr (and exit 2), not a usage dump."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """``--recipe`` plus one flag per recipe field, grouped by table, all defaulting to 'not given'."""
+    parser = _OneLineParser(prog=prog, description=description)
+    parser.add_argument("--recipe", help="recipe TOML file (pipelines/NAME.toml); flags below override it")
+    for section_name, section_cls in SECTIONS.items():
+        group = parser.add_argument_group(f"[{section_name}] overrides")
+        for name, kind in _fields(section_cls).items():
+            flag = "--" + name.replace("_", "-")
+            dest = f"{section_name}.{name}"
+            if kind is bool:
+                group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None)
+            else:
+                convert = _int_list if kind == list[int] else kind
+                group.add_argument(flag, dest=dest, type=convert, default=None, metavar=kind.__name__.upper())
+    return parser
+
+
+def resolve(args: argparse.Namespace) -> Recipe:
+    """Recipe file (or defaults), then the flags that were given, then range checks."""
+    recipe = load_recipe(args.recipe) if args.recipe else Recipe()
+    for dest, value in vars(args).items():
+        if "." in dest and value is not None:
+            section_name, name = dest.split(".")
+            setattr(getattr(recipe, section_name), name, value)
+    return recipe.validate()
+

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Install everything dali-ba needs on a fresh Debian machine, reusing what is already there.
+#
+#   bash launch/install.sh [VENV]        (default VENV: .venv)
+#
+# Steps: Debian packages (Open MPI, CMake, a C++ compiler) -> virtualenv -> torch/torchvision,
+# NVIDIA DALI, mpi4py -> Horovod 0.28.1 built with MPI + Gloo (+ NCCL when a GPU and NCCL are
+# present) -> dali-ba itself (editable). Every step is skipped when its result is already in place.
+set -euo pipefail
+
+VENV=${1:-.venv}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+PY="$VENV/bin/python"
+TORCH_SPEC=${TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
+DALI_SPEC=${DALI_SPEC:-"nvidia-dali-cuda130==2.4.0"}
+HOROVOD_VERSION=0.28.1
+
+say() { echo "[install] $*"; }
+die() { echo "install: $*" >&2; exit 1; }
+
+# 1. Debian packages -----------------------------------------------------------------------------
+missing=()
+for pkg in libopenmpi-dev openmpi-bin cmake g++ make; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  [ "$(id -u)" = 0 ] || die "missing Debian packages: ${missing[*]} (install them as root: apt-get install ${missing[*]})"
+  say "apt-get install ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# 2. Virtualenv and Python packages -----------------------------------------------------------------
+[ -x "$PY" ] || { say "creating $VENV"; python3 -m venv "$VENV"; }
+pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
+# shellcheck disable=SC2086
+"$PY" -c "import torch, torchvision" 2>/dev/null || { say "installing $TORCH_SPEC"; pip_install $TORCH_SPEC; }
+# shellcheck disable=SC2086
+"$PY" -c "import nvidia.dali" 2>/dev/null || { say "installing $DALI_SPEC"; pip_install $DALI_SPEC; }
+"$PY" -c "import mpi4py" 2>/dev/null || { say "installing mpi4py (built against Open MPI)"; pip_install "mpi4py==4.1.2"; }
+pip_install numpy pillow pytest tqdm tomli-w "setuptools<81" wheel packaging psutil pyyaml cloudpickle cffi
+
+# 3. Horovod, built from the 0.28.1 sdist ----------------------------------------------------------
+if ! "$PY" -c "import horovod.torch" 2>/dev/null; then
+  say "building horovod==$HOROVOD_VERSION (a few minutes; pip caches the wheel for next time)"
+  export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1
+  export HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 MAKEFLAGS=${MAKEFLAGS:--j$(nproc)}
+  # Horovod's bundled gloo predates CMake 4's minimum-version policy.
+  export CMAKE_POLICY_VERSION_MINIMUM=3.5
+  # Horovod pins C++14; torch >= 2.1 headers need C++20. CMake's set() wins over flags, so a
+  # compiler wrapper rewrites the standard (upstream fixed this on master only, PR #3998).
+  export CXX="$ROOT/launch/cxx20.sh"
+  # torch's CUDA build makes Horovod compile its CUDA parts: point it at the real toolkit.
+  if [ -x /usr/local/cuda/bin/nvcc ]; then
+    export CUDA_HOME=/usr/local/cuda PATH="/usr/local/cuda/bin:$PATH"
+  fi
+  # NCCL allreduce only where a GPU is visible and NCCL ships beside torch.
+  nccl_home=$("$PY" - <<'PY' 2>/dev/null || true
+import os, nvidia.nccl as n
+print(os.path.dirname(n.__file__) if n.__file__ else list(n.__path__)[0])
+PY
+)
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && [ -n "$nccl_home" ]; then
+    say "GPU and NCCL found: HOROVOD_GPU_OPERATIONS=NCCL"
+    export HOROVOD_GPU_OPERATIONS=NCCL HOROVOD_NCCL_HOME="$nccl_home" HOROVOD_NCCL_LINK=SHARED
+  fi
+  pip_install --no-build-isolation --no-binary horovod "horovod==$HOROVOD_VERSION"
+fi
+
+# 4. dali-ba itself ----------------------------------------------------------------------------------
+"$PY" -m pip show -q dali-ba >/dev/null 2>&1 || pip_install --no-build-isolation --no-deps -e "$ROOT"
+say "ok: $("$PY" -c 'import torch, nvidia.dali, horovod, mpi4py; print(f"torch {torch.__version__}, DALI {nvidia.dali.__version__}, horovod {horovod.__version__}, mpi4py {mpi4py.__version__}")')"

@@ -1,0 +1,57 @@
+"""Shared fixtures: small real JPEG datasets written once per test session."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dali_ba.data.synth import write_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+ID_STEP = 10  # red-channel level between identity images
+
+
+def identity_image(index: int, width: int = 96, height: int = 72) -> Image.Image:
+    """An image whose red channel (10 * index) says which file it is, with gradients that make
+    every crop and flip look different in the other two channels."""
+    x = np.linspace(0, 255, width)[None, :].repeat(height, 0)
+    y = np.linspace(0, 255, height)[:, None].repeat(width, 1)
+    rgb = np.stack([np.full((height, width), ID_STEP * index), x, (x * y / 255 + y) / 2], axis=-1)
+    return Image.fromarray(rgb.astype(np.uint8))
+
+
+def decode_identity(images) -> np.ndarray:
+    """Red-channel mean of each image -> the index it was written with (image axes last-but-3)."""
+    red = images[..., 0, :, :].float().mean(dim=(-1, -2)).cpu().numpy()
+    return np.rint(red / ID_STEP).astype(int)
+
+
+@pytest.fixture(scope="session")
+def identity_list(tmp_path_factory) -> tuple[Path, int]:
+    """20 identity JPEGs, varied sizes, and a file list labelling each with its own index."""
+    root = tmp_path_factory.mktemp("identity")
+    n = 20
+    lines = []
+    for i in range(n):
+        identity_image(i, 80 + 7 * i, 60 + 5 * (i % 4)).save(root / f"img{i:02d}.jpg", quality=95, subsampling=0)
+        lines.append(f"img{i:02d}.jpg {i}")
+    (root / "list.txt").write_text("\n".join(lines) + "\n")
+    return root / "list.txt", n
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    """The embedded demo dataset, small: 10 classes x (24 train, 6 val)."""
+    return write_dataset(tmp_path_factory.mktemp("demo"), train_per_class=24, val_per_class=6, seed=0)
+
+
+def run_cli(*args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a command with the venv's bin on PATH; returns the finished process (text output)."""
+    full_env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+                "OMPI_MCA_mpi_yield_when_idle": "1", **(env or {})}
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, cwd=REPO, env=full_env)

@@ -1,0 +1,65 @@
+from pathlib import Path
+
+import pytest
+
+from dali_ba.data.dataset import load_dataset, read_file_list, scan_folder
+from dali_ba.errors import UsageError
+
+
+def make_tree(root: Path, spec: dict[str, int]) -> Path:
+    for name, count in spec.items():
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            (root / name / f"{i}.jpg").write_bytes(b"x")
+    return root
+
+
+def test_folder_labels_follow_sorted_class_names(tmp_path):
+    ds = scan_folder(make_tree(tmp_path, {"zebra": 2, "ant": 1, "moth": 3}))
+    assert ds.classes == ("ant", "moth", "zebra")
+    assert ds.labels == (0, 1, 1, 1, 2, 2)
+    assert len(ds) == 6 and all(Path(f).is_file() for f in ds.files)
+
+
+def test_validation_labels_use_training_classes(tmp_path):
+    train = scan_folder(make_tree(tmp_path / "train", {"a": 1, "b": 1, "c": 1}))
+    val = scan_folder(make_tree(tmp_path / "val", {"a": 1, "c": 2}), classes=train.classes)
+    assert val.labels == (0, 2, 2)  # 'c' keeps label 2 although 'b' is missing here
+    with pytest.raises(UsageError, match="not one of the 3 training classes"):
+        scan_folder(make_tree(tmp_path / "val2", {"d": 1}), classes=train.classes)
+
+
+def test_file_list(tmp_path):
+    make_tree(tmp_path, {"x": 2})
+    (tmp_path / "list.txt").write_text("# comment\nx/0.jpg 3\n\nx/1.jpg 0\n")
+    ds = load_dataset(tmp_path / "list.txt")
+    assert ds.labels == (3, 0) and ds.num_classes == 4
+    assert ds.files[0].endswith("x/0.jpg")
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda p: p / "missing", "data directory not found"),
+        (lambda p: (p / "f.jpg").write_bytes(b"") or p / "f.jpg", "not a directory"),
+        (lambda p: p, "no class folders"),
+        (lambda p: make_tree(p, {"a": 1, "empty": 0}), "class folder has no images: .*empty"),
+    ],
+)
+def test_bad_folders(tmp_path, setup, message):
+    with pytest.raises(UsageError, match=message):
+        scan_folder(setup(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [("", "has no entries"), ("x/0.jpg\n", "expected '<path> <label>'"), ("x/0.jpg -1\n", "label >= 0"),
+     ("x/nope.jpg 1\n", "image not found")],
+)
+def test_bad_file_lists(tmp_path, text, message):
+    make_tree(tmp_path, {"x": 1})
+    (tmp_path / "l.txt").write_text(text)
+    with pytest.raises(UsageError, match=message):
+        read_file_list(tmp_path / "l.txt")
+    with pytest.raises(UsageError, match="file list not found"):
+        read_file_list(tmp_path / "other.txt")

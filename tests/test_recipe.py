@@ -1,0 +1,76 @@
+from pathlib import Path
+
+import pytest
+
+from dali_ba.errors import UsageError
+from dali_ba.recipe import Recipe, build_parser, load_recipe, resolve
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse(*argv):
+    return resolve(build_parser("t", "").parse_args(list(argv)))
+
+
+@pytest.mark.parametrize("name", ["demo", "imagenet_resnet50_ba"])
+def test_shipped_recipes_load(name):
+    recipe = load_recipe(REPO / "pipelines" / f"{name}.toml").validate()
+    assert recipe.data.views >= 1
+
+
+def test_paper_imagenet_recipe():
+    r = load_recipe(REPO / "pipelines/imagenet_resnet50_ba.toml")
+    assert (r.model.arch, r.data.batch_size, r.data.views, r.optim.epochs) == ("resnet50", 256, 4, 90)
+    assert (r.optim.lr, r.optim.lr_batch, r.optim.momentum, r.optim.weight_decay) == (0.1, 256, 0.9, 1e-4)
+    assert r.optim.decay_epochs == [30, 60, 80]
+
+
+def test_flags_override_the_recipe_file():
+    r = parse("--recipe", str(REPO / "pipelines/demo.toml"), "--views", "8", "--decay-epochs", "3,5",
+              "--no-channels-last", "--lr", "0.2")
+    assert (r.data.views, r.optim.decay_epochs, r.model.channels_last, r.optim.lr) == (8, [3, 5], False, 0.2)
+    assert r.data.view_size == 32  # untouched fields keep the file's value
+    assert parse().data.views == Recipe().data.views  # no recipe: defaults
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[data]\nviewz = 4\n", "unknown key 'viewz' in \\[data\\]"),
+        ("[dataa]\nviews = 4\n", "unknown table \\[dataa\\]"),
+        ("[data]\nviews = 'four'\n", "\\[data\\] views must be int, got str 'four'"),
+        ("[model]\nchannels_last = 1\n", "channels_last must be bool"),
+        ("[data]\nbatch_size = true\n", "batch_size must be int, got bool"),
+        ("[optim]\ndecay_epochs = [1, 'x']\n", "decay_epochs must be a list of integers"),
+        ("[data\n", "not valid TOML"),
+    ],
+)
+def test_bad_recipe_files(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(UsageError, match=message):
+        load_recipe(path)
+
+
+def test_int_accepted_for_float(tmp_path):
+    (tmp_path / "r.toml").write_text("[optim]\nlr = 1\n")
+    assert load_recipe(tmp_path / "r.toml").optim.lr == 1.0
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["--views", "0"], "--views \\(\\[data\\] views\\) must be >= 1, got 0"),
+     (["--batch-size", "0"], "--batch-size .* must be >= 1"),
+     (["--crop-area-min", "1.5"], "crop_area_min"),
+     (["--amp", "fp8"], "amp"),
+     (["--val-crop", "300"], "val_resize"),
+     (["--chunks", "5000"], "more than the B\\*M")],
+)
+def test_out_of_range_values(argv, message):
+    with pytest.raises(UsageError, match=message):
+        parse(*argv)
+
+
+def test_missing_recipe_file():
+    with pytest.raises(UsageError, match="recipe not found: nope.toml"):
+        parse("--recipe", "nope.toml")

@@ -1,0 +1,163 @@
+"""python -m dali_ba.train end to end: one process, horovodrun and mpirun, and its bad inputs."""
+import contextlib
+import json
+import os
+import sys
+
+import pytest
+
+import torch
+
+from conftest import run_cli
+from dali_ba.distributed import World
+from dali_ba.loader import ValidationLoader
+from dali_ba.models import create_model
+from dali_ba.recipe import load_recipe
+from dali_ba.train import evaluate
+
+PY = sys.executable
+TRAIN = [PY, "-m", "dali_ba.train", "--recipe", "pipelines/demo.toml"]
+
+
+def small_run(demo_data, output, *extra):
+    return ["--train", str(demo_data / "train"), "--val", str(demo_data / "val"), "--output", str(output), *extra]
+
+
+def records(output, kind):
+    lines = (output / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def test_training_loss_falls_on_demo_data(demo_data, tmp_path):
+    out = tmp_path / "run"
+    done = run_cli(*TRAIN, *small_run(demo_data, out, "--batch-size", "32", "--views", "2", "--epochs", "4",
+                                      "--lr", "0.2", "--lr-batch", "32", "--warmup-epochs", "0",
+                                      "--decay-epochs", "", "--log-every", "2"))
+    assert done.returncode == 0, done.stderr
+    epochs = records(out, "epoch")
+    assert len(epochs) == 4
+    assert epochs[-1]["train_loss"] < 0.9 * epochs[0]["train_loss"]
+    assert epochs[-1]["val_samples"] == 60
+    for field in ("train_loss", "val_loss", "top1", "top5", "epoch_time", "images_per_s", "views_per_s"):
+        assert isinstance(epochs[-1][field], float)
+    steps = records(out, "step")
+    assert {"epoch", "step", "loss", "lr", "step_time"} <= steps[0].keys()
+    assert all(s["lr"] == pytest.approx(0.2) for s in steps)  # LR from B=32 unique images, not B*M=64
+    (summary,) = records(out, "summary")
+    assert summary["params_identical"] and summary["ranks"] == 1
+    assert "done: 4 epochs" in done.stdout and "val top-1" in done.stdout
+    saved = load_recipe(out / "recipe.toml")
+    assert (saved.data.views, saved.data.batch_size, saved.optim.decay_epochs) == (2, 32, [])
+    assert (out / "model.pt").stat().st_size > 0
+
+
+LAUNCHERS = {
+    "horovodrun": ["horovodrun", "-np", "2"],
+    "mpirun": ["mpirun", "-np", "2", *(["--allow-run-as-root"] if os.geteuid() == 0 else [])],
+}
+
+
+@pytest.mark.parametrize("launcher, extra", [("horovodrun", []), ("mpirun", ["--chunks", "2", "--amp", "bf16"])])
+def test_two_ranks_end_with_identical_parameters(demo_data, tmp_path, launcher, extra):
+    out = tmp_path / "run"
+    done = run_cli(*LAUNCHERS[launcher], *TRAIN, *small_run(demo_data, out, "--batch-size", "16", "--views", "2",
+                                                             "--epochs", "2", "--max-steps", "4", *extra))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    (summary,) = records(out, "summary")
+    assert summary["ranks"] == 2 and len(summary["param_digests"]) == 2
+    assert summary["param_digests"][0] == summary["param_digests"][1]
+    assert "parameters identical on 2 rank(s)" in done.stdout
+    # Validation over 2 ranks equals one process evaluating the saved model on all 60 images.
+    model = create_model("resnet20", 10)
+    model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if "bf16" in extra else contextlib.nullcontext
+    val = ValidationLoader(demo_data / "val", batch_size=8, resize=36, crop=32)  # the run's per-rank batch
+    alone = evaluate(model, val, World(0, 1, 0, 1), autocast=autocast)
+    last = records(out, "epoch")[-1]
+    assert alone["val_samples"] == last["val_samples"] == 60
+    assert (alone["top1"], alone["top5"]) == (last["top1"], last["top5"])
+    assert alone["val_loss"] == pytest.approx(last["val_loss"], rel=1e-4)
+
+
+def make_folder(root, spec):
+    for name, count in spec.items():
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            (root / name / f"{i}.jpg").write_bytes(b"")
+    return root
+
+
+BAD_INPUTS = {
+    "missing data dir": (lambda p, d: ["--train", str(p / "nope")], "data directory not found: .*nope"),
+    "no class folders": (lambda p, d: ["--train", str(p)], "no class folders in"),
+    "empty class folder": (lambda p, d: ["--train", str(make_folder(p / "t", {"a": 2, "b": 0}))],
+                           "class folder has no images: .*b"),
+    "views < 1": (lambda p, d: ["--views", "0"], "--views .* must be >= 1, got 0"),
+    "batch < 1": (lambda p, d: ["--batch-size", "-3"], "--batch-size .* must be >= 1, got -3"),
+    "views not a number": (lambda p, d: ["--views", "four"], "argument --views: invalid int value: 'four'"),
+    "unknown recipe key": (lambda p, d: ["--recipe", str(write(p / "r.toml", "[data]\nviewz = 2\n"))],
+                           "unknown key 'viewz'"),
+    "wrong recipe type": (lambda p, d: ["--recipe", str(write(p / "r.toml", "[optim]\nepochs = '9'\n"))],
+                          "epochs must be int, got str"),
+    "unknown model": (lambda p, d: ["--arch", "resnet9000"], "unknown model 'resnet9000'"),
+}
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_one_clear_line(demo_data, tmp_path, case):
+    make_args, message = BAD_INPUTS[case]
+    out = tmp_path / "out"
+    args = small_run(demo_data, out) + make_args(tmp_path, demo_data)  # later flags win
+    done = run_cli(*TRAIN, *args, timeout=60)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2
+    assert len(lines) == 1 and "error:" in lines[0], done.stderr
+    assert __import__("re").search(message, lines[0]), lines[0]
+    assert not out.exists()  # nothing started, nothing written
+
+
+def test_more_ranks_than_samples(demo_data, tmp_path):
+    one = tmp_path / "one" / "cls"
+    one.mkdir(parents=True)
+    (one / "a.jpg").write_bytes((demo_data / "train").joinpath("disc_warm", "disc_warm_0000.jpg").read_bytes())
+    out = tmp_path / "out"
+    done = run_cli(*LAUNCHERS["horovodrun"], *TRAIN, *small_run(demo_data, out, "--train", str(tmp_path / "one"),
+                                                                       "--val", str(tmp_path / "one")),
+                   timeout=120)
+    assert done.returncode != 0
+    assert "has 1 samples but there are 2 ranks" in done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_existing_run_is_not_overwritten(demo_data, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"kind": "epoch"}\n')
+    done = run_cli(*TRAIN, *small_run(demo_data, out, "--epochs", "1", "--max-steps", "1"))
+    assert done.returncode == 2 and "already holds a run" in done.stderr
+    assert (out / "metrics.jsonl").read_text() == '{"kind": "epoch"}\n'
+
+
+@pytest.mark.parametrize("launcher", [None, "horovodrun"])
+def test_undecodable_file_is_named_and_nothing_hangs(demo_data, tmp_path, launcher):
+    train = tmp_path / "train"
+    for cls in ("disc_warm", "ring_cool"):
+        (train / cls).mkdir(parents=True)
+        for src in sorted((demo_data / "train" / cls).iterdir())[:7]:
+            (train / cls / src.name).write_bytes(src.read_bytes())
+    good = (train / "ring_cool").joinpath(sorted(p.name for p in (train / "ring_cool").iterdir())[0])
+    (train / "ring_cool" / "zz_truncated.jpg").write_bytes(good.read_bytes()[:400])
+    out = tmp_path / "out"
+    launch = LAUNCHERS[launcher] if launcher else []
+    done = run_cli(*launch, *TRAIN, *small_run(demo_data, out, "--train", str(train), "--val", str(train),
+                                               "--batch-size", "4", "--epochs", "1"), timeout=120)
+    text = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert "error: cannot decode" in text and "zz_truncated.jpg" in text
+    assert "Traceback" not in text
