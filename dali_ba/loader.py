@@ -88,7 +88,7 @@ class _ShardedLoader:
         else:
             self.device_id = None
             self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self._files = np.array(self.dataset.files)
+        self._files = np.array(self.dataset.files, dtype=object)  # not fixed-width: ImageNet is 1.28M paths
         self._labels = np.array(self.dataset.labels, dtype=np.int32)
         self._check_shard()
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import sys
 import time
@@ -78,6 +77,39 @@ def check_datasets(recipe: Recipe) -> tuple[ImageDataset, ImageDataset]:
     return train_set, val_set
 
 
+def train_step(model, optimizer, images, labels, *, chunks: int = 1, memory_format=None,
+               autocast=contextlib.nullcontext, scaler=None, label_smoothing: float = 0.0):
+    """One optimizer step on the B*M views of a batch; returns the mean loss (a tensor, no sync).
+
+    With ``chunks`` K > 1 the views go through the model in K micro-batches whose losses are
+    weighted by their share of the batch, so the summed gradient is that of the mean over all B*M
+    views; ``optimizer`` must then be a Horovod optimizer built with backward_passes_per_step=K.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from dali_ba.loader import flatten_views, normalize
+
+    x, y = flatten_views(images, labels)
+    x = normalize(x).contiguous(memory_format=memory_format or torch.channels_last)
+    optimizer.zero_grad()  # Horovod 0.28 takes no set_to_none; torch 2 sets grads to None anyway
+    total = torch.zeros((), device=x.device)
+    for xc, yc in zip(x.tensor_split(chunks), y.tensor_split(chunks)):
+        with autocast():
+            loss = F.cross_entropy(model(xc), yc, label_smoothing=label_smoothing) * (len(yc) / len(y))
+        (scaler.scale(loss) if scaler else loss).backward()
+        total += loss.detach()
+    if scaler:  # fp16: unscale the allreduced gradients before the step (Horovod + GradScaler recipe)
+        optimizer.synchronize()
+        scaler.unscale_(optimizer)
+        with optimizer.skip_synchronize():
+            scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return total
+
+
 def evaluate(model, batches, world, memory_format=None, autocast=contextlib.nullcontext) -> dict:
     """Loss, top-1 and top-5 (top-k for k < 5 classes) over ``batches`` of every rank, exactly:
     correct counts and sample counts are summed over ranks, not averaged."""
@@ -105,10 +137,9 @@ def evaluate(model, batches, world, memory_format=None, autocast=contextlib.null
 
 def run(recipe: Recipe, train_set: ImageDataset, val_set: ImageDataset) -> int:
     import torch
-    import torch.nn.functional as F
 
     from dali_ba import distributed
-    from dali_ba.loader import BatchAugmentLoader, ValidationLoader, flatten_views, normalize
+    from dali_ba.loader import BatchAugmentLoader, ValidationLoader
     from dali_ba.models import create_model
 
     d, m, o, r = recipe.data, recipe.model, recipe.optim, recipe.run
@@ -161,28 +192,6 @@ def run(recipe: Recipe, train_set: ImageDataset, val_set: ImageDataset) -> int:
         f"B={d.batch_size} unique x M={d.views} views = {d.batch_size * d.views} images/step, "
         f"lr {peak_lr:g}, {steps_per_epoch} steps/epoch, {o.epochs} epochs -> {output}")
 
-    def train_step(images, labels) -> "torch.Tensor":
-        """One optimizer step on B*M views, in ``o.chunks`` micro-batches when asked."""
-        x, y = flatten_views(images, labels)
-        x = normalize(x).contiguous(memory_format=memory_format)
-        optimizer.zero_grad()  # Horovod 0.28 takes no set_to_none; torch 2 defaults to it
-        total = torch.zeros((), device=device)
-        for xc, yc in zip(x.tensor_split(o.chunks), y.tensor_split(o.chunks)):
-            with autocast():
-                loss = F.cross_entropy(model(xc), yc, label_smoothing=o.label_smoothing) * (len(yc) / len(y))
-            (scaler.scale(loss) if scaler else loss).backward()
-            total += loss.detach()
-        if scaler:
-            optimizer.synchronize()
-            scaler.unscale_(optimizer)
-            with optimizer.skip_synchronize():
-                scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        schedule.step()
-        return total
-
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     step = 0
     run_start = time.perf_counter()
@@ -197,7 +206,9 @@ def run(recipe: Recipe, train_set: ImageDataset, val_set: ImageDataset) -> int:
             if i == steps_per_epoch:
                 break
             data_time = time.perf_counter() - tick
-            loss = train_step(images, labels)
+            loss = train_step(model, optimizer, images, labels, chunks=o.chunks, memory_format=memory_format,
+                              autocast=autocast, scaler=scaler, label_smoothing=o.label_smoothing)
+            schedule.step()
             step += 1
             if step % r.log_every == 0 or i == steps_per_epoch - 1:
                 sync()

@@ -57,11 +57,8 @@ def scan_folder(root: str | os.PathLike, classes: Sequence[str] | None = None) -
     labels: list[int] = []
     for name in found:
         label = classes.index(name)
-        images = sorted(
-            str(root / name / f)
-            for f in os.listdir(root / name)
-            if _is_image(f) and (root / name / f).is_file()
-        )
+        with os.scandir(root / name) as entries:  # scandir: no stat() per file on a parallel file system
+            images = sorted(entry.path for entry in entries if _is_image(entry.name) and entry.is_file())
         if not images:
             raise UsageError(f"class folder has no images: {root / name}")
         files += images

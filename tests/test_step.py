@@ -1,0 +1,47 @@
+"""The training step and LR schedule in-process (Horovod as a single rank)."""
+import copy
+
+import horovod.torch as hvd
+import pytest
+import torch
+
+from dali_ba.distributed import distributed_optimizer
+from dali_ba.models import create_model
+from dali_ba.train import lr_factor, train_step
+
+
+@pytest.fixture(scope="module", autouse=True)
+def horovod():
+    hvd.init()
+    yield
+    hvd.shutdown()
+
+
+def one_step(model, images, labels, chunks):
+    model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    optimizer = distributed_optimizer(torch.optim.SGD(model.parameters(), lr=0.5), model, chunks)
+    loss = train_step(model, optimizer, images, labels, chunks=chunks)
+    return loss.item(), model
+
+
+def test_chunks_give_the_same_step_as_one_batch():
+    torch.manual_seed(0)
+    model = create_model("resnet20", 10).eval()  # BN on running stats: samples independent of the split
+    images = torch.randint(0, 256, (6, 4, 3, 32, 32), dtype=torch.uint8)  # B=6, M=4: 24 views
+    labels = torch.randint(0, 10, (6,))
+    loss1, after1 = one_step(model, images, labels, chunks=1)
+    loss3, after3 = one_step(model, images, labels, chunks=5)  # uneven micro-batches: 5,5,5,5,4
+    assert loss3 == pytest.approx(loss1, rel=1e-5)
+    moved = 0.0
+    for (name, p1), p3, p0 in zip(after1.named_parameters(), after3.parameters(), model.parameters()):
+        torch.testing.assert_close(p3, p1, rtol=1e-4, atol=1e-6, msg=name)
+        moved += (p1 - p0).abs().sum().item()
+    assert moved > 0  # the step did change the weights
+
+
+def test_lr_schedule_warms_up_then_decays():
+    f = lambda step: lr_factor(step, steps_per_epoch=10, warmup_epochs=2, decay_epochs=[5, 8], decay_factor=0.1)
+    assert f(0) == pytest.approx(1 / 20) and f(9) == pytest.approx(10 / 20) and f(19) == pytest.approx(1.0)
+    assert f(20) == 1.0 and f(49) == 1.0
+    assert f(50) == pytest.approx(0.1) and f(80) == pytest.approx(0.01)
+    assert lr_factor(0, 10, 0, [], 0.1) == 1.0
