@@ -73,7 +73,17 @@ def _as_dataset(data: ImageDataset | str | os.PathLike) -> ImageDataset:
 class _ShardedLoader:
     """What both loaders share: a dataset, a rank's place in the world, and the DALI plumbing."""
 
-    def __init__(self, data, batch_size: int, rank: int, world_size: int, decoder: str, device, num_threads: int, seed: int):
+    def __init__(
+        self,
+        data: ImageDataset | str | os.PathLike,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        decoder: str,
+        device: torch.device | str | None,
+        num_threads: int,
+        seed: int,
+    ) -> None:
         if batch_size < 1:
             raise UsageError(f"batch_size must be >= 1, got {batch_size}")
         if num_threads < 1:
@@ -90,10 +100,7 @@ class _ShardedLoader:
             self.device = torch.device(device) if device is not None else torch.device("cpu")
         self._files = np.array(self.dataset.files, dtype=object)  # not fixed-width: ImageNet is 1.28M paths
         self._labels = np.array(self.dataset.labels, dtype=np.int32)
-        self._check_shard()
-
-    def _check_shard(self) -> None:
-        eval_shard(len(self.dataset), self.rank, self.world_size, self.batch_size)  # raises on a bad world
+        eval_shard(len(self.dataset), rank, world_size, batch_size)  # raises on more ranks than samples
 
     def _pipeline_args(self, order: np.ndarray, seed: int) -> dict:
         """Arguments every pipeline of this loader takes: the files to read, in order, and where to run."""

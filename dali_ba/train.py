@@ -14,13 +14,20 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dali_ba.data.dataset import ImageDataset, load_dataset
 from dali_ba.distributed import launcher_rank
 from dali_ba.errors import UnreadableImageError, UsageError
 from dali_ba.models import check_model_name
 from dali_ba.recipe import Recipe, build_parser, recipe_to_dict, resolve
+
+if TYPE_CHECKING:
+    import torch
+
+    from dali_ba.distributed import World
 
 PROG = "python -m dali_ba.train"
 
@@ -56,16 +63,20 @@ class MetricsLog:
             self._file.close()
 
 
-def prepare_output(output: Path, recipe: Recipe) -> Path:
-    """Create the run folder and write the resolved recipe; refuse to overwrite an earlier run."""
-    import tomli_w
-
+def check_output(output: Path) -> None:
+    """Refuse an output folder that already holds a run: its metrics would be overwritten."""
     metrics = output / "metrics.jsonl"
     if metrics.exists() and metrics.stat().st_size:
         raise UsageError(f"--output {output} already holds a run (metrics.jsonl); pick a new folder or remove it")
+
+
+def prepare_output(output: Path, recipe: Recipe) -> Path:
+    """Create the run folder, write the resolved recipe, and return where the metrics go (rank 0)."""
+    import tomli_w
+
     output.mkdir(parents=True, exist_ok=True)
     (output / "recipe.toml").write_text(tomli_w.dumps(recipe_to_dict(recipe)))
-    return metrics
+    return output / "metrics.jsonl"
 
 
 def check_datasets(recipe: Recipe) -> tuple[ImageDataset, ImageDataset]:
@@ -77,8 +88,18 @@ def check_datasets(recipe: Recipe) -> tuple[ImageDataset, ImageDataset]:
     return train_set, val_set
 
 
-def train_step(model, optimizer, images, labels, *, chunks: int = 1, memory_format=None,
-               autocast=contextlib.nullcontext, scaler=None, label_smoothing: float = 0.0):
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    chunks: int = 1,
+    memory_format: torch.memory_format | None = None,
+    autocast=contextlib.nullcontext,
+    scaler: torch.amp.GradScaler | None = None,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
     """One optimizer step on the B*M views of a batch; returns the mean loss (a tensor, no sync).
 
     With ``chunks`` K > 1 the views go through the model in K micro-batches whose losses are
@@ -110,7 +131,13 @@ def train_step(model, optimizer, images, labels, *, chunks: int = 1, memory_form
     return total
 
 
-def evaluate(model, batches, world, memory_format=None, autocast=contextlib.nullcontext) -> dict:
+def evaluate(
+    model: torch.nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    world: World,
+    memory_format: torch.memory_format | None = None,
+    autocast=contextlib.nullcontext,
+) -> dict[str, float]:
     """Loss, top-1 and top-5 (top-k for k < 5 classes) over ``batches`` of every rank, exactly:
     correct counts and sample counts are summed over ranks, not averaged."""
     import torch
@@ -254,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = resolve(parser.parse_args(argv))
         check_model_name(recipe.model.arch)
+        check_output(Path(recipe.run.output))
         train_set, val_set = check_datasets(recipe)
         return run(recipe, train_set, val_set)
     except UsageError as exc:
