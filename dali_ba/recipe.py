@@ -16,51 +16,57 @@ from typing import Any, get_type_hints
 from dali_ba.errors import UsageError
 
 
+def option(default: Any, help: str) -> Any:
+    """A recipe field: its default and the help line its command-line flag shows."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class DataConfig:
-    train: str = "data/demo/train"  # ImageNet-style folder (class sub-folders) or a '<path> <label>' .txt list
-    val: str = "data/demo/val"  # same, for validation
-    augment: str = "imagenet"  # per-view augmentation recipe (see dali_ba.pipeline.AUGMENTATIONS)
-    batch_size: int = 256  # B: unique images per step across all ranks (each rank reads B / ranks)
-    views: int = 4  # M: augmented views of every sample
-    view_size: int = 224  # training crop side, pixels
-    crop_area_min: float = 0.08  # smallest area fraction kept by the random resized crop
-    val_resize: int = 256  # validation: shorter side resized to this...
-    val_crop: int = 224  # ...then a centred square of this side
-    val_batch_size: int = 0  # images per rank per validation step; 0: same as the training B per rank
-    dali_threads: int = 4  # DALI CPU threads per rank
-    decoder: str = "auto"  # auto (GPU 'mixed' decoder when a GPU is visible), cpu, mixed
+    train: str = option("data/demo/train", "ImageNet-style folder (class sub-folders) or a '<path> <label>' .txt list")
+    val: str = option("data/demo/val", 'validation images: class folders (training class names) or a .txt list')
+    augment: str = option("imagenet", 'per-view augmentation recipe (see dali_ba.pipeline.AUGMENTATIONS)')
+    batch_size: int = option(256, 'B: unique images per step across all ranks (each rank reads B / ranks)')
+    views: int = option(4, 'M: augmented views of every sample')
+    view_size: int = option(224, 'training crop side, pixels')
+    crop_area_min: float = option(0.08, 'smallest area fraction kept by the random resized crop')
+    val_resize: int = option(256, 'validation: shorter side resized to this, then centre-cropped')
+    val_crop: int = option(224, 'validation: side of the centred square crop')
+    val_batch_size: int = option(0, 'images per rank per validation step; 0: same as the training B per rank')
+    dali_threads: int = option(4, 'DALI CPU threads per rank')
+    decoder: str = option("auto", "auto (GPU 'mixed' decoder when a GPU is visible), cpu, mixed")
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet50"  # torchvision resnet18/34/50/101/152 or CIFAR-style resnet20/32/44/56/110
-    amp: str = "off"  # off, bf16 (CPU or GPU), fp16 (GPU only)
-    channels_last: bool = True  # NHWC memory format for the model and its input
+    arch: str = option("resnet50", 'torchvision resnet18/34/50/101/152 or CIFAR-style resnet20/32/44/56/110')
+    amp: str = option("off", 'off, bf16 (CPU or GPU), fp16 (GPU only)')
+    channels_last: bool = option(True, 'NHWC memory format for the model and its input')
 
 
 @dataclass
 class OptimConfig:
-    epochs: int = 90
-    lr: float = 0.1  # peak learning rate per `lr_batch` unique images
-    lr_batch: int = 256  # LR scales with the unique global batch B, never with B*M
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    decay_epochs: list[int] = field(default_factory=lambda: [30, 60, 80])
-    decay_factor: float = 0.1
-    warmup_epochs: float = 0.0  # linear warm-up from 0, in epochs
-    label_smoothing: float = 0.0
-    chunks: int = 1  # split the B*M views into this many micro-batches, one optimizer step
+    epochs: int = option(90, 'training epochs')
+    lr: float = option(0.1, 'peak learning rate per `lr_batch` unique images')
+    lr_batch: int = option(256, 'the batch that `lr` is for: LR = lr * B / lr_batch (B unique, never B*M)')
+    momentum: float = option(0.9, 'SGD momentum')
+    weight_decay: float = option(1e-4, 'L2 weight decay, all parameters')
+    decay_epochs: list[int] = option([30, 60, 80], 'epochs at which the LR is multiplied by decay_factor')
+    decay_factor: float = option(0.1, 'LR multiplier at each decay epoch')
+    warmup_epochs: float = option(0.0, 'linear warm-up from 0, in epochs')
+    label_smoothing: float = option(0.0, 'cross-entropy label smoothing')
+    chunks: int = option(1, 'split the B*M views into this many micro-batches, one optimizer step')
 
 
 @dataclass
 class RunConfig:
-    output: str = "runs/default"  # metrics.jsonl, recipe.toml and the final model land here
-    seed: int = 0
-    log_every: int = 10  # steps between step records
-    max_steps: int = 0  # stop each epoch after this many steps (0: full epochs); for smoke runs
-    torch_threads: int = 0  # torch CPU threads per rank (0: cores / local ranks)
-
+    output: str = option("runs/default", 'metrics.jsonl, recipe.toml and the final model land here')
+    seed: int = option(0, 'seed of the shuffles, the augmentations and the initial weights')
+    log_every: int = option(10, 'steps between step records')
+    max_steps: int = option(0, 'stop each epoch after this many steps (0: full epochs); for smoke runs')
+    torch_threads: int = option(0, 'torch CPU threads per rank (0: cores / local ranks)')
 
 @dataclass
 class Recipe:
@@ -169,14 +175,18 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--recipe", help="recipe TOML file (pipelines/NAME.toml); flags below override it")
     for section_name, section_cls in SECTIONS.items():
         group = parser.add_argument_group(f"[{section_name}] overrides")
-        for name, kind in _fields(section_cls).items():
+        defaults = section_cls()
+        for spec in dataclasses.fields(section_cls):
+            name, kind = spec.name, _fields(section_cls)[spec.name]
             flag = "--" + name.replace("_", "-")
             dest = f"{section_name}.{name}"
+            text = f"{spec.metadata['help']} (default: {getattr(defaults, name)})"
             if kind is bool:
-                group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None)
+                group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text)
             else:
                 convert = _int_list if kind == list[int] else kind
-                group.add_argument(flag, dest=dest, type=convert, default=None, metavar=kind.__name__.upper())
+                metavar = "N,N,..." if kind == list[int] else kind.__name__.upper()
+                group.add_argument(flag, dest=dest, type=convert, default=None, metavar=metavar, help=text)
     return parser
 
 
