@@ -68,6 +68,7 @@ class RunConfig:
     max_steps: int = option(0, 'stop each epoch after this many steps (0: full epochs); for smoke runs')
     torch_threads: int = option(0, 'torch CPU threads per rank (0: cores / local ranks)')
 
+
 @dataclass
 class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
@@ -175,9 +176,9 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--recipe", help="recipe TOML file (pipelines/NAME.toml); flags below override it")
     for section_name, section_cls in SECTIONS.items():
         group = parser.add_argument_group(f"[{section_name}] overrides")
-        defaults = section_cls()
+        defaults, kinds = section_cls(), _fields(section_cls)
         for spec in dataclasses.fields(section_cls):
-            name, kind = spec.name, _fields(section_cls)[spec.name]
+            name, kind = spec.name, kinds[spec.name]
             flag = "--" + name.replace("_", "-")
             dest = f"{section_name}.{name}"
             text = f"{spec.metadata['help']} (default: {getattr(defaults, name)})"
