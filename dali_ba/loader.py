@@ -100,6 +100,7 @@ class _ShardedLoader:
             self.device = torch.device(device) if device is not None else torch.device("cpu")
         self._files = np.array(self.dataset.files, dtype=object)  # not fixed-width: ImageNet is 1.28M paths
         self._labels = np.array(self.dataset.labels, dtype=np.int32)
+        self._iterator = None  # the DALI iterator of the pass in progress
         eval_shard(len(self.dataset), rank, world_size, batch_size)  # raises on more ranks than samples
 
     def _pipeline_args(self, order: np.ndarray, seed: int) -> dict:
@@ -114,16 +115,17 @@ class _ShardedLoader:
             seed=seed,
         )
 
-    def _run(self, pipe, order: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Drive a pipeline over ``order`` for one pass; tensors land on ``self.device``."""
+    def _run(self, pipe, order: np.ndarray, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Drive a pipeline over ``order`` (from batch ``start``) for one pass; tensors land on ``self.device``."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        step = 0
+        step = start
         try:
             batches = DALIGenericIterator(
                 pipe, ["images", "labels"], reader_name=READER_NAME, last_batch_policy=LastBatchPolicy.DROP,
                 auto_reset=False,
             )
+            self._iterator = batches
             for (batch,) in batches:
                 images = batch["images"].to(self.device, non_blocking=True)
                 yield images, batch["labels"].view(-1).to(self.device, torch.int64, non_blocking=True)
@@ -172,6 +174,7 @@ class BatchAugmentLoader(_ShardedLoader):
         self.views, self.view_size, self.augment, self.crop_area_min = views, view_size, augment, crop_area_min
         super().__init__(data, batch_size, rank, world_size, decoder, device, num_threads, seed)
         self._next_epoch = 0
+        self._position = (0, 0)  # (epoch, batches yielded in it)
 
     def __len__(self) -> int:
         """Steps per epoch (the same on every rank)."""
@@ -181,13 +184,15 @@ class BatchAugmentLoader(_ShardedLoader):
         """Dataset indices this rank reads in ``epoch``, in order."""
         return train_shard(len(self.dataset), self.rank, self.world_size, self.batch_size, self.seed, epoch)
 
-    def build_pipeline(self, epoch: int):
-        """The DALI pipeline for one epoch of this rank (not yet built)."""
+    def build_pipeline(self, epoch: int, checkpoint: bytes | None = None):
+        """The DALI pipeline for one epoch of this rank (not yet built), optionally restored from
+        a :meth:`state` checkpoint taken in that epoch."""
         return batch_augment_pipeline(
             views=self.views,
             view_size=self.view_size,
             augment=self.augment,
             crop_area_min=self.crop_area_min,
+            checkpoint=checkpoint,
             **self._pipeline_args(self.shard(epoch), self.pipeline_seed(epoch)),
         )
 
@@ -195,11 +200,31 @@ class BatchAugmentLoader(_ShardedLoader):
         """DALI's seed for (seed, epoch, rank): augmentations differ across ranks and epochs, reproducibly."""
         return (self.seed * 1_000_003 + epoch * 1009 + self.rank) % (2**31)
 
-    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Iterate one epoch: ``len(self)`` batches of (B, M, 3, H, W) images and (B,) labels."""
+    def epoch(self, epoch: int, state: dict | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Iterate one epoch: ``len(self)`` batches of (B, M, 3, H, W) images and (B,) labels.
+
+        With a ``state`` from :meth:`state`, carry on where that epoch stopped: the same remaining
+        samples under the same random augmentations as an uninterrupted pass.
+        """
+        start, checkpoint = 0, None
+        if state is not None:
+            if state["epoch"] != epoch:
+                raise UsageError(f"loader state is for epoch {state['epoch']}, not epoch {epoch}")
+            start, checkpoint = state["batches"], state["dali"]
         self._next_epoch = epoch + 1
-        for images, labels in self._run(self.build_pipeline(epoch), self.shard(epoch)):
+        self._position = (epoch, start)
+        for images, labels in self._run(self.build_pipeline(epoch, checkpoint), self.shard(epoch), start):
+            self._position = (epoch, self._position[1] + 1)
             yield images.permute(0, 1, 4, 2, 3), labels
+
+    def state(self) -> dict:
+        """Where this rank's loader is: the epoch, the batches already yielded and DALI's own
+        checkpoint (reader position and every RNG state). Picklable with plain types only."""
+        if self._iterator is None:
+            raise RuntimeError("the loader has not started an epoch yet")
+        (checkpoint,) = self._iterator.checkpoints()
+        epoch, batches = self._position
+        return {"epoch": epoch, "batches": batches, "dali": checkpoint}
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.epoch(self._next_epoch)

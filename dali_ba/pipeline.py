@@ -29,7 +29,7 @@ def _read_and_decode(files: Sequence[str], labels: Sequence[int], decoder: str):
     return fn.decoders.image(jpegs, device=decoder, output_type=types.RGB), label
 
 
-@pipeline_def
+@pipeline_def(enable_checkpointing=True)  # reader position + RNG states: exact mid-epoch resume
 def batch_augment_pipeline(
     files: Sequence[str],
     labels: Sequence[int],

@@ -58,6 +58,8 @@ class OptimConfig:
     warmup_epochs: float = option(0.0, 'linear warm-up from 0, in epochs')
     label_smoothing: float = option(0.0, 'cross-entropy label smoothing')
     chunks: int = option(1, 'split the B*M views into this many micro-batches, one optimizer step')
+    regime: str = option("ba", 'ba: B unique x M views per step; ra (regime adaptation, the paper\'s Figure 4): '
+                               'B*M unique samples x 1 view per step, M x the epochs, decays and warm-up')
 
 
 @dataclass
@@ -67,6 +69,12 @@ class RunConfig:
     log_every: int = option(10, 'steps between step records')
     max_steps: int = option(0, 'stop each epoch after this many steps (0: full epochs); for smoke runs')
     torch_threads: int = option(0, 'torch CPU threads per rank (0: cores / local ranks)')
+    timing_warmup: int = option(5, 'first steps of every epoch left out of the timing summary (pipeline start-up)')
+    log_grad_norm: bool = option(False, 'record the L2 norm of the allreduced gradient in every step record')
+    horovod_timeline: str = option("", "write Horovod's timeline (chrome://tracing JSON) to this file")
+    checkpoint_every: int = option(0, 'steps between checkpoints (0: only at epoch ends)')
+    keep_checkpoints: int = option(3, 'newest checkpoints kept in <output>/checkpoints')
+    resume: str = option("", "'auto': newest loadable checkpoint in --output (none: start afresh); or a checkpoint file")
 
 
 @dataclass
@@ -82,7 +90,8 @@ class Recipe:
         at_least = [(d, "batch_size", 1), (d, "views", 1), (d, "view_size", 1), (d, "val_resize", 1),
                     (d, "val_crop", 1), (d, "dali_threads", 1), (d, "val_batch_size", 0), (o, "epochs", 1),
                     (o, "lr_batch", 1), (o, "chunks", 1), (r, "log_every", 1), (r, "max_steps", 0),
-                    (r, "torch_threads", 0)]
+                    (r, "torch_threads", 0), (r, "timing_warmup", 0), (r, "checkpoint_every", 0),
+                    (r, "keep_checkpoints", 1)]
         for section, name, low in at_least:
             if getattr(section, name) < low:
                 raise UsageError(f"{_key(section, name)} must be >= {low}, got {getattr(section, name)}")
@@ -98,6 +107,8 @@ class Recipe:
             raise UsageError(f"{_key(d, 'decoder')} must be auto, cpu or mixed, got {d.decoder!r}")
         if m.amp not in ("off", "bf16", "fp16"):
             raise UsageError(f"{_key(m, 'amp')} must be off, bf16 or fp16, got {m.amp!r}")
+        if o.regime not in ("ba", "ra"):
+            raise UsageError(f"{_key(o, 'regime')} must be ba or ra, got {o.regime!r}")
         if d.batch_size * d.views < o.chunks:
             raise UsageError(f"--chunks {o.chunks} is more than the B*M = {d.batch_size * d.views} views per step")
         return self
@@ -150,6 +161,21 @@ def load_recipe(path: str | Path) -> Recipe:
                 raise UsageError(f"recipe {path}: unknown key '{key}' in [{section_name}] (known: {', '.join(kinds)})")
             setattr(section, key, _coerce(value, kinds[key], f"recipe {path}: [{section_name}] {key}"))
     return recipe
+
+
+def effective(recipe: Recipe) -> Recipe:
+    """The recipe as trained: under ``regime = "ra"`` the M views become M x the unique batch, one view
+    each, and the schedule is stretched M-fold (same number of steps, same LR rule on B)."""
+    if recipe.optim.regime == "ba":
+        return recipe
+    d, o = recipe.data, recipe.optim
+    m = d.views
+    return dataclasses.replace(
+        recipe,
+        data=dataclasses.replace(d, batch_size=d.batch_size * m, views=1),
+        optim=dataclasses.replace(o, epochs=o.epochs * m, decay_epochs=[e * m for e in o.decay_epochs],
+                                  warmup_epochs=o.warmup_epochs * m),
+    )
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, dict[str, Any]]:

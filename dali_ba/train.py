@@ -14,15 +14,16 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from dali_ba.data.dataset import ImageDataset, load_dataset
 from dali_ba.distributed import launcher_rank
 from dali_ba.errors import UnreadableImageError, UsageError
+from dali_ba.metrics import MetricsLog, emit
 from dali_ba.models import check_model_name
-from dali_ba.recipe import Recipe, build_parser, recipe_to_dict, resolve
+from dali_ba.recipe import Recipe, build_parser, effective, recipe_to_dict, resolve
 
 if TYPE_CHECKING:
     import torch
@@ -40,42 +41,23 @@ def lr_factor(step: int, steps_per_epoch: int, warmup_epochs: float, decay_epoch
     return decay_factor ** sum(epoch >= e for e in decay_epochs)
 
 
-def emit(line: str, stream=None) -> None:
-    """Write a whole line in one call: launchers (mpirun --tag-output) tag each write separately."""
-    stream = stream or sys.stdout
-    stream.write(line + "\n")
-    stream.flush()
-
-
-class MetricsLog:
-    """JSON lines on rank 0 (one object per record, flushed at once); a no-op elsewhere."""
-
-    def __init__(self, path: Path | None):
-        self._file = open(path, "w") if path is not None else None
-
-    def write(self, kind: str, **fields) -> None:
-        if self._file:
-            self._file.write(json.dumps({"kind": kind, **fields}) + "\n")
-            self._file.flush()
-
-    def close(self) -> None:
-        if self._file:
-            self._file.close()
-
-
-def check_output(output: Path) -> None:
-    """Refuse an output folder that already holds a run: its metrics would be overwritten."""
+def check_output(output: Path, resume: str) -> None:
+    """Refuse an output folder that already holds a run (its metrics would be overwritten), unless
+    the run is being resumed."""
     metrics = output / "metrics.jsonl"
-    if metrics.exists() and metrics.stat().st_size:
-        raise UsageError(f"--output {output} already holds a run (metrics.jsonl); pick a new folder or remove it")
+    if not resume and metrics.exists() and metrics.stat().st_size:
+        raise UsageError(f"--output {output} already holds a run (metrics.jsonl); pick a new folder, remove it, "
+                         "or continue it with --resume auto")
 
 
-def prepare_output(output: Path, recipe: Recipe) -> Path:
-    """Create the run folder, write the resolved recipe, and return where the metrics go (rank 0)."""
+def prepare_output(output: Path, recipe: Recipe, environment: dict) -> Path:
+    """Create the run folder, write the resolved recipe and the environment summary (rank 0);
+    return where the metrics go."""
     import tomli_w
 
     output.mkdir(parents=True, exist_ok=True)
     (output / "recipe.toml").write_text(tomli_w.dumps(recipe_to_dict(recipe)))
+    (output / "environment.json").write_text(json.dumps(environment, indent=2) + "\n")
     return output / "metrics.jsonl"
 
 
@@ -86,6 +68,25 @@ def check_datasets(recipe: Recipe) -> tuple[ImageDataset, ImageDataset]:
     if max(val_set.labels) >= train_set.num_classes:
         raise UsageError(f"validation data {val_set.source} has labels >= {train_set.num_classes}, the training classes")
     return train_set, val_set
+
+
+def check_world(recipe: Recipe, world: World, train_set: ImageDataset, val_set: ImageDataset) -> int:
+    """Checks that need the world size; returns the per-rank batch."""
+    d, o = recipe.data, recipe.optim
+    if d.batch_size % world.size:
+        raise UsageError(f"--batch-size {d.batch_size} (global) is not divisible by {world.size} ranks")
+    per_rank = d.batch_size // world.size
+    if per_rank * d.views < o.chunks:
+        raise UsageError(f"--chunks {o.chunks} is more than the {per_rank * d.views} views per rank per step")
+    for name, dataset in (("training", train_set), ("validation", val_set)):
+        if len(dataset) < world.size:
+            raise UsageError(f"{name} data {dataset.source} has {len(dataset)} samples but there are {world.size} ranks")
+    return per_rank
+
+
+class StepOutput(NamedTuple):
+    loss: torch.Tensor  # mean cross-entropy over the step's B*M views (this rank), no sync
+    correct: torch.Tensor  # views whose top-1 prediction was right
 
 
 def train_step(
@@ -99,36 +100,51 @@ def train_step(
     autocast=contextlib.nullcontext,
     scaler: torch.amp.GradScaler | None = None,
     label_smoothing: float = 0.0,
-) -> torch.Tensor:
-    """One optimizer step on the B*M views of a batch; returns the mean loss (a tensor, no sync).
+    phase: Callable[[str], contextlib.AbstractContextManager] = lambda name: contextlib.nullcontext(),
+) -> StepOutput:
+    """One optimizer step on the B*M views of a batch.
 
     With ``chunks`` K > 1 the views go through the model in K micro-batches whose losses are
     weighted by their share of the batch, so the summed gradient is that of the mean over all B*M
     views; ``optimizer`` must then be a Horovod optimizer built with backward_passes_per_step=K.
+    ``phase`` (a :class:`dali_ba.metrics.StepClock`'s) times "forward_backward" and "allreduce_step".
     """
     import torch
     import torch.nn.functional as F
 
     from dali_ba.loader import flatten_views, normalize
 
-    x, y = flatten_views(images, labels)
-    x = normalize(x).contiguous(memory_format=memory_format or torch.channels_last)
-    optimizer.zero_grad()  # Horovod 0.28 takes no set_to_none; torch 2 sets grads to None anyway
-    total = torch.zeros((), device=x.device)
-    for xc, yc in zip(x.tensor_split(chunks), y.tensor_split(chunks)):
-        with autocast():
-            loss = F.cross_entropy(model(xc), yc, label_smoothing=label_smoothing) * (len(yc) / len(y))
-        (scaler.scale(loss) if scaler else loss).backward()
-        total += loss.detach()
-    if scaler:  # fp16: unscale the allreduced gradients before the step (Horovod + GradScaler recipe)
-        optimizer.synchronize()
-        scaler.unscale_(optimizer)
-        with optimizer.skip_synchronize():
-            scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    return total
+    with phase("forward_backward"):
+        x, y = flatten_views(images, labels)
+        x = normalize(x).contiguous(memory_format=memory_format or torch.channels_last)
+        optimizer.zero_grad()  # Horovod 0.28 takes no set_to_none; torch 2 sets grads to None anyway
+        total = torch.zeros((), device=x.device)
+        correct = torch.zeros((), device=x.device, dtype=torch.int64)
+        for xc, yc in zip(x.tensor_split(chunks), y.tensor_split(chunks)):
+            with autocast():
+                logits = model(xc)
+                loss = F.cross_entropy(logits, yc, label_smoothing=label_smoothing) * (len(yc) / len(y))
+            (scaler.scale(loss) if scaler else loss).backward()
+            total += loss.detach()
+            correct += (logits.detach().argmax(1) == yc).sum()
+    with phase("allreduce_step"):  # Horovod waits here for the allreduces the backward pass started
+        if scaler:  # fp16: unscale the allreduced gradients before the step (Horovod + GradScaler recipe)
+            optimizer.synchronize()
+            scaler.unscale_(optimizer)
+            with optimizer.skip_synchronize():
+                scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+    return StepOutput(total, correct)
+
+
+def gradient_norm(model: torch.nn.Module) -> float:
+    """L2 norm of all parameter gradients (after the step they hold the allreduced average)."""
+    import torch
+
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads, norm_type=2.0)) if grads else 0.0
 
 
 def evaluate(
@@ -162,23 +178,35 @@ def evaluate(
     return {"val_loss": loss / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count, "val_samples": int(count)}
 
 
+def run_identity(recipe: Recipe, world: World, steps_per_epoch: int) -> dict:
+    """What a checkpoint must agree on to be resumed by this run."""
+    d, m, o, r = recipe.data, recipe.model, recipe.optim, recipe.run
+    return {"ranks": world.size, "arch": m.arch, "batch_size": d.batch_size, "views": d.views,
+            "view_size": d.view_size, "augment": d.augment, "seed": r.seed, "regime": o.regime,
+            "steps_per_epoch": steps_per_epoch}
+
+
 def run(recipe: Recipe, train_set: ImageDataset, val_set: ImageDataset) -> int:
     import torch
 
     from dali_ba import distributed
+    from dali_ba.checkpoint import check_compatible, find_resume_point, save_checkpoint
+    from dali_ba.environment import environment_summary
     from dali_ba.loader import BatchAugmentLoader, ValidationLoader
+    from dali_ba.metrics import Progress, StepClock, StepTimes, summary_table
     from dali_ba.models import create_model
+    from dali_ba.preemption import EXIT_RESUMABLE, StopRequest
 
-    d, m, o, r = recipe.data, recipe.model, recipe.optim, recipe.run
+    stop = StopRequest()  # first: a signal during set-up stops the run after its first step
+    plan = effective(recipe)
+    d, m, o, r = plan.data, plan.model, plan.optim, plan.run
+    if r.horovod_timeline:  # Horovod reads it at init; its coordinator (rank 0) writes the file
+        if not Path(r.horovod_timeline).parent.is_dir():
+            raise UsageError(f"--horovod-timeline {r.horovod_timeline}: its folder does not exist")
+        os.environ["HOROVOD_TIMELINE"] = str(Path(r.horovod_timeline).resolve())
     world = distributed.init_world()
-    if d.batch_size % world.size:
-        raise UsageError(f"--batch-size {d.batch_size} (global) is not divisible by {world.size} ranks")
-    per_rank = d.batch_size // world.size
-    if per_rank * d.views < o.chunks:
-        raise UsageError(f"--chunks {o.chunks} is more than the {per_rank * d.views} views per rank per step")
-    for name, dataset in (("training", train_set), ("validation", val_set)):
-        if len(dataset) < world.size:
-            raise UsageError(f"{name} data {dataset.source} has {len(dataset)} samples but there are {world.size} ranks")
+    per_rank = check_world(plan, world, train_set, val_set)
+    say = emit if world.is_root else (lambda *args, **kwargs: None)
 
     device = torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
@@ -189,9 +217,10 @@ def run(recipe: Recipe, train_set: ImageDataset, val_set: ImageDataset) -> int:
     torch.set_num_threads(r.torch_threads or max(1, cores // world.local_size))
     torch.manual_seed(r.seed)
 
+    # The loader's tensors stay where DALI made them; moving them is the step's "h2d" phase.
     loader = BatchAugmentLoader(
         train_set, per_rank, d.views, d.view_size, augment=d.augment, crop_area_min=d.crop_area_min,
-        rank=world.rank, world_size=world.size, seed=r.seed, decoder=d.decoder, device=device, num_threads=d.dali_threads,
+        rank=world.rank, world_size=world.size, seed=r.seed, decoder=d.decoder, num_threads=d.dali_threads,
     )
     val_loader = ValidationLoader(
         val_set, d.val_batch_size or per_rank, d.val_resize, d.val_crop,
@@ -207,72 +236,133 @@ def run(recipe: Recipe, train_set: ImageDataset, val_set: ImageDataset) -> int:
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, steps_per_epoch, o.warmup_epochs, o.decay_epochs, o.decay_factor)
     )
-    distributed.broadcast_from_root(model, optimizer)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(m.amp)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     scaler = torch.amp.GradScaler("cuda") if m.amp == "fp16" else None
 
+    # Resume: every rank reads the same checkpoint (shared file system), so nothing needs sending.
     output = Path(r.output)
-    log = MetricsLog(prepare_output(output, recipe) if world.is_root else None)
-    say = emit if world.is_root else (lambda *args, **kwargs: None)
+    identity = run_identity(plan, world, steps_per_epoch)
+    step, first_epoch, loader_state, carried_sums, trained_time = 0, 0, None, [0.0, 0.0, 0.0], 0.0
+    resume_point = find_resume_point(r.resume, output, warn=lambda line: say(line, sys.stderr))
+    if resume_point:
+        path, state = resume_point
+        check_compatible(state, path, identity)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        if scaler and state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"])
+        step, first_epoch, trained_time = state["step"], state["epoch"], state["train_time"]
+        if state["loaders"]:  # stopped mid-epoch: each rank carries on from its own loader position
+            loader_state, carried_sums = state["loaders"][world.rank], state["epoch_sums"][world.rank]
+    else:
+        distributed.broadcast_from_root(model, optimizer)
+
+    environment = environment_summary(world, device, loader.decoder)
+    log = MetricsLog(prepare_output(output, recipe, environment) if world.is_root else None, append=bool(r.resume))
+    log.write("start", arch=m.arch, ranks=world.size, views=d.views, batch_size=d.batch_size, view_size=d.view_size,
+              device=device.type, decoder=loader.decoder, epochs=o.epochs, steps_per_epoch=steps_per_epoch,
+              lr=peak_lr, regime=o.regime, resumed_from=step if resume_point else None)
     say(f"dali-ba: {m.arch}, {world.size} rank(s) on {device.type}, decoder {loader.decoder}, "
         f"B={d.batch_size} unique x M={d.views} views = {d.batch_size * d.views} images/step, "
         f"lr {peak_lr:g}, {steps_per_epoch} steps/epoch, {o.epochs} epochs -> {output}")
+    if resume_point:
+        say(f"resumed from {resume_point[0]} at step {step} (epoch {first_epoch + 1})")
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    step = 0
-    run_start = time.perf_counter()
-    train_time = 0.0
+    segment_start = time.perf_counter()  # this process's share of the training time starts here
+
+    def checkpoint(epoch: int, sums: list[float] | None) -> None:
+        """Collective. ``sums`` given: stopped mid-epoch, so every rank's loader position goes in too."""
+        loaders = world.gather(loader.state()) if sums is not None else None
+        all_sums = world.gather(sums) if sums is not None else None
+        if world.is_root:
+            state = {"run": identity, "step": step, "epoch": epoch, "train_time": trained_time + (time.perf_counter() - segment_start),
+                     "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                     "scaler": scaler.state_dict() if scaler else None, "rng": torch.get_rng_state(),
+                     "loaders": loaders, "epoch_sums": all_sums}
+            save_checkpoint(output, step, state, r.keep_checkpoints)
+
+    clock = StepClock(device)
+    times = StepTimes(world, r.timing_warmup)
+    progress = Progress(steps_per_epoch * o.epochs, step, r.log_every, world.is_root)
     result: dict = {}
-    for epoch in range(o.epochs):
+    for epoch in range(first_epoch, o.epochs):
         model.train()
-        epoch_start = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        tick = time.perf_counter()
-        for i, (images, labels) in enumerate(loader.epoch(epoch)):
-            if i == steps_per_epoch:
-                break
-            data_time = time.perf_counter() - tick
-            loss = train_step(model, optimizer, images, labels, chunks=o.chunks, memory_format=memory_format,
-                              autocast=autocast, scaler=scaler, label_smoothing=o.label_smoothing)
-            schedule.step()
-            step += 1
-            if step % r.log_every == 0 or i == steps_per_epoch - 1:
-                sync()
-                mean_loss = world.sum([loss.item()])[0] / world.size
-                log.write("step", epoch=epoch, step=step, loss=mean_loss, lr=schedule.get_last_lr()[0],
-                          step_time=time.perf_counter() - tick, data_time=data_time)
-            loss_sum += loss
-            tick = time.perf_counter()
-        sync()
+        done = loader_state["batches"] if loader_state else 0
+        sums = list(carried_sums) if loader_state else [0.0, 0.0, 0.0]  # loss over steps, right views, views
+        batches = loader.epoch(epoch, loader_state)
+        loader_state = None
+        epoch_start, epoch_steps = time.perf_counter(), 0
+        while done < steps_per_epoch:
+            clock.begin()
+            with clock.phase("data"):
+                images, labels = next(batches)
+            with clock.phase("h2d"):
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            out = train_step(model, optimizer, images, labels, chunks=o.chunks, memory_format=memory_format,
+                             autocast=autocast, scaler=scaler, label_smoothing=o.label_smoothing, phase=clock.phase)
+            with clock.phase("allreduce_step"):
+                schedule.step()
+                norm = {"grad_norm": gradient_norm(model)} if r.log_grad_norm else {}
+            row = clock.end()
+            done, step, epoch_steps = done + 1, step + 1, epoch_steps + 1
+            loss = out.loss.item()
+            sums = [sums[0] + loss, sums[1] + out.correct.item(), sums[2] + len(labels) * d.views]
+            lr = schedule.get_last_lr()[0]
+            times.add(row, loss, epoch_steps - 1, epoch=epoch, step=step, lr=lr,
+                      wall=round(trained_time + time.perf_counter() - segment_start, 3), **norm)
+            if step % r.log_every == 0 or done == steps_per_epoch:
+                records = times.flush()
+                for record in records:
+                    log.write("step", **record)
+                if records:
+                    progress.update(step, epoch, records[-1]["loss"], lr)
+            if stop.agreed(world):
+                for record in times.flush():
+                    log.write("step", **record)
+                checkpoint(epoch, sums)
+                log.write("stop", step=step, epoch=epoch, signal=stop.signal_name)
+                progress.close()
+                say(f"stopped by a signal after step {step} (epoch {epoch + 1}); checkpoint written to "
+                    f"{output}/checkpoints; run again with --resume auto to continue", sys.stderr)
+                return EXIT_RESUMABLE
+            if r.checkpoint_every and step % r.checkpoint_every == 0 and done < steps_per_epoch:
+                checkpoint(epoch, sums)
+        clock.sync()
         epoch_time = time.perf_counter() - epoch_start
-        train_time += epoch_time
-        train_loss = world.sum([loss_sum.item() / steps_per_epoch])[0] / world.size
+        loss_sum, right, seen = world.sum(sums)
+        train_loss = loss_sum / (done * world.size)
         distributed.average_buffers(model, world)
         result = evaluate(model, val_loader, world, memory_format, autocast)
-        images_per_s = steps_per_epoch * d.batch_size / epoch_time
-        log.write("epoch", epoch=epoch, train_loss=train_loss, **result, epoch_time=epoch_time,
-                  steps_per_s=steps_per_epoch / epoch_time, images_per_s=images_per_s,
-                  views_per_s=images_per_s * d.views)
-        say(f"epoch {epoch + 1:>3}/{o.epochs}  train loss {train_loss:.4f}  val loss {result['val_loss']:.4f}  "
-            f"top-1 {result['top1']:5.1f}%  top-5 {result['top5']:5.1f}%  {steps_per_epoch / epoch_time:.2f} steps/s  "
-            f"{images_per_s:.0f} img/s ({images_per_s * d.views:.0f} views/s)  {epoch_time:.1f}s")
+        images_per_s = epoch_steps * d.batch_size / epoch_time
+        log.write("epoch", epoch=epoch, train_loss=train_loss, train_top1=100 * right / seen, **result,
+                  epoch_time=epoch_time, wall=trained_time + time.perf_counter() - segment_start,
+                  steps_per_s=epoch_steps / epoch_time, images_per_s=images_per_s, views_per_s=images_per_s * d.views)
+        progress.write(f"epoch {epoch + 1:>3}/{o.epochs}  train loss {train_loss:.4f}  val loss {result['val_loss']:.4f}  "
+                       f"top-1 {result['top1']:5.1f}%  top-5 {result['top5']:5.1f}%  {epoch_steps / epoch_time:.2f} steps/s  "
+                       f"{images_per_s:.0f} img/s ({images_per_s * d.views:.0f} views/s)  {epoch_time:.1f}s")
+        checkpoint(epoch + 1, None)
+    progress.close()
 
     digests = world.gather(distributed.parameter_digest(model))
     identical = len(set(digests)) == 1
     if world.is_root:
         torch.save(model.state_dict(), output / "model.pt")
-    steps_per_s = step / train_time
+    timing = times.summary(d.batch_size, d.views)
+    wall_time = trained_time + time.perf_counter() - segment_start
     summary = dict(epochs=o.epochs, steps=step, ranks=world.size, views=d.views, batch_size=d.batch_size,
-                   top1=result["top1"], top5=result["top5"], val_loss=result["val_loss"],
-                   steps_per_s=steps_per_s, images_per_s=steps_per_s * d.batch_size,
-                   views_per_s=steps_per_s * d.batch_size * d.views, wall_time=time.perf_counter() - run_start,
-                   param_digests=digests, params_identical=identical)
+                   top1=result.get("top1"), top5=result.get("top5"), val_loss=result.get("val_loss"),
+                   **timing, wall_time=wall_time, param_digests=digests, params_identical=identical)
     log.write("summary", **summary)
     log.close()
-    say(f"done: {o.epochs} epochs, {step} steps in {summary['wall_time']:.1f}s; val top-1 {result['top1']:.1f}% "
-        f"top-5 {result['top5']:.1f}%; {steps_per_s:.2f} steps/s, {summary['images_per_s']:.0f} img/s "
-        f"({summary['views_per_s']:.0f} views/s); parameters {'identical' if identical else 'DIFFER'} on {world.size} rank(s)")
+    say(summary_table(timing, world.size))
+    rate = (f"{timing['steps_per_s']:.2f} steps/s, {timing['images_per_s']:.0f} img/s "
+            f"({timing['views_per_s']:.0f} views/s)" if timing.get("steady_steps") else "no steady-state timing")
+    top = f"val top-1 {result['top1']:.1f}% top-5 {result['top5']:.1f}%" if result else "no epoch left to train"
+    say(f"done: {o.epochs} epochs, {step} steps in {wall_time:.1f}s; {top}; {rate}; "
+        f"parameters {'identical' if identical else 'DIFFER'} on {world.size} rank(s)")
     return 0 if identical else 1
 
 
@@ -281,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = resolve(parser.parse_args(argv))
         check_model_name(recipe.model.arch)
-        check_output(Path(recipe.run.output))
+        check_output(Path(recipe.run.output), recipe.run.resume)
         train_set, val_set = check_datasets(recipe)
         return run(recipe, train_set, val_set)
     except UsageError as exc:

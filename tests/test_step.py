@@ -21,7 +21,7 @@ def one_step(model, images, labels, chunks):
     model = copy.deepcopy(model).to(memory_format=torch.channels_last)
     optimizer = distributed_optimizer(torch.optim.SGD(model.parameters(), lr=0.5), model, chunks)
     loss = train_step(model, optimizer, images, labels, chunks=chunks)
-    return loss.item(), model
+    return loss.loss.item(), model
 
 
 def test_chunks_give_the_same_step_as_one_batch():

@@ -11,6 +11,7 @@ import torch
 from conftest import run_cli
 from dali_ba.distributed import World
 from dali_ba.loader import ValidationLoader
+from dali_ba.metrics import PHASES
 from dali_ba.models import create_model
 from dali_ba.recipe import load_recipe
 from dali_ba.train import evaluate
@@ -41,11 +42,26 @@ def test_training_loss_falls_on_demo_data(demo_data, tmp_path):
     for field in ("train_loss", "val_loss", "top1", "top5", "epoch_time", "images_per_s", "views_per_s"):
         assert isinstance(epochs[-1][field], float)
     steps = records(out, "step")
-    assert {"epoch", "step", "loss", "lr", "step_time"} <= steps[0].keys()
+    assert [s["step"] for s in steps] == list(range(1, len(steps) + 1)) and len(steps) == 4 * 8  # every step
+    assert {"epoch", "step", "loss", "lr", "wall", "time"} <= steps[0].keys() and "grad_norm" not in steps[0]
     assert all(s["lr"] == pytest.approx(0.2) for s in steps)  # LR from B=32 unique images, not B*M=64
+    for s in steps:  # one rank: the phases are consecutive and make up the step
+        t = s["time"]
+        assert sum(t[p]["mean"] for p in PHASES) == pytest.approx(t["step"]["mean"], rel=0.01, abs=2e-5)
+        assert t["forward_backward"]["mean"] > 0 and t["step"]["std"] == 0
+    assert 0 <= epochs[-1]["train_top1"] <= 100 and epochs[-1]["train_top1"] > epochs[0]["train_top1"]
     (summary,) = records(out, "summary")
     assert summary["params_identical"] and summary["ranks"] == 1
+    assert summary["steady_steps"] == 4 * (8 - 5)  # --timing-warmup 5 of the 8 steps of each epoch
+    assert summary["images_per_s"] == pytest.approx(32 * summary["steps_per_s"])
+    assert summary["views_per_s"] == pytest.approx(2 * summary["images_per_s"])
     assert "done: 4 epochs" in done.stdout and "val top-1" in done.stdout
+    assert "timing over 12 steady-state steps" in done.stdout and "forward_backward" in done.stdout
+    assert "step 2/32  epoch 1  loss" in done.stdout  # not a terminal: plain progress lines, every --log-every
+    (start,) = records(out, "start")
+    assert (start["views"], start["batch_size"], start["ranks"], start["resumed_from"]) == (2, 32, 1, None)
+    environment = json.loads((out / "environment.json").read_text())
+    assert environment["ranks"] == 1 and environment["versions"]["torch"] == torch.__version__.split("+")[0]
     saved = load_recipe(out / "recipe.toml")
     assert (saved.data.views, saved.data.batch_size, saved.optim.decay_epochs) == (2, 32, [])
     assert (out / "model.pt").stat().st_size > 0
@@ -57,9 +73,12 @@ LAUNCHERS = {
 }
 
 
-@pytest.mark.parametrize("launcher, extra", [("horovodrun", []), ("mpirun", ["--chunks", "2", "--amp", "bf16"])])
+@pytest.mark.parametrize("launcher, extra", [("horovodrun", ["--log-grad-norm", "--horovod-timeline", "TIMELINE"]),
+                                             ("mpirun", ["--chunks", "2", "--amp", "bf16"])])
 def test_two_ranks_end_with_identical_parameters(demo_data, tmp_path, launcher, extra):
     out = tmp_path / "run"
+    timeline = tmp_path / "timeline.json"
+    extra = [str(timeline) if arg == "TIMELINE" else arg for arg in extra]
     done = run_cli(*LAUNCHERS[launcher], *TRAIN, *small_run(demo_data, out, "--batch-size", "16", "--views", "2",
                                                              "--epochs", "2", "--max-steps", "4", *extra))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
@@ -67,6 +86,22 @@ def test_two_ranks_end_with_identical_parameters(demo_data, tmp_path, launcher, 
     assert summary["ranks"] == 2 and len(summary["param_digests"]) == 2
     assert summary["param_digests"][0] == summary["param_digests"][1]
     assert "parameters identical on 2 rank(s)" in done.stdout
+    # Timing is gathered from both ranks for every step.
+    steps = records(out, "step")
+    assert [s["step"] for s in steps] == list(range(1, 9))
+    for s in steps:
+        t = s["time"]
+        assert sum(t[p]["mean"] for p in PHASES) == pytest.approx(t["step"]["mean"], rel=0.01, abs=2e-5)
+        for stats in t.values():
+            assert stats["min"] <= stats["mean"] <= stats["max"] and stats["slowest_rank"] in (0, 1)
+            assert stats["std"] == pytest.approx((stats["max"] - stats["min"]) / 2, abs=2e-6)  # two ranks
+    assert any(t["slowest_rank"] == 1 for s in steps for t in s["time"].values())  # both ranks reported
+    assert {r["rank"] for r in json.loads((out / "environment.json").read_text())["per_rank"]} == {0, 1}
+    if "--log-grad-norm" in extra:
+        assert all(s["grad_norm"] > 0 for s in steps)
+        assert "ALLREDUCE" in timeline.read_text()  # Horovod's own timeline, switched on from the CLI
+    else:
+        assert "grad_norm" not in steps[0] and not timeline.exists()
     # Validation over 2 ranks equals one process evaluating the saved model on all 60 images.
     model = create_model("resnet20", 10)
     model.load_state_dict(torch.load(out / "model.pt", weights_only=True))

@@ -1,0 +1,88 @@
+"""Checkpoints: everything a run needs to carry on exactly where it stopped.
+
+A checkpoint holds the model, optimizer, AMP scaler and LR-schedule state, the step and epoch, the
+torch RNG states, the running epoch sums and every rank's loader position (DALI's own reader + RNG
+checkpoint), so a resumed run reads the same remaining samples under the same augmentations and, on
+CPU, reaches bit-identical parameters. Only rank 0 writes: to a temporary file, then an atomic
+rename, keeping the newest ``keep``. Files load with ``torch.load(weights_only=True)``: tensors and
+plain Python values only, no code.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dali_ba.errors import UsageError
+
+FORMAT = 1
+FOLDER = "checkpoints"
+
+
+def checkpoint_dir(output: Path) -> Path:
+    return Path(output) / FOLDER
+
+
+def save_checkpoint(output: Path, step: int, state: dict[str, Any], keep: int) -> Path:
+    """Write ``state`` as ``checkpoints/step-<step>.pt`` atomically; delete all but the newest ``keep``."""
+    import torch
+
+    folder = checkpoint_dir(output)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step-{step:09d}.pt"
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "wb") as file:
+        torch.save({"format": FORMAT, **state}, file)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)  # readers see the old set or the new file, never half a file
+    for old in list_checkpoints(output)[keep:]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def list_checkpoints(output: Path) -> list[Path]:
+    """Checkpoint files of a run, newest (highest step) first."""
+    folder = checkpoint_dir(output)
+    return sorted(folder.glob("step-*.pt"), reverse=True) if folder.is_dir() else []
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint safely (weights_only); raises UsageError naming the file if it is not one."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated, garbage, or not a torch file
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UsageError(f"checkpoint {path} cannot be loaded ({reason[:200]})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise UsageError(f"checkpoint {path} is not a dali-ba checkpoint (format {FORMAT})")
+    return state
+
+
+def find_resume_point(resume: str, output: Path, warn: Callable[[str], None]) -> tuple[Path, dict] | None:
+    """What ``--resume`` names: nothing (''), the newest loadable checkpoint of ``output`` ('auto',
+    skipping damaged ones with a warning; None if there is none), or one file."""
+    if not resume:
+        return None
+    if resume != "auto":
+        path = Path(resume)
+        if not path.is_file():
+            raise UsageError(f"--resume {resume}: no such checkpoint file")
+        return path, load_checkpoint(path)
+    for path in list_checkpoints(output):
+        try:
+            return path, load_checkpoint(path)
+        except UsageError as exc:
+            warn(f"warning: skipping damaged checkpoint: {exc}")
+    return None
+
+
+def check_compatible(state: dict, path: Path, expected: dict[str, Any]) -> None:
+    """A checkpoint resumes only the run that wrote it: same world size, model, data shape and seed."""
+    for key, value in expected.items():
+        if state["run"].get(key) != value:
+            raise UsageError(f"checkpoint {path} was written with {key} = {state['run'].get(key)!r}, "
+                             f"this run has {value!r}; resume with the same settings or use a new --output")

@@ -1,0 +1,60 @@
+"""The run's environment summary (environment.json): where every rank ran and with what."""
+from __future__ import annotations
+
+import os
+import platform
+import socket
+from importlib import metadata
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from dali_ba.distributed import World
+
+PACKAGES = ("torch", "torchvision", "nvidia-dali-cuda130", "horovod", "mpi4py", "numpy", "dali-ba")
+SLURM_VARIABLES = ("SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_JOB_NODELIST", "SLURM_JOB_NUM_NODES", "SLURM_NTASKS",
+                   "SLURM_NTASKS_PER_NODE", "SLURM_CPUS_PER_TASK", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID",
+                   "SLURM_RESTART_COUNT", "SLURM_JOB_PARTITION", "SLURM_CLUSTER_NAME")
+
+
+def _versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def _mpi_library() -> str | None:
+    try:
+        from mpi4py import MPI
+
+        return MPI.Get_library_version().splitlines()[0].strip()
+    except Exception:  # noqa: BLE001 - no MPI is an answer too
+        return None
+
+
+def environment_summary(world: World, device: torch.device, decoder: str) -> dict[str, Any]:
+    """Collective: every rank's host, device and CPU share, plus versions and the SLURM job (rank 0's view)."""
+    import torch
+
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    me = {"rank": world.rank, "local_rank": world.local_rank, "host": socket.gethostname(), "device": str(device),
+          "gpu": gpu, "cpus": len(os.sched_getaffinity(0)), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    ranks = world.gather(me)
+    return {
+        "ranks": world.size,
+        "nodes": sorted({r["host"] for r in ranks}),
+        "gpus": sum(r["gpu"] is not None for r in ranks),
+        "decoder": decoder,
+        "per_rank": ranks,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cuda": torch.version.cuda,
+        "mpi": _mpi_library(),
+        "versions": _versions(),
+        "slurm": {k: os.environ[k] for k in SLURM_VARIABLES if k in os.environ},
+    }

@@ -1,0 +1,224 @@
+"""Where each step's time goes, on every rank: phase clocks, cross-rank statistics, the metrics file.
+
+A step is timed as consecutive phases on each rank -- waiting for the loader (``data``), moving the
+batch to the device (``h2d``), forward + backward (``forward_backward``) and Horovod's gradient
+allreduce + the optimizer step (``allreduce_step``) -- so the phases add up to the step. On a GPU the
+device is synchronised before each clock reading and every phase is an NVTX range (``nsys`` shows
+them). Ranks keep their own rows; rank 0 gathers them every few steps (mpi4py) and writes one record
+per step with the mean, std, min and max over ranks and the slowest rank.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+    from dali_ba.distributed import World
+
+PHASES = ("data", "h2d", "forward_backward", "allreduce_step")
+COLUMNS = (*PHASES, "step")  # what one rank records per step, in seconds
+
+
+def emit(line: str, stream=None) -> None:
+    """Write a whole line in one call: launchers (mpirun --tag-output) tag each write separately."""
+    stream = stream or sys.stdout
+    stream.write(line + "\n")
+    stream.flush()
+
+
+class MetricsLog:
+    """JSON lines on rank 0 (one object per record, flushed at once); a no-op elsewhere."""
+
+    def __init__(self, path: Path | None, append: bool = False):
+        self._file = open(path, "a" if append else "w") if path is not None else None
+
+    def write(self, kind: str, **fields) -> None:
+        if self._file:
+            self._file.write(json.dumps({"kind": kind, **fields}) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+
+
+class StepClock:
+    """Times the phases of one step on this rank; ``phase(name)`` is a context manager."""
+
+    def __init__(self, device: torch.device):
+        import torch
+
+        cuda = device.type == "cuda"
+        self._sync: Callable[[], None] = torch.cuda.synchronize if cuda else (lambda: None)
+        self._nvtx = torch.cuda.nvtx if cuda else None
+        self.times: dict[str, float] = {}
+        self._start = 0.0
+
+    def sync(self) -> None:
+        """Wait for the device's queued work (a no-op on CPU)."""
+        self._sync()
+
+    def begin(self) -> None:
+        self._sync()
+        self.times = dict.fromkeys(PHASES, 0.0)
+        self._start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        if self._nvtx:
+            self._nvtx.range_push(name)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()  # GPU work queued in this phase is charged to it
+            self.times[name] += time.perf_counter() - start
+            if self._nvtx:
+                self._nvtx.range_pop()
+
+    def end(self) -> list[float]:
+        """This step's row: the phase times and the whole step, seconds."""
+        return [self.times[p] for p in PHASES] + [time.perf_counter() - self._start]
+
+
+def phase_stats(per_rank: np.ndarray) -> dict[str, float | int]:
+    """Statistics over ranks of one time (1-D, seconds per rank), to the microsecond: a step record
+    stays small enough for millions of steps."""
+    stats = {"mean": per_rank.mean(), "std": per_rank.std(), "min": per_rank.min(), "max": per_rank.max()}
+    return {**{k: round(float(v), 6) for k, v in stats.items()}, "slowest_rank": int(per_rank.argmax())}
+
+
+@dataclass
+class StepTimes:
+    """Every rank's step rows, buffered and gathered to rank 0 every ``flush()``.
+
+    Rows are (phase times..., step time, loss). Rank 0 turns each gathered step into a metrics
+    record, and keeps the steady-state steps (those after ``warmup`` steps of their epoch) for the
+    end-of-run summary.
+    """
+
+    world: World
+    warmup: int
+    _rows: list[list[float]] = field(default_factory=list)
+    _meta: list[dict] = field(default_factory=list)
+    steady: list[np.ndarray] = field(default_factory=list)  # rank 0: (ranks, columns) per steady step
+
+    def add(self, row: Sequence[float], loss: float, step_in_epoch: int, **meta) -> None:
+        self._rows.append([*row, loss])
+        self._meta.append({"step_in_epoch": step_in_epoch, **meta})
+
+    def flush(self) -> list[dict]:
+        """Gather the buffered rows; on rank 0 return one record per step (elsewhere an empty list)."""
+        if not self._rows:
+            return []
+        gathered = np.asarray(self.world.gather(self._rows))  # (ranks, steps, columns + loss)
+        meta, self._rows, self._meta = self._meta, [], []
+        if not self.world.is_root:
+            return []
+        records = []
+        for i, info in enumerate(meta):
+            table = gathered[:, i, :]
+            step_in_epoch = info.pop("step_in_epoch")
+            if step_in_epoch >= self.warmup:
+                self.steady.append(table[:, : len(COLUMNS)])
+            timing = {name: phase_stats(table[:, c]) for c, name in enumerate(COLUMNS)}
+            records.append({**info, "loss": float(table[:, -1].mean()), "time": timing})
+        return records
+
+    def summary(self, batch_size: int, views: int) -> dict:
+        """Steady-state throughput (mean and std over steps, like the paper's Figure 5) and phase times."""
+        if not self.steady:
+            return {"steady_steps": 0}
+        steps = np.stack(self.steady)  # (steps, ranks, columns)
+        step_time = steps[:, :, -1].mean(axis=1)  # a step's time: the mean over ranks
+        rate = 1.0 / step_time
+        per_rank = steps.mean(axis=0)  # (ranks, columns): each rank's mean phase times
+        timing = {
+            name: {"mean": float(steps[:, :, c].mean()), "std": float(steps[:, :, c].mean(axis=1).std()),
+                   "min_rank": float(per_rank[:, c].min()), "max_rank": float(per_rank[:, c].max()),
+                   "slowest_rank": int(per_rank[:, c].argmax())}
+            for c, name in enumerate(COLUMNS)
+        }
+        return {
+            "steady_steps": len(steps),
+            "steps_per_s": float(rate.mean()), "steps_per_s_std": float(rate.std()),
+            "images_per_s": float(rate.mean() * batch_size), "images_per_s_std": float(rate.std() * batch_size),
+            "views_per_s": float(rate.mean() * batch_size * views),
+            "views_per_s_std": float(rate.std() * batch_size * views),
+            "timing": timing,
+        }
+
+
+def summary_table(summary: dict, ranks: int) -> str:
+    """The end-of-run table: per phase, mean over steady steps and ranks, spread, share of the step."""
+    if not summary.get("steady_steps"):
+        return "timing: no steady-state steps (every step was a warm-up step; lower --timing-warmup)"
+    timing = summary["timing"]
+    step_mean = timing["step"]["mean"]
+    lines = [f"timing over {summary['steady_steps']} steady-state steps x {ranks} rank(s), ms per step:",
+             f"  {'phase':<17}{'mean':>9}{'std':>9}{'rank min':>10}{'rank max':>10}{'share':>8}  slowest rank"]
+    for name in COLUMNS:
+        t = timing[name]
+        share = 100 * t["mean"] / step_mean if step_mean else math.nan
+        lines.append(f"  {name:<17}{1e3 * t['mean']:9.2f}{1e3 * t['std']:9.2f}{1e3 * t['min_rank']:10.2f}"
+                     f"{1e3 * t['max_rank']:10.2f}{share:7.1f}%  {t['slowest_rank']}")
+    lines.append(f"  {summary['steps_per_s']:.2f} ± {summary['steps_per_s_std']:.2f} steps/s, "
+                 f"{summary['images_per_s']:.0f} ± {summary['images_per_s_std']:.0f} unique img/s, "
+                 f"{summary['views_per_s']:.0f} ± {summary['views_per_s_std']:.0f} augmented img/s")
+    return "\n".join(lines)
+
+
+class Progress:
+    """Rank 0's view of training: a tqdm bar on a terminal, plain lines (every ``every`` steps) otherwise
+    -- SLURM logs and launchers that pipe output get lines, not carriage returns."""
+
+    def __init__(self, total: int, initial: int, every: int, enabled: bool, stream=None):
+        self._stream = stream or sys.stderr
+        self._every, self._total, self._enabled = every, total, enabled
+        self._bar = None
+        self._last = (initial, time.perf_counter())
+        if enabled and self._stream.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, initial=initial, unit="step", file=self._stream, dynamic_ncols=True)
+
+    def update(self, step: int, epoch: int, loss: float, lr: float) -> None:
+        if not self._enabled:
+            return
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+            self._bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.4f}", lr=f"{lr:.4g}", refresh=False)
+            return
+        if step % self._every and step != self._total:
+            return
+        last_step, last_time = self._last
+        now = time.perf_counter()
+        rate = (step - last_step) / (now - last_time) if now > last_time else 0.0
+        self._last = (step, now)
+        emit(f"step {step}/{self._total}  epoch {epoch + 1}  loss {loss:.4f}  lr {lr:.4g}  {rate:.2f} steps/s",
+             sys.stdout)
+
+    def write(self, line: str) -> None:
+        """A line that doesn't tear the bar."""
+        if not self._enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(line, file=sys.stdout)
+            sys.stdout.flush()
+        else:
+            emit(line)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
