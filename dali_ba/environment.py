@@ -42,7 +42,8 @@ def environment_summary(world: World, device: torch.device, decoder: str) -> dic
     import torch
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    me = {"rank": world.rank, "local_rank": world.local_rank, "host": socket.gethostname(), "device": str(device),
+    me = {"rank": world.rank, "local_rank": world.local_rank, "host": socket.gethostname(), "pid": os.getpid(),
+          "device": str(device),
           "gpu": gpu, "cpus": len(os.sched_getaffinity(0)), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
     ranks = world.gather(me)
     return {

@@ -257,6 +257,7 @@ def run(recipe: Recipe, train_set: ImageDataset, val_set: ImageDataset) -> int:
         step, first_epoch, trained_time = state["step"], state["epoch"], state["train_time"]
         if state["loaders"]:  # stopped mid-epoch: each rank carries on from its own loader position
             loader_state, carried_sums = state["loaders"][world.rank], state["epoch_sums"][world.rank]
+            model.load_state_dict(state["rank_buffers"][world.rank], strict=False)
     else:
         distributed.broadcast_from_root(model, optimizer)
 
@@ -275,13 +276,16 @@ def run(recipe: Recipe, train_set: ImageDataset, val_set: ImageDataset) -> int:
 
     def checkpoint(epoch: int, sums: list[float] | None) -> None:
         """Collective. ``sums`` given: stopped mid-epoch, so every rank's loader position goes in too."""
-        loaders = world.gather(loader.state()) if sums is not None else None
-        all_sums = world.gather(sums) if sums is not None else None
+        mid_epoch = sums is not None
+        loaders = world.gather(loader.state()) if mid_epoch else None
+        all_sums = world.gather(sums) if mid_epoch else None
+        # BatchNorm running statistics differ by rank until the epoch-end average: keep each rank's.
+        buffers = world.gather({k: v.cpu() for k, v in model.named_buffers()}) if mid_epoch else None
         if world.is_root:
             state = {"run": identity, "step": step, "epoch": epoch, "train_time": trained_time + (time.perf_counter() - segment_start),
                      "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                      "scaler": scaler.state_dict() if scaler else None, "rng": torch.get_rng_state(),
-                     "loaders": loaders, "epoch_sums": all_sums}
+                     "loaders": loaders, "epoch_sums": all_sums, "rank_buffers": buffers}
             save_checkpoint(output, step, state, r.keep_checkpoints)
 
     clock = StepClock(device)
@@ -323,7 +327,9 @@ def run(recipe: Recipe, train_set: ImageDataset, val_set: ImageDataset) -> int:
                 for record in times.flush():
                     log.write("step", **record)
                 checkpoint(epoch, sums)
-                log.write("stop", step=step, epoch=epoch, signal=stop.signal_name)
+                heard = world.gather(stop.signal_name)  # which ranks were signalled, and with what
+                log.write("stop", step=step, epoch=epoch, signal=next(name for name in heard if name),
+                          signalled_ranks=[rank for rank, name in enumerate(heard) if name])
                 progress.close()
                 say(f"stopped by a signal after step {step} (epoch {epoch + 1}); checkpoint written to "
                     f"{output}/checkpoints; run again with --resume auto to continue", sys.stderr)
