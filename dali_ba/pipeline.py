@@ -21,7 +21,25 @@ def imagenet_view(images, view_size: int, crop_area_min: float):
     return fn.flip(view, horizontal=fn.random.coin_flip())
 
 
-AUGMENTATIONS: dict[str, Callable] = {"imagenet": imagenet_view}
+CIFAR_PAD = 4  # pixels of zero padding around the image before the random crop
+CUTOUT = 16  # side of the square hole (DeVries & Taylor 2017), as in the paper's CIFAR-10 runs
+
+
+def cifar_view(images, view_size: int, crop_area_min: float):
+    """CIFAR augmentation: pad by 4 px, random ``view_size`` crop, h-flip, cutout of one 16x16 hole
+    (centre uniform over the image, clipped at the border). ``crop_area_min`` is not used."""
+    side = view_size + 2 * CIFAR_PAD
+    padded = fn.crop(images, crop=(side, side), out_of_bounds_policy="pad", fill_values=0)  # centred window
+    offsets = [i / (2 * CIFAR_PAD) for i in range(2 * CIFAR_PAD + 1)]  # each of the 9 integer shifts, equally
+    view = fn.crop(padded, crop=(view_size, view_size), crop_pos_x=fn.random.uniform(values=offsets),
+                   crop_pos_y=fn.random.uniform(values=offsets))
+    view = fn.flip(view, horizontal=fn.random.coin_flip())
+    centre = fn.random.uniform(values=[float(i) for i in range(view_size)], shape=2)
+    return fn.erase(view, anchor=centre, shape=(CUTOUT, CUTOUT), axis_names="HW", centered_anchor=True,
+                    fill_value=0)
+
+
+AUGMENTATIONS: dict[str, Callable] = {"imagenet": imagenet_view, "cifar": cifar_view}
 
 
 def _read_and_decode(files: Sequence[str], labels: Sequence[int], decoder: str):
