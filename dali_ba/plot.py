@@ -12,7 +12,6 @@ Runs are named by M and B from their "start" record (or their recipe.toml).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tomllib
@@ -190,16 +189,16 @@ def grad_norm_figure(runs: list[Run]) -> Figure:
 
 
 def throughput(run: Run) -> tuple[float, float, float | None] | None:
-    """(steps/s, its std, images/s) from the summary, else from the epochs (mean and std over them)."""
-    s = run.summary or {}
-    if "steps_per_s" in s:
-        return s["steps_per_s"], s.get("steps_per_s_std", 0.0), s.get("images_per_s")
-    rates = [e["steps_per_s"] for e in run.epochs if "steps_per_s" in e]
-    if not rates:
-        return None
+    """(steps/s, its std, images/s): from the summary, else the mean and std over the epochs."""
     import numpy as np
 
+    s = run.summary or {}
+    rates = [e["steps_per_s"] for e in run.epochs if "steps_per_s" in e]
     images = [e["images_per_s"] for e in run.epochs if "images_per_s" in e]
+    if "steps_per_s" in s:  # older summaries have no std: the spread over epochs stands in
+        return s["steps_per_s"], s.get("steps_per_s_std", float(np.std(rates)) if rates else 0.0), s.get("images_per_s")
+    if not rates:
+        return None
     return float(np.mean(rates)), float(np.std(rates)), float(np.mean(images)) if images else None
 
 
