@@ -228,6 +228,10 @@ def profile_step(recipe: Recipe, steps: int, warmup: int, cache: int) -> dict | 
         return None
     pipeline, memory, fed = stats["pipeline"], stats["memory"], stats["loader"]
     stall = (fed["step_time"] - memory["step_time"]) / fed["step_time"]
+    # Which timed loader-fed steps began an epoch (the loader builds each epoch's pipeline when it starts).
+    first = len(cached) + count + warmup  # position of the first of them in `batches`
+    starts = np.arange(first, first + steps) % len(loader) == 0
+    epoch_start_wait = np.array(fed["data_waits"])[:, starts].sum() / np.array(fed["step_times"]).sum()
     threads = (d.dali_threads + torch_threads) * world.local_size
     return dict(
         kind="profile_step", train=d.train, ranks=world.size, local_ranks=world.local_size, views=d.views, batch_size=d.batch_size,
@@ -237,7 +241,8 @@ def profile_step(recipe: Recipe, steps: int, warmup: int, cache: int) -> dict | 
         steps=steps, warmup=warmup, cached_batches=len(cached), steps_per_epoch=len(loader),
         steps_per_s=fed["steps_per_s"], images_per_s=fed["images_per_s"], views_per_s=fed["views_per_s"],
         data_stall=min(1.0, max(0.0, stall)), data_stall_raw=stall,
-        data_wait_share=fed["data_wait"] / fed["step_time"],
+        data_wait_share=fed["data_wait"] / fed["step_time"], epoch_starts=int(starts.sum()),
+        epoch_start_wait_share=float(epoch_start_wait),
         data_stall_median=(fed["step_time_median"] - memory["step_time_median"]) / fed["step_time_median"],
         compute_per_loader_batch=memory["step_time"] / pipeline["step_time"],
         pipeline=dict(batch_time=pipeline["step_time"], batch_time_std=pipeline["step_time_std"],
@@ -265,7 +270,8 @@ def run_step(args: argparse.Namespace) -> int:
         print(f"{name:<20} {1e3 * s['step_time']:>9.1f} {1e3 * s['step_time_std']:>7.1f} {1e3 * s['data_wait']:>8.1f} "
               f"{s['steps_per_s']:>8.2f} {s['images_per_s']:>8.0f} {s['views_per_s']:>9.0f}")
     print(f"data stall {100 * result['data_stall']:.1f}% of the step ((t_loader - t_memory) / t_loader, "
-          f"raw {100 * result['data_stall_raw']:+.1f}%, of medians {100 * result['data_stall_median']:+.1f}%); waiting for data {100 * result['data_wait_share']:.1f}%; "
+          f"raw {100 * result['data_stall_raw']:+.1f}%, of medians {100 * result['data_stall_median']:+.1f}%); waiting for data {100 * result['data_wait_share']:.1f}% "
+          f"({100 * result['epoch_start_wait_share']:.1f}% at the {result['epoch_starts']} epoch start(s)); "
           f"compute step / loader batch = {result['compute_per_loader_batch']:.2f}")
     if result["oversubscribed"] and result["ranks"] > 1 and result["mpi_yield_when_idle"] != "1":
         print(f"note: more threads than cores: Open MPI spinning while it waits takes cores from DALI and torch; "

@@ -11,7 +11,7 @@ from conftest import run_cli
 
 PROFILE = [sys.executable, "-m", "dali_ba.profile"]
 MPIRUN = ["mpirun", "-np", "2", *(["--allow-run-as-root"] if os.geteuid() == 0 else [])]
-B, M = 16, 2
+B, M = 30, 2  # 240 training images: 8 steps per epoch, on 1 or 2 ranks
 
 
 def test_pipeline_sweep_writes_json_table_and_plot(demo_data, tmp_path):
@@ -55,6 +55,9 @@ def test_step_profile_fields(step_profiles, ranks):
     assert (p["ranks"], p["views"], p["batch_size"], p["arch"], p["view_size"]) == (ranks, M, B, "resnet20", 32)
     assert (p["steps"], p["warmup"], p["cached_batches"], p["device"]) == (3, 1, 2, "cpu")
     assert 0 <= p["data_stall"] <= 1 and 0 <= p["data_wait_share"] <= 1
+    # 2 cached + 4 loader-alone + 1 warm-up batches come first: timed batches 7, 8, 9; batch 8 starts epoch 1
+    assert (p["steps_per_epoch"], p["epoch_starts"]) == (8, 1)
+    assert 0 <= p["epoch_start_wait_share"] <= p["data_wait_share"]
     fed, memory = p["loader"], p["memory"]
     assert p["data_stall_raw"] == pytest.approx((fed["step_time"] - memory["step_time"]) / fed["step_time"])
     assert p["data_wait_share"] == pytest.approx(fed["data_wait"] / fed["step_time"])
