@@ -1,0 +1,376 @@
+"""Where the time goes: the loader alone, and training steps fed by it or from memory.
+
+    python -m dali_ba.profile pipeline --train data/demo/train --views 1,2,4,8,16
+    python -m dali_ba.profile step --recipe pipelines/demo.toml --steps 30 --out runs/profile/r1
+    horovodrun -np 2 python -m dali_ba.profile step --recipe pipelines/demo.toml --out runs/profile/r2
+    python -m dali_ba.profile collect runs/profile/r1 runs/profile/r2 --out runs/profile/summary.md
+
+``pipeline`` times the DALI loader with no consumer, for each M: samples/s and views/s.
+``step`` times the same training steps three ways: the loader alone, steps fed from batches cached
+in memory beforehand (no data cost at all), and steps fed by the loader as in training. The data
+stall, (t_loader - t_memory) / t_loader, is the share of a training step that the loader costs:
+the wait for a batch plus the slow-down of sharing cores (or the GPU) with it. The measured wait
+alone is reported beside it. Rank 0 writes <out>/profile_pipeline.{json,png} or profile_step.json.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from dali_ba.distributed import launcher_rank
+from dali_ba.errors import UnreadableImageError, UsageError
+from dali_ba.recipe import Recipe, _int_list, _OneLineParser, build_parser, resolve
+
+PROG = "python -m dali_ba.profile"
+STEP_FILE = "profile_step.json"
+YIELD_VARIABLE = "OMPI_MCA_mpi_yield_when_idle"
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return convert
+
+
+def _views(text: str) -> list[int]:
+    values = _int_list(text)
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
+
+
+def endless(loader) -> Iterator:
+    """Batches of a BatchAugmentLoader, epoch after epoch (each epoch builds its pipeline, as in training)."""
+    for epoch in itertools.count():
+        yield from loader.epoch(epoch)
+
+
+def time_steps(batches: Iterator, count: int, work: Callable | None, sync: Callable[[], None]) -> tuple[np.ndarray, np.ndarray]:
+    """Take ``count`` batches, running ``work(images, labels)`` on each: (wait for the batch, whole step) in s."""
+    waits, totals = np.empty(count), np.empty(count)
+    for i in range(count):
+        start = time.perf_counter()
+        images, labels = next(batches)
+        got = time.perf_counter()
+        if work is not None:
+            work(images, labels)
+        sync()
+        waits[i], totals[i] = got - start, time.perf_counter() - start
+    return waits, totals
+
+
+def _stream_sync(device) -> Callable[[], None]:
+    """Wait for torch's own stream only: a device-wide sync would also wait for DALI's prefetching."""
+    import torch
+
+    if device.type != "cuda":
+        return lambda: None
+    return torch.cuda.current_stream(device).synchronize
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+# --- pipeline: the loader alone over a sweep of M ---------------------------------------------------
+
+
+def profile_pipeline(args: argparse.Namespace) -> dict:
+    """Loader throughput for each M: B samples decoded once, B*M views, per batch."""
+    from dali_ba.data.dataset import load_dataset
+    from dali_ba.loader import BatchAugmentLoader
+
+    dataset = load_dataset(args.train)
+    rows, decoder, device = [], None, None
+    for views in args.views:
+        loader = BatchAugmentLoader(dataset, args.batch_size, views, args.view_size, crop_area_min=args.crop_area_min,
+                                    decoder=args.decoder, num_threads=args.dali_threads)
+        decoder, device = loader.decoder, loader.device
+        _, times = time_steps(endless(loader), args.warmup + args.steps, None, _stream_sync(loader.device))
+        batch_time = float(times[args.warmup:].mean())
+        samples_per_s = args.batch_size / batch_time
+        rows.append(dict(views=views, batch_time=batch_time, batch_time_std=float(times[args.warmup:].std()),
+                         samples_per_s=samples_per_s, views_per_s=views * samples_per_s))
+    return dict(kind="profile_pipeline", train=str(args.train), batch_size=args.batch_size, view_size=args.view_size,
+                dali_threads=args.dali_threads, decoder=decoder, device=str(device), steps=args.steps,
+                warmup=args.warmup, steps_per_epoch=len(loader), results=rows)
+
+
+def pipeline_figure(result: dict):
+    from dali_ba.plot import new_figure
+
+    fig, ax = new_figure()
+    views = [r["views"] for r in result["results"]]
+    ax.plot(views, [r["views_per_s"] for r in result["results"]], "o-", label="views/s (M x samples/s)")
+    ax.plot(views, [r["samples_per_s"] for r in result["results"]], "s--", label="samples/s (each decoded once)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(views, [str(v) for v in views])
+    ax.set_xlabel("M (augmented views per sample)")
+    ax.set_ylabel("throughput (per second)")
+    ax.set_title(f"Loader alone: B={result['batch_size']}, {result['view_size']} px, "
+                 f"{result['dali_threads']} DALI thread(s), {result['decoder']} decoder")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
+
+
+def run_pipeline(args: argparse.Namespace) -> int:
+    from dali_ba.plot import save
+
+    result = profile_pipeline(args)
+    out = Path(args.out)
+    write_json(out / "profile_pipeline.json", result)
+    save(pipeline_figure(result), out / "profile_pipeline.png")
+    print(f"loader alone: {result['train']}, B={result['batch_size']}, {result['view_size']} px, "
+          f"{result['dali_threads']} DALI thread(s), {result['decoder']} decoder, {args.steps} batches after {args.warmup}")
+    print(f"{'M':>4} {'batch ms':>10} {'± std':>8} {'samples/s':>11} {'views/s':>11}")
+    for r in result["results"]:
+        print(f"{r['views']:>4} {1e3 * r['batch_time']:>10.1f} {1e3 * r['batch_time_std']:>8.1f} "
+              f"{r['samples_per_s']:>11.1f} {r['views_per_s']:>11.1f}")
+    print(f"wrote {out / 'profile_pipeline.json'}, {out / 'profile_pipeline.png'}")
+    return 0
+
+
+# --- step: training steps fed by the loader vs from memory ------------------------------------------
+
+
+def _phase(world, waits: np.ndarray, totals: np.ndarray, warmup: int, batch_size: int, views: int) -> dict:
+    """Steady-state statistics of one phase over all ranks (rank-mean times; the slowest rank's too)."""
+    waits, totals = (np.array(world.gather(a[warmup:].tolist())) for a in (waits, totals))
+    step_time = float(totals.mean())
+    steps_per_s = 1 / step_time
+    return dict(step_time=step_time, step_time_std=float(totals.std()), step_time_median=float(np.median(totals)),
+                slowest_rank_step_time=float(totals.mean(axis=1).max()), data_wait=float(waits.mean()),
+                steps_per_s=steps_per_s, images_per_s=steps_per_s * batch_size,
+                views_per_s=steps_per_s * batch_size * views, step_times=totals.tolist(), data_waits=waits.tolist())
+
+
+def profile_step(recipe: Recipe, steps: int, warmup: int, cache: int) -> dict | None:
+    """Time the loader alone, then training steps fed by the loader, then from cached batches.
+
+    Every rank takes part; rank 0 gets the statistics over all ranks, the others None."""
+    import torch
+
+    from dali_ba import distributed
+    from dali_ba.data.dataset import load_dataset
+    from dali_ba.loader import BatchAugmentLoader
+    from dali_ba.models import check_model_name, create_model
+    from dali_ba.train import train_step
+
+    d, m, o, r = recipe.data, recipe.model, recipe.optim, recipe.run
+    check_model_name(m.arch)
+    train_set = load_dataset(d.train)
+    world = distributed.init_world()
+    if d.batch_size % world.size:
+        raise UsageError(f"--batch-size {d.batch_size} (global) is not divisible by {world.size} ranks")
+    per_rank = d.batch_size // world.size
+    if per_rank * d.views < o.chunks:
+        raise UsageError(f"--chunks {o.chunks} is more than the {per_rank * d.views} views per rank per step")
+
+    # The same set-up as dali_ba.train.run: device, threads, model, Horovod optimizer, AMP.
+    device = torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if m.amp == "fp16" and device.type != "cuda":
+        raise UsageError("--amp fp16 needs a GPU; use --amp bf16 on CPU")
+    cores = len(os.sched_getaffinity(0))
+    torch_threads = r.torch_threads or max(1, cores // world.local_size)
+    torch.set_num_threads(torch_threads)
+    torch.manual_seed(r.seed)
+    loader = BatchAugmentLoader(
+        train_set, per_rank, d.views, d.view_size, augment=d.augment, crop_area_min=d.crop_area_min,
+        rank=world.rank, world_size=world.size, seed=r.seed, decoder=d.decoder, device=device, num_threads=d.dali_threads,
+    )
+    memory_format = torch.channels_last if m.channels_last else torch.contiguous_format
+    model = create_model(m.arch, train_set.num_classes).to(device, memory_format=memory_format)
+    optimizer = torch.optim.SGD(model.parameters(), lr=o.lr * d.batch_size / o.lr_batch, momentum=o.momentum,
+                                weight_decay=o.weight_decay)
+    optimizer = distributed.distributed_optimizer(optimizer, model, o.chunks)
+    distributed.broadcast_from_root(model, optimizer)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(m.amp)
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    scaler = torch.amp.GradScaler("cuda") if m.amp == "fp16" else None
+    model.train()
+
+    def work(images, labels):
+        train_step(model, optimizer, images, labels, chunks=o.chunks, memory_format=memory_format,
+                   autocast=autocast, scaler=scaler, label_smoothing=o.label_smoothing)
+
+    sync = _stream_sync(device)
+    count = warmup + steps
+    batches = endless(loader)
+    cached = [(images.clone(), labels.clone()) for images, labels in itertools.islice(batches, min(cache, steps))]
+    # Loader-fed steps before memory-fed ones: what warm-up is left after `warmup` steps counts against the loader.
+    phases = {
+        "pipeline": time_steps(batches, count, None, sync),
+        "loader": time_steps(batches, count, work, sync),
+        "memory": time_steps(itertools.cycle(cached), count, work, sync),
+    }
+    stats = {name: _phase(world, *times, warmup, d.batch_size, d.views) for name, times in phases.items()}
+    if not world.is_root:
+        return None
+    pipeline, memory, fed = stats["pipeline"], stats["memory"], stats["loader"]
+    stall = (fed["step_time"] - memory["step_time"]) / fed["step_time"]
+    # Which timed loader-fed steps began an epoch (the loader builds each epoch's pipeline when it starts).
+    first = len(cached) + count + warmup  # position of the first of them in `batches`
+    starts = np.arange(first, first + steps) % len(loader) == 0
+    epoch_start_wait = np.array(fed["data_waits"])[:, starts].sum() / np.array(fed["step_times"]).sum()
+    threads = (d.dali_threads + torch_threads) * world.local_size
+    return dict(
+        kind="profile_step", train=d.train, ranks=world.size, local_ranks=world.local_size, views=d.views, batch_size=d.batch_size,
+        view_size=d.view_size, arch=m.arch, amp=m.amp, chunks=o.chunks, device=device.type, decoder=loader.decoder,
+        dali_threads=d.dali_threads, torch_threads=torch_threads, cores=cores, oversubscribed=threads > cores,
+        mpi_yield_when_idle=os.environ.get(YIELD_VARIABLE),
+        steps=steps, warmup=warmup, cached_batches=len(cached), steps_per_epoch=len(loader),
+        steps_per_s=fed["steps_per_s"], images_per_s=fed["images_per_s"], views_per_s=fed["views_per_s"],
+        data_stall=min(1.0, max(0.0, stall)), data_stall_raw=stall,
+        data_wait_share=fed["data_wait"] / fed["step_time"], epoch_starts=int(starts.sum()),
+        epoch_start_wait_share=float(epoch_start_wait),
+        data_stall_median=(fed["step_time_median"] - memory["step_time_median"]) / fed["step_time_median"],
+        compute_per_loader_batch=memory["step_time"] / pipeline["step_time"],
+        pipeline=dict(batch_time=pipeline["step_time"], batch_time_std=pipeline["step_time_std"],
+                      samples_per_s=pipeline["images_per_s"], views_per_s=pipeline["views_per_s"],
+                      batch_times=pipeline["step_times"]),
+        memory=memory, loader=fed,
+    )
+
+
+def run_step(args: argparse.Namespace) -> int:
+    result = profile_step(resolve(args), args.steps, args.warmup, args.cache_batches)
+    if result is None:
+        return 0
+    write_json(Path(args.out) / STEP_FILE, result)
+    p, mem, fed = result["pipeline"], result["memory"], result["loader"]
+    print(f"profile step: {result['arch']}, {result['ranks']} rank(s) on {result['device']}, "
+          f"B={result['batch_size']} x M={result['views']}, {result['view_size']} px, {result['dali_threads']} DALI + "
+          f"{result['torch_threads']} torch thread(s) per rank on {result['cores']} cores"
+          + (" (oversubscribed)" if result["oversubscribed"] else "")
+          + f", {args.steps} steps after {args.warmup}")
+    print(f"{'':<20} {'ms/step':>9} {'± std':>7} {'wait ms':>8} {'steps/s':>8} {'img/s':>8} {'views/s':>9}")
+    print(f"{'loader alone':<20} {1e3 * p['batch_time']:>9.1f} {1e3 * p['batch_time_std']:>7.1f} {'':>8} "
+          f"{1 / p['batch_time']:>8.2f} {p['samples_per_s']:>8.0f} {p['views_per_s']:>9.0f}")
+    for name, s in (("steps from memory", mem), ("steps with loader", fed)):
+        print(f"{name:<20} {1e3 * s['step_time']:>9.1f} {1e3 * s['step_time_std']:>7.1f} {1e3 * s['data_wait']:>8.1f} "
+              f"{s['steps_per_s']:>8.2f} {s['images_per_s']:>8.0f} {s['views_per_s']:>9.0f}")
+    print(f"data stall {100 * result['data_stall']:.1f}% of the step ((t_loader - t_memory) / t_loader, "
+          f"raw {100 * result['data_stall_raw']:+.1f}%, of medians {100 * result['data_stall_median']:+.1f}%); waiting for data {100 * result['data_wait_share']:.1f}% "
+          f"({100 * result['epoch_start_wait_share']:.1f}% at the {result['epoch_starts']} epoch start(s)); "
+          f"compute step / loader batch = {result['compute_per_loader_batch']:.2f}")
+    if result["oversubscribed"] and result["ranks"] > 1 and result["mpi_yield_when_idle"] != "1":
+        print(f"note: more threads than cores: Open MPI spinning while it waits takes cores from DALI and torch; "
+              f"try {YIELD_VARIABLE}=1")
+    print(f"wrote {Path(args.out) / STEP_FILE}")
+    return 0
+
+
+# --- collect: one table from many step profiles ------------------------------------------------------
+
+COLUMNS = (("ranks", "ranks", "{}"), ("M", "views", "{}"), ("B", "batch_size", "{}"), ("model", "arch", "{}"),
+           ("px", "view_size", "{}"), ("device", "device", "{}"), ("steps/s", "steps_per_s", "{:.2f}"),
+           ("img/s", "images_per_s", "{:.0f}"), ("views/s", "views_per_s", "{:.0f}"),
+           ("loader alone img/s", "loader_alone_images_per_s", "{:.0f}"),
+           ("compute / loader batch", "compute_per_loader_batch", "{:.1f}"), ("data stall", "data_stall", "{:.1%}"),
+           ("data wait", "data_wait_share", "{:.1%}"))
+
+
+def collect(paths: list[str]) -> list[dict]:
+    """One row per profile_step.json (a folder holding one, or the file), sorted by ranks, M, B."""
+    rows = []
+    for given in paths:
+        path = Path(given)
+        path = path / STEP_FILE if path.is_dir() else path
+        if not path.is_file():
+            raise UsageError(f"no step profile: {path} not found (run `{PROG} step --out DIR` first)")
+        try:
+            data = json.loads(path.read_text())
+            row = {key: data[key] for _, key, _ in COLUMNS if key != "loader_alone_images_per_s"}
+            row["loader_alone_images_per_s"] = data["pipeline"]["samples_per_s"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+            raise UsageError(f"{path}: not a step profile ({type(exc).__name__}: {exc})") from None
+        rows.append({**row, "source": str(path)})
+    return sorted(rows, key=lambda row: (row["ranks"], row["views"], row["batch_size"], row["source"]))
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(title for title, _, _ in COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
+    lines += ["| " + " | ".join(fmt.format(row[key]) for _, key, fmt in COLUMNS) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def run_collect(args: argparse.Namespace) -> int:
+    rows = collect(args.dirs)
+    out = Path(args.out)
+    table = markdown_table(rows)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(table)
+    write_json(out.with_suffix(".json"), {"kind": "profile_collect", "rows": rows})
+    print(table, end="")
+    print(f"wrote {out}, {out.with_suffix('.json')}")
+    return 0
+
+
+# --- command line ----------------------------------------------------------------------------------
+
+
+def build_cli() -> argparse.ArgumentParser:
+    parser = _OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{pipeline,step,collect}")
+    pipe = commands.add_parser("pipeline", help="the loader alone over a sweep of M",
+                               description="Throughput of the DALI loader alone, for each M.")
+    pipe.add_argument("--train", default="data/demo/train", help="training data folder or .txt list (default: %(default)s)")
+    pipe.add_argument("--views", type=_views, default=[1, 2, 4, 8, 16], metavar="M,M,...",
+                      help="values of M to sweep (default: 1,2,4,8,16)")
+    pipe.add_argument("--batch-size", type=_at_least(1), default=64, help="B, samples per batch (default: %(default)s)")
+    pipe.add_argument("--view-size", type=_at_least(1), default=32, help="view side, pixels (default: %(default)s)")
+    pipe.add_argument("--crop-area-min", type=float, default=0.35,
+                      help="smallest crop area fraction (default: %(default)s, as the demo recipe)")
+    pipe.add_argument("--dali-threads", type=_at_least(1), default=1, help="DALI CPU threads (default: %(default)s)")
+    pipe.add_argument("--decoder", default="auto", help="auto, cpu or mixed (default: %(default)s)")
+    step = commands.add_parser("step", parents=[build_parser(f"{PROG} step", "")], conflict_handler="resolve",
+                               help="training steps fed by the loader vs from memory: the data stall",
+                               description="Training steps fed by the loader vs from batches in memory. "
+                                           "Takes every training flag; B is the global batch.")
+    step.add_argument("--cache-batches", type=_at_least(1), default=8,
+                      help="distinct batches held in memory for the memory-fed steps (default: %(default)s)")
+    for sub, steps, warmup in ((pipe, 20, 3), (step, 30, 5)):
+        sub.add_argument("--steps", type=_at_least(1), default=steps, help="timed batches/steps (default: %(default)s)")
+        sub.add_argument("--warmup", type=_at_least(0), default=warmup,
+                         help="untimed batches/steps first (default: %(default)s)")
+        sub.add_argument("--out", default="runs/profile", help="output folder (default: %(default)s)")
+    merge = commands.add_parser("collect", help="merge profile_step.json files into one table",
+                                description="Merge step profiles (e.g. a sweep over ranks x M) into one table.")
+    merge.add_argument("dirs", nargs="+", metavar="DIR", help="folders holding profile_step.json (or the files)")
+    merge.add_argument("--out", required=True, metavar="FILE", help="markdown table; the JSON goes beside it (.json)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_cli().parse_args(argv)
+    try:
+        return {"pipeline": run_pipeline, "step": run_step, "collect": run_collect}[args.command](args)
+    except UsageError as exc:
+        # Set-up problems are the same on every rank: rank 0 speaks. A bad file is one rank's find.
+        if launcher_rank() == 0 or isinstance(exc, UnreadableImageError):
+            print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""python -m dali_ba.profile: the loader sweep, the data-stall step profile (1 and 2 ranks), collect."""
+import json
+import os
+import re
+import sys
+
+import pytest
+from PIL import Image
+
+from conftest import run_cli
+
+PROFILE = [sys.executable, "-m", "dali_ba.profile"]
+MPIRUN = ["mpirun", "-np", "2", *(["--allow-run-as-root"] if os.geteuid() == 0 else [])]
+B, M = 30, 2  # 240 training images: 8 steps per epoch, on 1 or 2 ranks
+
+
+def test_pipeline_sweep_writes_json_table_and_plot(demo_data, tmp_path):
+    done = run_cli(*PROFILE, "pipeline", "--train", str(demo_data / "train"), "--views", "1,3", "--batch-size", "8",
+                   "--view-size", "24", "--steps", "4", "--warmup", "1", "--out", str(tmp_path), timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "profile_pipeline.json").read_text())
+    assert (result["batch_size"], result["view_size"], result["decoder"]) == (8, 24, "cpu")
+    assert [r["views"] for r in result["results"]] == [1, 3]
+    for row in result["results"]:
+        assert row["batch_time"] > 0
+        assert row["samples_per_s"] == pytest.approx(8 / row["batch_time"])
+        assert row["views_per_s"] == pytest.approx(row["views"] * row["samples_per_s"])
+        assert re.search(rf"^\s+{row['views']}\s+[\d.]+\s+[\d.]+\s+{row['samples_per_s']:.1f}\s", done.stdout, re.M)
+    with Image.open(tmp_path / "profile_pipeline.png") as image:
+        assert image.format == "PNG" and image.width > 100 and image.height > 100
+
+
+def step_args(demo_data, out):
+    return [*PROFILE, "step", "--recipe", "pipelines/demo.toml", "--train", str(demo_data / "train"),
+            "--batch-size", str(B), "--views", str(M), "--steps", "3", "--warmup", "1", "--cache-batches", "2",
+            "--out", str(out)]
+
+
+@pytest.fixture(scope="module")
+def step_profiles(demo_data, tmp_path_factory):
+    """Step profiles of the same setting on 1 rank and on 2 ranks (mpirun), with their stdout."""
+    root = tmp_path_factory.mktemp("step")
+    runs = {}
+    for ranks, launch in ((1, []), (2, MPIRUN)):
+        done = run_cli(*launch, *step_args(demo_data, root / f"r{ranks}"), timeout=240)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        runs[ranks] = (root / f"r{ranks}", done.stdout)
+    return runs
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_step_profile_fields(step_profiles, ranks):
+    out, stdout = step_profiles[ranks]
+    p = json.loads((out / "profile_step.json").read_text())
+    assert (p["ranks"], p["views"], p["batch_size"], p["arch"], p["view_size"]) == (ranks, M, B, "resnet20", 32)
+    assert (p["steps"], p["warmup"], p["cached_batches"], p["device"]) == (3, 1, 2, "cpu")
+    assert 0 <= p["data_stall"] <= 1 and 0 <= p["data_wait_share"] <= 1
+    # 2 cached + 4 loader-alone + 1 warm-up batches come first: timed batches 7, 8, 9; batch 8 starts epoch 1
+    assert (p["steps_per_epoch"], p["epoch_starts"]) == (8, 1)
+    assert 0 <= p["epoch_start_wait_share"] <= p["data_wait_share"]
+    fed, memory = p["loader"], p["memory"]
+    assert p["data_stall_raw"] == pytest.approx((fed["step_time"] - memory["step_time"]) / fed["step_time"])
+    assert p["data_wait_share"] == pytest.approx(fed["data_wait"] / fed["step_time"])
+    assert 0 <= fed["data_wait"] <= fed["step_time"] <= fed["slowest_rank_step_time"]
+    assert p["steps_per_s"] == pytest.approx(1 / fed["step_time"])
+    assert p["images_per_s"] == pytest.approx(B * p["steps_per_s"])
+    assert p["views_per_s"] == pytest.approx(M * p["images_per_s"])
+    assert p["pipeline"]["samples_per_s"] == pytest.approx(B / p["pipeline"]["batch_time"])
+    assert stdout.count("profile step:") == 1  # rank 0 alone reports
+    assert re.search(r"data stall [\d.]+% of the step", stdout)
+
+
+def test_collect_merges_profiles_sorted_by_ranks(step_profiles, tmp_path):
+    dirs = [str(step_profiles[2][0]), str(step_profiles[1][0])]
+    done = run_cli(*PROFILE, "collect", *dirs, "--out", str(tmp_path / "summary.md"), timeout=60)
+    assert done.returncode == 0, done.stderr
+    table = (tmp_path / "summary.md").read_text().splitlines()
+    assert table[0].startswith("| ranks | M | B |") and len(table) == 4
+    assert [line.split("|")[1].strip() for line in table[2:]] == ["1", "2"]
+    rows = json.loads((tmp_path / "summary.json").read_text())["rows"]
+    assert [(r["ranks"], r["views"], r["batch_size"]) for r in rows] == [(1, M, B), (2, M, B)]
+    first = json.loads((step_profiles[1][0] / "profile_step.json").read_text())
+    assert rows[0]["data_stall"] == first["data_stall"] and rows[0]["steps_per_s"] == first["steps_per_s"]
+
+
+BAD = {
+    "missing data": (["pipeline", "--train", "{tmp}/nope"], "data directory not found: .*nope"),
+    "views not numbers": (["pipeline", "--views", "1,x"], "expected comma-separated integers"),
+    "steps < 1": (["pipeline", "--steps", "0"], "--steps: must be >= 1, got 0"),
+    "unknown model": (["step", "--arch", "resnet9000"], "unknown model 'resnet9000'"),
+    "recipe range": (["step", "--views", "0"], "--views .* must be >= 1, got 0"),
+    "collect nothing": (["collect", "{tmp}", "--out", "{tmp}/s.md"], "no step profile: .*profile_step.json not found"),
+    "collect garbled": (["collect", "{tmp}/bad.json", "--out", "{tmp}/s.md"], "bad.json: not a step profile"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_is_one_line(tmp_path, case):
+    args, message = BAD[case]
+    (tmp_path / "bad.json").write_text('{"ranks": 1}')
+    done = run_cli(*PROFILE, *[a.format(tmp=tmp_path) for a in args], timeout=60)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert lines[0].startswith("python -m dali_ba.profile") and "error:" in lines[0]
+    assert re.search(message, lines[0]), lines[0]
