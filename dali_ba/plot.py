@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dali_ba.errors import UsageError
-from dali_ba.recipe import _OneLineParser
+from dali_ba.recipe import OneLineParser
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -247,7 +247,7 @@ def describe(run: Run) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders holding metrics.jsonl")
     parser.add_argument("--out", help="folder for the PNGs (default: the first RUN_DIR)")
     args = parser.parse_args(argv)

@@ -15,7 +15,6 @@ alone is reported beside it. Rank 0 writes <out>/profile_pipeline.{json,png} or 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import os
@@ -28,7 +27,7 @@ import numpy as np
 
 from dali_ba.distributed import launcher_rank
 from dali_ba.errors import UnreadableImageError, UsageError
-from dali_ba.recipe import Recipe, _int_list, _OneLineParser, build_parser, resolve
+from dali_ba.recipe import Recipe, int_list, OneLineParser, build_parser, resolve
 
 PROG = "python -m dali_ba.profile"
 STEP_FILE = "profile_step.json"
@@ -49,7 +48,7 @@ def _at_least(low: int) -> Callable[[str], int]:
 
 
 def _views(text: str) -> list[int]:
-    values = _int_list(text)
+    values = int_list(text)
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
     return values
@@ -166,52 +165,22 @@ def profile_step(recipe: Recipe, steps: int, warmup: int, cache: int) -> dict | 
     """Time the loader alone, then training steps fed by the loader, then from cached batches.
 
     Every rank takes part; rank 0 gets the statistics over all ranks, the others None."""
-    import torch
-
     from dali_ba import distributed
     from dali_ba.data.dataset import load_dataset
-    from dali_ba.loader import BatchAugmentLoader
-    from dali_ba.models import check_model_name, create_model
-    from dali_ba.train import train_step
+    from dali_ba.models import check_model_name
+    from dali_ba.train import setup_training
 
-    d, m, o, r = recipe.data, recipe.model, recipe.optim, recipe.run
+    d, m = recipe.data, recipe.model
     check_model_name(m.arch)
     train_set = load_dataset(d.train)
     world = distributed.init_world()
-    if d.batch_size % world.size:
-        raise UsageError(f"--batch-size {d.batch_size} (global) is not divisible by {world.size} ranks")
-    per_rank = d.batch_size // world.size
-    if per_rank * d.views < o.chunks:
-        raise UsageError(f"--chunks {o.chunks} is more than the {per_rank * d.views} views per rank per step")
-
-    # The same set-up as dali_ba.train.run: device, threads, model, Horovod optimizer, AMP.
-    device = torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if m.amp == "fp16" and device.type != "cuda":
-        raise UsageError("--amp fp16 needs a GPU; use --amp bf16 on CPU")
-    cores = len(os.sched_getaffinity(0))
-    torch_threads = r.torch_threads or max(1, cores // world.local_size)
-    torch.set_num_threads(torch_threads)
-    torch.manual_seed(r.seed)
-    loader = BatchAugmentLoader(
-        train_set, per_rank, d.views, d.view_size, augment=d.augment, crop_area_min=d.crop_area_min,
-        rank=world.rank, world_size=world.size, seed=r.seed, decoder=d.decoder, device=device, num_threads=d.dali_threads,
-    )
-    memory_format = torch.channels_last if m.channels_last else torch.contiguous_format
-    model = create_model(m.arch, train_set.num_classes).to(device, memory_format=memory_format)
-    optimizer = torch.optim.SGD(model.parameters(), lr=o.lr * d.batch_size / o.lr_batch, momentum=o.momentum,
-                                weight_decay=o.weight_decay)
-    optimizer = distributed.distributed_optimizer(optimizer, model, o.chunks)
-    distributed.broadcast_from_root(model, optimizer)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(m.amp)
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
-    scaler = torch.amp.GradScaler("cuda") if m.amp == "fp16" else None
-    model.train()
+    training = setup_training(recipe, world, train_set)  # exactly as dali_ba.train sets up a rank
+    distributed.broadcast_from_root(training.model, training.optimizer)
+    device, loader, torch_threads, cores = training.device, training.loader, training.torch_threads, len(os.sched_getaffinity(0))
+    training.model.train()
 
     def work(images, labels):
-        train_step(model, optimizer, images, labels, chunks=o.chunks, memory_format=memory_format,
-                   autocast=autocast, scaler=scaler, label_smoothing=o.label_smoothing)
+        training.step(images.to(device, non_blocking=True), labels.to(device, non_blocking=True))
 
     sync = _stream_sync(device)
     count = warmup + steps
@@ -235,7 +204,7 @@ def profile_step(recipe: Recipe, steps: int, warmup: int, cache: int) -> dict | 
     threads = (d.dali_threads + torch_threads) * world.local_size
     return dict(
         kind="profile_step", train=d.train, ranks=world.size, local_ranks=world.local_size, views=d.views, batch_size=d.batch_size,
-        view_size=d.view_size, arch=m.arch, amp=m.amp, chunks=o.chunks, device=device.type, decoder=loader.decoder,
+        view_size=d.view_size, arch=m.arch, amp=m.amp, chunks=recipe.optim.chunks, device=device.type, decoder=loader.decoder,
         dali_threads=d.dali_threads, torch_threads=torch_threads, cores=cores, oversubscribed=threads > cores,
         mpi_yield_when_idle=os.environ.get(YIELD_VARIABLE),
         steps=steps, warmup=warmup, cached_batches=len(cached), steps_per_epoch=len(loader),
@@ -330,7 +299,7 @@ def run_collect(args: argparse.Namespace) -> int:
 
 
 def build_cli() -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="{pipeline,step,collect}")
     pipe = commands.add_parser("pipeline", help="the loader alone over a sweep of M",
                                description="Throughput of the DALI loader alone, for each M.")

@@ -182,14 +182,14 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, dict[str, Any]]:
     return dataclasses.asdict(recipe)
 
 
-class _OneLineParser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line on stderr (and exit 2), not a usage dump."""
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _int_list(text: str) -> list[int]:
+def int_list(text: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
@@ -198,7 +198,7 @@ def _int_list(text: str) -> list[int]:
 
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """``--recipe`` plus one flag per recipe field, grouped by table, all defaulting to 'not given'."""
-    parser = _OneLineParser(prog=prog, description=description)
+    parser = OneLineParser(prog=prog, description=description)
     parser.add_argument("--recipe", help="recipe TOML file (pipelines/NAME.toml); flags below override it")
     for section_name, section_cls in SECTIONS.items():
         group = parser.add_argument_group(f"[{section_name}] overrides")
@@ -211,7 +211,7 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
             if kind is bool:
                 group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text)
             else:
-                convert = _int_list if kind == list[int] else kind
+                convert = int_list if kind == list[int] else kind
                 metavar = "N,N,..." if kind == list[int] else kind.__name__.upper()
                 group.add_argument(flag, dest=dest, type=convert, default=None, metavar=metavar, help=text)
     return parser

@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
 from dali_ba.data.dataset import ImageDataset, load_dataset
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     import torch
 
     from dali_ba.distributed import World
+    from dali_ba.loader import BatchAugmentLoader
 
 PROG = "python -m dali_ba.train"
 
@@ -70,7 +72,7 @@ def check_datasets(recipe: Recipe) -> tuple[ImageDataset, ImageDataset]:
     return train_set, val_set
 
 
-def check_world(recipe: Recipe, world: World, train_set: ImageDataset, val_set: ImageDataset) -> int:
+def check_world(recipe: Recipe, world: World, *datasets: ImageDataset) -> int:
     """Checks that need the world size; returns the per-rank batch."""
     d, o = recipe.data, recipe.optim
     if d.batch_size % world.size:
@@ -78,9 +80,9 @@ def check_world(recipe: Recipe, world: World, train_set: ImageDataset, val_set: 
     per_rank = d.batch_size // world.size
     if per_rank * d.views < o.chunks:
         raise UsageError(f"--chunks {o.chunks} is more than the {per_rank * d.views} views per rank per step")
-    for name, dataset in (("training", train_set), ("validation", val_set)):
+    for dataset in datasets:
         if len(dataset) < world.size:
-            raise UsageError(f"{name} data {dataset.source} has {len(dataset)} samples but there are {world.size} ranks")
+            raise UsageError(f"data {dataset.source} has {len(dataset)} samples but there are {world.size} ranks")
     return per_rank
 
 
@@ -178,6 +180,67 @@ def evaluate(
     return {"val_loss": loss / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count, "val_samples": int(count)}
 
 
+@dataclass
+class Training:
+    """A rank's training set-up: what ``dali_ba.train`` and ``dali_ba.profile step`` both run."""
+
+    recipe: Recipe
+    device: torch.device
+    per_rank: int
+    torch_threads: int
+    loader: BatchAugmentLoader
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    memory_format: torch.memory_format
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    scaler: torch.amp.GradScaler | None
+    peak_lr: float
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor, phase=None) -> StepOutput:
+        """One optimizer step on a batch already on ``device``."""
+        o = self.recipe.optim
+        return train_step(self.model, self.optimizer, images, labels, chunks=o.chunks,
+                          memory_format=self.memory_format, autocast=self.autocast, scaler=self.scaler,
+                          label_smoothing=o.label_smoothing, **({"phase": phase} if phase else {}))
+
+
+def setup_training(recipe: Recipe, world: World, train_set: ImageDataset) -> Training:
+    """Device, threads, the training loader, the model and Horovod's optimizer (weights not yet
+    broadcast), AMP. The loader's tensors stay where DALI made them (CPU for the cpu decoder):
+    moving them is the caller's, so that it can be timed."""
+    import torch
+
+    from dali_ba import distributed
+    from dali_ba.loader import BatchAugmentLoader
+    from dali_ba.models import create_model
+
+    d, m, o, r = recipe.data, recipe.model, recipe.optim, recipe.run
+    per_rank = check_world(recipe, world, train_set)
+    device = torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if m.amp == "fp16" and device.type != "cuda":
+        raise UsageError("--amp fp16 needs a GPU; use --amp bf16 on CPU")
+    cores = len(os.sched_getaffinity(0))
+    torch_threads = r.torch_threads or max(1, cores // world.local_size)
+    torch.set_num_threads(torch_threads)
+    torch.manual_seed(r.seed)
+    loader = BatchAugmentLoader(
+        train_set, per_rank, d.views, d.view_size, augment=d.augment, crop_area_min=d.crop_area_min,
+        rank=world.rank, world_size=world.size, seed=r.seed, decoder=d.decoder, num_threads=d.dali_threads,
+    )
+    memory_format = torch.channels_last if m.channels_last else torch.contiguous_format
+    model = create_model(m.arch, train_set.num_classes).to(device, memory_format=memory_format)
+    peak_lr = o.lr * d.batch_size / o.lr_batch  # unique images per step, never B*M
+    optimizer = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    optimizer = distributed.distributed_optimizer(optimizer, model, o.chunks)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(m.amp)
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    scaler = torch.amp.GradScaler("cuda") if m.amp == "fp16" else None
+    return Training(recipe, device, per_rank, torch_threads, loader, model, optimizer, memory_format, autocast,
+                    scaler, peak_lr)
+
+
 def run_identity(recipe: Recipe, world: World, steps_per_epoch: int) -> dict:
     """What a checkpoint must agree on to be resumed by this run."""
     d, m, o, r = recipe.data, recipe.model, recipe.optim, recipe.run
@@ -192,9 +255,8 @@ def run(recipe: Recipe, train_set: ImageDataset, val_set: ImageDataset) -> int:
     from dali_ba import distributed
     from dali_ba.checkpoint import check_compatible, find_resume_point, save_checkpoint
     from dali_ba.environment import environment_summary
-    from dali_ba.loader import BatchAugmentLoader, ValidationLoader
+    from dali_ba.loader import ValidationLoader
     from dali_ba.metrics import Progress, StepClock, StepTimes, summary_table
-    from dali_ba.models import create_model
     from dali_ba.preemption import EXIT_RESUMABLE, StopRequest
 
     stop = StopRequest()  # first: a signal during set-up stops the run after its first step
@@ -205,40 +267,20 @@ def run(recipe: Recipe, train_set: ImageDataset, val_set: ImageDataset) -> int:
             raise UsageError(f"--horovod-timeline {r.horovod_timeline}: its folder does not exist")
         os.environ["HOROVOD_TIMELINE"] = str(Path(r.horovod_timeline).resolve())
     world = distributed.init_world()
-    per_rank = check_world(plan, world, train_set, val_set)
+    check_world(plan, world, train_set, val_set)
     say = emit if world.is_root else (lambda *args, **kwargs: None)
 
-    device = torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if m.amp == "fp16" and device.type != "cuda":
-        raise UsageError("--amp fp16 needs a GPU; use --amp bf16 on CPU")
-    cores = len(os.sched_getaffinity(0))
-    torch.set_num_threads(r.torch_threads or max(1, cores // world.local_size))
-    torch.manual_seed(r.seed)
-
-    # The loader's tensors stay where DALI made them; moving them is the step's "h2d" phase.
-    loader = BatchAugmentLoader(
-        train_set, per_rank, d.views, d.view_size, augment=d.augment, crop_area_min=d.crop_area_min,
-        rank=world.rank, world_size=world.size, seed=r.seed, decoder=d.decoder, num_threads=d.dali_threads,
-    )
+    t = setup_training(plan, world, train_set)
+    device, loader, model, optimizer, memory_format = t.device, t.loader, t.model, t.optimizer, t.memory_format
     val_loader = ValidationLoader(
-        val_set, d.val_batch_size or per_rank, d.val_resize, d.val_crop,
+        val_set, d.val_batch_size or t.per_rank, d.val_resize, d.val_crop,
         rank=world.rank, world_size=world.size, decoder=d.decoder, device=device, num_threads=d.dali_threads,
     )
     steps_per_epoch = min(len(loader), r.max_steps) if r.max_steps else len(loader)
-
-    memory_format = torch.channels_last if m.channels_last else torch.contiguous_format
-    model = create_model(m.arch, train_set.num_classes).to(device, memory_format=memory_format)
-    peak_lr = o.lr * d.batch_size / o.lr_batch  # unique images per step, never B*M
-    optimizer = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    optimizer = distributed.distributed_optimizer(optimizer, model, o.chunks)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, steps_per_epoch, o.warmup_epochs, o.decay_epochs, o.decay_factor)
     )
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(m.amp)
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
-    scaler = torch.amp.GradScaler("cuda") if m.amp == "fp16" else None
+    peak_lr, scaler = t.peak_lr, t.scaler
 
     # Resume: every rank reads the same checkpoint (shared file system), so nothing needs sending.
     output = Path(r.output)
@@ -305,8 +347,7 @@ def run(recipe: Recipe, train_set: ImageDataset, val_set: ImageDataset) -> int:
                 images, labels = next(batches)
             with clock.phase("h2d"):
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            out = train_step(model, optimizer, images, labels, chunks=o.chunks, memory_format=memory_format,
-                             autocast=autocast, scaler=scaler, label_smoothing=o.label_smoothing, phase=clock.phase)
+            out = t.step(images, labels, phase=clock.phase)
             with clock.phase("allreduce_step"):
                 schedule.step()
                 norm = {"grad_norm": gradient_norm(model)} if r.log_grad_norm else {}
@@ -341,7 +382,7 @@ def run(recipe: Recipe, train_set: ImageDataset, val_set: ImageDataset) -> int:
         loss_sum, right, seen = world.sum(sums)
         train_loss = loss_sum / (done * world.size)
         distributed.average_buffers(model, world)
-        result = evaluate(model, val_loader, world, memory_format, autocast)
+        result = evaluate(model, val_loader, world, memory_format, t.autocast)
         images_per_s = epoch_steps * d.batch_size / epoch_time
         log.write("epoch", epoch=epoch, train_loss=train_loss, train_top1=100 * right / seen, **result,
                   epoch_time=epoch_time, wall=trained_time + time.perf_counter() - segment_start,

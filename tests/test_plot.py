@@ -157,3 +157,18 @@ def test_bad_metrics_file_is_one_line_naming_it(tmp_path, case):
     assert lines[0].startswith("python -m dali_ba.plot: error: ")
     assert __import__("re").search(message, lines[0]), lines[0]
     assert not list((tmp_path / "good").glob("*.png"))  # nothing drawn when one run is bad
+
+
+def test_plots_a_real_training_run(demo_data, tmp_path):
+    run = tmp_path / "m2"
+    done = run_cli(sys.executable, "-m", "dali_ba.train", "--recipe", "pipelines/demo.toml", "--train",
+                   str(demo_data / "train"), "--val", str(demo_data / "val"), "--output", str(run), "--batch-size", "16",
+                   "--views", "2", "--epochs", "2", "--max-steps", "3", "--timing-warmup", "1", "--log-grad-norm")
+    assert done.returncode == 0, done.stderr
+    drawn = run_cli(*PLOT, str(run), "--out", str(tmp_path / "figures"))
+    assert drawn.returncode == 0, drawn.stderr
+    for name in ("error_vs_epoch.png", "error_vs_time.png", "grad_norm.png", "steps_per_s.png"):
+        assert_png(tmp_path / "figures" / name)
+    loaded = load_run(run)
+    assert (loaded.views, loaded.batch_size, len(loaded.epochs), len(loaded.steps)) == (2, 16, 2, 6)
+    assert all(s["grad_norm"] > 0 for s in loaded.steps)
