@@ -1,10 +1,11 @@
+# shellcheck shell=bash
 # Shared by the batch templates in slurm/ (sourced, never submitted). It
 #   - moves to the repository (DALI_BA_ROOT, default: where sbatch was run) so relative paths in
 #     recipes and OUTPUT_ROOT resolve there, and picks the Python (PYTHON, else <repo>/.venv, else python3);
 #   - names the job folder ${OUTPUT_ROOT:-runs}/<job name>-<job id> (array task: <array id>_<task id>),
 #     the same after a requeue, and appends the job's SLURM picture to <job folder>/job.txt;
-#   - runs one srun step in the background so that the batch shell can forward SLURM's warning signal
-#     (--signal=B:USR1@<grace>) or a SIGTERM to it, and requeues the job when training exits 75
+#   - runs one srun step in the background so that the batch shell can pass SLURM's warning signal
+#     (--signal=B:USR1@<grace>) or a SIGTERM sent to it on to the step, and requeues the job when training exits 75
 #     ("stopped on a signal after a checkpoint"); the requeued job resumes with --resume auto.
 
 EXIT_RESUMABLE=75
@@ -23,8 +24,8 @@ dali_ba_setup() {
   [ -n "${SLURM_ARRAY_JOB_ID:-}" ] && id=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}
   JOB_DIR=${OUTPUT_ROOT:-runs}/${SLURM_JOB_NAME}-$id
   mkdir -p "$JOB_DIR" || die "cannot create the job folder $JOB_DIR"
-  RESUME_ARGS=()
-  if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then RESUME_ARGS=(--resume auto); fi
+  # shellcheck disable=SC2034  # RESUME_ARGS is for the templates
+  if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then RESUME_ARGS=(--resume auto); else RESUME_ARGS=(); fi
   {
     echo "=== $(date -Is) start ${SLURM_RESTART_COUNT:-0} of job $SLURM_JOB_ID on $(hostname -s)"
     echo "nodes: $(scontrol show hostnames "$SLURM_JOB_NODELIST" | paste -sd ' ')"
@@ -51,9 +52,11 @@ dali_ba_recipe_args() {
   RECIPE_ARGS+=(${EXTRA_ARGS:-})
 }
 
+# srun passes USR1 on to the tasks, but answers TERM by killing them: the step always gets USR1, which
+# training treats like TERM (finish the step, checkpoint, exit 75).
 _dali_ba_forward() {
-  echo "batch: SIG$1 at $(date -Is): forwarding to the training step (it checkpoints and stops)"
-  [ -n "${_STEP_PID:-}" ] && kill -s "$1" "$_STEP_PID" 2>/dev/null
+  echo "batch: SIG$1 at $(date -Is): sending USR1 to the training step (it checkpoints and stops)"
+  [ -n "${_STEP_PID:-}" ] && kill -s USR1 "$_STEP_PID" 2>/dev/null
 }
 
 # dali_ba_srun ARGS...: srun --mpi=$SRUN_MPI ARGS in the background, forwarding USR1/TERM; returns its

@@ -9,6 +9,7 @@ slurmd starts jobs as their submitting user.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -159,29 +160,47 @@ PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP OverS
             for name in ("slurmctld", "slurmd"):
                 if self._pid(name) is None:
                     raise ClusterError(f"SLURM test cluster: {name} stopped; see {self.logs[name]}:\n{self._tail(name)}")
-            done = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, env=self.env, timeout=10)
+            done = subprocess.run(["sinfo", "-h", "-N", "-o", "%T %E"], capture_output=True, text=True, env=self.env, timeout=10)
             state = done.stdout.strip() or done.stderr.strip()
-            if state == "idle":
+            if state.split()[:1] == ["idle"]:
                 return
+            if state.split()[:1] in (["inval"], ["drain"], ["drained"]):
+                break  # slurmctld refused the node: waiting will not help
             time.sleep(0.3)
-        raise ClusterError(f"SLURM test cluster: node {self.node} not idle after {timeout:.0f}s (sinfo: {state!r}); "
-                           f"see {self.logs['slurmctld']} and {self.logs['slurmd']}:\n{self._tail('slurmd')}")
+        raise ClusterError(f"SLURM test cluster: node {self.node} not idle (sinfo state and reason: "
+                           f"{state!r}); see {self.logs['slurmctld']}:\n{self._tail('slurmctld', 6)}\n"
+                           f"and {self.logs['slurmd']}:\n{self._tail('slurmd', 6)}")
 
     def stop(self) -> None:
-        """Cancel what is left, then end slurmd, slurmctld and munged (TERM, then KILL) and wait for each."""
+        """Cancel every job and wait (briefly) for it to go, end slurmd, slurmctld and munged, then end any
+        process still carrying this cluster's SLURM_CONF (job steps outlive a killed slurmd)."""
         if self._pid("slurmctld") is not None:
             subprocess.run(["scancel", "--full", "-u", "root"], capture_output=True, env=self.env, timeout=10)
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                done = subprocess.run(["squeue", "-h", "-t", "all"], capture_output=True, text=True, env=self.env, timeout=10)
+                if done.returncode or not any(state in done.stdout for state in (" R ", " CG ", " PD ")):
+                    break
+                time.sleep(0.3)
         for name in ("slurmd", "slurmctld", "munged"):
             pid = self._pid(name)
-            if pid is None:
-                continue
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 10
-            while _alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
+            if pid is not None:
+                _end([pid])
             self._pid_files[name].unlink(missing_ok=True)
+        _end(self._leftovers())
+
+    def _leftovers(self) -> list[int]:
+        """Processes (slurmstepd, job tasks) whose environment names this cluster's slurm.conf."""
+        marker = f"SLURM_CONF={self.conf}".encode() + b"\0"
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) != os.getpid():
+                try:
+                    if marker in (entry / "environ").read_bytes():
+                        found.append(int(entry.name))
+                except OSError:
+                    pass
+        return found
 
     def _pid(self, name: str) -> int | None:
         """The daemon's pid if its pid file names a live process."""
@@ -232,6 +251,20 @@ PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP OverS
         states = ", ".join(f"{t.get('JobId')}={t.get('JobState')} ({t.get('Reason')})" for t in tasks) or "unknown"
         raise ClusterError(f"job {job_id} not done after {timeout:.0f}s: {states}; slurmd log {self.logs['slurmd']}:\n"
                            f"{self._tail('slurmd')}")
+
+
+def _end(pids: list[int], grace: float = 10) -> None:
+    """SIGTERM, then SIGKILL whatever is still alive after ``grace`` seconds."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in pids:
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def _alive(pid: int) -> bool:

@@ -33,10 +33,13 @@ def slurm():
     root.chmod(0o755)
     cluster = SlurmCluster(root)
     try:
+        failure = None
         try:
             cluster.start()
         except ClusterError as exc:
-            pytest.fail(str(exc), pytrace=False)
+            failure = str(exc)
+        if failure:
+            pytest.fail(failure, pytrace=False)
         yield cluster
     finally:
         cluster.stop()
@@ -52,7 +55,9 @@ def job_env(slurm, demo_data) -> dict[str, str]:
 
 
 def submit(slurm, template: str, *options: str, **env: str) -> str:
-    return slurm.sbatch(*options, f"--output={slurm.root}/%x-%j.out", f"slurm/{template}", env=env, cwd=REPO)
+    """sbatch slurm/<template> with the environment overrides; SLURM's output: <root>/<name>-<job id>.out."""
+    name = "%x-%A_%a.out" if any(o.startswith("--array") for o in options) else "%x-%j.out"
+    return slurm.sbatch(*options, f"--output={slurm.root}/{name}", f"slurm/{template}", env=env, cwd=REPO)
 
 
 def records(job_dir: Path, kind: str | None = None) -> list[dict]:
