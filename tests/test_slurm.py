@@ -95,7 +95,7 @@ def test_resnet50_template_trains_and_writes_its_job_folder(slurm, uninterrupted
     assert (summary["steps"], summary["ranks"], summary["views"]) == (EPOCHS * MAX_STEPS, 2, 2)
     assert summary["params_identical"] and (job_dir / "model.pt").stat().st_size > 0
     assert "parameters identical on 2 rank(s)" in slurm_output(slurm, "resnet50_ba", job_id)
-    # Needs the lead's training features (environment.json, per-step phase timing, checkpoints):
+    # The environment summary, per-step phase timing over both ranks, the epoch-end checkpoint.
     environment = json.loads((job_dir / "environment.json").read_text())
     assert environment["ranks"] == 2 and environment["slurm"]["SLURM_JOB_ID"] == job_id
     assert environment["nodes"] == [slurm.node]
@@ -158,7 +158,7 @@ def test_cifar_array_runs_one_task_per_listed_m(slurm, job_env):
     assert load_recipe(folders[0] / "recipe.toml").data.views == 1
     (summary,) = records(folders[0], "summary")
     assert (summary["views"], summary["batch_size"], summary["steps"]) == (1, 16, 3)
-    # Needs the lead's --regime and the cifar recipe: the RA task trains B*M unique x 1 view, 2 x the epochs.
+    # The RA task trains B*M unique images x 1 view per step, for M x the epochs.
     ra = load_recipe(folders[1] / "recipe.toml")
     assert (ra.optim.regime, ra.data.views, ra.model.arch) == ("ra", 2, "resnet20")
     (start,) = records(folders[1], "start")
@@ -167,7 +167,7 @@ def test_cifar_array_runs_one_task_per_listed_m(slurm, job_env):
 
 
 def test_scaling_sweep_collects_one_table(slurm, job_env):
-    """ranks {2} x M {1, 2}: one profile step per point, then one collected table (needs the profile CLI)."""
+    """ranks {2} x M {1, 2}: one profile step per point, then one collected table."""
     job_id = submit(slurm, "scaling.sh", *CPU, "--ntasks-per-node=2", **job_env, RECIPE="pipelines/demo.toml",
                     RANKS_LIST="2", VIEWS_LIST="1 2", STEPS="3", WARMUP="1",
                     EXTRA_ARGS="--dali-threads 1 --torch-threads 1")
