@@ -3,7 +3,8 @@
 #
 #   bash launch/install.sh [VENV]        (default VENV: .venv)
 #
-# Steps: Debian packages (Open MPI, CMake, a C++ compiler) -> virtualenv -> torch/torchvision,
+# Steps: Debian packages (Open MPI, CMake, a C++ compiler; SLURM, munge and PMIx for the tests that
+# start a one-node SLURM) -> virtualenv -> torch/torchvision,
 # NVIDIA DALI, mpi4py -> Horovod 0.28.1 built with MPI + Gloo (+ NCCL when a GPU and NCCL are
 # present) -> dali-ba itself (editable). Every step is skipped when its result is already in place.
 set -euo pipefail
@@ -20,7 +21,7 @@ die() { echo "install: $*" >&2; exit 1; }
 
 # 1. Debian packages -----------------------------------------------------------------------------
 missing=()
-for pkg in libopenmpi-dev openmpi-bin cmake g++ make; do
+for pkg in libopenmpi-dev openmpi-bin cmake g++ make slurm-wlm munge libpmix-dev; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if ((${#missing[@]})); then

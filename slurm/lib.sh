@@ -1,0 +1,84 @@
+# shellcheck shell=bash
+# Shared by the batch templates in slurm/ (sourced, never submitted). It
+#   - moves to the repository (DALI_BA_ROOT, default: where sbatch was run) so relative paths in
+#     recipes and OUTPUT_ROOT resolve there, and picks the Python (PYTHON, else <repo>/.venv, else python3);
+#   - names the job folder ${OUTPUT_ROOT:-runs}/<job name>-<job id> (array task: <array id>_<task id>),
+#     the same after a requeue, and appends the job's SLURM picture to <job folder>/job.txt;
+#   - runs one srun step in the background so that the batch shell can pass SLURM's warning signal
+#     (--signal=B:USR1@<grace>) or a SIGTERM sent to it on to the step, and requeues the job when training exits 75
+#     ("stopped on a signal after a checkpoint"); the requeued job resumes with --resume auto.
+
+EXIT_RESUMABLE=75
+
+die() { echo "$(basename "${SLURM_JOB_NAME:-dali-ba}"): error: $*" >&2; exit 2; }
+
+# dali_ba_setup: cd to the repo, set PYTHON, JOB_DIR and RESUME_ARGS, write job.txt.
+dali_ba_setup() {
+  [ -n "${SLURM_JOB_ID:-}" ] || die "not inside a SLURM job: submit with sbatch"
+  cd "${DALI_BA_ROOT:-$SLURM_SUBMIT_DIR}" || die "cannot enter the repository ${DALI_BA_ROOT:-$SLURM_SUBMIT_DIR}"
+  [ -d dali_ba ] || die "$PWD is not the dali-ba repository: submit from its root or set DALI_BA_ROOT"
+  if [ -z "${PYTHON:-}" ]; then
+    if [ -x .venv/bin/python ]; then PYTHON=$PWD/.venv/bin/python; else PYTHON=python3; fi
+  fi
+  local id=$SLURM_JOB_ID
+  [ -n "${SLURM_ARRAY_JOB_ID:-}" ] && id=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}
+  JOB_DIR=${OUTPUT_ROOT:-runs}/${SLURM_JOB_NAME}-$id
+  mkdir -p "$JOB_DIR" || die "cannot create the job folder $JOB_DIR"
+  # shellcheck disable=SC2034  # RESUME_ARGS is for the templates
+  if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then RESUME_ARGS=(--resume auto); else RESUME_ARGS=(); fi
+  {
+    echo "=== $(date -Is) start ${SLURM_RESTART_COUNT:-0} of job $SLURM_JOB_ID on $(hostname -s)"
+    echo "nodes: $(scontrol show hostnames "$SLURM_JOB_NODELIST" | paste -sd ' ')"
+    echo "tasks: ${SLURM_NTASKS:-?} (per node ${SLURM_TASKS_PER_NODE:-?}), cpus per task ${SLURM_CPUS_PER_TASK:-?}," \
+         "gpus per node ${SLURM_GPUS_PER_NODE:-none}"
+    echo "srun: $(srun --version)  python: $PYTHON ($("$PYTHON" --version 2>&1))"
+    scontrol show job "$SLURM_JOB_ID"
+  } >> "$JOB_DIR/job.txt"
+  echo "job folder: $JOB_DIR (start ${SLURM_RESTART_COUNT:-0})"
+}
+
+# dali_ba_recipe_args: the training flags from the environment overrides -> array RECIPE_ARGS.
+dali_ba_recipe_args() {
+  RECIPE_ARGS=(--recipe "$RECIPE")
+  [ -f "$RECIPE" ] || die "RECIPE=$RECIPE: no such recipe file"
+  [ -n "${DATA:-}" ] && RECIPE_ARGS+=(--train "$DATA")
+  [ -n "${VAL:-}" ] && RECIPE_ARGS+=(--val "$VAL")
+  [ -n "${VIEWS:-}" ] && RECIPE_ARGS+=(--views "$VIEWS")
+  [ -n "${BATCH:-}" ] && RECIPE_ARGS+=(--batch-size "$BATCH")
+  [ -n "${EPOCHS:-}" ] && RECIPE_ARGS+=(--epochs "$EPOCHS")
+  [ -n "${REGIME:-}" ] && RECIPE_ARGS+=(--regime "$REGIME")
+  [ -n "${CHECKPOINT_EVERY:-}" ] && RECIPE_ARGS+=(--checkpoint-every "$CHECKPOINT_EVERY")
+  # shellcheck disable=SC2206  # EXTRA_ARGS is a list of flags: split on spaces on purpose
+  RECIPE_ARGS+=(${EXTRA_ARGS:-})
+}
+
+# srun passes USR1 on to the tasks, but answers TERM by killing them: the step always gets USR1, which
+# training treats like TERM (finish the step, checkpoint, exit 75).
+_dali_ba_forward() {
+  echo "batch: SIG$1 at $(date -Is): sending USR1 to the training step (it checkpoints and stops)"
+  [ -n "${_STEP_PID:-}" ] && kill -s USR1 "$_STEP_PID" 2>/dev/null
+}
+
+# dali_ba_srun ARGS...: srun --mpi=$SRUN_MPI ARGS in the background, forwarding USR1/TERM; returns its
+# exit status. On 75 it requeues this job (same id, SLURM_RESTART_COUNT+1) unless NO_REQUEUE is set.
+dali_ba_srun() {
+  trap '_dali_ba_forward USR1' USR1
+  trap '_dali_ba_forward TERM' TERM
+  # --wait: once one task has ended, the others get 120 s (rank 0 may still be writing a checkpoint or
+  # the model), then are killed: a rank that crashed must not leave the rest hanging in an allreduce.
+  srun --mpi="${SRUN_MPI:-pmix}" --wait=120 "$@" &
+  _STEP_PID=$!
+  # A trapped signal interrupts `wait` (status > 128) while srun runs on: wait again until it is gone;
+  # the last wait returns srun's own status.
+  while ! wait "$_STEP_PID" && kill -0 "$_STEP_PID" 2>/dev/null; do :; done
+  wait "$_STEP_PID"
+  local rc=$?
+  _STEP_PID=
+  trap - USR1 TERM
+  if [ "$rc" -eq "$EXIT_RESUMABLE" ] && [ -z "${NO_REQUEUE:-}" ]; then
+    echo "batch: training stopped after a checkpoint (exit $rc); requeueing job $SLURM_JOB_ID"
+    echo "=== $(date -Is) stopped with exit $rc; requeued" >> "$JOB_DIR/job.txt"
+    scontrol requeue "$SLURM_JOB_ID" || echo "batch: scontrol requeue $SLURM_JOB_ID failed; resubmit to resume" >&2
+  fi
+  return "$rc"
+}

@@ -1,0 +1,204 @@
+"""The batch templates in slurm/, submitted with sbatch to a real one-node SLURM started for this module.
+
+Every job is the CPU version of a template: 2 ranks (1 for the array tasks, which then run side by
+side), --gpus-per-node=0, a small synthetic dataset and a few steps. If SLURM cannot start here the
+tests fail with the reason; they are never skipped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from dali_ba.recipe import load_recipe
+from slurm_cluster import ClusterError, SlurmCluster
+
+CPU = ["--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1"]
+SMALL = "--arch resnet20 --view-size 32 --val-resize 36 --val-crop 32 --dali-threads 1 --torch-threads 1 --log-every 1"
+EPOCHS, MAX_STEPS = 3, 6  # 18 steps: long enough to signal a running job, short enough to be quick
+PHASES = ("data", "h2d", "forward_backward", "allreduce_step", "step")
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    # Not pytest's tmp_path: its parents are private to root, and munged runs as user munge.
+    root = Path(tempfile.mkdtemp(prefix="dali-ba-slurm-"))
+    root.chmod(0o755)
+    cluster = SlurmCluster(root)
+    try:
+        failure = None
+        try:
+            cluster.start()
+        except ClusterError as exc:
+            failure = str(exc)
+        if failure:
+            pytest.fail(failure, pytrace=False)
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def job_env(slurm, demo_data) -> dict[str, str]:
+    """Overrides every job gets: the demo data, this Python, outputs under the cluster's folder."""
+    return {"DATA": str(demo_data / "train"), "VAL": str(demo_data / "val"), "OUTPUT_ROOT": str(slurm.root / "runs"),
+            "PYTHON": sys.executable, "DALI_BA_ROOT": str(REPO), "OMPI_MCA_mpi_yield_when_idle": "1",
+            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "BATCH": "16", "VIEWS": "2"}
+
+
+def submit(slurm, template: str, *options: str, **env: str) -> str:
+    """sbatch slurm/<template> with the environment overrides; SLURM's output: <root>/<name>-<job id>.out."""
+    name = "%x-%A_%a.out" if any(o.startswith("--array") for o in options) else "%x-%j.out"
+    return slurm.sbatch(*options, f"--output={slurm.root}/{name}", f"slurm/{template}", env=env, cwd=REPO)
+
+
+def records(job_dir: Path, kind: str | None = None) -> list[dict]:
+    path = job_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [r for r in rows if kind is None or r["kind"] == kind]
+
+
+def slurm_output(slurm, job_name: str, job_id: str) -> str:
+    return (slurm.root / f"{job_name}-{job_id}.out").read_text()
+
+
+def assert_completed(slurm, task: dict, name: str, job_id: str) -> None:
+    assert (task["JobState"], task["ExitCode"]) == ("COMPLETED", "0:0"), slurm_output(slurm, name, job_id)[-3000:]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(slurm, job_env) -> tuple[str, Path]:
+    """resnet50_ba.sh as 2 CPU ranks, EPOCHS x MAX_STEPS steps, run to the end: (job id, job folder)."""
+    job_id = submit(slurm, "resnet50_ba.sh", *CPU, "--ntasks-per-node=2", **job_env, EPOCHS=str(EPOCHS),
+                    CHECKPOINT_EVERY="", EXTRA_ARGS=f"{SMALL} --max-steps {MAX_STEPS}")
+    (task,) = slurm.wait(job_id, timeout=180)
+    assert_completed(slurm, task, "resnet50_ba", job_id)
+    return job_id, slurm.root / "runs" / f"resnet50_ba-{job_id}"
+
+
+def test_resnet50_template_trains_and_writes_its_job_folder(slurm, uninterrupted):
+    job_id, job_dir = uninterrupted
+    saved = load_recipe(job_dir / "recipe.toml")  # the resolved recipe: the file plus the overrides
+    assert (saved.model.arch, saved.data.views, saved.data.batch_size, saved.optim.epochs) == ("resnet20", 2, 16, EPOCHS)
+    assert saved.data.train.endswith("train") and saved.optim.lr_batch == 256  # the rest from the recipe
+    job_txt = (job_dir / "job.txt").read_text()
+    assert f"start 0 of job {job_id}" in job_txt and "srun: slurm-wlm" in job_txt and f"JobId={job_id}" in job_txt
+    (summary,) = records(job_dir, "summary")
+    assert (summary["steps"], summary["ranks"], summary["views"]) == (EPOCHS * MAX_STEPS, 2, 2)
+    assert summary["params_identical"] and (job_dir / "model.pt").stat().st_size > 0
+    assert "parameters identical on 2 rank(s)" in slurm_output(slurm, "resnet50_ba", job_id)
+    # The environment summary, per-step phase timing over both ranks, the epoch-end checkpoint.
+    environment = json.loads((job_dir / "environment.json").read_text())
+    assert environment["ranks"] == 2 and environment["slurm"]["SLURM_JOB_ID"] == job_id
+    assert environment["nodes"] == [slurm.node]
+    (start,) = records(job_dir, "start")
+    assert (start["ranks"], start["resumed_from"]) == (2, None)
+    steps = records(job_dir, "step")
+    assert [s["step"] for s in steps] == list(range(1, EPOCHS * MAX_STEPS + 1))
+    for s in steps:
+        assert set(PHASES) <= s["time"].keys() and s["time"]["step"]["mean"] > 0
+        assert s["time"]["step"]["slowest_rank"] in (0, 1)
+    assert (job_dir / "checkpoints" / f"step-{EPOCHS * MAX_STEPS:09d}.pt").is_file()  # written at each epoch end
+
+
+def test_preempted_job_checkpoints_requeues_and_finishes_where_it_stopped(slurm, job_env, uninterrupted):
+    """SIGUSR1 to the batch shell (what --signal=B:USR1@<grace> sends before the time limit) stops
+    the ranks after a step with a checkpoint; the job requeues itself and resumes to the same end."""
+    total = EPOCHS * MAX_STEPS
+    job_id = submit(slurm, "resnet50_ba.sh", *CPU, "--ntasks-per-node=2", **job_env, EPOCHS=str(EPOCHS),
+                    CHECKPOINT_EVERY="", EXTRA_ARGS=f"{SMALL} --max-steps {MAX_STEPS}")
+    job_dir = slurm.root / "runs" / f"resnet50_ba-{job_id}"
+    slurm.wait(job_id, timeout=120, until=lambda tasks: len(records(job_dir, "step")) >= 2
+               or tasks[0]["JobState"] != "RUNNING" and tasks[0]["JobState"] != "PENDING")
+    signalled = subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=slurm.env, capture_output=True, text=True)
+    assert signalled.returncode == 0, signalled.stderr
+    # The job comes back pending (Restarts=1); SLURM holds a requeued job ~2 minutes: start it now.
+    (task,) = slurm.wait(job_id, timeout=60, until=lambda tasks: tasks[0]["Restarts"] == "1"
+                         or tasks[0]["JobState"] in ("COMPLETED", "FAILED", "CANCELLED"))
+    output = slurm_output(slurm, "resnet50_ba", job_id)
+    assert task["Restarts"] == "1", f"job not requeued ({task['JobState']}):\n{output[-3000:]}"
+    assert "batch: SIGUSR1" in output and f"requeueing job {job_id}" in output
+    (stop,) = records(job_dir, "stop")
+    assert 2 <= stop["step"] < total and stop["signal"] == "SIGUSR1"
+    assert (job_dir / "checkpoints" / f"step-{stop['step']:09d}.pt").is_file()
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=slurm.env, check=True)
+    (task,) = slurm.wait(job_id, timeout=180)
+    assert_completed(slurm, task, "resnet50_ba", job_id)
+    assert task["Restarts"] == "1"
+
+    first, second = records(job_dir, "start")
+    assert (first["resumed_from"], second["resumed_from"]) == (None, stop["step"])
+    assert [s["step"] for s in records(job_dir, "step")] == list(range(1, total + 1))  # each step once
+    (summary,) = records(job_dir, "summary")
+    assert summary["steps"] == total and summary["params_identical"]
+    (reference,) = records(uninterrupted[1], "summary")
+    assert summary["param_digests"] == reference["param_digests"]  # the same model as the run never stopped
+    assert "start 1 of job" in (job_dir / "job.txt").read_text()
+    assert json.loads((job_dir / "environment.json").read_text())["slurm"]["SLURM_RESTART_COUNT"] == "1"
+
+
+def test_cifar_array_runs_one_task_per_listed_m(slurm, job_env):
+    """A 2-task sub-array of the Figure 2-4 array: M=1 and regime adaptation with M=2 (Figure 4's
+    B*M unique images per step, one view, M x the epochs), each in its own job folder."""
+    job_id = submit(slurm, "resnet44_cifar_ba.sh", *CPU, "--array=0-1", "--ntasks-per-node=1", **job_env,
+                    VIEWS_LIST="1 ra2", EPOCHS="1", EXTRA_ARGS=f"{SMALL} --max-steps 3")
+    tasks = slurm.wait(job_id, timeout=180)
+    assert len(tasks) == 2
+    for task in tasks:
+        assert_completed(slurm, task, "resnet44_cifar_ba", f"{job_id}_{task['ArrayTaskId']}")
+    folders = {i: slurm.root / "runs" / f"resnet44_cifar_ba-{job_id}_{i}" for i in (0, 1)}
+    assert load_recipe(folders[0] / "recipe.toml").data.views == 1
+    (summary,) = records(folders[0], "summary")
+    assert (summary["views"], summary["batch_size"], summary["steps"]) == (1, 16, 3)
+    # The RA task trains B*M unique images x 1 view per step, for M x the epochs.
+    ra = load_recipe(folders[1] / "recipe.toml")
+    assert (ra.optim.regime, ra.data.views, ra.model.arch) == ("ra", 2, "resnet20")
+    (start,) = records(folders[1], "start")
+    assert (start["regime"], start["views"], start["batch_size"], start["epochs"]) == ("ra", 1, 32, 2)
+    assert records(folders[1], "summary")[0]["steps"] == 2 * 3
+
+
+def test_scaling_sweep_collects_one_table(slurm, job_env):
+    """ranks {2} x M {1, 2}: one profile step per point, then one collected table."""
+    job_id = submit(slurm, "scaling.sh", *CPU, "--ntasks-per-node=2", **job_env, RECIPE="pipelines/demo.toml",
+                    RANKS_LIST="2", VIEWS_LIST="1 2", STEPS="3", WARMUP="1",
+                    EXTRA_ARGS="--dali-threads 1 --torch-threads 1")
+    (task,) = slurm.wait(job_id, timeout=180)
+    assert_completed(slurm, task, "scaling", job_id)
+    job_dir = slurm.root / "runs" / f"scaling-{job_id}"
+    for point in ("r2_m1", "r2_m2"):
+        assert json.loads((job_dir / point / "profile_step.json").read_text())
+    table = [line for line in (job_dir / "scaling.md").read_text().splitlines() if line.startswith("|")]
+    assert len(table) == 2 + 2  # header, separator, one row per point
+
+
+def test_template_reports_a_missing_recipe(slurm, job_env):
+    job_id = submit(slurm, "resnet50_ba.sh", *CPU, "--ntasks-per-node=1", **job_env, RECIPE="pipelines/nope.toml")
+    (task,) = slurm.wait(job_id, timeout=60)
+    assert (task["JobState"], task["ExitCode"]) == ("FAILED", "2:0")
+    assert "error: RECIPE=pipelines/nope.toml: no such recipe file" in slurm_output(slurm, "resnet50_ba", job_id)
+
+
+def test_host_list_inside_an_allocation(slurm):
+    """launch/slurm_hosts.py in a job: the allocation's node with its task count, as horovodrun -H wants."""
+    job_id = slurm.sbatch(*CPU, "--ntasks-per-node=2", f"--output={slurm.root}/hosts-%j.out",
+                          "--wrap", f"{sys.executable} launch/slurm_hosts.py", cwd=REPO)
+    slurm.wait(job_id, timeout=60)
+    assert (slurm.root / f"hosts-{job_id}.out").read_text().split() == [f"{slurm.node}:2"]
+    # With scontrol answering (this cluster's config) and without (no config: the Python expansion).
+    nodelist = "gpu[01-03,07],login-a1,r[1-2]-n[08-10]"
+    expected = ["gpu01", "gpu02", "gpu03", "gpu07", "login-a1", "r1-n08", "r1-n09", "r1-n10", "r2-n08", "r2-n09", "r2-n10"]
+    scontrol = subprocess.run(["scontrol", "show", "hostnames", nodelist], env=slurm.env, capture_output=True, text=True)
+    assert scontrol.stdout.split() == expected
+    for conf in (str(slurm.conf), "/nonexistent/slurm.conf"):
+        done = subprocess.run([sys.executable, "launch/slurm_hosts.py", nodelist, "--slots", "4"], cwd=REPO,
+                              env={**slurm.env, "SLURM_CONF": conf}, capture_output=True, text=True)
+        assert done.stdout.strip() == ",".join(f"{host}:4" for host in expected), done.stderr
