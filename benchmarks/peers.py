@@ -1,0 +1,390 @@
+"""Peers side by side: six ways to feed B samples x M views, on the same files, cores and view size.
+
+    python benchmarks/peers.py [--data data/bench] [--views 1,4,10] [--batch 32] [--epochs 3]
+                               [--threads 2] [--size 224] [--out benchmarks/results]
+
+(a) dali-ba            BatchAugmentLoader: DALI decodes once, M random-resized-crop + flip views
+(b) paper (PIL, float) PIL decode once, torchvision transform M times, ToTensor + Normalize (float32),
+                       torch DataLoader, one worker per core (the paper authors' published approach)
+(c) tuned torchvision  torchvision.io.decode_jpeg once, transforms.v2 M times on uint8, no normalisation
+(d) re-read per view   a sampler repeats every index M times ("repeated augmentation", timm/DeiT):
+                       each copy is read, decoded and augmented on its own (decode_jpeg + v2, uint8)
+(e) DALI decode/view   DALI decodes again for every view (fused decode + random crop, then resize, flip)
+(f) DALI decode only   the ceiling: DALI reader + decoder, nothing else, no copy to torch
+
+Equal footing: every method gets ``--threads`` cores (DataLoader workers for b-d, DALI threads for
+a, e, f), the same files, batch size, view size and random-resized-crop + flip semantics (area
+(0.08, 1), aspect (3/4, 4/3), bilinear with antialiasing); a, c, d, e deliver uint8, b float32.
+Timing: one warm-up epoch per (method, M) is excluded (it starts workers, loads libraries); then
+``--epochs`` timed epochs, interleaved round-robin over methods and M so that a change in machine
+load hits all of them alike. A timed epoch is everything a training loop would wait for, including
+each method's per-epoch start: dali-ba and e/f build a DALI pipeline per epoch, the DataLoaders
+(persistent workers) refill their prefetch queues; the time to the first batch is recorded apart.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dali_ba.data.dataset import ImageDataset, load_dataset  # noqa: E402
+from dali_ba.loader import IMAGENET_MEAN, IMAGENET_STD, BatchAugmentLoader  # noqa: E402
+from dali_ba.pipeline import READER_NAME  # noqa: E402
+
+AREA, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
+METHODS = {
+    "a": "dali-ba",
+    "b": "paper: PIL + torchvision, float",
+    "c": "tuned: decode_jpeg + v2, uint8",
+    "d": "re-read per view (repeated aug.)",
+    "e": "DALI decode per view",
+    "f": "DALI decode only (ceiling)",
+}
+TARGETS = (("a/c views/s", 1.0), ("a/b views/s", 3.0))  # at every M; plus a/f samples/s >= 0.6 at M=1
+TARGET_F = 0.6
+
+
+# --- torch DataLoader peers (b, c, d) ------------------------------------------------------------
+class PaperViews(torch.utils.data.Dataset):
+    """(b): PIL decode once, then the torchvision (v1) ImageNet transform M times, float normalised."""
+
+    def __init__(self, dataset: ImageDataset, views: int, size: int) -> None:
+        import torchvision.transforms as T
+
+        self.files, self.labels, self.views = dataset.files, dataset.labels, views
+        self.transform = T.Compose([
+            T.RandomResizedCrop(size, scale=AREA, ratio=RATIO), T.RandomHorizontalFlip(), T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ])
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        with open(self.files[index], "rb") as f:
+            image = Image.open(f).convert("RGB")  # torchvision's ImageFolder loader
+        return torch.stack([self.transform(image) for _ in range(self.views)]), self.labels[index]
+
+
+class TunedViews(torch.utils.data.Dataset):
+    """(c), and (d) with ``views=1``: libjpeg-turbo decode to a uint8 tensor, transforms.v2 on uint8."""
+
+    def __init__(self, dataset: ImageDataset, views: int, size: int) -> None:
+        from torchvision.transforms import v2
+
+        self.files, self.labels, self.views = dataset.files, dataset.labels, views
+        self.transform = v2.Compose([
+            v2.RandomResizedCrop(size, scale=AREA, ratio=RATIO, antialias=True), v2.RandomHorizontalFlip(),
+        ])
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+        image = decode_jpeg(read_file(self.files[index]), mode=ImageReadMode.RGB)
+        views = [self.transform(image) for _ in range(self.views)]
+        return (torch.stack(views) if self.views > 1 else views[0]), self.labels[index]
+
+
+class RepeatSampler(torch.utils.data.Sampler):
+    """timm's RepeatAugSampler on one rank: a fresh permutation per epoch, each index ``repeats`` times in a row."""
+
+    def __init__(self, size: int, repeats: int, seed: int) -> None:
+        self.size, self.repeats, self.seed, self.epoch = size, repeats, seed, 0
+
+    def __len__(self) -> int:
+        return self.size * self.repeats
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        self.epoch += 1
+        return iter(order.repeat_interleave(self.repeats).tolist())
+
+
+def torch_loader(method: str, dataset: ImageDataset, views: int, args) -> Callable[[int], Iterable]:
+    """A persistent-worker DataLoader for (b), (c) or (d); returns epoch -> iterable of batches."""
+    common = dict(num_workers=args.threads, persistent_workers=True, drop_last=True, prefetch_factor=2)
+    if method == "d":
+        loader = torch.utils.data.DataLoader(
+            TunedViews(dataset, 1, args.size), batch_size=args.batch * views,
+            sampler=RepeatSampler(len(dataset), views, args.seed), **common,
+        )
+    else:
+        data = (PaperViews if method == "b" else TunedViews)(dataset, views, args.size)
+        loader = torch.utils.data.DataLoader(
+            data, batch_size=args.batch, shuffle=True, generator=torch.Generator().manual_seed(args.seed), **common,
+        )
+    return lambda epoch: loader
+
+
+# --- DALI peers (a, e, f) ------------------------------------------------------------------------
+def decode_per_view_pipeline(files, labels, views: int, view_size: int, decoder: str, **kwargs):
+    """(e): the encoded file is read once, but every view decodes it again (only its random crop)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(**kwargs)
+    def pipe():
+        jpegs, label = fn.readers.file(files=files, labels=labels, random_shuffle=False, name=READER_NAME)
+        out = []
+        for _ in range(views):
+            view = fn.decoders.image_random_crop(
+                jpegs, device=decoder, output_type=types.RGB, random_area=AREA, random_aspect_ratio=RATIO
+            )
+            view = fn.resize(view, size=(view_size, view_size))
+            out.append(fn.flip(view, horizontal=fn.random.coin_flip()))
+        return fn.stack(*out), label
+
+    return pipe()
+
+
+def decode_only_pipeline(files, labels, decoder: str, **kwargs):
+    """(f): read and decode, nothing else."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(**kwargs)
+    def pipe():
+        jpegs, label = fn.readers.file(files=files, labels=labels, random_shuffle=False, name=READER_NAME)
+        return fn.decoders.image(jpegs, device=decoder, output_type=types.RGB), label
+
+    return pipe()
+
+
+class DecodePerViewLoader(BatchAugmentLoader):
+    """(e) through dali-ba's own plumbing (sharding, per-epoch pipeline, copy into torch), so only the graph differs."""
+
+    def build_pipeline(self, epoch: int):
+        return decode_per_view_pipeline(
+            views=self.views, view_size=self.view_size, **self._pipeline_args(self.shard(epoch), self.pipeline_seed(epoch))
+        )
+
+
+def decode_only_epochs(loader: BatchAugmentLoader) -> Callable[[int], Iterable]:
+    """(f): a decode-only pipeline per epoch, run for the loader's steps; outputs stay in DALI."""
+
+    def epoch(index: int) -> Iterator:
+        pipe = decode_only_pipeline(**loader._pipeline_args(loader.shard(index), loader.pipeline_seed(index)))
+        pipe.build()
+        for _ in range(len(loader)):
+            yield pipe.run()
+
+    return epoch
+
+
+def make_method(method: str, dataset: ImageDataset, views: int, args) -> Callable[[int], Iterable]:
+    """epoch -> iterable of batches, for one method at one M."""
+    if method in "bcd":
+        return torch_loader(method, dataset, views, args)
+    options = dict(batch_size=args.batch, views=views, view_size=args.size, decoder="cpu", num_threads=args.threads,
+                   seed=args.seed)
+    if method == "a":
+        return BatchAugmentLoader(dataset, **options).epoch
+    if method == "e":
+        return DecodePerViewLoader(dataset, **options).epoch
+    return decode_only_epochs(BatchAugmentLoader(dataset, **options))
+
+
+# --- timing --------------------------------------------------------------------------------------
+def run_epoch(epoch_fn: Callable[[int], Iterable], epoch: int) -> tuple[float, float, int]:
+    """(seconds, seconds to the first batch, batches) for one full epoch; each batch's first byte is touched."""
+    start = time.perf_counter()
+    first, batches = None, 0
+    for batch in epoch_fn(epoch):
+        if isinstance(batch, (tuple, list)) and isinstance(batch[0], torch.Tensor):
+            batch[0][(0,) * batch[0].dim()].item()  # one element: no copy of the batch
+        first = first if first is not None else time.perf_counter() - start
+        batches += 1
+    return time.perf_counter() - start, first or 0.0, batches
+
+
+def benchmark(dataset: ImageDataset, args) -> list[dict]:
+    """Warm up every (method, M), then time ``args.epochs`` epochs of each, round-robin."""
+    cases = [(m, v) for v in args.views for m in args.methods if not (m == "f" and v != args.views[0])]
+    runners, records = {}, {}
+    for method, views in cases:
+        print(f"warm-up {method} M={views}", flush=True)
+        runners[method, views] = make_method(method, dataset, views, args)
+        run_epoch(runners[method, views], 0)
+        records[method, views] = []
+    for rnd in range(args.epochs):
+        for method, views in cases:
+            seconds, first, batches = run_epoch(runners[method, views], 1 + rnd)
+            records[method, views].append(dict(seconds=seconds, first_batch_s=first, batches=batches))
+            print(f"round {rnd + 1}/{args.epochs} {method} M={views}: {batches * args.batch / seconds:8.1f} samples/s",
+                  flush=True)
+    results = []
+    for method, views in cases:
+        epochs = records[method, views]
+        samples = sum(e["batches"] for e in epochs) * args.batch
+        seconds = sum(e["seconds"] for e in epochs)
+        effective_views = 1 if method == "f" else views
+        # Without each epoch's start (pipeline build / queue refill + first batch): the rate once running.
+        running = (samples - len(epochs) * args.batch) / (seconds - sum(e["first_batch_s"] for e in epochs))
+        results.append(dict(
+            method=method, name=METHODS[method], views=effective_views, samples=samples, seconds=round(seconds, 4),
+            samples_per_s=samples / seconds, views_per_s=samples * effective_views / seconds,
+            running_views_per_s=running * effective_views,
+            first_batch_s=[round(e["first_batch_s"], 4) for e in epochs],
+            epoch_samples_per_s=[e["batches"] * args.batch / e["seconds"] for e in epochs],
+        ))
+    return results
+
+
+def ratios(results: list[dict], views: list[int]) -> list[dict]:
+    """The ratios the targets name, each with its target and whether this run meets it."""
+    rate = {(r["method"], r["views"]): r for r in results}
+    out = []
+    for m in views:
+        for (label, target), peer in zip(TARGETS, "cb"):
+            if ("a", m) in rate and (peer, m) in rate:
+                value = rate["a", m]["views_per_s"] / rate[peer, m]["views_per_s"]
+                out.append(dict(ratio=label, views=m, value=value, target=target, met=value >= target))
+    if ("a", 1) in rate and ("f", 1) in rate:
+        value = rate["a", 1]["samples_per_s"] / rate["f", 1]["samples_per_s"]
+        out.append(dict(ratio="a/f samples/s", views=1, value=value, target=TARGET_F, met=value >= TARGET_F))
+    return out
+
+
+# --- report --------------------------------------------------------------------------------------
+def machine() -> dict:
+    """What the numbers were measured on."""
+    import nvidia.dali
+    import PIL
+    import torchvision
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    memory = next((int(line.split()[1]) // 1024**2 for line in open("/proc/meminfo") if line.startswith("MemTotal")), 0)
+    return dict(
+        cpu=cpu, cores=len(os.sched_getaffinity(0)), memory_gib=memory, gpu=torch.cuda.is_available(),
+        os=platform.platform(), python=platform.python_version(), torch=torch.__version__,
+        torchvision=torchvision.__version__, dali=nvidia.dali.__version__, pillow=PIL.__version__,
+        numpy=np.__version__, load_average=os.getloadavg(),
+    )
+
+
+def data_summary(dataset: ImageDataset) -> dict:
+    from PIL import Image
+
+    sizes = [Image.open(path).size for path in dataset.files]
+    nbytes = [os.path.getsize(path) for path in dataset.files]
+    return dict(files=len(dataset), classes=dataset.num_classes, mean_width=float(np.mean([s[0] for s in sizes])),
+                mean_height=float(np.mean([s[1] for s in sizes])), mean_kib=float(np.mean(nbytes)) / 1024)
+
+
+def table(results: list[dict], rows: list[dict]) -> str:
+    lines = [f"{'method':40s} {'M':>3s} {'samples/s':>10s} {'views/s':>10s} {'1st batch s':>11s} {'views/s after':>13s}"]
+    for r in results:
+        lines.append(f"({r['method']}) {r['name']:36s} {r['views']:3d} {r['samples_per_s']:10.1f} "
+                     f"{r['views_per_s']:10.1f} {np.median(r['first_batch_s']):11.3f} {r['running_views_per_s']:13.1f}")
+    lines.append("")
+    lines.append(f"{'ratio':16s} {'M':>3s} {'value':>7s} {'target':>7s}")
+    for row in rows:
+        lines.append(f"{row['ratio']:16s} {row['views']:3d} {row['value']:7.2f} {'>= ' + str(row['target']):>7s} "
+                     f"{'met' if row['met'] else 'MISSED'}")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, name in METHODS.items():
+        points = sorted((r["views"], r["views_per_s"]) for r in results if r["method"] == method)
+        if not points:
+            continue
+        if method == "f":
+            ax.axhline(points[0][1], color="grey", linestyle="--", label=f"({method}) {name}: decoded images/s")
+            continue
+        ax.plot(*zip(*points), marker="o", label=f"({method}) {name}")
+    ax.set_xlabel("views per sample M")
+    ax.set_ylabel("views per second (higher is better)")
+    ax.set_xticks(sorted({r["views"] for r in results if r["method"] != "f"}))
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None):
+    parser = argparse.ArgumentParser(prog="peers.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=REPO / "data" / "bench",
+                        help="folder of class folders of JPEGs; made by make_images.py when missing (default data/bench)")
+    parser.add_argument("--count", type=int, default=1024, help="images to make when --data is missing (default 1024)")
+    parser.add_argument("--views", default="1,4,10", help="comma-separated M values (default 1,4,10)")
+    parser.add_argument("--methods", default="abcdef", help="which of a-f to run (default abcdef)")
+    parser.add_argument("--batch", type=int, default=32, help="samples per batch B (default 32)")
+    parser.add_argument("--size", type=int, default=224, help="view size (default 224)")
+    parser.add_argument("--threads", type=int, default=2, help="DataLoader workers / DALI threads (default 2)")
+    parser.add_argument("--epochs", type=int, default=3, help="timed epochs per (method, M) (default 3)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results",
+                        help="where peers.json and peers.png go (default benchmarks/results)")
+    args = parser.parse_args(argv)
+    try:
+        args.views = [int(v) for v in args.views.split(",")]
+    except ValueError:
+        parser.error(f"--views must be comma-separated integers, got {args.views!r}")
+    if not args.views or min(args.views) < 1:
+        parser.error(f"--views must be >= 1, got {args.views}")
+    if not args.methods or set(args.methods) - set(METHODS):
+        parser.error(f"--methods must be letters from {''.join(METHODS)}, got {args.methods!r}")
+    for name in ("batch", "size", "threads", "epochs", "count"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    args.methods = [m for m in METHODS if m in args.methods]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not args.data.exists():
+        sys.path.insert(0, str(Path(__file__).parent))
+        from make_images import write_images
+
+        print(f"making {args.count} benchmark JPEGs in {args.data}", flush=True)
+        write_images(args.data, args.count)
+    dataset = load_dataset(args.data)
+    if len(dataset) < args.batch:
+        print(f"peers.py: error: {args.data} has {len(dataset)} images, fewer than --batch {args.batch}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    info = dict(machine=machine(), data=data_summary(dataset), batch=args.batch, view_size=args.size,
+                threads=args.threads, epochs=args.epochs, views=args.views)
+    started = time.time()
+    results = benchmark(dataset, args)
+    info["machine"]["load_average_after"] = os.getloadavg()
+    info["wall_s"] = round(time.time() - started, 1)
+    rows = ratios(results, args.views)
+    print()
+    print(table(results, rows))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "peers.json").write_text(json.dumps(dict(info, results=results, ratios=rows), indent=1) + "\n")
+    m = info["machine"]
+    plot(results, args.out / "peers.png",
+         f"B={args.batch}, {args.size}px views, {args.threads} cores ({m['cpu']}), {len(dataset)} JPEGs "
+         f"~{info['data']['mean_width']:.0f}x{info['data']['mean_height']:.0f}")
+    print(f"\nwrote {args.out / 'peers.json'} and {args.out / 'peers.png'} ({info['wall_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
