@@ -1,6 +1,6 @@
 """Benchmark JPEGs that resemble ImageNet: ~400x350, quality 90, cut from real photographs.
 
-    python benchmarks/make_images.py [--out data/bench] [--count 512] [--seed 0]
+    python benchmarks/make_images.py [--out data/bench] [--count 1024] [--seed 0]
 
 Synthetic shapes compress far better than photographs and so decode faster; a loader benchmark
 needs real image statistics. The sources are the colour photographs shipped inside scikit-image
@@ -69,7 +69,7 @@ def write_images(out: Path, count: int, seed: int = 0) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make_images.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("data/bench"), help="output folder (default data/bench)")
-    parser.add_argument("--count", type=int, default=512, help="number of JPEGs (default 512)")
+    parser.add_argument("--count", type=int, default=1024, help="number of JPEGs (default 1024)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.count < 1:
