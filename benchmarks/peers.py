@@ -407,21 +407,21 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, name in METHODS.items():
+    fig, ax = plt.subplots(figsize=(7, 6))
+    for index, (method, name) in enumerate(METHODS.items()):  # a method keeps its colour across plots
         points = sorted((r["views"], r["views_per_s"]) for r in results if r["method"] == method)
         if not points:
             continue
         if method == "f":
             ax.axhline(points[0][1], color="grey", linestyle="--", label=f"({method}) {name}: decoded images/s")
             continue
-        ax.plot(*zip(*points), marker="o", label=f"({method}) {name}")
+        ax.plot(*zip(*points), marker="o", color=f"C{index}", label=f"({method}) {name}")
     ax.set_xlabel("views per sample M")
     ax.set_ylabel("views per second (higher is better)")
     ax.set_xticks(sorted({r["views"] for r in results if r["method"] != "f"}))
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -440,6 +440,7 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--threads", type=int, default=2, help="DataLoader workers / DALI threads (default 2)")
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs per (method, M) (default 3)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--replot", action="store_true", help="only redraw peers.png and peers.md from --out/peers.json")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results",
                         help="where peers.json, peers.md (tables) and peers.png go (default benchmarks/results)")
     args = parser.parse_args(argv)
@@ -458,8 +459,24 @@ def parse_args(argv: list[str] | None):
     return args
 
 
+def report(record: dict, out: Path) -> None:
+    """peers.md and peers.png from a run's record (the content of peers.json)."""
+    (out / "peers.md").write_text(markdown(record["results"], record["ratios"]))
+    m, data = record["machine"], record["data"]
+    plot(record["results"], out / "peers.png",
+         f"B={record['batch']}, {record['view_size']}px views, {record['threads']} cores ({m['cpu']}), "
+         f"{data['files']} JPEGs ~{data['mean_width']:.0f}x{data['mean_height']:.0f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.replot:
+        source = args.out / "peers.json"
+        if not source.is_file():
+            print(f"peers.py: error: --replot needs {source}", file=sys.stderr)
+            return 2
+        report(json.loads(source.read_text()), args.out)
+        return 0
     if not args.data.exists():
         sys.path.insert(0, str(Path(__file__).parent))
         from make_images import write_images
@@ -481,12 +498,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table(results, rows))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "peers.json").write_text(json.dumps(dict(info, results=results, ratios=rows), indent=1) + "\n")
-    (args.out / "peers.md").write_text(markdown(results, rows))
-    m = info["machine"]
-    plot(results, args.out / "peers.png",
-         f"B={args.batch}, {args.size}px views, {args.threads} cores ({m['cpu']}), {len(dataset)} JPEGs "
-         f"~{info['data']['mean_width']:.0f}x{info['data']['mean_height']:.0f}")
+    record = dict(info, results=results, ratios=rows)
+    (args.out / "peers.json").write_text(json.dumps(record, indent=1) + "\n")
+    report(record, args.out)
     print(f"\nwrote peers.json, peers.md, peers.png to {args.out} ({info['wall_s']:.0f} s)")
     return 0
 
