@@ -1,6 +1,6 @@
 """Peers side by side: six ways to feed B samples x M views, on the same files, cores and view size.
 
-    python benchmarks/peers.py [--data data/bench] [--views 1,4,10] [--batch 32] [--epochs 3]
+    python benchmarks/peers.py [--data data/bench] [--views 1,4,10] [--batch 32] [--epochs 4]
                                [--threads 2] [--size 224] [--out benchmarks/results]
 
 (a) dali-ba            BatchAugmentLoader: DALI decodes once, M random-resized-crop + flip views
@@ -61,7 +61,7 @@ METHODS = {
     "f": "DALI decode only (ceiling)",
     "g": "prototype: DALI decode + torch views",
 }
-TARGETS = ((("c", 1.0), ("b", 3.0)))  # a/c and a/b views/s at every M; plus a/f samples/s >= 0.6 at M=1
+TARGETS = (("c", 1.0), ("b", 3.0))  # a/c and a/b views/s at every M; plus a/f samples/s >= 0.6 at M=1
 TARGET_F = 0.6
 
 
@@ -438,7 +438,7 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--batch", type=int, default=32, help="samples per batch B (default 32)")
     parser.add_argument("--size", type=int, default=224, help="view size (default 224)")
     parser.add_argument("--threads", type=int, default=2, help="DataLoader workers / DALI threads (default 2)")
-    parser.add_argument("--epochs", type=int, default=3, help="timed epochs per (method, M) (default 3)")
+    parser.add_argument("--epochs", type=int, default=4, help="timed epochs per (method, M) (default 4)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--replot", action="store_true", help="only redraw peers.png and peers.md from --out/peers.json")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results",
