@@ -1,0 +1,63 @@
+"""benchmarks/: the benchmark JPEGs and a small run of the side-by-side loader benchmark."""
+import json
+import sys
+
+import pytest
+from PIL import Image, JpegImagePlugin
+
+from conftest import REPO, run_cli
+from dali_ba.data.dataset import load_dataset
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from make_images import HEIGHT, WIDTH, write_images  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def bench_images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    return root, write_images(root, 20, seed=1)
+
+
+def test_images_are_imagenet_like_jpegs_in_class_folders(bench_images):
+    root, written = bench_images
+    dataset = load_dataset(root)
+    assert len(dataset) == 20 and dataset.num_classes == 9  # one class per source photograph
+    for path in written:
+        with Image.open(path) as image:
+            assert image.format == "JPEG" and image.mode == "RGB"
+            assert WIDTH[0] <= image.width <= WIDTH[1] and HEIGHT[0] <= image.height <= HEIGHT[1]
+            assert JpegImagePlugin.get_sampling(image) == 2  # 4:2:0, as most camera JPEGs
+    sizes = {Image.open(path).size for path in written}
+    assert len(sizes) > 10  # sizes vary, as ImageNet's do
+
+
+def test_peers_times_every_method_and_reports_the_ratios(bench_images, tmp_path):
+    root, _ = bench_images
+    out = tmp_path / "out"
+    done = run_cli(sys.executable, "benchmarks/peers.py", "--data", str(root), "--views", "1,2", "--epochs", "1",
+                   "--batch", "4", "--methods", "acf", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads((out / "peers.json").read_text())
+    rows = {(r["method"], r["views"]): r for r in record["results"]}
+    assert set(rows) == {("a", 1), ("a", 2), ("c", 1), ("c", 2), ("f", 1)}  # f does not depend on M
+    for (method, views), row in rows.items():
+        assert row["samples"] == 20 // 4 * 4  # one timed epoch, the last partial batch dropped
+        assert row["views_per_s"] == pytest.approx(row["samples_per_s"] * views)
+        assert row["cpu_ms_per_view"] > 0 and row["views_per_s"] > 0
+    ratios = {(r["ratio"], r["views"]): r for r in record["ratios"]}
+    assert set(ratios) == {("a/c views/s", 1), ("a/c views/s", 2), ("a/f samples/s", 1)}
+    a2, c2 = rows["a", 2], rows["c", 2]
+    assert ratios["a/c views/s", 2]["value"] == pytest.approx(a2["views_per_s"] / c2["views_per_s"])
+    assert record["machine"]["cores"] >= 1 and record["data"]["files"] == 20
+    assert (out / "peers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| (a) dali-ba | 2 |" in (out / "peers.md").read_text()
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--views", "1,0", "--views must be >= 1"),
+    ("--views", "four", "--views must be comma-separated integers"),
+    ("--methods", "az", "--methods must be letters from abcdefg"),
+])
+def test_peers_rejects_bad_flags(flag, value, message):
+    done = run_cli(sys.executable, "benchmarks/peers.py", flag, value, "--out", "/nonexistent")
+    assert done.returncode == 2 and message in done.stderr
