@@ -2,8 +2,8 @@
 
 A step is timed as consecutive phases on each rank -- waiting for the loader (``data``), moving the
 batch to the device (``h2d``), forward + backward (``forward_backward``) and Horovod's gradient
-allreduce + the optimizer step (``allreduce_step``) -- so the phases add up to the step. On a GPU the
-device is synchronised before each clock reading and every phase is an NVTX range (``nsys`` shows
+allreduce + the optimizer step (``allreduce_step``) -- so the phases add up to the step. On a GPU
+torch's stream is synchronised before each clock reading and every phase is an NVTX range (``nsys`` shows
 them). Ranks keep their own rows; rank 0 gathers them every few steps (mpi4py) and writes one record
 per step with the mean, std, min and max over ranks and the slowest rank.
 """
@@ -53,15 +53,24 @@ class MetricsLog:
             self._file.close()
 
 
+def stream_sync(device: torch.device) -> Callable[[], None]:
+    """Wait for torch's own CUDA stream only (a no-op on CPU): a device-wide sync would also wait for
+    DALI's prefetching of the next batches and charge it to the step."""
+    import torch
+
+    if device.type != "cuda":
+        return lambda: None
+    return torch.cuda.current_stream(device).synchronize
+
+
 class StepClock:
     """Times the phases of one step on this rank; ``phase(name)`` is a context manager."""
 
     def __init__(self, device: torch.device):
         import torch
 
-        cuda = device.type == "cuda"
-        self._sync: Callable[[], None] = torch.cuda.synchronize if cuda else (lambda: None)
-        self._nvtx = torch.cuda.nvtx if cuda else None
+        self._sync = stream_sync(device)
+        self._nvtx = torch.cuda.nvtx if device.type == "cuda" else None
         self.times: dict[str, float] = {}
         self._start = 0.0
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from dali_ba.distributed import launcher_rank
 from dali_ba.errors import UnreadableImageError, UsageError
+from dali_ba.metrics import stream_sync
 from dali_ba.recipe import Recipe, int_list, OneLineParser, build_parser, resolve
 
 PROG = "python -m dali_ba.profile"
@@ -74,15 +75,6 @@ def time_steps(batches: Iterator, count: int, work: Callable | None, sync: Calla
     return waits, totals
 
 
-def _stream_sync(device) -> Callable[[], None]:
-    """Wait for torch's own stream only: a device-wide sync would also wait for DALI's prefetching."""
-    import torch
-
-    if device.type != "cuda":
-        return lambda: None
-    return torch.cuda.current_stream(device).synchronize
-
-
 def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
@@ -102,7 +94,7 @@ def profile_pipeline(args: argparse.Namespace) -> dict:
         loader = BatchAugmentLoader(dataset, args.batch_size, views, args.view_size, crop_area_min=args.crop_area_min,
                                     decoder=args.decoder, num_threads=args.dali_threads)
         decoder, device = loader.decoder, loader.device
-        _, times = time_steps(endless(loader), args.warmup + args.steps, None, _stream_sync(loader.device))
+        _, times = time_steps(endless(loader), args.warmup + args.steps, None, stream_sync(loader.device))
         batch_time = float(times[args.warmup:].mean())
         samples_per_s = args.batch_size / batch_time
         rows.append(dict(views=views, batch_time=batch_time, batch_time_std=float(times[args.warmup:].std()),
@@ -182,7 +174,7 @@ def profile_step(recipe: Recipe, steps: int, warmup: int, cache: int) -> dict | 
     def work(images, labels):
         training.step(images.to(device, non_blocking=True), labels.to(device, non_blocking=True))
 
-    sync = _stream_sync(device)
+    sync = stream_sync(device)
     count = warmup + steps
     batches = endless(loader)
     cached = [(images.clone(), labels.clone()) for images, labels in itertools.islice(batches, min(cache, steps))]
