@@ -48,6 +48,7 @@ def environment_summary(world: World, device: torch.device, decoder: str) -> dic
     ranks = world.gather(me)
     return {
         "ranks": world.size,
+        "engine": world.describe(),
         "nodes": sorted({r["host"] for r in ranks}),
         "gpus": sum(r["gpu"] is not None for r in ranks),
         "decoder": decoder,

@@ -1,10 +1,11 @@
 """Where each step's time goes, on every rank: phase clocks, cross-rank statistics, the metrics file.
 
 A step is timed as consecutive phases on each rank -- waiting for the loader (``data``), moving the
-batch to the device (``h2d``), forward + backward (``forward_backward``) and Horovod's gradient
-allreduce + the optimizer step (``allreduce_step``) -- so the phases add up to the step. On a GPU
+batch to the device (``h2d``), forward + backward (``forward_backward``) and the wait for the gradient
+allreduce + the optimizer step (``allreduce_step``: Horovod's wait in its optimizer, or DDP's wait at
+the end of backward, moved here from forward_backward) -- so the phases add up to the step. On a GPU
 torch's stream is synchronised before each clock reading and every phase is an NVTX range (``nsys`` shows
-them). Ranks keep their own rows; rank 0 gathers them every few steps (mpi4py) and writes one record
+them). Ranks keep their own rows; rank 0 gathers them every few steps and writes one record
 per step with the mean, std, min and max over ranks and the slowest rank.
 """
 from __future__ import annotations
@@ -95,6 +96,12 @@ class StepClock:
             self.times[name] += time.perf_counter() - start
             if self._nvtx:
                 self._nvtx.range_pop()
+
+    def move(self, source: str, target: str, seconds: float) -> None:
+        """Charge ``seconds`` of phase ``source`` to ``target`` instead (at most all of ``source``)."""
+        seconds = min(max(seconds, 0.0), self.times[source])
+        self.times[source] -= seconds
+        self.times[target] += seconds
 
     def end(self) -> list[float]:
         """This step's row: the phase times and the whole step, seconds."""

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dali_ba.distributed import launcher_rank
+from dali_ba.launcher import launcher_rank
 from dali_ba.errors import UnreadableImageError, UsageError
 from dali_ba.metrics import stream_sync
 from dali_ba.recipe import Recipe, int_list, OneLineParser, build_parser, resolve
@@ -165,9 +165,9 @@ def profile_step(recipe: Recipe, steps: int, warmup: int, cache: int) -> dict | 
     d, m = recipe.data, recipe.model
     check_model_name(m.arch)
     train_set = load_dataset(d.train)
-    world = distributed.init_world()
+    world = distributed.init_world(recipe.run.engine)
     training = setup_training(recipe, world, train_set)  # exactly as dali_ba.train sets up a rank
-    distributed.broadcast_from_root(training.model, training.optimizer)
+    world.broadcast_from_root(training.model, training.optimizer)
     device, loader, torch_threads, cores = training.device, training.loader, training.torch_threads, len(os.sched_getaffinity(0))
     training.model.train()
 
@@ -185,6 +185,7 @@ def profile_step(recipe: Recipe, steps: int, warmup: int, cache: int) -> dict | 
         "memory": time_steps(itertools.cycle(cached), count, work, sync),
     }
     stats = {name: _phase(world, *times, warmup, d.batch_size, d.views) for name, times in phases.items()}
+    world.close()
     if not world.is_root:
         return None
     pipeline, memory, fed = stats["pipeline"], stats["memory"], stats["loader"]
@@ -195,7 +196,7 @@ def profile_step(recipe: Recipe, steps: int, warmup: int, cache: int) -> dict | 
     epoch_start_wait = np.array(fed["data_waits"])[:, starts].sum() / np.array(fed["step_times"]).sum()
     threads = (d.dali_threads + torch_threads) * world.local_size
     return dict(
-        kind="profile_step", train=d.train, ranks=world.size, local_ranks=world.local_size, views=d.views, batch_size=d.batch_size,
+        kind="profile_step", train=d.train, engine=world.engine, engine_backend=world.backend, ranks=world.size, local_ranks=world.local_size, views=d.views, batch_size=d.batch_size,
         view_size=d.view_size, arch=m.arch, amp=m.amp, chunks=recipe.optim.chunks, device=device.type, decoder=loader.decoder,
         dali_threads=d.dali_threads, torch_threads=torch_threads, cores=cores, oversubscribed=threads > cores,
         mpi_yield_when_idle=os.environ.get(YIELD_VARIABLE),

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from dali_ba.errors import UsageError
+from dali_ba.launcher import ENGINES
 
 
 def option(default: Any, help: str) -> Any:
@@ -71,6 +72,8 @@ class RunConfig:
     torch_threads: int = option(0, 'torch CPU threads per rank (0: cores / local ranks)')
     timing_warmup: int = option(5, 'first steps of every epoch left out of the timing summary (pipeline start-up)')
     log_grad_norm: bool = option(False, 'record the L2 norm of the allreduced gradient in every step record')
+    engine: str = option("auto", "gradient averaging: auto (torchrun or plain srun: torch; horovodrun, mpirun or "
+                                 "srun --mpi=pmix: Horovod; one process: none), horovod, torch")
     horovod_timeline: str = option("", "write Horovod's timeline (chrome://tracing JSON) to this file")
     checkpoint_every: int = option(0, 'steps between checkpoints (0: only at epoch ends)')
     keep_checkpoints: int = option(3, 'newest checkpoints kept in <output>/checkpoints')
@@ -107,6 +110,8 @@ class Recipe:
             raise UsageError(f"{_key(d, 'decoder')} must be auto, cpu or mixed, got {d.decoder!r}")
         if m.amp not in ("off", "bf16", "fp16"):
             raise UsageError(f"{_key(m, 'amp')} must be off, bf16 or fp16, got {m.amp!r}")
+        if r.engine not in ENGINES:
+            raise UsageError(f"{_key(r, 'engine')} must be {', '.join(ENGINES[:-1])} or {ENGINES[-1]}, got {r.engine!r}")
         if o.regime not in ("ba", "ra"):
             raise UsageError(f"{_key(o, 'regime')} must be ba or ra, got {o.regime!r}")
         if d.batch_size * d.views < o.chunks:

@@ -3,9 +3,11 @@
     python -m dali_ba.train --recipe pipelines/demo.toml [--views 8 --epochs 5 ...]
     horovodrun -np 4 python -m dali_ba.train --recipe pipelines/imagenet_resnet50_ba.toml --train ... --val ...
 
-The same command runs as one process or under horovodrun, mpirun or srun --mpi=pmix. The learning
-rate follows the unique global batch B (the baseline's regime); the loss is the mean cross-entropy
-over all B*M views. Rank 0 prints and writes <output>/recipe.toml, metrics.jsonl and model.pt.
+The same command runs as one process (no engine), under torchrun or plain srun (the torch engine:
+DistributedDataParallel) and under horovodrun, mpirun or srun --mpi=pmix (the Horovod engine);
+``--engine`` overrides the choice. The learning rate follows the unique global batch B (the baseline's
+regime); the loss is the mean cross-entropy over all B*M views. Rank 0 prints and writes
+<output>/recipe.toml, metrics.jsonl and model.pt.
 """
 from __future__ import annotations
 
@@ -20,8 +22,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
 from dali_ba.data.dataset import ImageDataset, load_dataset
-from dali_ba.distributed import launcher_rank
 from dali_ba.errors import UnreadableImageError, UsageError
+from dali_ba.launcher import choose_engine, launcher_rank
 from dali_ba.metrics import MetricsLog, emit
 from dali_ba.models import check_model_name
 from dali_ba.recipe import Recipe, build_parser, effective, recipe_to_dict, resolve
@@ -29,8 +31,10 @@ from dali_ba.recipe import Recipe, build_parser, effective, recipe_to_dict, reso
 if TYPE_CHECKING:
     import torch
 
-    from dali_ba.distributed import World
+    from dali_ba.distributed import GradientSync, World
     from dali_ba.loader import BatchAugmentLoader
+    from dali_ba.metrics import StepClock
+    from dali_ba.preemption import StopRequest
 
 PROG = "python -m dali_ba.train"
 
@@ -92,8 +96,7 @@ class StepOutput(NamedTuple):
 
 
 def train_step(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    sync: GradientSync,
     images: torch.Tensor,
     labels: torch.Tensor,
     *,
@@ -104,12 +107,12 @@ def train_step(
     label_smoothing: float = 0.0,
     phase: Callable[[str], contextlib.AbstractContextManager] = lambda name: contextlib.nullcontext(),
 ) -> StepOutput:
-    """One optimizer step on the B*M views of a batch.
+    """One optimizer step on the B*M views of a batch, gradients averaged over ranks by ``sync``.
 
     With ``chunks`` K > 1 the views go through the model in K micro-batches whose losses are
     weighted by their share of the batch, so the summed gradient is that of the mean over all B*M
-    views; ``optimizer`` must then be a Horovod optimizer built with backward_passes_per_step=K.
-    ``phase`` (a :class:`dali_ba.metrics.StepClock`'s) times "forward_backward" and "allreduce_step".
+    views, allreduced once (``sync`` built for K chunks). ``phase`` (a
+    :class:`dali_ba.metrics.StepClock`'s) times "forward_backward" and "allreduce_step".
     """
     import torch
     import torch.nn.functional as F
@@ -119,25 +122,19 @@ def train_step(
     with phase("forward_backward"):
         x, y = flatten_views(images, labels)
         x = normalize(x).contiguous(memory_format=memory_format or torch.channels_last)
-        optimizer.zero_grad()  # Horovod 0.28 takes no set_to_none; torch 2 sets grads to None anyway
+        sync.optimizer.zero_grad()  # Horovod 0.28 takes no set_to_none; torch 2 sets grads to None anyway
         total = torch.zeros((), device=x.device)
         correct = torch.zeros((), device=x.device, dtype=torch.int64)
-        for xc, yc in zip(x.tensor_split(chunks), y.tensor_split(chunks)):
-            with autocast():
-                logits = model(xc)
-                loss = F.cross_entropy(logits, yc, label_smoothing=label_smoothing) * (len(yc) / len(y))
-            (scaler.scale(loss) if scaler else loss).backward()
+        for index, (xc, yc) in enumerate(zip(x.tensor_split(chunks), y.tensor_split(chunks))):
+            with sync.micro_batch(last=index == chunks - 1):
+                with autocast():
+                    logits = sync.model(xc)
+                    loss = F.cross_entropy(logits, yc, label_smoothing=label_smoothing) * (len(yc) / len(y))
+                (scaler.scale(loss) if scaler else loss).backward()
             total += loss.detach()
             correct += (logits.detach().argmax(1) == yc).sum()
     with phase("allreduce_step"):  # Horovod waits here for the allreduces the backward pass started
-        if scaler:  # fp16: unscale the allreduced gradients before the step (Horovod + GradScaler recipe)
-            optimizer.synchronize()
-            scaler.unscale_(optimizer)
-            with optimizer.skip_synchronize():
-                scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        sync.step(scaler)
     return StepOutput(total, correct)
 
 
@@ -189,28 +186,34 @@ class Training:
     per_rank: int
     torch_threads: int
     loader: BatchAugmentLoader
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
+    model: torch.nn.Module  # the bare model: what checkpoints, evaluation and digests see
+    sync: GradientSync  # the gradient averaging around it
     memory_format: torch.memory_format
     autocast: Callable[[], contextlib.AbstractContextManager]
     scaler: torch.amp.GradScaler | None
     peak_lr: float
 
-    def step(self, images: torch.Tensor, labels: torch.Tensor, phase=None) -> StepOutput:
-        """One optimizer step on a batch already on ``device``."""
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.sync.optimizer
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor, clock: StepClock | None = None) -> StepOutput:
+        """One optimizer step on a batch already on ``device``, its phases timed on ``clock``."""
         o = self.recipe.optim
-        return train_step(self.model, self.optimizer, images, labels, chunks=o.chunks,
-                          memory_format=self.memory_format, autocast=self.autocast, scaler=self.scaler,
-                          label_smoothing=o.label_smoothing, **({"phase": phase} if phase else {}))
+        out = train_step(self.sync, images, labels, chunks=o.chunks, memory_format=self.memory_format,
+                         autocast=self.autocast, scaler=self.scaler, label_smoothing=o.label_smoothing,
+                         **({"phase": clock.phase} if clock else {}))
+        if clock:  # DDP waits for its allreduces inside backward: that wait belongs to allreduce_step
+            clock.move("forward_backward", "allreduce_step", self.sync.backward_wait())
+        return out
 
 
 def setup_training(recipe: Recipe, world: World, train_set: ImageDataset) -> Training:
-    """Device, threads, the training loader, the model and Horovod's optimizer (weights not yet
-    broadcast), AMP. The loader's tensors stay where DALI made them (CPU for the cpu decoder):
+    """Device, threads, the training loader, the model and the engine's gradient averaging (weights
+    not yet broadcast), AMP. The loader's tensors stay where DALI made them (CPU for the cpu decoder):
     moving them is the caller's, so that it can be timed."""
     import torch
 
-    from dali_ba import distributed
     from dali_ba.loader import BatchAugmentLoader
     from dali_ba.models import create_model
 
@@ -233,11 +236,11 @@ def setup_training(recipe: Recipe, world: World, train_set: ImageDataset) -> Tra
     model = create_model(m.arch, train_set.num_classes).to(device, memory_format=memory_format)
     peak_lr = o.lr * d.batch_size / o.lr_batch  # unique images per step, never B*M
     optimizer = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    optimizer = distributed.distributed_optimizer(optimizer, model, o.chunks)
+    sync = world.gradient_sync(model, optimizer, o.chunks)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(m.amp)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     scaler = torch.amp.GradScaler("cuda") if m.amp == "fp16" else None
-    return Training(recipe, device, per_rank, torch_threads, loader, model, optimizer, memory_format, autocast,
+    return Training(recipe, device, per_rank, torch_threads, loader, model, sync, memory_format, autocast,
                     scaler, peak_lr)
 
 
@@ -250,6 +253,30 @@ def run_identity(recipe: Recipe, world: World, steps_per_epoch: int) -> dict:
 
 
 def run(recipe: Recipe, train_set: ImageDataset, val_set: ImageDataset) -> int:
+    """Join the ranks with the engine the launcher calls for, train, leave."""
+    from dali_ba import distributed
+    from dali_ba.preemption import StopRequest
+
+    stop = StopRequest()  # first: a signal during set-up stops the run after its first step
+    plan = effective(recipe)
+    r = plan.run
+    engine = choose_engine(r.engine)
+    if r.horovod_timeline:  # Horovod reads it at init; its coordinator (rank 0) writes the file
+        if engine.engine != "horovod":
+            raise UsageError(f"--horovod-timeline needs the Horovod engine; this run uses {engine.engine} "
+                             f"({engine.reason})")
+        if not Path(r.horovod_timeline).parent.is_dir():
+            raise UsageError(f"--horovod-timeline {r.horovod_timeline}: its folder does not exist")
+        os.environ["HOROVOD_TIMELINE"] = str(Path(r.horovod_timeline).resolve())
+    world = distributed.init_world(engine)
+    status = _train(plan, recipe, world, train_set, val_set, stop)
+    world.close()  # not on an exception: a peer may be gone, and the launcher ends the job anyway
+    return status
+
+
+def _train(plan: Recipe, recipe: Recipe, world: World, train_set: ImageDataset, val_set: ImageDataset,
+           stop: StopRequest) -> int:
+    """The training run proper, on an initialised ``world``."""
     import torch
 
     from dali_ba import distributed
@@ -257,16 +284,9 @@ def run(recipe: Recipe, train_set: ImageDataset, val_set: ImageDataset) -> int:
     from dali_ba.environment import environment_summary
     from dali_ba.loader import ValidationLoader
     from dali_ba.metrics import Progress, StepClock, StepTimes, summary_table
-    from dali_ba.preemption import EXIT_RESUMABLE, StopRequest
+    from dali_ba.preemption import EXIT_RESUMABLE
 
-    stop = StopRequest()  # first: a signal during set-up stops the run after its first step
-    plan = effective(recipe)
     d, m, o, r = plan.data, plan.model, plan.optim, plan.run
-    if r.horovod_timeline:  # Horovod reads it at init; its coordinator (rank 0) writes the file
-        if not Path(r.horovod_timeline).parent.is_dir():
-            raise UsageError(f"--horovod-timeline {r.horovod_timeline}: its folder does not exist")
-        os.environ["HOROVOD_TIMELINE"] = str(Path(r.horovod_timeline).resolve())
-    world = distributed.init_world()
     check_world(plan, world, train_set, val_set)
     say = emit if world.is_root else (lambda *args, **kwargs: None)
 
@@ -301,13 +321,15 @@ def run(recipe: Recipe, train_set: ImageDataset, val_set: ImageDataset) -> int:
             loader_state, carried_sums = state["loaders"][world.rank], state["epoch_sums"][world.rank]
             model.load_state_dict(state["rank_buffers"][world.rank], strict=False)
     else:
-        distributed.broadcast_from_root(model, optimizer)
+        world.broadcast_from_root(model, optimizer)
 
     environment = environment_summary(world, device, loader.decoder)
     log = MetricsLog(prepare_output(output, recipe, environment) if world.is_root else None, append=bool(r.resume))
-    log.write("start", arch=m.arch, ranks=world.size, views=d.views, batch_size=d.batch_size, view_size=d.view_size,
+    log.write("start", arch=m.arch, ranks=world.size, engine=world.engine, engine_backend=world.backend,
+              engine_reason=world.reason, views=d.views, batch_size=d.batch_size, view_size=d.view_size,
               device=device.type, decoder=loader.decoder, epochs=o.epochs, steps_per_epoch=steps_per_epoch,
               lr=peak_lr, regime=o.regime, resumed_from=step if resume_point else None)
+    say(f"dali-ba: engine {world.engine}{f' ({world.backend})' if world.backend else ''}: {world.reason}")
     say(f"dali-ba: {m.arch}, {world.size} rank(s) on {device.type}, decoder {loader.decoder}, "
         f"B={d.batch_size} unique x M={d.views} views = {d.batch_size * d.views} images/step, "
         f"lr {peak_lr:g}, {steps_per_epoch} steps/epoch, {o.epochs} epochs -> {output}")
@@ -347,7 +369,7 @@ def run(recipe: Recipe, train_set: ImageDataset, val_set: ImageDataset) -> int:
                 images, labels = next(batches)
             with clock.phase("h2d"):
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            out = t.step(images, labels, phase=clock.phase)
+            out = t.step(images, labels, clock)
             with clock.phase("allreduce_step"):
                 schedule.step()
                 norm = {"grad_norm": gradient_norm(model)} if r.log_grad_norm else {}
@@ -381,7 +403,7 @@ def run(recipe: Recipe, train_set: ImageDataset, val_set: ImageDataset) -> int:
         epoch_time = time.perf_counter() - epoch_start
         loss_sum, right, seen = world.sum(sums)
         train_loss = loss_sum / (done * world.size)
-        distributed.average_buffers(model, world)
+        world.average_buffers(model)
         result = evaluate(model, val_loader, world, memory_format, t.autocast)
         images_per_s = epoch_steps * d.batch_size / epoch_time
         log.write("epoch", epoch=epoch, train_loss=train_loss, train_top1=100 * right / seen, **result,
@@ -429,17 +451,22 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(1)  # let rank 0 report before the launcher tears the job down
         return 2
     except Exception as exc:
-        if not _horovod_shut_down(exc):
+        if not _peer_gone(exc):
             raise
-        emit(f"{PROG}: rank {launcher_rank()} stopped: Horovod shut down because another rank failed "
-             "(its error is above)", sys.stderr)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        emit(f"{PROG}: rank {launcher_rank()} stopped: its collectives failed because another rank failed "
+             f"(its error is above): {reason[:200]}", sys.stderr)
         return 1
 
 
-def _horovod_shut_down(exc: BaseException) -> bool:
-    """Whether ``exc`` is Horovod reporting that a peer rank has gone (not this rank's own fault)."""
-    exceptions = sys.modules.get("horovod.common.exceptions")
-    return exceptions is not None and isinstance(exc, exceptions.HorovodInternalError)
+def _peer_gone(exc: BaseException) -> bool:
+    """Whether ``exc`` is Horovod or torch.distributed reporting that a peer rank has gone (not this
+    rank's own fault)."""
+    horovod = sys.modules.get("horovod.common.exceptions")
+    if horovod is not None and isinstance(exc, horovod.HorovodInternalError):
+        return True
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and isinstance(exc, getattr(dist, "DistError", ()))
 
 
 if __name__ == "__main__":

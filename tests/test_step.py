@@ -1,11 +1,13 @@
-"""The training step and LR schedule in-process (Horovod as a single rank)."""
+"""The training step and LR schedule in-process (one process alone, and Horovod as a single rank).
+
+The torch engine's chunked step runs on 2 ranks under torchrun: tests/test_engines.py."""
 import copy
 
 import horovod.torch as hvd
 import pytest
 import torch
 
-from dali_ba.distributed import distributed_optimizer
+from dali_ba.distributed import GradientSync, HorovodSync
 from dali_ba.models import create_model
 from dali_ba.train import lr_factor, train_step
 
@@ -17,20 +19,22 @@ def horovod():
     hvd.shutdown()
 
 
-def one_step(model, images, labels, chunks):
+def one_step(model, images, labels, chunks, sync_class):
     model = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    optimizer = distributed_optimizer(torch.optim.SGD(model.parameters(), lr=0.5), model, chunks)
-    loss = train_step(model, optimizer, images, labels, chunks=chunks)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    sync = HorovodSync(model, optimizer, chunks) if sync_class is HorovodSync else sync_class(model, optimizer)
+    loss = train_step(sync, images, labels, chunks=chunks)
     return loss.loss.item(), model
 
 
-def test_chunks_give_the_same_step_as_one_batch():
+@pytest.mark.parametrize("sync_class", [GradientSync, HorovodSync])
+def test_chunks_give_the_same_step_as_one_batch(sync_class):
     torch.manual_seed(0)
     model = create_model("resnet20", 10).eval()  # BN on running stats: samples independent of the split
     images = torch.randint(0, 256, (6, 4, 3, 32, 32), dtype=torch.uint8)  # B=6, M=4: 24 views
     labels = torch.randint(0, 10, (6,))
-    loss1, after1 = one_step(model, images, labels, chunks=1)
-    loss3, after3 = one_step(model, images, labels, chunks=5)  # uneven micro-batches: 5,5,5,5,4
+    loss1, after1 = one_step(model, images, labels, 1, sync_class)
+    loss3, after3 = one_step(model, images, labels, 5, sync_class)  # uneven micro-batches: 5,5,5,5,4
     assert loss3 == pytest.approx(loss1, rel=1e-5)
     moved = 0.0
     for (name, p1), p3, p0 in zip(after1.named_parameters(), after3.parameters(), model.parameters()):
