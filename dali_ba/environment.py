@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import platform
 import socket
+import sys
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
@@ -29,12 +30,11 @@ def _versions() -> dict[str, str | None]:
 
 
 def _mpi_library() -> str | None:
-    try:
-        from mpi4py import MPI
+    """The MPI library in use, if this process uses MPI (the Horovod engine over MPI imported mpi4py).
 
-        return MPI.Get_library_version().splitlines()[0].strip()
-    except Exception:  # noqa: BLE001 - no MPI is an answer too
-        return None
+    Never imported here: importing mpi4py.MPI initialises MPI, which aborts under a plain srun."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    return mpi.Get_library_version().splitlines()[0].strip() if mpi is not None else None
 
 
 def environment_summary(world: World, device: torch.device, decoder: str) -> dict[str, Any]:

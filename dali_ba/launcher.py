@@ -28,7 +28,7 @@ ENGINES = ("auto", "horovod", "torch")
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR")
 MPI_RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "HOROVOD_RANK")
 RANK_VARIABLES = ("RANK", *MPI_RANK_VARIABLES, "SLURM_PROCID")
-SLURM_PORT_BASE = 29500  # rendezvous port under srun: base + job id mod 2000 (MASTER_PORT overrides)
+SLURM_PORT_BASE = 29500  # rendezvous port under srun: base + (job id + step id) mod 2000 (MASTER_PORT overrides)
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,8 @@ def detect_launch(env: Mapping[str, str] | None = None) -> Launch:
     if in_step and not master_addr:
         nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
         master_addr = hostnames(nodes)[0] if nodes else None
-        master_port = master_port or SLURM_PORT_BASE + (_int(env, "SLURM_JOB_ID", default=0) or 0) % 2000
+        job, step = _int(env, "SLURM_JOB_ID", default=0), _int(env, "SLURM_STEP_ID", default=0)
+        master_port = master_port or SLURM_PORT_BASE + (job + step) % 2000  # a new port for each step of a job
     if any(env.get(name, "").isdigit() for name in MPI_RANK_VARIABLES):
         return Launch("mpi", _int(env, *MPI_RANK_VARIABLES, default=0),
                       _int(env, "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "HOROVOD_SIZE", "SLURM_STEP_NUM_TASKS", default=1),

@@ -65,7 +65,12 @@ def stream_sync(device: torch.device) -> Callable[[], None]:
 
 
 class StepClock:
-    """Times the phases of one step on this rank; ``phase(name)`` is a context manager."""
+    """Times the phases of one step on this rank; ``phase(name)`` is a context manager.
+
+    Phases are back to back: each runs from the end of the one before (or the step's start), so the
+    little Python between them (or a moment the process was descheduled there) is charged to the next
+    phase and the phases add up to the step exactly.
+    """
 
     def __init__(self, device: torch.device):
         import torch
@@ -73,7 +78,7 @@ class StepClock:
         self._sync = stream_sync(device)
         self._nvtx = torch.cuda.nvtx if device.type == "cuda" else None
         self.times: dict[str, float] = {}
-        self._start = 0.0
+        self._start = self._mark = 0.0
 
     def sync(self) -> None:
         """Wait for the device's queued work (a no-op on CPU)."""
@@ -82,18 +87,19 @@ class StepClock:
     def begin(self) -> None:
         self._sync()
         self.times = dict.fromkeys(PHASES, 0.0)
-        self._start = time.perf_counter()
+        self._start = self._mark = time.perf_counter()
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
         if self._nvtx:
             self._nvtx.range_push(name)
-        start = time.perf_counter()
         try:
             yield
         finally:
             self._sync()  # GPU work queued in this phase is charged to it
-            self.times[name] += time.perf_counter() - start
+            now = time.perf_counter()
+            self.times[name] += now - self._mark
+            self._mark = now
             if self._nvtx:
                 self._nvtx.range_pop()
 
@@ -104,8 +110,8 @@ class StepClock:
         self.times[target] += seconds
 
     def end(self) -> list[float]:
-        """This step's row: the phase times and the whole step, seconds."""
-        return [self.times[p] for p in PHASES] + [time.perf_counter() - self._start]
+        """This step's row: the phase times and the whole step (begin to the end of the last phase), seconds."""
+        return [self.times[p] for p in PHASES] + [self._mark - self._start]
 
 
 def phase_stats(per_rank: np.ndarray) -> dict[str, float | int]:

@@ -4,6 +4,8 @@
 #     recipes and OUTPUT_ROOT resolve there, and picks the Python (PYTHON, else <repo>/.venv, else python3);
 #   - names the job folder ${OUTPUT_ROOT:-runs}/<job name>-<job id> (array task: <array id>_<task id>),
 #     the same after a requeue, and appends the job's SLURM picture to <job folder>/job.txt;
+#   - picks the engine (ENGINE=horovod, the default: srun --mpi=$SRUN_MPI and Horovod over MPI;
+#     ENGINE=torch: srun --mpi=none, torch.distributed with its rendezvous from the SLURM variables);
 #   - runs one srun step in the background so that the batch shell can pass SLURM's warning signal
 #     (--signal=B:USR1@<grace>) or a SIGTERM sent to it on to the step, and requeues the job when training exits 75
 #     ("stopped on a signal after a checkpoint"); the requeued job resumes with --resume auto.
@@ -41,6 +43,10 @@ dali_ba_setup() {
 dali_ba_recipe_args() {
   RECIPE_ARGS=(--recipe "$RECIPE")
   [ -f "$RECIPE" ] || die "RECIPE=$RECIPE: no such recipe file"
+  case "${ENGINE:=horovod}" in
+    horovod|torch) RECIPE_ARGS+=(--engine "$ENGINE") ;;
+    *) die "ENGINE=$ENGINE: must be horovod or torch" ;;
+  esac
   [ -n "${DATA:-}" ] && RECIPE_ARGS+=(--train "$DATA")
   [ -n "${VAL:-}" ] && RECIPE_ARGS+=(--val "$VAL")
   [ -n "${VIEWS:-}" ] && RECIPE_ARGS+=(--views "$VIEWS")
@@ -59,14 +65,16 @@ _dali_ba_forward() {
   [ -n "${_STEP_PID:-}" ] && kill -s USR1 "$_STEP_PID" 2>/dev/null
 }
 
-# dali_ba_srun ARGS...: srun --mpi=$SRUN_MPI ARGS in the background, forwarding USR1/TERM; returns its
-# exit status. On 75 it requeues this job (same id, SLURM_RESTART_COUNT+1) unless NO_REQUEUE is set.
+# dali_ba_srun ARGS...: srun --mpi=$SRUN_MPI ARGS (ENGINE=torch: --mpi=none) in the background,
+# forwarding USR1/TERM; returns its exit status. On 75 it requeues this job (same id, SLURM_RESTART_COUNT+1) unless NO_REQUEUE is set.
 dali_ba_srun() {
   trap '_dali_ba_forward USR1' USR1
   trap '_dali_ba_forward TERM' TERM
   # --wait: once one task has ended, the others get 120 s (rank 0 may still be writing a checkpoint or
   # the model), then are killed: a rank that crashed must not leave the rest hanging in an allreduce.
-  srun --mpi="${SRUN_MPI:-pmix}" --wait=120 "$@" &
+  local mpi=${SRUN_MPI:-pmix}
+  [ "${ENGINE:-horovod}" = torch ] && mpi=none  # torch.distributed meets at the step's first node instead
+  srun --mpi="$mpi" --wait=120 "$@" &
   _STEP_PID=$!
   # A trapped signal interrupts `wait` (status > 128) while srun runs on: wait again until it is gone;
   # the last wait returns srun's own status.

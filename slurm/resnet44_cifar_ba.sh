@@ -19,7 +19,7 @@
 #   FIGURE=4                     shorthand for VIEWS_LIST="1 10 ra10"
 #   RECIPE=pipelines/cifar10_resnet44_ba.toml, DATA, VAL, BATCH (B, default 64), EPOCHS,
 #   OUTPUT_ROOT=runs (job folder $OUTPUT_ROOT/<job name>-<array job id>_<task id>), CHECKPOINT_EVERY,
-#   EXTRA_ARGS, PYTHON, SRUN_MPI, DALI_BA_ROOT: as in slurm/resnet50_ba.sh
+#   EXTRA_ARGS, PYTHON, ENGINE, SRUN_MPI, DALI_BA_ROOT: as in slurm/resnet50_ba.sh
 # Each task's folder holds recipe.toml, environment.json, metrics.jsonl, checkpoints/, model.pt and
 # job.txt; preempted or timed-out tasks checkpoint, requeue themselves and resume (see resnet50_ba.sh).
 #SBATCH --job-name=resnet44_cifar_ba

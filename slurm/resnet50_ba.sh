@@ -1,7 +1,8 @@
 #!/bin/bash
 # The paper's ImageNet run (Hoffer et al., Figures 1 and 5): ResNet-50, B=256 unique images per step
 # over all ranks, M=4 augmented views each (M=10: VIEWS=10), recipe pipelines/imagenet_resnet50_ba.toml.
-# One task per GPU, started with srun --mpi=pmix; Horovod allreduces over MPI (NCCL on GPUs).
+# One task per GPU, started with srun --mpi=pmix; Horovod allreduces over MPI (NCCL on GPUs). With
+# ENGINE=torch: plain srun, torch.distributed + DistributedDataParallel (NCCL on GPUs, Gloo on CPU).
 #
 #   DATA=/data/imagenet/train VAL=/data/imagenet/val sbatch slurm/resnet50_ba.sh        (from the repo root)
 #   DATA=... VAL=... VIEWS=10 sbatch --nodes=8 slurm/resnet50_ba.sh
@@ -21,7 +22,10 @@
 #   CHECKPOINT_EVERY=1000     steps between checkpoints (besides epoch ends and the stop signal)
 #   EXTRA_ARGS                more training flags, e.g. "--amp bf16 --chunks 2 --dali-threads 6"
 #   PYTHON                    interpreter (default: <repo>/.venv/bin/python, else python3)
-#   SRUN_MPI=pmix             srun's --mpi plugin (srun --mpi=list shows yours)
+#   ENGINE=horovod            gradient averaging: horovod (srun --mpi=$SRUN_MPI) or torch (srun
+#                             --mpi=none; rendezvous at the first node, port 29500 + (job + step id) mod 2000,
+#                             or MASTER_ADDR / MASTER_PORT)
+#   SRUN_MPI=pmix             srun's --mpi plugin for Horovod (srun --mpi=list shows yours)
 #   DALI_BA_ROOT              the repository, if sbatch is not run from its root
 # Job folder: recipe.toml (resolved), environment.json (nodes, ranks, GPUs, versions), metrics.jsonl
 # (start/step/epoch/stop/summary records; per-step phase timing), checkpoints/, model.pt, job.txt

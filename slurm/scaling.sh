@@ -16,7 +16,7 @@
 #   VIEWS_LIST="1 2 4 10"   values of M
 #   STEPS=50 WARMUP=10      timed steps per point, and untimed steps before them
 #   RECIPE=pipelines/imagenet_resnet50_ba.toml, DATA, VAL, BATCH, EXTRA_ARGS, OUTPUT_ROOT (job folder
-#   $OUTPUT_ROOT/<job name>-<job id>), PYTHON, SRUN_MPI, DALI_BA_ROOT: as in slurm/resnet50_ba.sh
+#   $OUTPUT_ROOT/<job name>-<job id>), PYTHON, ENGINE, SRUN_MPI, DALI_BA_ROOT: as in slurm/resnet50_ba.sh
 # A point that fails (e.g. out of memory at a large M) is reported and skipped; the job then exits 1
 # after collecting the others.
 #SBATCH --job-name=scaling

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO
 from dali_ba.recipe import load_recipe
@@ -143,6 +144,31 @@ def test_preempted_job_checkpoints_requeues_and_finishes_where_it_stopped(slurm,
     assert summary["param_digests"] == reference["param_digests"]  # the same model as the run never stopped
     assert "start 1 of job" in (job_dir / "job.txt").read_text()
     assert json.loads((job_dir / "environment.json").read_text())["slurm"]["SLURM_RESTART_COUNT"] == "1"
+
+
+def test_torch_engine_template_trains_like_horovod(slurm, job_env, uninterrupted):
+    """ENGINE=torch: plain srun (no MPI), torch.distributed meeting at the job's first node; the same
+    model as the Horovod job of the same settings."""
+    job_id = submit(slurm, "resnet50_ba.sh", *CPU, "--ntasks-per-node=2", **job_env, ENGINE="torch",
+                    EPOCHS=str(EPOCHS), CHECKPOINT_EVERY="", EXTRA_ARGS=f"{SMALL} --max-steps {MAX_STEPS}")
+    (task,) = slurm.wait(job_id, timeout=180)
+    assert_completed(slurm, task, "resnet50_ba", job_id)
+    job_dir = slurm.root / "runs" / f"resnet50_ba-{job_id}"
+    (start,) = records(job_dir, "start")
+    assert (start["engine"], start["engine_backend"], start["ranks"]) == ("torch", "gloo", 2)
+    assert "srun without MPI" in start["engine_reason"] and "--engine torch" in start["engine_reason"]
+    (summary,) = records(job_dir, "summary")
+    assert summary["steps"] == EPOCHS * MAX_STEPS and summary["params_identical"]
+    horovod = torch.load(uninterrupted[1] / "model.pt", weights_only=True)
+    for name, tensor in torch.load(job_dir / "model.pt", weights_only=True).items():
+        torch.testing.assert_close(tensor.float(), horovod[name].float(), rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_template_rejects_an_unknown_engine(slurm, job_env):
+    job_id = submit(slurm, "resnet50_ba.sh", *CPU, "--ntasks-per-node=1", **job_env, ENGINE="mpi")
+    (task,) = slurm.wait(job_id, timeout=60)
+    assert (task["JobState"], task["ExitCode"]) == ("FAILED", "2:0")
+    assert "error: ENGINE=mpi: must be horovod or torch" in slurm_output(slurm, "resnet50_ba", job_id)
 
 
 def test_cifar_array_runs_one_task_per_listed_m(slurm, job_env):

@@ -1,0 +1,209 @@
+"""The two engines: which one a launcher gets, torch.distributed (torchrun) against Horovod, the torch
+engine's chunked step and exact resume, and training where Horovod is not installed."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, run_cli
+from dali_ba.checkpoint import list_checkpoints, load_checkpoint
+from dali_ba.errors import UsageError
+from dali_ba.launcher import choose_engine
+from dali_ba.preemption import EXIT_RESUMABLE
+
+PY = sys.executable
+TRAIN = ["-m", "dali_ba.train", "--recipe", "pipelines/demo.toml"]
+TORCHRUN = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+HOROVODRUN = ["horovodrun", "-np", "2"]
+TORCHRUN_ENV = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "node1", "MASTER_PORT": "29400"}
+SRUN_ENV = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_ID": "3",
+            "SLURM_LOCALID": "0", "SLURM_JOB_ID": "4321", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_CONF": "/nonexistent"}
+
+
+def args(demo_data, output, *extra):
+    return ["--train", str(demo_data / "train"), "--val", str(demo_data / "val"), "--output", str(output),
+            "--batch-size", "16", "--views", "2", "--epochs", "2", "--max-steps", "4", "--log-every", "1", *extra]
+
+
+def records(output, kind):
+    lines = (output / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def summary(output):
+    (record,) = records(output, "summary")
+    return record
+
+
+@pytest.mark.parametrize("requested, env, horovod, engine, launcher, reason", [
+    ("auto", {}, True, "none", "none", "one process, no launcher"),
+    ("auto", TORCHRUN_ENV, True, "torch", "torchrun", "torchrun"),
+    ("auto", {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "4"}, True, "horovod", "mpi", "MPI launcher"),
+    ("auto", {"PMIX_RANK": "0", **SRUN_ENV}, True, "horovod", "mpi", "MPI launcher"),  # srun --mpi=pmix
+    ("auto", {"HOROVOD_RANK": "1", "HOROVOD_SIZE": "2"}, True, "horovod", "mpi", "MPI launcher"),  # horovodrun --gloo
+    ("auto", SRUN_ENV, True, "torch", "srun", "srun without MPI"),
+    ("auto", {k: v for k, v in SRUN_ENV.items() if "STEP" not in k}, True, "none", "none", "one process"),  # batch shell
+    ("torch", {}, True, "torch", "none", "--engine torch"),
+    ("torch", {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"}, False, "torch", "mpi", "--engine torch"),
+    ("horovod", {}, True, "horovod", "none", "--engine horovod"),
+])
+def test_the_launcher_picks_the_engine(requested, env, horovod, engine, launcher, reason):
+    choice = choose_engine(requested, env, horovod=horovod)
+    assert (choice.engine, choice.launch.launcher) == (engine, launcher)
+    assert reason in choice.reason
+
+
+def test_srun_rendezvous_is_the_first_node_of_the_step():
+    launch = choose_engine("auto", SRUN_ENV, horovod=False).launch
+    assert (launch.rank, launch.size, launch.local_rank) == (1, 2, 0)
+    assert (launch.master_addr, launch.master_port) == ("gpu07", 29500 + (4321 + 3) % 2000)
+    launch = choose_engine("auto", {**SRUN_ENV, "MASTER_ADDR": "head", "MASTER_PORT": "1234"}, horovod=False).launch
+    assert (launch.master_addr, launch.master_port) == ("head", 1234)
+
+
+@pytest.mark.parametrize("requested, env, horovod, message", [
+    ("mpi", {}, True, "--engine must be one of auto, horovod, torch, got 'mpi'"),
+    ("horovod", {}, False, "--engine horovod: Horovod is not installed here"),
+    ("horovod", TORCHRUN_ENV, True, "started by torchrun"),
+    ("auto", {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"}, False, "Horovod is not installed"),
+])
+def test_an_engine_that_cannot_run_here_is_a_usage_error(requested, env, horovod, message):
+    with pytest.raises(UsageError, match=message.replace("(", r"\(")):
+        choose_engine(requested, env, horovod=horovod)
+
+
+def test_chunked_ddp_step_equals_one_batch_on_both_ranks_with_one_allreduce(tmp_path):
+    out = tmp_path / "step.pt"
+    done = run_cli(*TORCHRUN, "tests/engine_step_worker.py", str(out), timeout=180)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    result = torch.load(out)
+    assert result["allreduces1"] == result["allreduces3"] >= 1  # no_sync: the 3 chunks allreduce once
+    for chunks in ("chunks1", "chunks3"):  # both ranks' batches averaged = one process on both batches
+        for name, reference in result["reference"].items():
+            torch.testing.assert_close(result[chunks][name], reference, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.fixture(scope="module")
+def horovod_run(demo_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("horovod") / "run"
+    done = run_cli(*HOROVODRUN, PY, *TRAIN, *args(demo_data, out))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def torch_run(demo_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("torch") / "run"
+    done = run_cli(*TORCHRUN, *TRAIN, *args(demo_data, out))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "engine torch (gloo): started by torchrun" in done.stdout
+    return out
+
+
+def test_torchrun_trains_two_ranks_like_horovod(horovod_run, torch_run):
+    ours = summary(torch_run)
+    assert ours["ranks"] == 2 and ours["params_identical"]
+    assert ours["param_digests"][0] == ours["param_digests"][1]
+    (start,) = records(torch_run, "start")
+    assert (start["engine"], start["engine_backend"]) == ("torch", "gloo") and "torchrun" in start["engine_reason"]
+    assert records(horovod_run, "start")[0]["engine"] == "horovod"
+    environment = json.loads((torch_run / "environment.json").read_text())
+    assert environment["engine"]["engine"] == "torch" and environment["engine"]["backend"] == "gloo"
+    assert {r["rank"] for r in environment["per_rank"]} == {0, 1}
+    # Same seed, same shards, same augmentations: the same model as Horovod's, to float tolerance.
+    theirs = torch.load(horovod_run / "model.pt", weights_only=True)
+    mine = torch.load(torch_run / "model.pt", weights_only=True)
+    assert mine.keys() == theirs.keys()
+    for name in mine:
+        torch.testing.assert_close(mine[name].float(), theirs[name].float(), rtol=1e-4, atol=1e-5, msg=name)
+    assert [e["train_loss"] for e in records(torch_run, "epoch")] == pytest.approx(
+        [e["train_loss"] for e in records(horovod_run, "epoch")], rel=1e-4)
+    # DDP's wait inside backward is charged to allreduce_step, not forward_backward.
+    steps = records(torch_run, "step")
+    assert all(s["time"]["allreduce_step"]["max"] > 0 for s in steps)
+
+
+def test_torch_engine_resume_after_a_signal_to_one_rank_is_exact(demo_data, torch_run, tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "PATH": f"{os.path.dirname(PY)}:{os.environ['PATH']}"}
+    job = subprocess.Popen([*TORCHRUN, *TRAIN, *args(demo_data, out)], cwd=REPO, env=env, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # environment.json is written after every rank has installed its signal handlers: signal rank 1
+    # then, and both ranks stop after the same (early) step.
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "environment.json").exists():
+        time.sleep(0.05)
+    time.sleep(0.05)
+    rank1 = json.loads((out / "environment.json").read_text())["per_rank"][1]["pid"]
+    os.kill(rank1, signal.SIGUSR1)
+    stdout, stderr = job.communicate(timeout=120)
+    (stop,) = records(out, "stop")
+    assert stop["signal"] == "SIGUSR1" and stop["signalled_ranks"] == [1] and stop["step"] < 8, stderr[-2000:]
+    assert "run again with --resume auto" in stderr
+    assert f"exitcode  : {EXIT_RESUMABLE}" in stderr  # torchrun reports the ranks' exit code 75
+    state = load_checkpoint(list_checkpoints(out)[0])
+    assert state["step"] == stop["step"] and state["run"]["ranks"] == 2
+    resumed = run_cli(*TORCHRUN, *TRAIN, *args(demo_data, out, "--resume", "auto"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert records(out, "start")[-1]["resumed_from"] == stop["step"]
+    assert sorted({r["step"] for r in records(out, "step")}) == list(range(1, 9))
+    assert summary(out)["param_digests"] == summary(torch_run)["param_digests"]
+
+
+@pytest.fixture
+def without_horovod(tmp_path) -> dict[str, str]:
+    """Environment in which ``import horovod`` fails, as where it was never installed."""
+    hide = tmp_path / "hide_horovod"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(textwrap.dedent("""\
+        import sys
+        from importlib.machinery import PathFinder
+
+        class WithoutHorovod(PathFinder):
+            @classmethod
+            def find_spec(cls, name, path=None, target=None):
+                if name == "horovod" or name.startswith("horovod."):
+                    return None
+                return super().find_spec(name, path, target)
+
+        sys.meta_path[sys.meta_path.index(PathFinder)] = WithoutHorovod
+    """))
+    return {"PYTHONPATH": str(hide)}
+
+
+def test_one_process_trains_where_horovod_is_not_installed(demo_data, tmp_path, without_horovod):
+    probe = run_cli(PY, "-c", "import importlib.util, sys, dali_ba.train, dali_ba.profile\n"
+                              "assert importlib.util.find_spec('horovod') is None\n"
+                              "print(sorted(m for m in sys.modules if m.startswith('horovod')))", env=without_horovod)
+    assert probe.returncode == 0 and probe.stdout.strip() == "[]", probe.stderr
+    out = tmp_path / "run"
+    done = run_cli(PY, *TRAIN, *args(demo_data, out, "--epochs", "1", "--max-steps", "3"), env=without_horovod)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "engine none: one process, no launcher" in done.stdout
+    assert [s["step"] for s in records(out, "step")] == [1, 2, 3] and summary(out)["params_identical"]
+    # The torch engine asked for as one process: a world of one over Gloo, still no Horovod.
+    out = tmp_path / "torch"
+    done = run_cli(PY, *TRAIN, *args(demo_data, out, "--epochs", "1", "--max-steps", "2", "--engine", "torch"),
+                   env=without_horovod)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert records(out, "start")[0]["engine_backend"] == "gloo"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--engine", "horovod"], "--engine horovod: Horovod is not installed here"),
+    (["--engine", "mpi"], r"--engine \(\[run\] engine\) must be auto, horovod or torch, got 'mpi'"),
+    (["--horovod-timeline", "t.json"], "--horovod-timeline needs the Horovod engine; this run uses none"),
+])
+def test_engine_bad_input_is_one_line(demo_data, tmp_path, without_horovod, flags, message):
+    out = tmp_path / "run"
+    done = run_cli(PY, *TRAIN, *args(demo_data, out, *flags), env=without_horovod, timeout=60)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert __import__("re").search(message, lines[0]), lines[0]
+    assert not out.exists()
