@@ -6,13 +6,13 @@ __version__ = "0.1.0"
 
 from dali_ba.errors import UsageError
 
-__all__ = ["BatchAugmentLoader", "ValidationLoader", "flatten_views", "normalize", "UsageError", "__version__"]
+__all__ = ["BatchAugmentLoader", "ValidationLoader", "AugmentedValidationLoader", "flatten_views", "normalize", "UsageError", "__version__"]
 
 
 def __getattr__(name: str):
     # The loader pulls in torch and DALI; import it only when asked, so the CLI can reject bad
     # input before paying for those imports.
-    if name in ("BatchAugmentLoader", "ValidationLoader", "flatten_views", "normalize"):
+    if name in ("BatchAugmentLoader", "ValidationLoader", "AugmentedValidationLoader", "flatten_views", "normalize"):
         from dali_ba import loader
 
         return getattr(loader, name)

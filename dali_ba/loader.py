@@ -230,6 +230,23 @@ class BatchAugmentLoader(_ShardedLoader):
         return self.epoch(self._next_epoch)
 
 
+class AugmentedValidationLoader(BatchAugmentLoader):
+    """Evaluation batches under the training augmentation: every sample exactly once across ranks
+    (as :class:`ValidationLoader`), each as ``views`` augmented views, the same ones on every pass.
+    Yields (b, K, 3, H, W) uint8 and (b,) int64, for averaging the model's outputs over the K views."""
+
+    def shard(self, epoch: int) -> np.ndarray:
+        return eval_shard(len(self.dataset), self.rank, self.world_size, self.batch_size)[0]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        remaining = eval_shard(len(self.dataset), self.rank, self.world_size, self.batch_size)[1]
+        for images, labels in self.epoch(0):
+            keep = min(remaining, len(labels))
+            remaining -= keep
+            if keep:
+                yield images[:keep], labels[:keep]
+
+
 class ValidationLoader(_ShardedLoader):
     """Evaluation batches: resize shorter side + centre crop, one view per sample.
 

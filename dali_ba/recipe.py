@@ -36,6 +36,10 @@ class DataConfig:
     val_resize: int = option(256, 'validation: shorter side resized to this, then centre-cropped')
     val_crop: int = option(224, 'validation: side of the centred square crop')
     val_batch_size: int = option(0, 'images per rank per validation step; 0: same as the training B per rank')
+    eval_views: int = option(0, 'also validate on the softmax averaged over K views under the training '
+                                'augmentation (the authors\' --avg-out); 0: off')
+    calibrate_bn: int = option(0, 'also validate after recomputing BatchNorm statistics on N training batches, '
+                                  'averaged over ranks (the authors\' --calibrate-bn); 0: off')
     dali_threads: int = option(4, 'DALI CPU threads per rank')
     decoder: str = option("auto", "auto (GPU 'mixed' decoder when a GPU is visible), cpu, mixed")
 
@@ -91,7 +95,7 @@ class Recipe:
         """Range checks that need no data or GPU; raises UsageError naming the field."""
         d, m, o, r = self.data, self.model, self.optim, self.run
         at_least = [(d, "batch_size", 1), (d, "views", 1), (d, "view_size", 1), (d, "val_resize", 1),
-                    (d, "val_crop", 1), (d, "dali_threads", 1), (d, "val_batch_size", 0), (o, "epochs", 1),
+                    (d, "val_crop", 1), (d, "dali_threads", 1), (d, "val_batch_size", 0), (d, "eval_views", 0), (d, "calibrate_bn", 0), (o, "epochs", 1),
                     (o, "lr_batch", 1), (o, "chunks", 1), (r, "log_every", 1), (r, "max_steps", 0),
                     (r, "torch_threads", 0), (r, "timing_warmup", 0), (r, "checkpoint_every", 0),
                     (r, "keep_checkpoints", 1)]

@@ -12,7 +12,9 @@ regime); the loss is the mean cross-entropy over all B*M views. Rank 0 prints an
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
+import math
 import os
 import sys
 import time
@@ -154,7 +156,11 @@ def evaluate(
     autocast=contextlib.nullcontext,
 ) -> dict[str, float]:
     """Loss, top-1 and top-5 (top-k for k < 5 classes) over ``batches`` of every rank, exactly:
-    correct counts and sample counts are summed over ranks, not averaged."""
+    correct counts and sample counts are summed over ranks, not averaged.
+
+    Batches of (b, 3, H, W) images are classified as they are; batches of (b, K, 3, H, W) (K views of
+    each sample) by the softmax averaged over the K views (the authors' ``--avg-out``), the loss then
+    being the negative log of that average at the label."""
     import torch
     import torch.nn.functional as F
 
@@ -166,15 +172,58 @@ def evaluate(
     sums = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1 hits, top-5 hits, samples
     with torch.no_grad():
         for images, labels in batches:
+            views = images.shape[1] if images.dim() == 5 else 0
+            x = images.flatten(0, 1) if views else images
             with autocast():
-                logits = model(normalize(images).contiguous(memory_format=memory_format)).float()
-            hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
-            loss = F.cross_entropy(logits, labels, reduction="sum")
+                logits = model(normalize(x).contiguous(memory_format=memory_format)).float()
+            if views:  # log of the mean softmax over the views: a log-probability per class
+                scores = logits.log_softmax(1).unflatten(0, (len(labels), views)).logsumexp(1) - math.log(views)
+                loss = F.nll_loss(scores, labels, reduction="sum")
+            else:
+                scores = logits
+                loss = F.cross_entropy(logits, labels, reduction="sum")
+            hits = scores.topk(min(5, scores.shape[1]), dim=1).indices == labels[:, None]
             sums += torch.tensor([loss.item(), hits[:, 0].sum().item(), hits.any(1).sum().item(), len(labels)],
                                  dtype=torch.float64)
     model.train(was_training)
     loss, top1, top5, count = world.sum(sums.tolist())
     return {"val_loss": loss / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count, "val_samples": int(count)}
+
+
+def calibrate_batchnorm(
+    model: torch.nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    world: World,
+    memory_format: torch.memory_format | None = None,
+    autocast=contextlib.nullcontext,
+) -> int:
+    """Recompute BatchNorm running statistics from ``batches`` of training views (the authors'
+    ``--calibrate-bn``): reset, then the plain average over all batches (momentum None), averaged
+    over ranks. Returns the number of batches seen on this rank."""
+    import torch
+
+    from dali_ba.loader import flatten_views, normalize
+
+    memory_format = memory_format or torch.channels_last
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the calibration batches
+    was_training = model.training
+    model.train()
+    seen = 0
+    with torch.no_grad():
+        for images, labels in batches:
+            x, _ = flatten_views(images, labels)
+            with autocast():
+                model(normalize(x).contiguous(memory_format=memory_format))
+            seen += 1
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.train(was_training)
+    world.average_buffers(model)
+    return seen
 
 
 @dataclass
@@ -282,7 +331,7 @@ def _train(plan: Recipe, recipe: Recipe, world: World, train_set: ImageDataset, 
     from dali_ba import distributed
     from dali_ba.checkpoint import check_compatible, find_resume_point, save_checkpoint
     from dali_ba.environment import environment_summary
-    from dali_ba.loader import ValidationLoader
+    from dali_ba.loader import AugmentedValidationLoader, BatchAugmentLoader, ValidationLoader
     from dali_ba.metrics import Progress, StepClock, StepTimes, summary_table
     from dali_ba.preemption import EXIT_RESUMABLE
 
@@ -296,6 +345,33 @@ def _train(plan: Recipe, recipe: Recipe, world: World, train_set: ImageDataset, 
         val_set, d.val_batch_size or t.per_rank, d.val_resize, d.val_crop,
         rank=world.rank, world_size=world.size, decoder=d.decoder, device=device, num_threads=d.dali_threads,
     )
+    view_loader = AugmentedValidationLoader(  # --eval-views K: the training augmentation, K views per image
+        val_set, d.val_batch_size or t.per_rank, d.eval_views, d.view_size, augment=d.augment,
+        crop_area_min=d.crop_area_min, rank=world.rank, world_size=world.size, seed=r.seed, decoder=d.decoder,
+        device=device, num_threads=d.dali_threads,
+    ) if d.eval_views else None
+    calibration_loader = BatchAugmentLoader(  # --calibrate-bn N: training batches of their own (seed + 1)
+        train_set, t.per_rank, d.views, d.view_size, augment=d.augment, crop_area_min=d.crop_area_min,
+        rank=world.rank, world_size=world.size, seed=r.seed + 1, decoder=d.decoder, num_threads=d.dali_threads,
+    ) if d.calibrate_bn else None
+
+    def validate(epoch: int) -> dict[str, float]:
+        """Validation as trained; with --eval-views, also over K views; with --calibrate-bn, also after
+        recomputing BatchNorm statistics (for that evaluation only: training goes on unchanged)."""
+        result = evaluate(model, val_loader, world, memory_format, t.autocast)
+        if view_loader:
+            views = evaluate(model, view_loader, world, memory_format, t.autocast)
+            result.update({f"views_{k}": v for k, v in views.items() if k != "val_samples"})
+        if calibration_loader:
+            kept = {k: v.clone() for k, v in model.named_buffers()}
+            batches = itertools.islice(calibration_loader.epoch(epoch), min(d.calibrate_bn, len(calibration_loader)))
+            calibrate_batchnorm(model, ((x.to(device), y.to(device)) for x, y in batches), world, memory_format,
+                                t.autocast)
+            calibrated = evaluate(model, val_loader, world, memory_format, t.autocast)
+            result.update({f"calibrated_{k}": v for k, v in calibrated.items() if k != "val_samples"})
+            model.load_state_dict(kept, strict=False)
+        return result
+
     steps_per_epoch = min(len(loader), r.max_steps) if r.max_steps else len(loader)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, steps_per_epoch, o.warmup_epochs, o.decay_epochs, o.decay_factor)
@@ -404,13 +480,15 @@ def _train(plan: Recipe, recipe: Recipe, world: World, train_set: ImageDataset, 
         loss_sum, right, seen = world.sum(sums)
         train_loss = loss_sum / (done * world.size)
         world.average_buffers(model)
-        result = evaluate(model, val_loader, world, memory_format, t.autocast)
+        result = validate(epoch)
         images_per_s = epoch_steps * d.batch_size / epoch_time
         log.write("epoch", epoch=epoch, train_loss=train_loss, train_top1=100 * right / seen, **result,
                   epoch_time=epoch_time, wall=trained_time + time.perf_counter() - segment_start,
                   steps_per_s=epoch_steps / epoch_time, images_per_s=images_per_s, views_per_s=images_per_s * d.views)
+        extra = "".join(f"  {name} top-1 {result[f'{key}_top1']:5.1f}%" for key, name in
+                        (("views", f"{d.eval_views}-view"), ("calibrated", "BN-calibrated")) if f"{key}_top1" in result)
         progress.write(f"epoch {epoch + 1:>3}/{o.epochs}  train loss {train_loss:.4f}  val loss {result['val_loss']:.4f}  "
-                       f"top-1 {result['top1']:5.1f}%  top-5 {result['top5']:5.1f}%  {epoch_steps / epoch_time:.2f} steps/s  "
+                       f"top-1 {result['top1']:5.1f}%  top-5 {result['top5']:5.1f}%{extra}  {epoch_steps / epoch_time:.2f} steps/s  "
                        f"{images_per_s:.0f} img/s ({images_per_s * d.views:.0f} views/s)  {epoch_time:.1f}s")
         checkpoint(epoch + 1, None)
     progress.close()
@@ -423,6 +501,7 @@ def _train(plan: Recipe, recipe: Recipe, world: World, train_set: ImageDataset, 
     wall_time = trained_time + time.perf_counter() - segment_start
     summary = dict(epochs=o.epochs, steps=step, ranks=world.size, views=d.views, batch_size=d.batch_size,
                    top1=result.get("top1"), top5=result.get("top5"), val_loss=result.get("val_loss"),
+                   **{k: v for k, v in result.items() if k.startswith(("views_", "calibrated_"))},
                    **timing, wall_time=wall_time, param_digests=digests, params_identical=identical)
     log.write("summary", **summary)
     log.close()

@@ -21,6 +21,7 @@ PY = sys.executable
 TRAIN = ["-m", "dali_ba.train", "--recipe", "pipelines/demo.toml"]
 TORCHRUN = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 HOROVODRUN = ["horovodrun", "-np", "2"]
+EVALUATION = ["--eval-views", "2", "--calibrate-bn", "2"]  # both exact over ranks: equal under both engines
 TORCHRUN_ENV = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "node1", "MASTER_PORT": "29400"}
 SRUN_ENV = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_ID": "3",
             "SLURM_LOCALID": "0", "SLURM_JOB_ID": "4321", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_CONF": "/nonexistent"}
@@ -92,7 +93,7 @@ def test_chunked_ddp_step_equals_one_batch_on_both_ranks_with_one_allreduce(tmp_
 @pytest.fixture(scope="module")
 def horovod_run(demo_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("horovod") / "run"
-    done = run_cli(*HOROVODRUN, PY, *TRAIN, *args(demo_data, out))
+    done = run_cli(*HOROVODRUN, PY, *TRAIN, *args(demo_data, out, *EVALUATION))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return out
 
@@ -100,7 +101,7 @@ def horovod_run(demo_data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def torch_run(demo_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("torch") / "run"
-    done = run_cli(*TORCHRUN, *TRAIN, *args(demo_data, out))
+    done = run_cli(*TORCHRUN, *TRAIN, *args(demo_data, out, *EVALUATION))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "engine torch (gloo): started by torchrun" in done.stdout
     return out
@@ -122,8 +123,9 @@ def test_torchrun_trains_two_ranks_like_horovod(horovod_run, torch_run):
     assert mine.keys() == theirs.keys()
     for name in mine:
         torch.testing.assert_close(mine[name].float(), theirs[name].float(), rtol=1e-4, atol=1e-5, msg=name)
-    assert [e["train_loss"] for e in records(torch_run, "epoch")] == pytest.approx(
-        [e["train_loss"] for e in records(horovod_run, "epoch")], rel=1e-4)
+    for key in ("train_loss", "top1", "views_top1", "calibrated_top1", "calibrated_val_loss"):
+        assert [e[key] for e in records(torch_run, "epoch")] == pytest.approx(
+            [e[key] for e in records(horovod_run, "epoch")], rel=1e-4), key
     # DDP's wait inside backward is charged to allreduce_step, not forward_backward.
     steps = records(torch_run, "step")
     assert all(s["time"]["allreduce_step"]["max"] > 0 for s in steps)
@@ -132,7 +134,7 @@ def test_torchrun_trains_two_ranks_like_horovod(horovod_run, torch_run):
 def test_torch_engine_resume_after_a_signal_to_one_rank_is_exact(demo_data, torch_run, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PATH": f"{os.path.dirname(PY)}:{os.environ['PATH']}"}
-    job = subprocess.Popen([*TORCHRUN, *TRAIN, *args(demo_data, out)], cwd=REPO, env=env, text=True,
+    job = subprocess.Popen([*TORCHRUN, *TRAIN, *args(demo_data, out, *EVALUATION)], cwd=REPO, env=env, text=True,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     # environment.json is written after every rank has installed its signal handlers: signal rank 1
     # then, and both ranks stop after the same (early) step.
@@ -149,7 +151,7 @@ def test_torch_engine_resume_after_a_signal_to_one_rank_is_exact(demo_data, torc
     assert f"exitcode  : {EXIT_RESUMABLE}" in stderr  # torchrun reports the ranks' exit code 75
     state = load_checkpoint(list_checkpoints(out)[0])
     assert state["step"] == stop["step"] and state["run"]["ranks"] == 2
-    resumed = run_cli(*TORCHRUN, *TRAIN, *args(demo_data, out, "--resume", "auto"))
+    resumed = run_cli(*TORCHRUN, *TRAIN, *args(demo_data, out, *EVALUATION, "--resume", "auto"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert records(out, "start")[-1]["resumed_from"] == stop["step"]
     assert sorted({r["step"] for r in records(out, "step")}) == list(range(1, 9))
