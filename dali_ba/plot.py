@@ -6,7 +6,8 @@ Writes PNGs (default: into the first run folder):
 - error_vs_epoch.png, error_vs_time.png: training (dashed) and validation (solid) error, as the
   paper's Figures 1, 3 and 5 (error = 100 - top-1 %);
 - grad_norm.png: L2 norm of the allreduced gradient per step (Figure 2; runs trained with
-  --log-grad-norm only);
+  --log-grad-norm only), smoothed with ``--smooth BETA`` (an exponential moving average; the raw
+  values stay as a faint line);
 - steps_per_s.png: training steps per second of each run, mean and standard deviation.
 Runs are named by M and B from their "start" record (or their recipe.toml).
 """
@@ -173,16 +174,30 @@ def error_figure(runs: list[Run], x: str) -> Figure:
     return fig
 
 
-def grad_norm_figure(runs: list[Run]) -> Figure:
+def ema(values: list[float], beta: float) -> list[float]:
+    """Exponential moving average, bias-corrected (Adam's way) so that it starts at the data:
+    s_t = beta * s_{t-1} + (1 - beta) * x_t, reported as s_t / (1 - beta^t). beta = 0: the values."""
+    out, state = [], 0.0
+    for t, value in enumerate(values, 1):
+        state = beta * state + (1 - beta) * value
+        out.append(state / (1 - beta**t))
+    return out
+
+
+def grad_norm_figure(runs: list[Run], smooth: float = 0.0) -> Figure:
     fig, ax = new_figure()
     for index, run in enumerate(runs):
         points = [(s["step"], s["grad_norm"]) for s in run.steps if "grad_norm" in s]
-        if points:
-            ax.plot(*zip(*points), color=f"C{index % 10}", label=run.label)
+        if not points:
+            continue
+        steps, norms = zip(*points)
+        if smooth:
+            ax.plot(steps, norms, color=f"C{index % 10}", alpha=0.2, linewidth=0.8)
+        ax.plot(steps, ema(list(norms), smooth), color=f"C{index % 10}", label=run.label)
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("gradient L2 norm (log scale)")
-    ax.set_title("Norm of the allreduced gradient")
+    ax.set_title("Norm of the allreduced gradient" + (f" (EMA, beta {smooth:g}; faint: raw)" if smooth else ""))
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize="small")
     return fig
@@ -218,7 +233,7 @@ def throughput_figure(runs: list[Run]) -> Figure:
     return fig
 
 
-def plot_runs(runs: list[Run], out: Path) -> list[Path]:
+def plot_runs(runs: list[Run], out: Path, smooth: float = 0.0) -> list[Path]:
     """Write every figure that the runs have data for; returns the files written."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -226,7 +241,7 @@ def plot_runs(runs: list[Run], out: Path) -> list[Path]:
         written.append(save(error_figure(runs, "epoch"), out / "error_vs_epoch.png"))
         written.append(save(error_figure(runs, "time"), out / "error_vs_time.png"))
     if any("grad_norm" in s for run in runs for s in run.steps):
-        written.append(save(grad_norm_figure(runs), out / "grad_norm.png"))
+        written.append(save(grad_norm_figure(runs, smooth), out / "grad_norm.png"))
     if any(throughput(run) for run in runs):
         written.append(save(throughput_figure(runs), out / "steps_per_s.png"))
     return written
@@ -250,11 +265,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders holding metrics.jsonl")
     parser.add_argument("--out", help="folder for the PNGs (default: the first RUN_DIR)")
+    parser.add_argument("--smooth", type=float, default=0.0, metavar="BETA",
+                        help="EMA of the gradient norm, 0 <= BETA < 1 (e.g. 0.9; default 0: raw)")
     args = parser.parse_args(argv)
+    if not 0 <= args.smooth < 1:
+        parser.error(f"--smooth must be in [0, 1), got {args.smooth}")
     try:
         runs = [load_run(folder) for folder in args.runs]
         label_runs(runs)
-        written = plot_runs(runs, Path(args.out or args.runs[0]))
+        written = plot_runs(runs, Path(args.out or args.runs[0]), args.smooth)
         if not written:
             raise UsageError(f"nothing to plot: no epoch, step or summary records in {', '.join(args.runs)}")
     except UsageError as exc:

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from conftest import run_cli
-from dali_ba.plot import error_figure, grad_norm_figure, label_runs, load_run, throughput_figure
+from dali_ba.plot import ema, error_figure, grad_norm_figure, label_runs, load_run, throughput_figure
 
 PLOT = [sys.executable, "-m", "dali_ba.plot"]
 PHASES = ("data", "h2d", "forward_backward", "allreduce_step")
@@ -108,6 +108,21 @@ def test_figures_show_the_records(tmp_path):
     assert heights == pytest.approx([runs[0].summary["steps_per_s"], runs[1].epochs[0]["steps_per_s"]])
     assert [t.get_text() for t in ax.get_xticklabels()] == ["M=1, B=32", "M=8, B=32"]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["M=1, B=32", "M=8, B=32"]
+
+
+def test_smoothed_gradient_norm_is_an_ema_of_the_records(tmp_path):
+    assert ema([1.0, 2.0, 4.0], 0.0) == [1.0, 2.0, 4.0]
+    assert ema([1.0, 3.0], 0.5) == pytest.approx([1.0, (0.25 + 1.5) / 0.75])  # bias-corrected: starts at the data
+    run = load_run(write_run(tmp_path / "a", 4, 32, grad_norm=True))
+    label_runs([run])
+    raw = [s["grad_norm"] for s in run.steps]
+    (ax,) = grad_norm_figure([run], smooth=0.9).axes
+    faint, smoothed = ax.get_lines()
+    assert list(faint.get_ydata()) == raw and faint.get_alpha() == 0.2
+    assert list(smoothed.get_ydata()) == pytest.approx(ema(raw, 0.9)) and smoothed.get_label() == "M=4, B=32"
+    assert max(smoothed.get_ydata()) - min(smoothed.get_ydata()) < max(raw) - min(raw)  # it does smooth
+    done = run_cli(*PLOT, str(run.path), "--smooth", "1.5", timeout=60)
+    assert done.returncode == 2 and "--smooth must be in [0, 1), got 1.5" in done.stderr
 
 
 def test_same_m_and_b_are_told_apart_by_folder(tmp_path):
