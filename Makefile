@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 RANKS  ?= 2
 DEMO_DATA := data/demo
 
-.PHONY: install demo demo-data test clean
+.PHONY: install demo demo-data test paper clean
 
 install: $(VENV)/.installed
 
@@ -24,6 +24,10 @@ demo-data: $(DEMO_DATA)/.complete
 demo: install demo-data
 	rm -rf runs/demo
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" OMPI_MCA_mpi_yield_when_idle=1 horovodrun -np $(RANKS) python -m dali_ba.train --recipe pipelines/demo.toml
+
+# The paper's Figures 2-5 at small scale (two data sets, 2 seeds): runs/paper/REPORT.md, under 20 min on 2 cores.
+paper: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" python -m dali_ba.reproduce --out runs/paper
 
 test: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" python -m pytest -q tests
