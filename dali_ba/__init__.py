@@ -2,7 +2,7 @@
 
 Each of B samples per step is read and decoded once and trained on as M augmented views.
 """
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from dali_ba.errors import UsageError
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dali_ba import __version__
 from dali_ba.errors import UsageError
 
 FORMAT = 1
@@ -33,7 +34,7 @@ def save_checkpoint(output: Path, step: int, state: dict[str, Any], keep: int) -
     path = folder / f"step-{step:09d}.pt"
     temporary = path.with_name(f".{path.name}.tmp")
     with open(temporary, "wb") as file:
-        torch.save({"format": FORMAT, **state}, file)
+        torch.save({"format": FORMAT, "version": __version__, **state}, file)
         file.flush()
         os.fsync(file.fileno())
     os.replace(temporary, path)  # readers see the old set or the new file, never half a file
@@ -59,6 +60,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise UsageError(f"checkpoint {path} cannot be loaded ({reason[:200]})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UsageError(f"checkpoint {path} is not a dali-ba checkpoint (format {FORMAT})")
+    if state.get("version") != __version__:  # loader positions and states change between versions
+        raise UsageError(f"checkpoint {path} was written by dali-ba {state.get('version') or '0.1 or older'}, this is "
+                         f"dali-ba {__version__}: resume it with that version, or start afresh in a new --output")
     return state
 
 

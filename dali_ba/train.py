@@ -17,6 +17,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -51,11 +52,60 @@ def lr_factor(step: int, steps_per_epoch: int, warmup_epochs: float, decay_epoch
 
 def check_output(output: Path, resume: str) -> None:
     """Refuse an output folder that already holds a run (its metrics would be overwritten), unless
-    the run is being resumed."""
+    the run is being resumed, and one that cannot be created or written (rank 0 tries both, then
+    removes what it created: nothing is left behind if the run stops before it starts)."""
     metrics = output / "metrics.jsonl"
     if not resume and metrics.exists() and metrics.stat().st_size:
         raise UsageError(f"--output {output} already holds a run (metrics.jsonl); pick a new folder, remove it, "
                          "or continue it with --resume auto")
+    if launcher_rank() != 0:  # one prober: on a shared file system the others' folders would race it
+        return
+    missing = [p for p in (output, *output.parents) if not p.exists()]
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output):
+            pass
+    except OSError as exc:
+        raise UsageError(f"--output {output}: cannot create or write it ({exc.strerror or exc})") from None
+    finally:
+        for folder in missing:  # deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+BATCH_COPIES = 7  # uint8 batches a rank holds at once (DALI's prefetch + the one in use) + its float copy (x4)
+
+
+def check_memory(per_rank: int, views: int, view_size: int, local_ranks: int) -> None:
+    """Refuse a batch of views that cannot fit: B*M*S^2*3 bytes per uint8 batch, about BATCH_COPIES
+    of them per rank, against the memory available on this node."""
+    batch = per_rank * views * view_size**2 * 3
+    need = batch * BATCH_COPIES * local_ranks
+    available = _available_memory()
+    if available is not None and need > available:
+        raise UsageError(f"--view-size {view_size} with {per_rank} samples x M={views} views per rank: one batch of "
+                         f"views is {_bytes(batch)} (B*M*S^2*3), about {_bytes(need)} for {local_ranks} rank(s) on this "
+                         f"node with prefetching and the float copy, more than the {_bytes(available)} available; "
+                         "lower --view-size, --batch-size or --views, or use more nodes")
+
+
+def _available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if count < 1024 or unit == "PiB":
+            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
+        count /= 1024
+    return f"{count:.1f} PiB"
 
 
 def prepare_output(output: Path, recipe: Recipe, environment: dict) -> Path:
@@ -89,6 +139,7 @@ def check_world(recipe: Recipe, world: World, *datasets: ImageDataset) -> int:
     for dataset in datasets:
         if len(dataset) < world.size:
             raise UsageError(f"data {dataset.source} has {len(dataset)} samples but there are {world.size} ranks")
+    check_memory(per_rank, d.views, d.view_size, world.local_size)
     return per_rank
 
 

@@ -189,6 +189,30 @@ PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP OverS
             self._pid_files[name].unlink(missing_ok=True)
         _end(self._leftovers())
 
+    def wait_until_gone(self, job_id: str, timeout: float = 90) -> None:
+        """Until nothing of the job's last start is left on the node: no slurmstepd or task of it, and
+        its slurmd spool folder removed. A requeued job keeps its id, so a new start that comes before
+        this cleanup shares the spool folder (job<id>/slurm_script) that the old one is removing."""
+        spool = self.root / "spool" / "d" / f"job{int(job_id):05d}"
+        daemons = {self._pid(name) for name in ("slurmd", "slurmctld", "munged")}
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            left = [pid for pid in self._leftovers() if pid not in daemons]
+            if not left and not spool.exists():
+                return
+            time.sleep(0.3)
+        raise ClusterError(f"job {job_id}: its last start is still on the node after {timeout:.0f}s "
+                           f"(processes {left}, spool folder {'present' if spool.exists() else 'gone'}); "
+                           f"slurmd log {self.logs['slurmd']}:\n{self._tail('slurmd')}")
+
+    def keep_logs(self, destination: Path) -> Path:
+        """Copy the daemons' logs and the jobs' output files to ``destination`` (for a failed run)."""
+        destination.mkdir(parents=True, exist_ok=True)
+        for path in [*self.logs.values(), *self.root.glob("*.out")]:
+            if path.is_file():
+                shutil.copy2(path, destination / path.name)
+        return destination
+
     def _leftovers(self) -> list[int]:
         """Processes (slurmstepd, job tasks) whose environment names this cluster's slurm.conf."""
         marker = f"SLURM_CONF={self.conf}".encode() + b"\0"

@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,20 @@ def test_bad_file_lists(tmp_path, text, message):
         read_file_list(tmp_path / "l.txt")
     with pytest.raises(UsageError, match="file list not found"):
         read_file_list(tmp_path / "other.txt")
+
+
+@pytest.mark.parametrize("target", ["root", "class folder"])
+def test_unreadable_data_folder_is_a_usage_error(tmp_path, monkeypatch, target):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.jpg").write_bytes(b"")
+    real = os.scandir
+    denied = tmp_path if target == "root" else tmp_path / "a"
+
+    def scandir(path):  # what a folder without read permission answers (root would not be refused)
+        if Path(path) == denied:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(UsageError, match=f"cannot read .*{denied.name} \\(Permission denied\\)"):
+        load_dataset(tmp_path)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import REPO, run_cli
+from dali_ba import __version__
 from dali_ba.checkpoint import list_checkpoints, load_checkpoint
 from dali_ba.preemption import EXIT_RESUMABLE
 
@@ -80,6 +81,17 @@ def test_resume_rejects_a_checkpoint_of_another_run(demo_data, uninterrupted, tm
                                  str(uninterrupted / "checkpoints" / "step-000000003.pt")))
     assert done.returncode == 2
     assert "was written with views = 2, this run has 3" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_resume_rejects_a_checkpoint_of_another_dali_ba_version(demo_data, uninterrupted, tmp_path):
+    state = torch.load(uninterrupted / "checkpoints" / "step-000000003.pt", weights_only=True)
+    assert state["version"] == __version__
+    old = tmp_path / "old.pt"
+    torch.save({**state, "version": "0.1.0"}, old)
+    done = run_cli(*TRAIN, *args(demo_data, tmp_path / "run", "--resume", str(old)))
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert f"was written by dali-ba 0.1.0, this is dali-ba {__version__}" in done.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_checkpoints_load_without_unpickling_code(uninterrupted):

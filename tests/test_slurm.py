@@ -28,11 +28,12 @@ PHASES = ("data", "h2d", "forward_backward", "allreduce_step", "step")
 
 
 @pytest.fixture(scope="module")
-def slurm():
+def slurm(request):
     # Not pytest's tmp_path: its parents are private to root, and munged runs as user munge.
     root = Path(tempfile.mkdtemp(prefix="dali-ba-slurm-"))
     root.chmod(0o755)
     cluster = SlurmCluster(root)
+    failed_before = request.session.testsfailed
     try:
         failure = None
         try:
@@ -44,6 +45,9 @@ def slurm():
         yield cluster
     finally:
         cluster.stop()
+        if request.session.testsfailed > failed_before:  # keep what explains the failure
+            kept = cluster.keep_logs(REPO / "runs" / "slurm-test-logs" / root.name)
+            sys.__stderr__.write(f"\ntest_slurm: a test failed; SLURM daemon logs and job outputs kept in {kept}\n")
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -72,7 +76,9 @@ def slurm_output(slurm, job_name: str, job_id: str) -> str:
 
 
 def assert_completed(slurm, task: dict, name: str, job_id: str) -> None:
-    assert (task["JobState"], task["ExitCode"]) == ("COMPLETED", "0:0"), slurm_output(slurm, name, job_id)[-3000:]
+    assert (task["JobState"], task["ExitCode"]) == ("COMPLETED", "0:0"), (
+        f"{slurm_output(slurm, name, job_id)[-3000:]}\n--- slurmctld:\n{slurm._tail('slurmctld', 20)}\n"
+        f"--- slurmd:\n{slurm._tail('slurmd', 30)}")
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +136,9 @@ def test_preempted_job_checkpoints_requeues_and_finishes_where_it_stopped(slurm,
     (stop,) = records(job_dir, "stop")
     assert 2 <= stop["step"] < total and stop["signal"] == "SIGUSR1"
     assert (job_dir / "checkpoints" / f"step-{stop['step']:09d}.pt").is_file()
+    # Start it at once, but only after its first start has left the node: SLURM's own ~2 minute hold
+    # guarantees that, and starting sooner raced the old start's cleanup of the job's spool folder.
+    slurm.wait_until_gone(job_id)
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=slurm.env, check=True)
     (task,) = slurm.wait(job_id, timeout=180)
     assert_completed(slurm, task, "resnet50_ba", job_id)

@@ -144,6 +144,12 @@ BAD_INPUTS = {
     "wrong recipe type": (lambda p, d: ["--recipe", str(write(p / "r.toml", "[optim]\nepochs = '9'\n"))],
                           "epochs must be int, got str"),
     "unknown model": (lambda p, d: ["--arch", "resnet9000"], "unknown model 'resnet9000'"),
+    "output cannot be created": (lambda p, d: ["--output", "/proc/dali-ba-test/run"],
+                                 "--output /proc/dali-ba-test/run: cannot create or write it"),
+    "output is a file": (lambda p, d: ["--output", str(write(p / "file", "x") / "run")], "cannot create or write it"),
+    "views beyond memory": (lambda p, d: ["--view-size", "100000"],
+                            r"--view-size 100000 with 64 samples x M=4 views per rank: one batch of views is 7\.0 TiB "
+                            r"\(B\*M\*S\^2\*3\), .* more than the .* available"),
 }
 
 

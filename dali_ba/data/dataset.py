@@ -46,7 +46,10 @@ def scan_folder(root: str | os.PathLike, classes: Sequence[str] | None = None) -
         raise UsageError(f"data directory not found: {root}")
     if not root.is_dir():
         raise UsageError(f"data path is not a directory: {root}")
-    found = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
+    try:
+        found = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
+    except OSError as exc:
+        raise UsageError(f"cannot read data directory {root} ({exc.strerror or exc})") from None
     if not found:
         raise UsageError(f"no class folders in {root} (expected {root}/<class>/<image>.jpg)")
     classes = list(classes) if classes is not None else found
@@ -57,8 +60,11 @@ def scan_folder(root: str | os.PathLike, classes: Sequence[str] | None = None) -
     labels: list[int] = []
     for name in found:
         label = classes.index(name)
-        with os.scandir(root / name) as entries:  # scandir: no stat() per file on a parallel file system
-            images = sorted(entry.path for entry in entries if _is_image(entry.name) and entry.is_file())
+        try:
+            with os.scandir(root / name) as entries:  # scandir: no stat() per file on a parallel file system
+                images = sorted(entry.path for entry in entries if _is_image(entry.name) and entry.is_file())
+        except OSError as exc:
+            raise UsageError(f"cannot read class folder {root / name} ({exc.strerror or exc})") from None
         if not images:
             raise UsageError(f"class folder has no images: {root / name}")
         files += images
@@ -78,7 +84,11 @@ def read_file_list(list_path: str | os.PathLike, root: str | os.PathLike | None 
     base = Path(root) if root is not None else list_path.parent
     files: list[str] = []
     labels: list[int] = []
-    for lineno, line in enumerate(list_path.read_text().splitlines(), 1):
+    try:
+        text = list_path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read file list {list_path} ({getattr(exc, 'strerror', None) or exc})") from None
+    for lineno, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
