@@ -85,8 +85,8 @@ def make_datasets(root: Path, quick: bool) -> dict[str, Path]:
     from dali_ba.data.synth import write_dataset
 
     made = {}
-    for name, write in (("synthetic", lambda p: write_dataset(p, *((4, 2) if quick else (40, 12)), seed=0)),
-                        ("digits", lambda p: write_digits(p, *((60, 30) if quick else (600, 300)), seed=0))):
+    for name, write in (("synthetic", lambda p: write_dataset(p, *((4, 2) if quick else (36, 12)), seed=0)),
+                        ("digits", lambda p: write_digits(p, *((60, 30) if quick else (480, 240)), seed=0))):
         folder = root / name
         if not (folder / ".complete").exists():
             write(folder)
