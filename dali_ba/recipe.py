@@ -27,7 +27,7 @@ def option(default: Any, help: str) -> Any:
 class DataConfig:
     train: str = option("data/demo/train", "ImageNet-style folder (class sub-folders) or a '<path> <label>' .txt list")
     val: str = option("data/demo/val", 'validation images: class folders (training class names) or a .txt list')
-    augment: str = option("imagenet", 'per-view augmentation recipe (see dali_ba.pipeline.AUGMENTATIONS)')
+    augment: str = option("imagenet", 'per-view augmentation recipe (see dali_ba.augment)')
     batch_size: int = option(256, 'B: unique images per step across all ranks (each rank reads B / ranks)')
     views: int = option(4, 'M: augmented views of every sample')
     view_size: int = option(224, 'training crop side, pixels')
