@@ -10,19 +10,24 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import math as dmath
 
 READER_NAME = "reader"
 
 
-def imagenet_view(images, box, flip, hole, view_size: int):
-    """The box (top, left, height, width) resized to ``view_size`` squared (bilinear, antialiased), mirrored on ``flip``."""
+def imagenet_view(images, bounds, box, flip, hole, view_size: int):
+    """The box (top, left, height, width) resized to ``view_size`` squared (bilinear, antialiased), mirrored on ``flip``.
+
+    ``bounds`` is the decoded (height, width): the box is clipped to it, as DALI's CPU resize reads
+    outside the image otherwise (a box drawn from a header that disagrees with the decoder)."""
     box = fn.cast(box, dtype=types.FLOAT)
-    view = fn.resize(images, size=(view_size, view_size), roi_start=box[0:2], roi_end=box[0:2] + box[2:4],
+    start, end = dmath.min(box[0:2], bounds - 1), dmath.min(box[0:2] + box[2:4], bounds)
+    view = fn.resize(images, size=(view_size, view_size), roi_start=start, roi_end=end,
                      roi_relative=False, antialias=True, interp_type=types.INTERP_LINEAR)
     return fn.flip(view, horizontal=flip)
 
 
-def cifar_view(images, box, flip, hole, view_size: int):
+def cifar_view(images, bounds, box, flip, hole, view_size: int):
     """The ``view_size`` window at the box's corner (zero outside the image), mirrored, with its hole zeroed."""
     box, hole = fn.cast(box, dtype=types.INT32), fn.cast(hole, dtype=types.FLOAT)
     view = fn.slice(images, start=box[0:2], shape=box[2:4], axis_names="HW", out_of_bounds_policy="pad", fill_values=0)
@@ -64,8 +69,10 @@ def batch_augment_pipeline(
     drawn = fn.external_source(lambda info: params(info)[:used], num_outputs=used, batch_info=True,
                                dtype=[types.INT64, types.BOOL, types.INT64][:used])
     boxes, flips, holes = drawn[0], fn.cast(drawn[1], dtype=types.INT32), drawn[2] if used == 3 else None
+    bounds = images.shape(dtype=types.FLOAT)[0:2]
     make_view = VIEW_GRAPHS[augment]
-    out = [make_view(images, boxes[m], flips[m], holes if holes is None else holes[m], view_size) for m in range(views)]
+    out = [make_view(images, bounds, boxes[m], flips[m], holes if holes is None else holes[m], view_size)
+           for m in range(views)]
     return fn.stack(*out), label
 
 

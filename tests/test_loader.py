@@ -51,6 +51,24 @@ def test_dali_and_torch_views_render_the_same_parameters(identity_list, augment,
         assert (mirrored > 2).all()  # a mirror (or any other box) would show
 
 
+def test_the_gpu_paths_header_sizes_follow_exif_rotation(tmp_path):
+    """The DALI graph draws boxes before decoding, from file headers: rotated JPEGs must give the
+    decoded (rotated) size, or its views would leave the torch stage's."""
+    from conftest import identity_image
+
+    lines = []
+    for i, orientation in enumerate([1, 6, 8, 3, 5, 7]):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        identity_image(i, 90, 50).save(tmp_path / f"{i}.jpg", quality=95, subsampling=0, exif=exif)
+        lines.append(f"{i}.jpg {i}")
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    loader = BatchAugmentLoader(tmp_path / "list.txt", batch_size=6, views=3, view_size=24, num_threads=1)
+    (ours, _), = collect(loader.epoch(0))
+    (theirs, _), = collect(loader.epoch(0, stage="dali"))
+    assert (ours.float() - theirs.float()).abs().max() <= 2
+
+
 def test_views_follow_their_drawn_parameters(identity_list):
     """View m of sample i is torchvision's resized crop + flip of the decoded image, boxes from augment.py."""
     from torchvision.transforms.v2 import functional as F
