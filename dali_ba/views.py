@@ -17,6 +17,8 @@ from torchvision.transforms.v2 import functional as F
 
 from dali_ba.augment import ViewParams
 
+TASKS_PER_THREAD = 4
+
 
 def render_views(image: torch.Tensor, boxes: np.ndarray, flips: np.ndarray, holes: np.ndarray, out: torch.Tensor) -> None:
     """Write the views of one (H, W, 3) uint8 image into ``out`` (M, S, S, 3), one per row of ``boxes``."""
@@ -37,14 +39,20 @@ class TorchViews:
     """Renders batches of views in ``threads`` threads into one reused (B, M, S, S, 3) uint8 buffer."""
 
     def __init__(self, threads: int, batch_size: int, views: int, view_size: int) -> None:
+        self.threads = threads
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="dali-ba-views", initializer=torch.set_num_threads,
                                        initargs=(1,))  # per thread: the process's torch threads are untouched
         self.out = torch.empty((batch_size, views, view_size, view_size, 3), dtype=torch.uint8)
 
     def __call__(self, images: Sequence[np.ndarray], params: ViewParams) -> torch.Tensor:
         """The views of ``images`` (HWC uint8 arrays, one per sample); valid until the next call."""
-        jobs = [self.pool.submit(render_views, torch.from_numpy(image), params.boxes[b], params.flips[b],
-                                 params.holes[b], self.out[b]) for b, image in enumerate(images)]
-        for job in jobs:
+
+        def render(samples: range) -> None:
+            for b in samples:
+                render_views(torch.from_numpy(images[b]), params.boxes[b], params.flips[b], params.holes[b], self.out[b])
+
+        # A few tasks per thread: balanced enough, and less dispatch than one task per sample.
+        tasks = min(len(images), TASKS_PER_THREAD * self.threads)
+        for job in [self.pool.submit(render, range(t, len(images), tasks)) for t in range(tasks)]:
             job.result()
         return self.out
