@@ -35,7 +35,7 @@ class DataConfig:
     val_resize: int = option(256, 'validation: shorter side resized to this, then centre-cropped')
     val_crop: int = option(224, 'validation: side of the centred square crop')
     val_batch_size: int = option(0, 'images per rank per validation step; 0: same as the training B per rank')
-    dali_threads: int = option(4, 'DALI CPU threads per rank')
+    dali_threads: int = option(4, 'DALI CPU threads per rank (and as many torch view threads with the cpu decoder)')
     decoder: str = option("auto", "auto (GPU 'mixed' decoder when a GPU is visible), cpu, mixed")
 
 
