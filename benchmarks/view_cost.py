@@ -1,4 +1,4 @@
-"""Where the per-view time goes: CPU milliseconds of each step, DALI against torchvision and PIL.
+"""Where the per-view time goes: CPU milliseconds of each step, DALI and dali-ba's torch views against torchvision and PIL.
 
     python benchmarks/view_cost.py [--data data/bench] [--views 10] [--rounds 5] [--out benchmarks/results]
 
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dali_ba.data.dataset import load_dataset  # noqa: E402
-from dali_ba.loader import IMAGENET_MEAN, IMAGENET_STD, BatchAugmentLoader  # noqa: E402
+from dali_ba.loader import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 AREA, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
 BATCH = 32
@@ -85,16 +85,27 @@ def dali_costs(files: list[str], views: int, size: int, rounds: int) -> dict[str
     return best_of(rounds, {name: (lambda p=p: p.run()) for name, p in pipes.items()}, BATCH)
 
 
-def copy_cost(data: Path, views: int, size: int, rounds: int) -> float:
-    """ms per view of the one copy dali-ba's loader makes: DALI's stacked output into a torch tensor."""
-    from nvidia.dali.plugin.pytorch import feed_ndarray
+def stage_costs(files: list[str], views: int, size: int, rounds: int) -> dict[str, float]:
+    """ms per view of dali-ba's CPU view stage on one thread: drawing the parameters, and rendering
+    (crop, resize, flip, write into the batch) from decoded images."""
+    import numpy as np
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
-    loader = BatchAugmentLoader(data, batch_size=BATCH, views=views, view_size=size, decoder="cpu", num_threads=1)
-    pipe = loader.build_pipeline(0)
-    pipe.build()
-    images = pipe.run()[0].as_tensor()
-    target = torch.empty(images.shape(), dtype=torch.uint8)
-    return best_of(rounds, {"copy": lambda: feed_ndarray(images, target)}, BATCH * views)["copy"]
+    from dali_ba.augment import Augmentation
+    from dali_ba.views import render_views
+
+    torch.set_num_threads(1)
+    images = [decode_jpeg(read_file(f), mode=ImageReadMode.RGB).permute(1, 2, 0).contiguous() for f in files[:BATCH]]
+    sizes, indices = [image.shape[:2] for image in images], np.arange(BATCH)
+    params = Augmentation(view_size=size).draw(0, indices, sizes, views)
+    out = torch.empty((BATCH, views, size, size, 3), dtype=torch.uint8)
+
+    def render() -> None:
+        for b, image in enumerate(images):
+            render_views(image, params.boxes[b], params.flips[b], params.holes[b], out[b])
+
+    steps = {"draw": lambda: Augmentation(view_size=size).draw(0, indices, sizes, views), "render": render}
+    return best_of(rounds, steps, BATCH * views)
 
 
 def best_of(rounds: int, steps: dict[str, Callable[[], object]], per: int) -> dict[str, float]:
@@ -148,19 +159,20 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     files = list(load_dataset(args.data).files)
     dali = dali_costs(files, args.views, args.size, args.rounds)
-    copy = copy_cost(args.data, args.views, args.size, args.rounds)
+    stage = stage_costs(files, args.views, args.size, args.rounds)
     tv = torch_costs(files, args.size, args.rounds)
     decode = dali["decode"]
     rows = [("DALI decode (per sample)", decode)]
     rows += [(f"DALI {name} (per view)", (ms - decode) / args.views) for name, ms in dali.items() if name != "decode"]
-    rows += [("dali-ba copy into torch (per view)", copy)]
+    rows += [("dali-ba parameter draws (per view)", stage["draw"]),
+             ("dali-ba torch view: crop + resize + flip into the batch (per view)", stage["render"])]
     rows += [(f"{name} (per call)", ms) for name, ms in tv.items()]
     width = max(len(name) for name, _ in rows)
     for name, ms in rows:
         print(f"{name:{width}s} {ms:7.3f} ms")
     args.out.mkdir(parents=True, exist_ok=True)
     record = dict(views=args.views, size=args.size, rounds=args.rounds, unit="ms, one thread, fastest of rounds",
-                  dali_pipeline_ms_per_sample=dali, torch_ms_per_call=tv, rows={name: round(ms, 4) for name, ms in rows})
+                  dali_pipeline_ms_per_sample=dali, torch_ms_per_call=tv, stage_ms_per_view=stage, rows={name: round(ms, 4) for name, ms in rows})
     (args.out / "view_cost.json").write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {args.out / 'view_cost.json'}")
     return 0

@@ -1,8 +1,8 @@
 """Checkpoints: everything a run needs to carry on exactly where it stopped.
 
 A checkpoint holds the model, optimizer, AMP scaler and LR-schedule state, the step and epoch, the
-torch RNG states, the running epoch sums and every rank's loader position (DALI's own reader + RNG
-checkpoint), so a resumed run reads the same remaining samples under the same augmentations and, on
+torch RNG states, the running epoch sums and every rank's loader position (epoch and batches
+done), so a resumed run reads the same remaining samples under the same augmentations and, on
 CPU, reaches bit-identical parameters. Only rank 0 writes: to a temporary file, then an atomic
 rename, keeping the newest ``keep``. Files load with ``torch.load(weights_only=True)``: tensors and
 plain Python values only, no code.

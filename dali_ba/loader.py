@@ -21,9 +21,12 @@ import torch
 from dali_ba.data.dataset import ImageDataset, load_dataset
 from dali_ba.data.sharding import eval_shard, train_shard
 from dali_ba.errors import UnreadableImageError, UsageError
-from dali_ba.pipeline import AUGMENTATIONS, READER_NAME, batch_augment_pipeline, center_crop_pipeline
+from dali_ba.augment import Augmentation
+from dali_ba.pipeline import READER_NAME, batch_augment_pipeline, center_crop_pipeline, decode_pipeline
+from dali_ba.views import TorchViews
 
 DECODERS = ("auto", "cpu", "mixed")
+STAGES = ("torch", "dali")  # who makes the training views (BatchAugmentLoader.epoch)
 PREFETCH_DEPTH = 2  # DALI's default prefetch_queue_depth: batches decoded ahead of the one yielded
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -54,6 +57,20 @@ def _first_undecodable(files: Sequence[str]) -> tuple[str, str] | None:
         except Exception as exc:  # noqa: BLE001 - any failure to decode is the answer
             return str(path), str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return None
+
+
+def image_sizes(files: Sequence[str]) -> np.ndarray:
+    """(N, 2) decoded (height, width) of image files, from their headers, after the EXIF rotation
+    that DALI's decoder applies (orientations 5-8 swap the sides)."""
+    from PIL import Image
+
+    sizes = []
+    for path in files:
+        with Image.open(path) as image:
+            width, height = image.size
+            turned = image.format == "JPEG" and image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+        sizes.append((width, height) if turned else (height, width))
+    return np.array(sizes, dtype=np.int64).reshape(-1, 2)
 
 
 def _resolve_decoder(decoder: str) -> str:
@@ -100,7 +117,6 @@ class _ShardedLoader:
             self.device = torch.device(device) if device is not None else torch.device("cpu")
         self._files = np.array(self.dataset.files, dtype=object)  # not fixed-width: ImageNet is 1.28M paths
         self._labels = np.array(self.dataset.labels, dtype=np.int32)
-        self._iterator = None  # the DALI iterator of the pass in progress
         eval_shard(len(self.dataset), rank, world_size, batch_size)  # raises on more ranks than samples
 
     def _pipeline_args(self, order: np.ndarray, seed: int) -> dict:
@@ -119,16 +135,23 @@ class _ShardedLoader:
         """Drive a pipeline over ``order`` (from batch ``start``) for one pass; tensors land on ``self.device``."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        step = start
-        try:
-            batches = DALIGenericIterator(
+        def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            iterator = DALIGenericIterator(
                 pipe, ["images", "labels"], reader_name=READER_NAME, last_batch_policy=LastBatchPolicy.DROP,
                 auto_reset=False,
             )
-            self._iterator = batches
-            for (batch,) in batches:
+            for (batch,) in iterator:
                 images = batch["images"].to(self.device, non_blocking=True)
                 yield images, batch["labels"].view(-1).to(self.device, torch.int64, non_blocking=True)
+
+        return self._guard(batches(), order, start)
+
+    def _guard(self, batches: Iterator, order: np.ndarray, start: int) -> Iterator:
+        """Pass ``batches`` through; when DALI fails, name the file it could not decode if there is one."""
+        step = start
+        try:
+            for batch in batches:
+                yield batch
                 step += 1
         except RuntimeError as exc:
             # DALI names the operator but not the file; find it among the batches in flight.
@@ -144,7 +167,10 @@ class BatchAugmentLoader(_ShardedLoader):
 
     Yields ``images`` (B, M, 3, H, W) uint8 in channels_last memory and ``labels`` (B,) int64. Each
     epoch reshuffles the whole dataset from (seed, epoch) and deals it out to ranks; every rank gets
-    the same number of steps (see :func:`dali_ba.data.sharding.train_shard`).
+    the same number of steps (see :func:`dali_ba.data.sharding.train_shard`). The views of sample i
+    in epoch e depend only on (seed, e, i) (:mod:`dali_ba.augment`), whatever the number of ranks.
+    On the "cpu" decoder torch makes the views in ``num_threads`` threads (:mod:`dali_ba.views`);
+    on "mixed" DALI's GPU operators do, from the same parameters.
     """
 
     def __init__(
@@ -165,16 +191,12 @@ class BatchAugmentLoader(_ShardedLoader):
     ) -> None:
         if views < 1:
             raise UsageError(f"views must be >= 1, got {views}")
-        if view_size < 1:
-            raise UsageError(f"view_size must be >= 1, got {view_size}")
-        if augment not in AUGMENTATIONS:
-            raise UsageError(f"unknown augment {augment!r}; known: {', '.join(AUGMENTATIONS)}")
-        if not 0 < crop_area_min <= 1:
-            raise UsageError(f"crop_area_min must be in (0, 1], got {crop_area_min}")
+        self.augmentation = Augmentation(augment, view_size, crop_area_min, seed)  # checks the three
         self.views, self.view_size, self.augment, self.crop_area_min = views, view_size, augment, crop_area_min
         super().__init__(data, batch_size, rank, world_size, decoder, device, num_threads, seed)
         self._next_epoch = 0
-        self._position = (0, 0)  # (epoch, batches yielded in it)
+        self._position: tuple[int, int] | None = None  # (epoch, batches yielded in it) once an epoch started
+        self._torch_views: TorchViews | None = None
 
     def __len__(self) -> int:
         """Steps per epoch (the same on every rank)."""
@@ -184,47 +206,78 @@ class BatchAugmentLoader(_ShardedLoader):
         """Dataset indices this rank reads in ``epoch``, in order."""
         return train_shard(len(self.dataset), self.rank, self.world_size, self.batch_size, self.seed, epoch)
 
-    def build_pipeline(self, epoch: int, checkpoint: bytes | None = None):
-        """The DALI pipeline for one epoch of this rank (not yet built), optionally restored from
-        a :meth:`state` checkpoint taken in that epoch."""
-        return batch_augment_pipeline(
-            views=self.views,
-            view_size=self.view_size,
-            augment=self.augment,
-            crop_area_min=self.crop_area_min,
-            checkpoint=checkpoint,
-            **self._pipeline_args(self.shard(epoch), self.pipeline_seed(epoch)),
-        )
+    def build_pipeline(self, epoch: int, start: int = 0, stage: str | None = None):
+        """The DALI pipeline (not yet built) for ``epoch`` of this rank from batch ``start``: decoding
+        only when torch makes the views (``stage`` "torch", the cpu decoder's), decoding and views
+        otherwise ("dali", the mixed decoder's; on the cpu decoder, only for tests and comparisons)."""
+        order = self.shard(epoch)[start * self.batch_size :]
+        if self._stage(stage) == "torch":
+            return decode_pipeline(**self._pipeline_args(order, seed=self.seed))
 
-    def pipeline_seed(self, epoch: int) -> int:
-        """DALI's seed for (seed, epoch, rank): augmentations differ across ranks and epochs, reproducibly."""
-        return (self.seed * 1_000_003 + epoch * 1009 + self.rank) % (2**31)
+        def params(info) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            # The reader wraps round after the shard, so the iteration does too (DALI reads ahead).
+            at = info.iteration * self.batch_size % len(order)
+            indices = order[at : at + self.batch_size]
+            drawn = self.augmentation.draw(epoch, indices, image_sizes(self._files[indices]), self.views)
+            return drawn.boxes, drawn.flips, drawn.holes
 
-    def epoch(self, epoch: int, state: dict | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return batch_augment_pipeline(params=params, views=self.views, view_size=self.view_size, augment=self.augment,
+                                      **self._pipeline_args(order, seed=self.seed))
+
+    def _stage(self, stage: str | None = None) -> str:
+        """Who makes the views: ``stage`` if given, else torch on the cpu decoder and DALI on mixed."""
+        if stage is None:
+            return "torch" if self.decoder == "cpu" else "dali"
+        if stage not in STAGES:
+            raise UsageError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
+        return stage
+
+    def epoch(self, epoch: int, state: dict | None = None, stage: str | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Iterate one epoch: ``len(self)`` batches of (B, M, 3, H, W) images and (B,) labels.
 
         With a ``state`` from :meth:`state`, carry on where that epoch stopped: the same remaining
-        samples under the same random augmentations as an uninterrupted pass.
+        samples under the same augmentations as an uninterrupted pass. ``stage`` overrides who
+        makes the views ("torch" or "dali", see :meth:`build_pipeline`).
         """
-        start, checkpoint = 0, None
+        start = 0
         if state is not None:
             if state["epoch"] != epoch:
                 raise UsageError(f"loader state is for epoch {state['epoch']}, not epoch {epoch}")
-            start, checkpoint = state["batches"], state["dali"]
+            start = state["batches"]
         self._next_epoch = epoch + 1
         self._position = (epoch, start)
-        for images, labels in self._run(self.build_pipeline(epoch, checkpoint), self.shard(epoch), start):
+        order = self.shard(epoch)
+        if start * self.batch_size >= len(order):
+            return  # the state of a finished epoch
+        pipe = self.build_pipeline(epoch, start, stage)
+        if self._stage(stage) == "torch":
+            batches = self._guard(self._torch_batches(pipe, epoch, order[start * self.batch_size :]), order, start)
+        else:
+            batches = self._run(pipe, order, start)
+        for images, labels in batches:
             self._position = (epoch, self._position[1] + 1)
             yield images.permute(0, 1, 4, 2, 3), labels
 
+    def _torch_batches(self, pipe, epoch: int, order: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """DALI decodes; torch's view stage renders each batch into its reused buffer."""
+        if self._torch_views is None:
+            self._torch_views = TorchViews(self.num_threads, self.batch_size, self.views, self.view_size)
+        pipe.build()
+        for at in range(0, len(order), self.batch_size):
+            decoded, _ = pipe.run()
+            images = [np.asarray(decoded[i]) for i in range(len(decoded))]
+            indices = order[at : at + self.batch_size]
+            params = self.augmentation.draw(epoch, indices, [image.shape[:2] for image in images], self.views)
+            labels = torch.from_numpy(self._labels[indices].astype(np.int64))
+            yield self._torch_views(images, params).to(self.device), labels.to(self.device)
+
     def state(self) -> dict:
-        """Where this rank's loader is: the epoch, the batches already yielded and DALI's own
-        checkpoint (reader position and every RNG state). Picklable with plain types only."""
-        if self._iterator is None:
+        """Where this rank's loader is: the epoch and the batches already yielded (augmentations are
+        a function of (seed, epoch, sample), so no RNG state is needed). Plain types only."""
+        if self._position is None:
             raise RuntimeError("the loader has not started an epoch yet")
-        (checkpoint,) = self._iterator.checkpoints()
         epoch, batches = self._position
-        return {"epoch": epoch, "batches": batches, "dali": checkpoint}
+        return {"epoch": epoch, "batches": batches}
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.epoch(self._next_epoch)

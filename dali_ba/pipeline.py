@@ -1,45 +1,41 @@
 """Decode once, then M views: the DALI graphs behind the loaders.
 
-Each graph reads B encoded files, decodes each one exactly once, and only then branches: M
-independent random augmentations of the same decoded image, stacked to (M, H, W, 3) uint8 per sample.
-The "mixed" decoder (GPU) puts everything after it on the GPU; the "cpu" decoder keeps it all on CPU.
+Each training graph reads B encoded files and decodes each one exactly once. On the CPU path the
+graph stops there (:func:`decode_pipeline`) and torch makes the views (:mod:`dali_ba.views`); on
+the GPU path (:func:`batch_augment_pipeline`, "mixed" decoder) DALI's GPU operators make them. Both
+render the same parameters, drawn by :mod:`dali_ba.augment` and fed here through an external source.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
 from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import math as dmath
 
 READER_NAME = "reader"
 
 
-def imagenet_view(images, view_size: int, crop_area_min: float):
-    """ImageNet training augmentation: random resized crop (scale, ratio as torchvision) + h-flip."""
-    view = fn.random_resized_crop(
-        images, size=(view_size, view_size), random_area=(crop_area_min, 1.0), random_aspect_ratio=(3 / 4, 4 / 3)
-    )
-    return fn.flip(view, horizontal=fn.random.coin_flip())
+def imagenet_view(images, bounds, box, flip, hole, view_size: int):
+    """The box (top, left, height, width) resized to ``view_size`` squared (bilinear, antialiased), mirrored on ``flip``.
+
+    ``bounds`` is the decoded (height, width): the box is clipped to it, as DALI's CPU resize reads
+    outside the image otherwise (a box drawn from a header that disagrees with the decoder)."""
+    box = fn.cast(box, dtype=types.FLOAT)
+    start, end = dmath.min(box[0:2], bounds - 1), dmath.min(box[0:2] + box[2:4], bounds)
+    view = fn.resize(images, size=(view_size, view_size), roi_start=start, roi_end=end,
+                     roi_relative=False, antialias=True, interp_type=types.INTERP_LINEAR)
+    return fn.flip(view, horizontal=flip)
 
 
-CIFAR_PAD = 4  # pixels of zero padding around the image before the random crop
-CUTOUT = 16  # side of the square hole (DeVries & Taylor 2017), as in the paper's CIFAR-10 runs
+def cifar_view(images, bounds, box, flip, hole, view_size: int):
+    """The ``view_size`` window at the box's corner (zero outside the image), mirrored, with its hole zeroed."""
+    box, hole = fn.cast(box, dtype=types.INT32), fn.cast(hole, dtype=types.FLOAT)
+    view = fn.slice(images, start=box[0:2], shape=box[2:4], axis_names="HW", out_of_bounds_policy="pad", fill_values=0)
+    view = fn.flip(view, horizontal=flip)
+    return fn.erase(view, anchor=hole[0:2], shape=hole[2:4] - hole[0:2], axis_names="HW", fill_value=0)
 
 
-def cifar_view(images, view_size: int, crop_area_min: float):
-    """CIFAR augmentation: pad by 4 px, random ``view_size`` crop, h-flip, cutout of one 16x16 hole
-    (centre uniform over the image, clipped at the border). ``crop_area_min`` is not used."""
-    side = view_size + 2 * CIFAR_PAD
-    padded = fn.crop(images, crop=(side, side), out_of_bounds_policy="pad", fill_values=0)  # centred window
-    offsets = [i / (2 * CIFAR_PAD) for i in range(2 * CIFAR_PAD + 1)]  # each of the 9 integer shifts, equally
-    view = fn.crop(padded, crop=(view_size, view_size), crop_pos_x=fn.random.uniform(values=offsets),
-                   crop_pos_y=fn.random.uniform(values=offsets))
-    view = fn.flip(view, horizontal=fn.random.coin_flip())
-    centre = fn.random.uniform(values=[float(i) for i in range(view_size)], shape=2)
-    return fn.erase(view, anchor=centre, shape=(CUTOUT, CUTOUT), axis_names="HW", centered_anchor=True,
-                    fill_value=0)
-
-
-AUGMENTATIONS: dict[str, Callable] = {"imagenet": imagenet_view, "cifar": cifar_view}
+VIEW_GRAPHS: dict[str, Callable] = {"imagenet": imagenet_view, "cifar": cifar_view}
 
 
 def _read_and_decode(files: Sequence[str], labels: Sequence[int], decoder: str):
@@ -47,20 +43,37 @@ def _read_and_decode(files: Sequence[str], labels: Sequence[int], decoder: str):
     return fn.decoders.image(jpegs, device=decoder, output_type=types.RGB), label
 
 
-@pipeline_def(enable_checkpointing=True)  # reader position + RNG states: exact mid-epoch resume
+@pipeline_def
+def decode_pipeline(files: Sequence[str], labels: Sequence[int], decoder: str = "cpu"):
+    """The CPU path's graph: per sample, the decoded (H, W, 3) uint8 image (sizes vary) and its label."""
+    return _read_and_decode(files, labels, decoder)
+
+
+@pipeline_def
 def batch_augment_pipeline(
     files: Sequence[str],
     labels: Sequence[int],
+    params: Callable,
     views: int,
     view_size: int,
     augment: str = "imagenet",
-    crop_area_min: float = 0.08,
-    decoder: str = "cpu",
+    decoder: str = "mixed",
 ):
-    """Per sample: (M, view_size, view_size, 3) uint8 views of one decode, and its label."""
+    """Per sample: (M, view_size, view_size, 3) uint8 views of one decode, and its label.
+
+    ``params(batch_info)`` returns the batch's view parameters as three arrays, boxes (B, M, 4),
+    flips (B, M) and holes (B, M, 4) (see :class:`dali_ba.augment.ViewParams`).
+    """
     images, label = _read_and_decode(files, labels, decoder)
-    make_view = AUGMENTATIONS[augment]
-    return fn.stack(*[make_view(images, view_size, crop_area_min) for _ in range(views)]), label
+    used = 3 if augment == "cifar" else 2  # imagenet has no holes
+    drawn = fn.external_source(lambda info: params(info)[:used], num_outputs=used, batch_info=True,
+                               dtype=[types.INT64, types.BOOL, types.INT64][:used])
+    boxes, flips, holes = drawn[0], fn.cast(drawn[1], dtype=types.INT32), drawn[2] if used == 3 else None
+    bounds = images.shape(dtype=types.FLOAT)[0:2]
+    make_view = VIEW_GRAPHS[augment]
+    out = [make_view(images, bounds, boxes[m], flips[m], holes if holes is None else holes[m], view_size)
+           for m in range(views)]
+    return fn.stack(*out), label
 
 
 @pipeline_def

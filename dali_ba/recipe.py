@@ -28,7 +28,7 @@ def option(default: Any, help: str) -> Any:
 class DataConfig:
     train: str = option("data/demo/train", "ImageNet-style folder (class sub-folders) or a '<path> <label>' .txt list")
     val: str = option("data/demo/val", 'validation images: class folders (training class names) or a .txt list')
-    augment: str = option("imagenet", 'per-view augmentation recipe (see dali_ba.pipeline.AUGMENTATIONS)')
+    augment: str = option("imagenet", 'per-view augmentation recipe (see dali_ba.augment)')
     batch_size: int = option(256, 'B: unique images per step across all ranks (each rank reads B / ranks)')
     views: int = option(4, 'M: augmented views of every sample')
     view_size: int = option(224, 'training crop side, pixels')
@@ -40,7 +40,7 @@ class DataConfig:
                                 'augmentation (the authors\' --avg-out); 0: off')
     calibrate_bn: int = option(0, 'also validate after recomputing BatchNorm statistics on N training batches, '
                                   'averaged over ranks (the authors\' --calibrate-bn); 0: off')
-    dali_threads: int = option(4, 'DALI CPU threads per rank')
+    dali_threads: int = option(4, 'DALI CPU threads per rank (and as many torch view threads with the cpu decoder)')
     decoder: str = option("auto", "auto (GPU 'mixed' decoder when a GPU is visible), cpu, mixed")
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 from conftest import run_cli
 from dali_ba.data.cifar10 import convert
 from dali_ba.loader import BatchAugmentLoader
-from dali_ba.pipeline import CIFAR_PAD, CUTOUT
+from dali_ba.augment import CIFAR_PAD, CUTOUT
 from dali_ba.recipe import effective, load_recipe
 
 NAMES = [b"cat", b"dog", b"ship"]

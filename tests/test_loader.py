@@ -4,7 +4,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from nvidia.dali import fn, pipeline_def, types
+from PIL import Image
 
 from conftest import decode_identity
 from dali_ba import BatchAugmentLoader, ValidationLoader, flatten_views, normalize
@@ -34,33 +34,65 @@ def test_train_batch_shapes_dtypes_and_layout(demo_data):
     assert -3 < z.min() < 0 < z.max() < 3
 
 
-def test_single_view_equals_a_plain_single_view_pipeline(demo_data):
-    loader = BatchAugmentLoader(demo_data / "train", batch_size=8, views=1, view_size=32, num_threads=1, seed=3)
-    ours = collect(loader.epoch(0))
+@pytest.mark.parametrize("augment, tolerance", [("imagenet", 2), ("cifar", 0)])
+def test_dali_and_torch_views_render_the_same_parameters(identity_list, augment, tolerance):
+    """The GPU path's DALI graph, run on CPU, against the CPU path's torch stage: same boxes, flips,
+    holes; the two bilinear antialiased resamplers differ only in rounding."""
+    file_list, _ = identity_list
+    loader = BatchAugmentLoader(file_list, batch_size=5, views=4, view_size=32, augment=augment, num_threads=1, seed=3)
+    torch_views = collect(loader.epoch(1, stage="torch"))
+    dali_views = collect(loader.epoch(1, stage="dali"))
+    assert len(torch_views) == len(dali_views) == 4
+    for (ours, labels), (theirs, their_labels) in zip(torch_views, dali_views):
+        assert torch.equal(labels, their_labels)
+        difference = (ours.float() - theirs.float()).abs()
+        assert difference.max() <= tolerance and difference.mean() < 0.25
+        mirrored = (ours.float() - theirs.flip(-1).float()).abs().mean(dim=(2, 3, 4))
+        assert (mirrored > 2).all()  # a mirror (or any other box) would show
+
+
+def test_the_gpu_paths_header_sizes_follow_exif_rotation(tmp_path):
+    """The DALI graph draws boxes before decoding, from file headers: rotated JPEGs must give the
+    decoded (rotated) size, or its views would leave the torch stage's."""
+    from conftest import identity_image
+
+    lines = []
+    for i, orientation in enumerate([1, 6, 8, 3, 5, 7]):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        identity_image(i, 90, 50).save(tmp_path / f"{i}.jpg", quality=95, subsampling=0, exif=exif)
+        lines.append(f"{i}.jpg {i}")
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    loader = BatchAugmentLoader(tmp_path / "list.txt", batch_size=6, views=3, view_size=24, num_threads=1)
+    (ours, _), = collect(loader.epoch(0))
+    (theirs, _), = collect(loader.epoch(0, stage="dali"))
+    assert (ours.float() - theirs.float()).abs().max() <= 2
+
+
+def test_views_follow_their_drawn_parameters(identity_list):
+    """View m of sample i is torchvision's resized crop + flip of the decoded image, boxes from augment.py."""
+    from torchvision.transforms.v2 import functional as F
+
+    file_list, _ = identity_list
+    loader = BatchAugmentLoader(file_list, batch_size=5, views=3, view_size=24, num_threads=1, seed=4)
     order = loader.shard(0)
-    files = np.array(loader.dataset.files)[order].tolist()
-    labels = np.array(loader.dataset.labels)[order].tolist()
-
-    @pipeline_def(batch_size=8, num_threads=1, device_id=None, seed=loader.pipeline_seed(0))
-    def plain():
-        jpegs, label = fn.readers.file(files=files, labels=labels, name="r")
-        image = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
-        image = fn.random_resized_crop(image, size=(32, 32), random_area=(0.08, 1.0), random_aspect_ratio=(3 / 4, 4 / 3))
-        return fn.flip(image, horizontal=fn.random.coin_flip()), label
-
-    pipe = plain()
-    pipe.build()
-    for images, lab in ours[:5]:
-        expected, expected_labels = pipe.run()
-        expected = torch.from_numpy(np.array(expected.as_tensor())).permute(0, 3, 1, 2)
-        assert torch.equal(images[:, 0], expected)
-        assert lab.tolist() == np.array(expected_labels.as_tensor()).ravel().tolist()
+    images, labels = collect(loader.epoch(0))[1]
+    decoded = [torch.from_numpy(np.array(Image.open(loader.dataset.files[i]).convert("RGB"))) for i in order[5:10]]
+    params = loader.augmentation.draw(0, order[5:10], [d.shape[:2] for d in decoded], 3)
+    assert labels.tolist() == order[5:10].tolist()  # identity list: label = index
+    for b, image in enumerate(decoded):
+        for m in range(3):
+            top, left, height, width = params.boxes[b, m].tolist()
+            expected = F.resized_crop(image.permute(2, 0, 1), top, left, height, width, [24, 24], antialias=True)
+            expected = F.horizontal_flip(expected) if params.flips[b, m] else expected
+            assert (images[b, m].float() - expected.float()).abs().mean() < 1.5  # PIL's and DALI's JPEG decoders differ a little
 
 
-def test_views_come_from_one_image_but_differ(identity_list):
+@pytest.mark.parametrize("stage", ["torch", "dali"])
+def test_views_come_from_one_image_but_differ(identity_list, stage):
     file_list, n = identity_list
     loader = BatchAugmentLoader(file_list, batch_size=5, views=4, view_size=32, crop_area_min=0.1, num_threads=1)
-    for images, labels in collect(loader.epoch(0)):
+    for images, labels in collect(loader.epoch(0, stage=stage)):
         ids = decode_identity(images)  # (B, M): which file each view shows, from its pixels
         assert (ids == labels[:, None].numpy()).all()  # every view of a sample shows that sample's file
         for views in images:
@@ -68,11 +100,11 @@ def test_views_come_from_one_image_but_differ(identity_list):
             assert all(not torch.equal(views[a], views[b]) for a, b in pairs)
 
 
-def graph_edges(loader, views):
+def graph_edges(loader, views, stage):
     loader.views = views
-    pipe = loader.build_pipeline(0)
+    pipe = loader.build_pipeline(0, stage=stage)
     pipe.build()
-    path = f"/tmp/dali_ba_graph_{views}.dot"
+    path = f"/tmp/dali_ba_graph_{views}_{stage}.dot"
     pipe.save_graph_to_dot_file(path)
     return re.findall(r"^(\S+) -> (\S+);", open(path).read(), re.M)
 
@@ -80,14 +112,17 @@ def graph_edges(loader, views):
 @pytest.mark.parametrize("views", [1, 4, 8])
 def test_one_decode_per_sample_whatever_m(demo_data, views):
     loader = BatchAugmentLoader(demo_data / "train", batch_size=4, views=1, view_size=32, num_threads=1)
-    edges = graph_edges(loader, views)
-    nodes = {n for edge in edges for n in edge}
-    decoders = [n for n in nodes if n.startswith("__Image")]
-    assert len(decoders) == 1  # one decoder operator in the built graph...
-    reader_edges = [b for a, b in edges if a == "reader" and b.startswith("__Image")]
-    assert reader_edges == decoders  # ...fed once by the reader...
-    crops = [b for a, b in edges if a == decoders[0]]
-    assert len(crops) == views and all(c.startswith("__RandomResizedCrop") for c in crops)  # ...feeding M views
+    for stage, view_nodes in (("dali", views), ("torch", 0)):  # torch's stage gets each decoded image once
+        edges = graph_edges(loader, views, stage)
+        nodes = {n for edge in edges for n in edge}
+        decoders = [n for n in nodes if n.startswith("__Image")]
+        assert len(decoders) == 1  # one decoder operator in the built graph...
+        reader_edges = [b for a, b in edges if a == "reader" and b.startswith("__Image")]
+        assert reader_edges == decoders  # ...fed once by the reader...
+        resizes = [b for a, b in edges if a == decoders[0] and b.startswith("__Resize")]
+        assert len(resizes) == view_nodes  # ...feeding M views in DALI's graph, none in torch's
+    images, _ = next(iter(loader.epoch(0)))
+    assert images.shape[:2] == (4, views)
 
 
 def test_two_ranks_get_disjoint_shards_covering_the_data(identity_list):
@@ -102,6 +137,37 @@ def test_two_ranks_get_disjoint_shards_covering_the_data(identity_list):
         assert set(seen[0]).isdisjoint(seen[1])
         assert sorted(np.concatenate(seen).tolist()) == list(range(n))
     assert not np.array_equal(loader.shard(0), loader.shard(1))  # reshuffled each epoch
+
+
+def test_the_same_augmentations_whatever_the_number_of_ranks(identity_list):
+    """Views of sample i in epoch e depend on (seed, e, i) only: 1 rank and 2 ranks see the same ones."""
+    file_list, n = identity_list
+    seen = {}
+    for world in (1, 2):
+        views = {}
+        for rank in range(world):
+            loader = BatchAugmentLoader(file_list, batch_size=10 // world, views=3, view_size=24, rank=rank,
+                                        world_size=world, seed=7, num_threads=1)
+            for images, labels in collect(loader.epoch(2)):
+                views.update(zip(labels.tolist(), images))
+        seen[world] = views
+    assert sorted(seen[1]) == sorted(seen[2]) == list(range(n))
+    assert all(torch.equal(seen[1][i], seen[2][i]) for i in range(n))
+
+
+def test_resume_mid_epoch_is_bit_identical(demo_data):
+    loader = BatchAugmentLoader(demo_data / "train", batch_size=8, views=2, view_size=32, num_threads=2, seed=9)
+    whole = collect(loader.epoch(1))
+    batches = loader.epoch(1)
+    collect(next(batches) for _ in range(4))
+    state = loader.state()
+    assert state == {"epoch": 1, "batches": 4}
+    again = BatchAugmentLoader(demo_data / "train", batch_size=8, views=2, view_size=32, num_threads=1, seed=9)
+    rest = collect(again.epoch(1, state))
+    assert len(rest) == len(whole) - 4
+    assert all(torch.equal(x, y) and torch.equal(a, b) for (x, a), (y, b) in zip(rest, whole[4:]))
+    with pytest.raises(UsageError, match="loader state is for epoch 1, not epoch 2"):
+        next(again.epoch(2, state))
 
 
 @pytest.mark.parametrize("batch", [3, 4, 20])
@@ -134,3 +200,5 @@ def test_bad_loader_arguments(demo_data):
             BatchAugmentLoader(train, batch_size=4, decoder="mixed")
     with pytest.raises(UsageError, match="decoder must be one of"):
         BatchAugmentLoader(train, batch_size=4, decoder="gpu")
+    with pytest.raises(UsageError, match="stage must be one of torch, dali, got 'pil'"):
+        next(BatchAugmentLoader(train, batch_size=4, decoder="cpu").epoch(0, stage="pil"))

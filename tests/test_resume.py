@@ -97,7 +97,7 @@ def test_resume_rejects_a_checkpoint_of_another_dali_ba_version(demo_data, unint
 def test_checkpoints_load_without_unpickling_code(uninterrupted):
     path = uninterrupted / "checkpoints" / "step-000000006.pt"
     state = torch.load(path, weights_only=True)
-    assert isinstance(state["loaders"][0]["dali"], bytes) and state["run"]["ranks"] == 1
+    assert state["loaders"][0] == {"epoch": 1, "batches": 1} and state["run"]["ranks"] == 1  # no RNG state needed
 
 
 def test_a_signal_to_one_rank_stops_both_after_a_checkpoint_and_resume_finishes_the_run(demo_data, tmp_path):

@@ -1,0 +1,125 @@
+"""What each augmentation draws: the parameters of view m of sample i in epoch e, as a pure function.
+
+The draws come from a counter-based generator (Philox) keyed by the seed, with the counter set from
+(epoch, dataset index): view m takes a fixed slice of that sample's stream. So the augmentations of a
+sample depend on (seed, epoch, index, view) only: not on the rank, the number of ranks, the batch
+or the position in an epoch, and a resumed run needs no RNG state. Both implementations of the
+views, torch on CPU (:mod:`dali_ba.views`) and DALI on GPU (:mod:`dali_ba.pipeline`), render the
+parameters drawn here, so they draw from one distribution by construction.
+
+``imagenet``: torchvision's ``RandomResizedCrop.get_params`` (area uniform in (crop_area_min, 1) of
+the image, log-uniform aspect ratio in (3/4, 4/3), ten tries, then the centred crop of the clamped
+aspect ratio), resized to ``view_size`` squared; a fair coin mirrors it.
+``cifar``: the image centred in a ``view_size`` square, zero-padded by 4 px, a ``view_size`` window
+at one of the 9 x 9 integer shifts, a fair coin mirror, then one 16 x 16 hole (DeVries & Taylor)
+whose centre is uniform over the view's pixels, clipped at the border.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from dali_ba.errors import UsageError
+
+ASPECT_RATIO = (3 / 4, 4 / 3)
+TRIES = 10  # RandomResizedCrop's attempts before the centre-crop fallback
+CIFAR_PAD = 4  # pixels of zero padding around the image before the random crop
+CUTOUT = 16  # side of the square hole, as in the paper's CIFAR-10 runs
+DRAWS = {"imagenet": 2 * TRIES + 3, "cifar": 5}  # uniforms per view; view m uses draws [m*K, (m+1)*K)
+AUGMENTATIONS = tuple(DRAWS)
+
+
+@dataclass(frozen=True)
+class ViewParams:
+    """Parameters of M views of each of B samples.
+
+    ``boxes`` (B, M, 4) int64: the source window (top, left, height, width) in image pixels, which
+    may reach outside the image (zero padding); it is resized to the view size when it differs.
+    ``flips`` (B, M) bool: mirror left-right after the crop. ``holes`` (B, M, 4) int64: a rectangle
+    (top, left, bottom, right) of the finished view set to zero; empty (0, 0, 0, 0) when none.
+    """
+
+    boxes: np.ndarray
+    flips: np.ndarray
+    holes: np.ndarray
+
+
+def uniforms(seed: int, epoch: int, indices: np.ndarray, views: int, draws: int) -> np.ndarray:
+    """(B, views, draws) uniforms in [0, 1): row (b, m) depends only on (seed, epoch, indices[b], m)."""
+    key = seed % 2**128
+    out = np.empty((len(indices), views, draws))
+    for row, index in zip(out, indices):
+        bits = np.random.Philox(key=key, counter=[0, 0, epoch, int(index)])
+        row[:] = np.random.Generator(bits).random((views, draws))
+    return out
+
+
+def random_resized_crop(u: np.ndarray, sizes: np.ndarray, area_min: float) -> tuple[np.ndarray, np.ndarray]:
+    """torchvision's ``RandomResizedCrop.get_params`` from ``2 * TRIES + 2`` uniforms per view.
+
+    ``u`` (B, M, 2 * TRIES + 2), ``sizes`` (B, 2) image (height, width). Returns boxes (B, M, 4) and
+    a (B, M) mask of the views that fell back to the centre crop.
+    """
+    height, width = (sizes[:, i, None, None].astype(np.float64) for i in (0, 1))  # (B, 1, 1)
+    area = height * width * (area_min + (1 - area_min) * u[..., :TRIES])
+    log_lo, log_hi = math.log(ASPECT_RATIO[0]), math.log(ASPECT_RATIO[1])
+    aspect = np.exp(log_lo + (log_hi - log_lo) * u[..., TRIES : 2 * TRIES])
+    w, h = np.rint(np.sqrt(area * aspect)), np.rint(np.sqrt(area / aspect))  # round half to even, as Python's
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.argmax(axis=-1)[..., None]  # the first try that fits
+    h, w = np.take_along_axis(h, first, -1)[..., 0], np.take_along_axis(w, first, -1)[..., 0]
+    height, width = height[..., 0], width[..., 0]
+    top = np.floor(u[..., 2 * TRIES] * (height - h + 1))
+    left = np.floor(u[..., 2 * TRIES + 1] * (width - w + 1))
+    # Fallback: the whole image, cut to the nearest aspect ratio in range, centred.
+    fallback = ~fits.any(axis=-1)
+    in_ratio = np.broadcast_to(width / height, fallback.shape)
+    fw = np.where(in_ratio > ASPECT_RATIO[1], np.rint(height * ASPECT_RATIO[1]), width)
+    fh = np.where(in_ratio < ASPECT_RATIO[0], np.rint(width / ASPECT_RATIO[0]), height)
+    h, w = np.where(fallback, fh, h), np.where(fallback, fw, w)
+    top = np.where(fallback, (height - fh) // 2, top)
+    left = np.where(fallback, (width - fw) // 2, left)
+    return np.stack([top, left, h, w], axis=-1).astype(np.int64), fallback
+
+
+def cifar_crop(u: np.ndarray, sizes: np.ndarray, view_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pad + random crop box and cutout hole from 4 uniforms per view (dy, dx, hole y, hole x)."""
+    shift = np.floor(u[..., :2] * (2 * CIFAR_PAD + 1)).astype(np.int64)  # 0..8 each axis, equally likely
+    corner = (sizes[:, None, :] - view_size) // 2 - CIFAR_PAD + shift  # (B, M, 2)
+    boxes = np.concatenate([corner, np.full_like(corner, view_size)], axis=-1)
+    centre = np.floor(u[..., 2:4] * view_size).astype(np.int64)
+    holes = np.concatenate([np.maximum(centre - CUTOUT // 2, 0), np.minimum(centre + CUTOUT // 2, view_size)], axis=-1)
+    return boxes, holes
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """One recipe's view augmentation: ``draw`` gives the parameters of any views of any samples."""
+
+    kind: str = "imagenet"
+    view_size: int = 224
+    crop_area_min: float = 0.08
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in AUGMENTATIONS:
+            raise UsageError(f"unknown augment {self.kind!r}; known: {', '.join(AUGMENTATIONS)}")
+        if self.view_size < 1:
+            raise UsageError(f"view_size must be >= 1, got {self.view_size}")
+        if not 0 < self.crop_area_min <= 1:
+            raise UsageError(f"crop_area_min must be in (0, 1], got {self.crop_area_min}")
+
+    def draw(self, epoch: int, indices: np.ndarray, sizes: np.ndarray, views: int) -> ViewParams:
+        """Parameters of ``views`` views of the samples ``indices`` (dataset indices) in ``epoch``;
+        ``sizes`` (B, 2) are their decoded (height, width)."""
+        sizes = np.asarray(sizes, dtype=np.int64).reshape(len(indices), 2)
+        u = uniforms(self.seed, epoch, np.asarray(indices), views, DRAWS[self.kind])
+        flips = u[..., -1] < 0.5
+        if self.kind == "imagenet":
+            boxes, _ = random_resized_crop(u[..., :-1], sizes, self.crop_area_min)
+            holes = np.zeros_like(boxes)
+        else:
+            boxes, holes = cifar_crop(u[..., :-1], sizes, self.view_size)
+        return ViewParams(boxes, flips, holes)
