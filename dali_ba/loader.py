@@ -13,7 +13,7 @@ A yielded batch is only valid until the next one is requested; ``.clone()`` what
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -46,17 +46,16 @@ def normalize(images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: 
     return x.sub_(shift).div_(scale)
 
 
-def _first_undecodable(files: Sequence[str]) -> tuple[str, str] | None:
-    """The first file PIL cannot fully decode, with the reason (used only after DALI has failed)."""
-    from PIL import Image
+def _undecodable(files: Sequence[str]) -> dict[str, str]:
+    """{path: reason} for the files Pillow cannot fully decode (asked only after DALI has failed)."""
+    from dali_ba.check_data import decode_problem
 
-    for path in files:
-        try:
-            with Image.open(path) as image:
-                image.load()
-        except Exception as exc:  # noqa: BLE001 - any failure to decode is the answer
-            return str(path), str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return None
+    found = {}
+    for path in dict.fromkeys(files):  # once each, in order
+        reason = decode_problem(path)
+        if reason:
+            found[path] = reason
+    return found
 
 
 def image_sizes(files: Sequence[str]) -> np.ndarray:
@@ -118,12 +117,41 @@ class _ShardedLoader:
         self._files = np.array(self.dataset.files, dtype=object)  # not fixed-width: ImageNet is 1.28M paths
         self._labels = np.array(self.dataset.labels, dtype=np.int32)
         eval_shard(len(self.dataset), rank, world_size, batch_size)  # raises on more ranks than samples
+        # Broken files found so far ({path: reason}); loaders of one run may share the dict. Training
+        # refills a broken file's slot with another sample of its batch, evaluation leaves it out.
+        self.bad_files: dict[str, str] = {}
+        self.max_bad_files = max(10, len(self.dataset) // 100)
+        self.on_bad_file: Callable[[str, str], None] | None = None  # told of each new broken file
+
+    def _broken(self, indices: np.ndarray) -> np.ndarray:
+        """Which of the samples ``indices`` are known broken files."""
+        if not self.bad_files:
+            return np.zeros(len(indices), dtype=bool)
+        return np.fromiter((path in self.bad_files for path in self._files[indices]), dtype=bool, count=len(indices))
+
+    def _refilled(self, order: np.ndarray) -> np.ndarray:
+        """``order`` (whole batches) with each known-broken sample replaced by the first good sample of
+        its batch (of the whole order if its batch has none): what the pipeline reads."""
+        broken = self._broken(order)
+        if not broken.any():
+            return order
+        if broken.all():
+            raise UnreadableImageError(f"every file of rank {self.rank}'s share is broken ({len(self.bad_files)} found, "
+                                       f"e.g. {next(iter(self.bad_files))}); check the data with python -m dali_ba.check_data")
+        refilled, fallback = order.copy(), order[~broken][0]
+        for at in range(0, len(order), self.batch_size):
+            batch, bad = refilled[at : at + self.batch_size], broken[at : at + self.batch_size]
+            good = batch[~bad]
+            batch[bad] = good[0] if len(good) else fallback
+        return refilled
 
     def _pipeline_args(self, order: np.ndarray, seed: int) -> dict:
-        """Arguments every pipeline of this loader takes: the files to read, in order, and where to run."""
+        """Arguments every pipeline of this loader takes: the files to read, in order (broken ones
+        refilled), and where to run."""
+        readable = self._refilled(order)
         return dict(
-            files=self._files[order].tolist(),
-            labels=self._labels[order].tolist(),
+            files=self._files[readable].tolist(),
+            labels=self._labels[readable].tolist(),
             decoder=self.decoder,
             batch_size=self.batch_size,
             num_threads=self.num_threads,
@@ -131,35 +159,47 @@ class _ShardedLoader:
             seed=seed,
         )
 
-    def _run(self, pipe, order: np.ndarray, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Drive a pipeline over ``order`` (from batch ``start``) for one pass; tensors land on ``self.device``."""
+    def _dali_batches(self, pipe) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Drive a pipeline for one pass; tensors land on ``self.device``."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-            iterator = DALIGenericIterator(
-                pipe, ["images", "labels"], reader_name=READER_NAME, last_batch_policy=LastBatchPolicy.DROP,
-                auto_reset=False,
-            )
-            for (batch,) in iterator:
-                images = batch["images"].to(self.device, non_blocking=True)
-                yield images, batch["labels"].view(-1).to(self.device, torch.int64, non_blocking=True)
+        iterator = DALIGenericIterator(
+            pipe, ["images", "labels"], reader_name=READER_NAME, last_batch_policy=LastBatchPolicy.DROP,
+            auto_reset=False,
+        )
+        for (batch,) in iterator:
+            images = batch["images"].to(self.device, non_blocking=True)
+            yield images, batch["labels"].view(-1).to(self.device, torch.int64, non_blocking=True)
 
-        return self._guard(batches(), order, start)
+    def _recovering(self, make: Callable[[int], Iterator], order: np.ndarray, start: int) -> Iterator:
+        """The batches of ``make(start)`` (a pass over ``order`` from batch ``start``). When DALI fails,
+        the broken files among the batches in flight are found (DALI names the operator, not the
+        file), remembered and reported, and the pass is rebuilt from the batch that failed: the same
+        batches as a pass that knew of those files from the start."""
+        position = start
+        while True:
+            try:
+                for batch in make(position):
+                    yield batch
+                    position += 1
+                return
+            except RuntimeError:
+                suspects = self._files[order[position * self.batch_size : (position + PREFETCH_DEPTH + 2) * self.batch_size]]
+                found = _undecodable([path for path in suspects if path not in self.bad_files])
+                if not found:
+                    raise
+                self._remember(found)
 
-    def _guard(self, batches: Iterator, order: np.ndarray, start: int) -> Iterator:
-        """Pass ``batches`` through; when DALI fails, name the file it could not decode if there is one."""
-        step = start
-        try:
-            for batch in batches:
-                yield batch
-                step += 1
-        except RuntimeError as exc:
-            # DALI names the operator but not the file; find it among the batches in flight.
-            suspects = self._files[order[step * self.batch_size : (step + PREFETCH_DEPTH + 2) * self.batch_size]]
-            bad = _first_undecodable(suspects)
-            if bad is None:
-                raise
-            raise UnreadableImageError(f"cannot decode {bad[0]} ({bad[1]}); remove or replace the file") from exc
+    def _remember(self, found: dict[str, str]) -> None:
+        for path, reason in found.items():
+            self.bad_files[path] = reason
+            if self.on_bad_file:
+                self.on_bad_file(path, reason)
+        if len(self.bad_files) > self.max_bad_files:
+            path, reason = next(iter(found.items()))
+            raise UnreadableImageError(
+                f"{len(self.bad_files)} broken files found, more than --max-bad-files {self.max_bad_files} "
+                f"(e.g. {path}: {reason}); check the data with python -m dali_ba.check_data {self.dataset.source}")
 
 
 class BatchAugmentLoader(_ShardedLoader):
@@ -214,11 +254,14 @@ class BatchAugmentLoader(_ShardedLoader):
         if self._stage(stage) == "torch":
             return decode_pipeline(**self._pipeline_args(order, seed=self.seed))
 
+        readable = self._refilled(order)
+
         def params(info) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             # The reader wraps round after the shard, so the iteration does too (DALI reads ahead).
             at = info.iteration * self.batch_size % len(order)
-            indices = order[at : at + self.batch_size]
-            drawn = self.augmentation.draw(epoch, indices, image_sizes(self._files[indices]), self.views)
+            indices = order[at : at + self.batch_size]  # a refilled slot keeps its own sample's views
+            sizes = image_sizes(self._files[readable[at : at + self.batch_size]])
+            drawn = self.augmentation.draw(epoch, indices, sizes, self.views)
             return drawn.boxes, drawn.flips, drawn.holes
 
         return batch_augment_pipeline(params=params, views=self.views, view_size=self.view_size, augment=self.augment,
@@ -237,7 +280,9 @@ class BatchAugmentLoader(_ShardedLoader):
 
         With a ``state`` from :meth:`state`, carry on where that epoch stopped: the same remaining
         samples under the same augmentations as an uninterrupted pass. ``stage`` overrides who
-        makes the views ("torch" or "dali", see :meth:`build_pipeline`).
+        makes the views ("torch" or "dali", see :meth:`build_pipeline`). A file that cannot be
+        decoded is added to ``bad_files`` and its slot refilled with another sample of its batch
+        (under the views of its own slot): batches keep B samples and every rank its step count.
         """
         start = 0
         if state is not None:
@@ -249,12 +294,14 @@ class BatchAugmentLoader(_ShardedLoader):
         order = self.shard(epoch)
         if start * self.batch_size >= len(order):
             return  # the state of a finished epoch
-        pipe = self.build_pipeline(epoch, start, stage)
-        if self._stage(stage) == "torch":
-            batches = self._guard(self._torch_batches(pipe, epoch, order[start * self.batch_size :]), order, start)
-        else:
-            batches = self._run(pipe, order, start)
-        for images, labels in batches:
+
+        def batches_from(position: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            pipe = self.build_pipeline(epoch, position, stage)
+            if self._stage(stage) == "torch":
+                return self._torch_batches(pipe, epoch, order[position * self.batch_size :])
+            return self._dali_batches(pipe)
+
+        for images, labels in self._recovering(batches_from, order, start):
             self._position = (epoch, self._position[1] + 1)
             yield images.permute(0, 1, 4, 2, 3), labels
 
@@ -263,12 +310,13 @@ class BatchAugmentLoader(_ShardedLoader):
         if self._torch_views is None:
             self._torch_views = TorchViews(self.num_threads, self.batch_size, self.views, self.view_size)
         pipe.build()
+        readable = self._refilled(order)
         for at in range(0, len(order), self.batch_size):
             decoded, _ = pipe.run()
             images = [np.asarray(decoded[i]) for i in range(len(decoded))]
-            indices = order[at : at + self.batch_size]
+            indices = order[at : at + self.batch_size]  # a refilled slot keeps its own sample's views
             params = self.augmentation.draw(epoch, indices, [image.shape[:2] for image in images], self.views)
-            labels = torch.from_numpy(self._labels[indices].astype(np.int64))
+            labels = torch.from_numpy(self._labels[readable[at : at + self.batch_size]].astype(np.int64))
             yield self._torch_views(images, params).to(self.device), labels.to(self.device)
 
     def state(self) -> dict:
@@ -292,12 +340,11 @@ class AugmentedValidationLoader(BatchAugmentLoader):
         return eval_shard(len(self.dataset), self.rank, self.world_size, self.batch_size)[0]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        remaining = eval_shard(len(self.dataset), self.rank, self.world_size, self.batch_size)[1]
-        for images, labels in self.epoch(0):
-            keep = min(remaining, len(labels))
-            remaining -= keep
-            if keep:
-                yield images[:keep], labels[:keep]
+        order, real = eval_shard(len(self.dataset), self.rank, self.world_size, self.batch_size)
+        for position, (images, labels) in enumerate(self.epoch(0)):
+            keep = _evaluated(self, order, real, position)
+            if keep.any():
+                yield images[keep], labels[keep]
 
 
 class ValidationLoader(_ShardedLoader):
@@ -331,10 +378,21 @@ class ValidationLoader(_ShardedLoader):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order, real = eval_shard(len(self.dataset), self.rank, self.world_size, self.batch_size)
-        pipe = center_crop_pipeline(resize=self.resize, crop=self.crop, **self._pipeline_args(order, seed=0))
-        remaining = real
-        for images, labels in self._run(pipe, order):
-            keep = min(remaining, len(labels))
-            remaining -= keep
-            if keep:
-                yield images[:keep].permute(0, 3, 1, 2), labels[:keep]
+
+        def batches_from(position: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            args = self._pipeline_args(order[position * self.batch_size :], seed=0)
+            return self._dali_batches(center_crop_pipeline(resize=self.resize, crop=self.crop, **args))
+
+        for position, (images, labels) in enumerate(self._recovering(batches_from, order, 0)):
+            keep = _evaluated(self, order, real, position)
+            if keep.any():
+                yield images[keep].permute(0, 3, 1, 2), labels[keep]
+
+
+def _evaluated(loader: _ShardedLoader, order: np.ndarray, real: int, position: int) -> torch.Tensor:
+    """Which samples of evaluation batch ``position`` count: not the padding that evens out the
+    ranks (after the first ``real`` of ``order``), not a broken file (its slot was refilled)."""
+    at = position * loader.batch_size
+    indices = order[at : at + loader.batch_size]
+    keep = (np.arange(at, at + len(indices)) < real) & ~loader._broken(indices)
+    return torch.from_numpy(keep).to(loader.device)

@@ -42,6 +42,8 @@ class DataConfig:
                                   'averaged over ranks (the authors\' --calibrate-bn); 0: off')
     dali_threads: int = option(4, 'DALI CPU threads per rank (and as many torch view threads with the cpu decoder)')
     decoder: str = option("auto", "auto (GPU 'mixed' decoder when a GPU is visible), cpu, mixed")
+    max_bad_files: int = option(-1, 'broken files skipped (named in the log and <output>/bad_files.txt) before the '
+                                    'run stops with an error; -1: 1% of the training files, at least 10')
 
 
 @dataclass
@@ -95,7 +97,7 @@ class Recipe:
         """Range checks that need no data or GPU; raises UsageError naming the field."""
         d, m, o, r = self.data, self.model, self.optim, self.run
         at_least = [(d, "batch_size", 1), (d, "views", 1), (d, "view_size", 1), (d, "val_resize", 1),
-                    (d, "val_crop", 1), (d, "dali_threads", 1), (d, "val_batch_size", 0), (d, "eval_views", 0), (d, "calibrate_bn", 0), (o, "epochs", 1),
+                    (d, "val_crop", 1), (d, "dali_threads", 1), (d, "val_batch_size", 0), (d, "eval_views", 0), (d, "calibrate_bn", 0), (d, "max_bad_files", -1), (o, "epochs", 1),
                     (o, "lr_batch", 1), (o, "chunks", 1), (r, "log_every", 1), (r, "max_steps", 0),
                     (r, "torch_threads", 0), (r, "timing_warmup", 0), (r, "checkpoint_every", 0),
                     (r, "keep_checkpoints", 1)]

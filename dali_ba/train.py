@@ -406,6 +406,23 @@ def _train(plan: Recipe, recipe: Recipe, world: World, train_set: ImageDataset, 
         rank=world.rank, world_size=world.size, seed=r.seed + 1, decoder=d.decoder, num_threads=d.dali_threads,
     ) if d.calibrate_bn else None
 
+    # One record of broken files for every loader of the run: found by any, refilled (training) or
+    # left out (evaluation) by all; each rank names what it finds, rank 0 lists them all.
+    bad_files = loader.bad_files
+    for each in filter(None, (loader, val_loader, view_loader, calibration_loader)):
+        each.bad_files, each.on_bad_file = bad_files, lambda path, reason: emit(
+            f"dali-ba: rank {world.rank}: skipping broken file {path} ({reason})", sys.stderr)
+        each.max_bad_files = d.max_bad_files if d.max_bad_files >= 0 else loader.max_bad_files
+
+    def share_bad_files() -> list[list[str]]:
+        """Collective: every rank's broken files, merged on all ranks and listed in bad_files.txt."""
+        for part in world.gather(dict(bad_files)):
+            bad_files.update(part)
+        listed = sorted([path, reason] for path, reason in bad_files.items())
+        if world.is_root and listed:
+            (output / "bad_files.txt").write_text("".join(f"{path}\t{reason}\n" for path, reason in listed))
+        return listed
+
     def validate(epoch: int) -> dict[str, float]:
         """Validation as trained; with --eval-views, also over K views; with --calibrate-bn, also after
         recomputing BatchNorm statistics (for that evaluation only: training goes on unchanged)."""
@@ -444,6 +461,7 @@ def _train(plan: Recipe, recipe: Recipe, world: World, train_set: ImageDataset, 
             scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
         step, first_epoch, trained_time = state["step"], state["epoch"], state["train_time"]
+        bad_files.update(dict(state["bad_files"]))  # skipped before the stop: skipped the same way now
         if state["loaders"]:  # stopped mid-epoch: each rank carries on from its own loader position
             loader_state, carried_sums = state["loaders"][world.rank], state["epoch_sums"][world.rank]
             model.load_state_dict(state["rank_buffers"][world.rank], strict=False)
@@ -468,6 +486,7 @@ def _train(plan: Recipe, recipe: Recipe, world: World, train_set: ImageDataset, 
     def checkpoint(epoch: int, sums: list[float] | None) -> None:
         """Collective. ``sums`` given: stopped mid-epoch, so every rank's loader position goes in too."""
         mid_epoch = sums is not None
+        broken = share_bad_files()
         loaders = world.gather(loader.state()) if mid_epoch else None
         all_sums = world.gather(sums) if mid_epoch else None
         # BatchNorm running statistics differ by rank until the epoch-end average: keep each rank's.
@@ -476,7 +495,7 @@ def _train(plan: Recipe, recipe: Recipe, world: World, train_set: ImageDataset, 
             state = {"run": identity, "step": step, "epoch": epoch, "train_time": trained_time + (time.perf_counter() - segment_start),
                      "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                      "scaler": scaler.state_dict() if scaler else None, "rng": torch.get_rng_state(),
-                     "loaders": loaders, "epoch_sums": all_sums, "rank_buffers": buffers}
+                     "loaders": loaders, "epoch_sums": all_sums, "rank_buffers": buffers, "bad_files": broken}
             save_checkpoint(output, step, state, r.keep_checkpoints)
 
     clock = StepClock(device)
@@ -531,9 +550,11 @@ def _train(plan: Recipe, recipe: Recipe, world: World, train_set: ImageDataset, 
         loss_sum, right, seen = world.sum(sums)
         train_loss = loss_sum / (done * world.size)
         world.average_buffers(model)
+        share_bad_files()  # what training found is not looked for again in validation
         result = validate(epoch)
+        broken = share_bad_files()
         images_per_s = epoch_steps * d.batch_size / epoch_time
-        log.write("epoch", epoch=epoch, train_loss=train_loss, train_top1=100 * right / seen, **result,
+        log.write("epoch", epoch=epoch, train_loss=train_loss, train_top1=100 * right / seen, **result, bad_files=len(broken),
                   epoch_time=epoch_time, wall=trained_time + time.perf_counter() - segment_start,
                   steps_per_s=epoch_steps / epoch_time, images_per_s=images_per_s, views_per_s=images_per_s * d.views)
         extra = "".join(f"  {name} top-1 {result[f'{key}_top1']:5.1f}%" for key, name in
@@ -553,7 +574,8 @@ def _train(plan: Recipe, recipe: Recipe, world: World, train_set: ImageDataset, 
     summary = dict(epochs=o.epochs, steps=step, ranks=world.size, views=d.views, batch_size=d.batch_size,
                    top1=result.get("top1"), top5=result.get("top5"), val_loss=result.get("val_loss"),
                    **{k: v for k, v in result.items() if k.startswith(("views_", "calibrated_"))},
-                   **timing, wall_time=wall_time, param_digests=digests, params_identical=identical)
+                   **timing, wall_time=wall_time, bad_files=len(bad_files), param_digests=digests,
+                   params_identical=identical)
     log.write("summary", **summary)
     log.close()
     say(summary_table(timing, world.size))

@@ -1,0 +1,123 @@
+"""A broken image never ends a run: it is named, listed, refilled in training and left out of
+evaluation; a resumed run skips it the same way; a folder of garbage is a one-line error."""
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import decode_identity, identity_image, run_cli
+from dali_ba import BatchAugmentLoader, ValidationLoader
+from dali_ba.checkpoint import list_checkpoints, load_checkpoint
+from test_check_data import jpeg_bytes, photo
+from test_odd_files import ODD
+
+TRAIN = [sys.executable, "-m", "dali_ba.train", "--recipe", "pipelines/demo.toml"]
+HOROVODRUN = ["horovodrun", "-np", "2"]
+BROKEN = {"truncated.jpg": lambda: jpeg_bytes(photo())[:600], "empty.jpg": lambda: b"",
+          "text.jpg": lambda: b"not an image at all\n" * 30}
+
+
+def records(output, kind):
+    return [r for r in map(json.loads, (output / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+@pytest.fixture(scope="module")
+def messy(demo_data, tmp_path_factory):
+    """Two demo classes with broken files among them, and valid odd ones (PNG-named, CMYK)."""
+    root = tmp_path_factory.mktemp("messy")
+    for cls in ("disc_warm", "ring_cool"):
+        (root / cls).mkdir()
+        for src in sorted((demo_data / "train" / cls).iterdir())[:14]:
+            (root / cls / src.name).write_bytes(src.read_bytes())
+    for name, make in BROKEN.items():
+        (root / "ring_cool" / name).write_bytes(make())
+    for name in ("png_named", "cmyk"):
+        (root / "disc_warm" / f"{name}.jpg").write_bytes(ODD[name]())
+    return root
+
+
+def run_args(messy, output, *extra):
+    return ["--train", str(messy), "--val", str(messy), "--output", str(output), "--batch-size", "8", "--views", "2",
+            "--epochs", "2", "--log-every", "1", *extra]
+
+
+@pytest.mark.parametrize("launcher", [None, "horovodrun"])
+def test_a_run_on_a_folder_with_broken_files_finishes_and_names_them(messy, tmp_path, launcher):
+    out = tmp_path / "run"
+    done = run_cli(*(HOROVODRUN if launcher else []), *TRAIN, *run_args(messy, out), timeout=300)
+    text = done.stdout + done.stderr
+    assert done.returncode == 0, text[-3000:]
+    broken = {str(messy / "ring_cool" / name) for name in BROKEN}
+    for path in broken:  # named once, with the rank that found it and the reason
+        assert text.count(f"skipping broken file {path} (") == 1, text[-3000:]
+    assert "Traceback" not in text
+    listed = dict(line.split("\t") for line in (out / "bad_files.txt").read_text().splitlines())
+    assert set(listed) == broken and all(listed.values())
+    epochs = records(out, "epoch")
+    assert [e["bad_files"] for e in epochs] == [3, 3]
+    assert epochs[-1]["val_samples"] == 28 + 2  # every good file once, broken ones left out
+    (summary,) = records(out, "summary")
+    assert summary["params_identical"] and summary["bad_files"] == 3
+    assert summary["steps"] == 2 * len(BatchAugmentLoader(messy, 8 // (2 if launcher else 1), views=2,
+                                                           world_size=2 if launcher else 1))
+
+
+def test_resume_across_a_skipped_file_is_exact(messy, tmp_path):
+    reference = tmp_path / "reference"
+    done = run_cli(*TRAIN, *run_args(messy, reference, "--checkpoint-every", "1", "--keep-checkpoints", "20"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    checkpoints = sorted(list_checkpoints(reference))
+    known = {path: load_checkpoint(path)["bad_files"] for path in checkpoints}
+    after = [path for path in checkpoints if known[path] and load_checkpoint(path)["loaders"]]  # mid-epoch
+    assert after, "no mid-epoch checkpoint after the broken files were found"
+    # From the first checkpoint and from a mid-epoch one that already lists the broken files (the
+    # resumed run refills them from the checkpoint, without meeting them again): both end where the
+    # uninterrupted run ended.
+    for checkpoint in dict.fromkeys((checkpoints[0], after[len(after) // 2])):
+        out = tmp_path / checkpoint.stem
+        again = run_cli(*TRAIN, *run_args(messy, out, "--resume", str(checkpoint)))
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert records(out, "summary")[0]["param_digests"] == records(reference, "summary")[0]["param_digests"]
+        assert (out / "bad_files.txt").read_text() == (reference / "bad_files.txt").read_text()
+        if known[checkpoint]:
+            assert "skipping broken file" not in again.stderr
+
+
+def test_a_folder_of_garbage_is_a_one_line_error(tmp_path):
+    for cls in ("a", "b"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(4):
+            (tmp_path / "data" / cls / f"{i}.jpg").write_bytes(b"garbage" * i)
+    out = tmp_path / "run"
+    done = run_cli(*TRAIN, "--train", str(tmp_path / "data"), "--val", str(tmp_path / "data"), "--output", str(out),
+                   "--batch-size", "4", "--epochs", "1", "--max-bad-files", "3", timeout=120)
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert done.returncode == 2 and len(errors) == 1, done.stderr[-2000:]
+    assert "broken files found, more than --max-bad-files 3" in errors[0] and "dali_ba.check_data" in errors[0]
+    assert "Traceback" not in done.stderr
+
+
+def test_a_broken_slot_is_refilled_from_its_batch_and_left_out_of_evaluation(tmp_path):
+    for i in range(12):
+        identity_image(i).save(tmp_path / f"img{i:02d}.jpg", quality=95, subsampling=0)
+    (tmp_path / "img05.jpg").write_bytes(b"")
+    (tmp_path / "list.txt").write_text("".join(f"img{i:02d}.jpg {i}\n" for i in range(12)))
+    loader = BatchAugmentLoader(tmp_path / "list.txt", batch_size=4, views=3, view_size=24, num_threads=1, seed=2)
+    found = []
+    loader.on_bad_file = lambda path, reason: found.append(path)
+    order = loader.shard(0)
+    for position, (images, labels) in enumerate(loader.epoch(0)):
+        indices = order[position * 4 : position * 4 + 4]
+        assert images.shape == (4, 3, 3, 24, 24)  # B samples still
+        ids = decode_identity(images)
+        assert (ids == labels.numpy()[:, None]).all()  # every slot shows the sample its label names
+        if 5 in indices:
+            slot = list(indices).index(5)
+            assert labels[slot] != 5 and labels[slot] in indices  # refilled from its own batch
+            others = [s for s in range(4) if indices[s] == labels[slot]]
+            assert not np.array_equal(images[slot].numpy(), images[others[0]].numpy())  # under its own views
+    assert found == [str(tmp_path / "img05.jpg")]
+    val = ValidationLoader(tmp_path / "list.txt", batch_size=4, resize=28, crop=24, num_threads=1)
+    val.bad_files = loader.bad_files
+    assert sorted(y for _, labels in val for y in labels.tolist()) == [i for i in range(12) if i != 5]
