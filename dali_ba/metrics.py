@@ -39,19 +39,60 @@ def emit(line: str, stream=None) -> None:
 
 
 class MetricsLog:
-    """JSON lines on rank 0 (one object per record, flushed at once); a no-op elsewhere."""
+    """JSON lines on rank 0 (one object per record, flushed at once); a no-op elsewhere. With
+    ``tensorboard`` (a folder) the step and epoch records also go there as TensorBoard scalars."""
 
-    def __init__(self, path: Path | None, append: bool = False):
+    def __init__(self, path: Path | None, append: bool = False, tensorboard: Path | None = None):
         self._file = open(path, "a" if append else "w") if path is not None else None
+        self._scalars = TensorBoardScalars(tensorboard) if path is not None and tensorboard is not None else None
 
     def write(self, kind: str, **fields) -> None:
         if self._file:
             self._file.write(json.dumps({"kind": kind, **fields}) + "\n")
             self._file.flush()
+        if self._scalars:
+            self._scalars.add(kind, fields)
 
     def close(self) -> None:
         if self._file:
             self._file.close()
+        if self._scalars:
+            self._scalars.close()
+
+
+class TensorBoardScalars:
+    """Step records as scalars over the global step (train/loss, train/lr, train/grad_norm,
+    train/steps_per_s, time/<phase>_ms: the mean over ranks), epoch records over the epoch
+    (epoch/<field>: losses, accuracies, throughput, broken files); torch's SummaryWriter."""
+
+    STEP_FIELDS = ("loss", "lr", "grad_norm")
+    EPOCH_FIELDS = ("train_loss", "train_top1", "val_loss", "top1", "top5", "views_top1", "views_top5",
+                    "calibrated_top1", "calibrated_top5", "steps_per_s", "images_per_s", "views_per_s", "bad_files")
+
+    def __init__(self, folder: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._writer = SummaryWriter(str(folder))
+
+    def add(self, kind: str, fields: dict) -> None:
+        add = self._writer.add_scalar
+        if kind == "step":
+            step = fields["step"]
+            for name in self.STEP_FIELDS:
+                if name in fields:
+                    add(f"train/{name}", fields[name], step)
+            for phase, stats in fields["time"].items():
+                add(f"time/{phase}_ms", 1e3 * stats["mean"], step)
+            if fields["time"]["step"]["mean"] > 0:
+                add("train/steps_per_s", 1.0 / fields["time"]["step"]["mean"], step)
+        elif kind == "epoch":
+            for name in self.EPOCH_FIELDS:
+                if name in fields:
+                    add(f"epoch/{name}", fields[name], fields["epoch"] + 1)
+            self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 def stream_sync(device: torch.device) -> Callable[[], None]:

@@ -81,6 +81,8 @@ class RunConfig:
     engine: str = option("auto", "gradient averaging: auto (torchrun or plain srun: torch; horovodrun, mpirun or "
                                  "srun --mpi=pmix: Horovod; one process: none), horovod, torch")
     horovod_timeline: str = option("", "write Horovod's timeline (chrome://tracing JSON) to this file")
+    tensorboard: bool = option(False, 'also write the step and epoch records as TensorBoard scalars to '
+                                      '<output>/tensorboard (rank 0)')
     checkpoint_every: int = option(0, 'steps between checkpoints (0: only at epoch ends)')
     keep_checkpoints: int = option(3, 'newest checkpoints kept in <output>/checkpoints')
     resume: str = option("", "'auto': newest loadable checkpoint in --output (none: start afresh); or a checkpoint file")

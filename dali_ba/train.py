@@ -12,6 +12,7 @@ regime); the loss is the mean cross-entropy over all B*M views. Rank 0 prints an
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import itertools
 import json
 import math
@@ -361,6 +362,8 @@ def run(recipe: Recipe, train_set: ImageDataset, val_set: ImageDataset) -> int:
     plan = effective(recipe)
     r = plan.run
     engine = choose_engine(r.engine)
+    if r.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard")
     if r.horovod_timeline:  # Horovod reads it at init; its coordinator (rank 0) writes the file
         if engine.engine != "horovod":
             raise UsageError(f"--horovod-timeline needs the Horovod engine; this run uses {engine.engine} "
@@ -469,7 +472,8 @@ def _train(plan: Recipe, recipe: Recipe, world: World, train_set: ImageDataset, 
         world.broadcast_from_root(model, optimizer)
 
     environment = environment_summary(world, device, loader.decoder)
-    log = MetricsLog(prepare_output(output, recipe, environment) if world.is_root else None, append=bool(r.resume))
+    log = MetricsLog(prepare_output(output, recipe, environment) if world.is_root else None, append=bool(r.resume),
+                     tensorboard=output / "tensorboard" if r.tensorboard else None)
     log.write("start", arch=m.arch, ranks=world.size, engine=world.engine, engine_backend=world.backend,
               engine_reason=world.reason, views=d.views, batch_size=d.batch_size, view_size=d.view_size,
               device=device.type, decoder=loader.decoder, epochs=o.epochs, steps_per_epoch=steps_per_epoch,

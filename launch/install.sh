@@ -39,7 +39,7 @@ pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
 # shellcheck disable=SC2086
 "$PY" -c "import nvidia.dali" 2>/dev/null || { say "installing $DALI_SPEC"; pip_install $DALI_SPEC; }
 "$PY" -c "import mpi4py" 2>/dev/null || { say "installing mpi4py (built against Open MPI)"; pip_install "mpi4py==4.1.2"; }
-pip_install numpy pillow pytest tqdm tomli-w "setuptools<81" wheel packaging psutil pyyaml cloudpickle cffi matplotlib scikit-image scikit-learn
+pip_install numpy pillow pytest tqdm tomli-w "setuptools<81" wheel packaging psutil pyyaml cloudpickle cffi matplotlib scikit-image scikit-learn tensorboard
 
 # 3. Horovod, built from the 0.28.1 sdist ----------------------------------------------------------
 if ! "$PY" -c "import horovod.torch" 2>/dev/null; then

@@ -158,25 +158,31 @@ def test_torch_engine_resume_after_a_signal_to_one_rank_is_exact(demo_data, torc
     assert summary(out)["param_digests"] == summary(torch_run)["param_digests"]
 
 
-@pytest.fixture
-def without_horovod(tmp_path) -> dict[str, str]:
-    """Environment in which ``import horovod`` fails, as where it was never installed."""
-    hide = tmp_path / "hide_horovod"
-    hide.mkdir()
-    (hide / "sitecustomize.py").write_text(textwrap.dedent("""\
+def hidden(folder, *packages: str) -> dict[str, str]:
+    """Environment in which ``import <package>`` fails for each of ``packages``, as where they were
+    never installed (a sitecustomize drops them from the path finder)."""
+    folder.mkdir(exist_ok=True)
+    (folder / "sitecustomize.py").write_text(textwrap.dedent(f"""\
         import sys
         from importlib.machinery import PathFinder
 
-        class WithoutHorovod(PathFinder):
+        HIDDEN = {packages!r}
+
+        class Without(PathFinder):
             @classmethod
             def find_spec(cls, name, path=None, target=None):
-                if name == "horovod" or name.startswith("horovod."):
+                if name.split(".")[0] in HIDDEN:
                     return None
                 return super().find_spec(name, path, target)
 
-        sys.meta_path[sys.meta_path.index(PathFinder)] = WithoutHorovod
+        sys.meta_path[sys.meta_path.index(PathFinder)] = Without
     """))
-    return {"PYTHONPATH": str(hide)}
+    return {"PYTHONPATH": str(folder)}
+
+
+@pytest.fixture
+def without_horovod(tmp_path) -> dict[str, str]:
+    return hidden(tmp_path / "hide_horovod", "horovod")
 
 
 def test_one_process_trains_where_horovod_is_not_installed(demo_data, tmp_path, without_horovod):

@@ -192,3 +192,35 @@ def test_existing_run_is_not_overwritten(demo_data, tmp_path):
     done = run_cli(*TRAIN, *small_run(demo_data, out, "--epochs", "1", "--max-steps", "1"))
     assert done.returncode == 2 and "already holds a run" in done.stderr
     assert (out / "metrics.jsonl").read_text() == '{"kind": "epoch"}\n'
+
+
+def test_tensorboard_holds_the_step_and_epoch_scalars(demo_data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    done = run_cli(*TRAIN, *small_run(demo_data, out, "--batch-size", "16", "--views", "2", "--epochs", "2",
+                                      "--max-steps", "3", "--log-every", "1", "--log-grad-norm", "--tensorboard"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/steps_per_s", "time/data_ms", "time/forward_backward_ms",
+            "time/allreduce_step_ms", "time/step_ms", "epoch/top1", "epoch/top5", "epoch/val_loss",
+            "epoch/train_loss", "epoch/steps_per_s"} <= tags
+    steps, epochs = records(out, "step"), records(out, "epoch")
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == [s["step"] for s in steps] == list(range(1, 7))
+    assert [e.value for e in loss] == pytest.approx([s["loss"] for s in steps], rel=1e-6)
+    assert [e.value for e in events.Scalars("train/grad_norm")] == pytest.approx([s["grad_norm"] for s in steps], rel=1e-6)
+    top1 = events.Scalars("epoch/top1")
+    assert [(e.step, e.value) for e in top1] == [(e["epoch"] + 1, pytest.approx(e["top1"])) for e in epochs]
+
+
+def test_tensorboard_without_the_package_is_one_line(demo_data, tmp_path):
+    from test_engines import hidden
+
+    out = tmp_path / "run"
+    done = run_cli(*TRAIN, *small_run(demo_data, out, "--tensorboard"), env=hidden(tmp_path / "hide", "tensorboard"))
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "python -m dali_ba.train: error: --tensorboard needs the tensorboard package: pip install tensorboard"]
+    assert not out.exists()
