@@ -152,11 +152,29 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
     return value
 
 
+# Named recipes: pipelines/ beside the package in a source checkout, dali_ba/pipelines/ when installed.
+RECIPE_FOLDERS = (Path(__file__).resolve().parent / "pipelines", Path(__file__).resolve().parents[1] / "pipelines")
+
+
+def recipe_names() -> list[str]:
+    return sorted({p.stem for folder in RECIPE_FOLDERS if folder.is_dir() for p in folder.glob("*.toml")})
+
+
+def find_recipe(name: str | Path) -> Path:
+    """A recipe file: ``name`` itself when it is a file, else the named recipe (``demo``, ...)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    if path.name == str(name) and path.suffix in ("", ".toml"):  # a bare name: look it up
+        for folder in RECIPE_FOLDERS:
+            if (folder / f"{path.stem}.toml").is_file():
+                return folder / f"{path.stem}.toml"
+    raise UsageError(f"recipe not found: {name} (a TOML file, or one of the named recipes: {', '.join(recipe_names())})")
+
+
 def load_recipe(path: str | Path) -> Recipe:
-    """Read a recipe TOML file; every problem is a UsageError naming the file and key."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"recipe not found: {path}")
+    """Read a recipe TOML file (or a named recipe); every problem is a UsageError naming the file and key."""
+    path = find_recipe(path)
     try:
         raw = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -212,7 +230,8 @@ def int_list(text: str) -> list[int]:
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """``--recipe`` plus one flag per recipe field, grouped by table, all defaulting to 'not given'."""
     parser = OneLineParser(prog=prog, description=description)
-    parser.add_argument("--recipe", help="recipe TOML file (pipelines/NAME.toml); flags below override it")
+    parser.add_argument("--recipe", help="recipe TOML file, or the name of an installed one (demo, imagenet_resnet50_ba, "
+                                         "cifar10_resnet44_ba); flags below override it")
     for section_name, section_cls in SECTIONS.items():
         group = parser.add_argument_group(f"[{section_name}] overrides")
         defaults, kinds = section_cls(), _fields(section_cls)

@@ -103,7 +103,7 @@ def train(spec: RunSpec, data: Path, output: Path, plan: Plan) -> Path:
         import shutil
 
         shutil.rmtree(output)
-    argv = [sys.executable, "-m", "dali_ba.train", "--recipe", str(Path(__file__).resolve().parents[1] / "pipelines" / "demo.toml"),
+    argv = [sys.executable, "-m", "dali_ba.train", "--recipe", "demo",
             "--train", str(data / "train"), "--val", str(data / "val"), "--output", str(output),
             "--seed", str(spec.seed), "--views", str(spec.views), "--regime", spec.regime,
             "--batch-size", str(plan.batch), "--lr", "0.1", "--lr-batch", str(plan.batch), "--epochs", str(plan.epochs),
