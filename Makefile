@@ -20,10 +20,14 @@ $(DEMO_DATA)/.complete: dali_ba/data/synth.py | install
 
 demo-data: $(DEMO_DATA)/.complete
 
-# With one core per rank, MPI waiting by yielding (not spinning) leaves the core to DALI and torch.
+# Horovod over Open MPI's mpirun, which (unlike horovodrun) does not tag every line with its rank:
+# rank 0 prints the run, and a message from another rank names its rank itself. With one core per
+# rank, MPI waiting by yielding (not spinning) leaves the core to DALI and torch.
+MPIRUN_AS_ROOT := $(if $(filter 0,$(shell id -u)),--allow-run-as-root)
 demo: install demo-data
 	rm -rf runs/demo
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" OMPI_MCA_mpi_yield_when_idle=1 horovodrun -np $(RANKS) python -m dali_ba.train --recipe pipelines/demo.toml
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" OMPI_MCA_mpi_yield_when_idle=1 mpirun -np $(RANKS) $(MPIRUN_AS_ROOT) \
+	    --bind-to none --map-by slot python -m dali_ba.train --recipe pipelines/demo.toml $(DEMO_ARGS)
 
 # The paper's Figures 2-5 at small scale (two data sets, 2 seeds): runs/paper/REPORT.md, under 20 min on 2 cores.
 paper: install

@@ -601,13 +601,18 @@ def main(argv: list[str] | None = None) -> int:
         return run(recipe, train_set, val_set)
     except UsageError as exc:
         # Set-up problems are the same on every rank: rank 0 speaks. A bad file is one rank's find.
-        if launcher_rank() == 0 or isinstance(exc, UnreadableImageError):
+        rank = launcher_rank()
+        if rank == 0:
             emit(f"{PROG}: error: {exc}", sys.stderr)
+        elif isinstance(exc, UnreadableImageError):
+            emit(f"{PROG}: rank {rank}: error: {exc}", sys.stderr)
         else:
             time.sleep(1)  # let rank 0 report before the launcher tears the job down
         return 2
     except Exception as exc:
         if not _peer_gone(exc):
+            # Launchers need not tag output with ranks (make demo's mpirun does not): say whose it is.
+            emit(f"{PROG}: rank {launcher_rank()}: unexpected error, traceback follows", sys.stderr)
             raise
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         emit(f"{PROG}: rank {launcher_rank()} stopped: its collectives failed because another rank failed "

@@ -2,13 +2,14 @@
 import contextlib
 import json
 import os
+import subprocess
 import sys
 
 import pytest
 
 import torch
 
-from conftest import run_cli
+from conftest import REPO, run_cli
 from dali_ba.distributed import World
 from dali_ba.loader import ValidationLoader
 from dali_ba.metrics import PHASES
@@ -224,3 +225,17 @@ def test_tensorboard_without_the_package_is_one_line(demo_data, tmp_path):
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
         "python -m dali_ba.train: error: --tensorboard needs the tensorboard package: pip install tensorboard"]
     assert not out.exists()
+
+
+def test_make_demo_prints_one_clean_log(tmp_path):
+    """make demo's launcher does not tag lines with ranks: the log reads as one process's."""
+    out = tmp_path / "demo"
+    done = subprocess.run(["make", "demo", f"DEMO_ARGS=--epochs 1 --max-steps 2 --output {out}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    lines = [line for line in done.stdout.splitlines() if "dali_ba.train" not in line and line.strip()]
+    ours = lines[lines.index(next(line for line in lines if line.startswith("dali-ba: engine horovod (mpi)"))):]
+    assert not any(line.startswith("[1,") for line in done.stdout.splitlines()), done.stdout[-2000:]
+    assert any(line.startswith("done: 1 epochs, 2 steps") for line in ours)
+    assert "parameters identical on 2 rank(s)" in done.stdout
