@@ -194,16 +194,28 @@ PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP OverS
         its slurmd spool folder removed. A requeued job keeps its id, so a new start that comes before
         this cleanup shares the spool folder (job<id>/slurm_script) that the old one is removing."""
         spool = self.root / "spool" / "d" / f"job{int(job_id):05d}"
-        daemons = {self._pid(name) for name in ("slurmd", "slurmctld", "munged")}
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            left = [pid for pid in self._leftovers() if pid not in daemons]
+            left = self._job_processes(job_id)
             if not left and not spool.exists():
                 return
             time.sleep(0.3)
         raise ClusterError(f"job {job_id}: its last start is still on the node after {timeout:.0f}s "
                            f"(processes {left}, spool folder {'present' if spool.exists() else 'gone'}); "
                            f"slurmd log {self.logs['slurmd']}:\n{self._tail('slurmd')}")
+
+    def _job_processes(self, job_id: str) -> dict[int, str]:
+        """{pid: command line} of the job's slurmstepd processes and tasks on this cluster."""
+        found = {}
+        for pid in self._leftovers():
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes()
+                command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            except OSError:
+                continue
+            if f"SLURM_JOB_ID={job_id}".encode() + b"\0" in environ or command.startswith(f"slurmstepd: [{job_id}."):
+                found[pid] = command[:120]
+        return found
 
     def keep_logs(self, destination: Path) -> Path:
         """Copy the daemons' logs and the jobs' output files to ``destination`` (for a failed run)."""
