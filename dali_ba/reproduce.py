@@ -1,6 +1,6 @@
 """The paper at small scale: Figures 2-5 of Hoffer et al. in direction, with seeds and a report.
 
-    python -m dali_ba.reproduce [--out runs/paper] [--seeds 0,1] [--epochs 12] [--quick]
+    python -m dali_ba.reproduce [--out runs/paper] [--seeds 0,1] [--epochs 10] [--quick]
     make paper
 
 Two data sets are made on the spot under <out>/data: the embedded synthetic demo data (10 classes of
@@ -85,8 +85,8 @@ def make_datasets(root: Path, quick: bool) -> dict[str, Path]:
     from dali_ba.data.synth import write_dataset
 
     made = {}
-    for name, write in (("synthetic", lambda p: write_dataset(p, *((4, 2) if quick else (48, 40)), seed=0)),
-                        ("digits", lambda p: write_digits(p, *((60, 30) if quick else (400, 800)), seed=0))):
+    for name, write in (("synthetic", lambda p: write_dataset(p, *((4, 2) if quick else (48, 30)), seed=0)),
+                        ("digits", lambda p: write_digits(p, *((60, 30) if quick else (400, 500)), seed=0))):
         folder = root / name
         if not (folder / ".complete").exists():
             write(folder)
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/paper", help="results folder (default: runs/paper)")
     parser.add_argument("--seeds", type=int_list, default=[0, 1], metavar="N,N,...", help="seeds (default: 0,1)")
-    parser.add_argument("--epochs", type=int, default=12, help="epochs of the BA runs (default: 12)")
+    parser.add_argument("--epochs", type=int, default=10, help="epochs of the BA runs (default: 10)")
     parser.add_argument("--quick", action="store_true", help="tiny data, 2 epochs of 2 steps, M in {1, 2}: a smoke test")
     args = parser.parse_args(argv)
     if args.epochs < 2:
