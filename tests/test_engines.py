@@ -180,6 +180,17 @@ def hidden(folder, *packages: str) -> dict[str, str]:
     return {"PYTHONPATH": str(folder)}
 
 
+def test_torch_engine_under_mpirun_meets_through_mpi(demo_data, torch_run, tmp_path):
+    """--engine torch under mpirun (no torchrun, no SLURM): rank 0 names the rendezvous over MPI."""
+    out = tmp_path / "run"
+    mpirun = ["mpirun", "-np", "2", *(["--allow-run-as-root"] if os.geteuid() == 0 else [])]
+    done = run_cli(*mpirun, PY, *TRAIN, *args(demo_data, out, *EVALUATION, "--engine", "torch"))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    (start,) = records(out, "start")
+    assert (start["engine"], start["engine_backend"]) == ("torch", "gloo") and "MPI launcher" in start["engine_reason"]
+    assert summary(out)["param_digests"] == summary(torch_run)["param_digests"]  # the torchrun run's model
+
+
 @pytest.fixture
 def without_horovod(tmp_path) -> dict[str, str]:
     return hidden(tmp_path / "hide_horovod", "horovod")
