@@ -113,7 +113,7 @@ SlurmctldPort={ctld_port}
 SlurmdPort={d_port}
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={self.munge_socket}
+AuthInfo=socket={self.munge_socket},cred_expire=10
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation={r}/spool/ctld
@@ -188,34 +188,6 @@ PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP OverS
                 _end([pid])
             self._pid_files[name].unlink(missing_ok=True)
         _end(self._leftovers())
-
-    def wait_until_gone(self, job_id: str, timeout: float = 90) -> None:
-        """Until nothing of the job's last start is left on the node: no slurmstepd or task of it, and
-        its slurmd spool folder removed. A requeued job keeps its id, so a new start that comes before
-        this cleanup shares the spool folder (job<id>/slurm_script) that the old one is removing."""
-        spool = self.root / "spool" / "d" / f"job{int(job_id):05d}"
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            left = self._job_processes(job_id)
-            if not left and not spool.exists():
-                return
-            time.sleep(0.3)
-        raise ClusterError(f"job {job_id}: its last start is still on the node after {timeout:.0f}s "
-                           f"(processes {left}, spool folder {'present' if spool.exists() else 'gone'}); "
-                           f"slurmd log {self.logs['slurmd']}:\n{self._tail('slurmd')}")
-
-    def _job_processes(self, job_id: str) -> dict[int, str]:
-        """{pid: command line} of the job's slurmstepd processes and tasks on this cluster."""
-        found = {}
-        for pid in self._leftovers():
-            try:
-                environ = Path(f"/proc/{pid}/environ").read_bytes()
-                command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-            except OSError:
-                continue
-            if f"SLURM_JOB_ID={job_id}".encode() + b"\0" in environ or command.startswith(f"slurmstepd: [{job_id}."):
-                found[pid] = command[:120]
-        return found
 
     def keep_logs(self, destination: Path) -> Path:
         """Copy the daemons' logs and the jobs' output files to ``destination`` (for a failed run)."""
