@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO))
 
 from dali_ba.data.dataset import ImageDataset, load_dataset  # noqa: E402
 from dali_ba.loader import IMAGENET_MEAN, IMAGENET_STD, BatchAugmentLoader  # noqa: E402
-from dali_ba.pipeline import READER_NAME  # noqa: E402
+from dali_ba.pipeline import read_samples  # noqa: E402
 
 AREA, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
 METHODS = {
@@ -154,13 +154,13 @@ def torch_loader(method: str, dataset: ImageDataset, views: int, args) -> Runner
 
 
 # --- DALI peers (a, e, f) ------------------------------------------------------------------------
-def decode_per_view_pipeline(files, labels, views: int, view_size: int, decoder: str, **kwargs):
+def decode_per_view_pipeline(samples, views: int, view_size: int, decoder: str, **kwargs):
     """(e): the encoded file is read once, but every view decodes it again (only its random crop)."""
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(**kwargs)
     def pipe():
-        jpegs, label = fn.readers.file(files=files, labels=labels, random_shuffle=False, name=READER_NAME)
+        jpegs, label = read_samples(samples)
         out = []
         for _ in range(views):
             view = fn.decoders.image_random_crop(
@@ -173,13 +173,13 @@ def decode_per_view_pipeline(files, labels, views: int, view_size: int, decoder:
     return pipe()
 
 
-def decode_only_pipeline(files, labels, decoder: str, **kwargs):
+def decode_only_pipeline(samples, decoder: str, **kwargs):
     """(f): read and decode, nothing else."""
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(**kwargs)
     def pipe():
-        jpegs, label = fn.readers.file(files=files, labels=labels, random_shuffle=False, name=READER_NAME)
+        jpegs, label = read_samples(samples)
         return fn.decoders.image(jpegs, device=decoder, output_type=types.RGB), label
 
     return pipe()

@@ -3,7 +3,7 @@
     python -m dali_ba.check_data DIR|LIST [--out bad_files.txt] [--fix-list good.txt] [--workers N] [--quick]
     srun -n 8 python -m dali_ba.check_data /data/imagenet/train --fix-list train_ok.txt
 
-DIR is a folder of class folders, LIST a ``<path> <label>`` file (as --train takes). Each file is
+DIR is a folder of class folders or of tar shards, LIST a ``<path> <label>`` file (as --train takes). Each file is
 decoded in full by Pillow (what a truncated, empty or non-image file fails), over ``--workers``
 processes (default: the cores this process may use); under a launcher with several ranks each rank
 takes every rank-th file and rank 0 gathers the answers. ``--quick`` only reads each file's header
@@ -16,9 +16,13 @@ file decoded, 1 when some did not, 2 on bad input.
 """
 from __future__ import annotations
 
+import io
 import os
 import sys
 import time
+from contextlib import nullcontext
+from functools import partial
+from typing import IO
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -29,8 +33,8 @@ PROG = "python -m dali_ba.check_data"
 TRAILERS = {b"\xff\xd8": b"\xff\xd9", b"\x89PNG\r\n\x1a\n": b"IEND\xaeB`\x82"}
 
 
-def decode_problem(path: str) -> str | None:
-    """Why ``path`` cannot be fully decoded as an image (None: it can)."""
+def decode_problem(path: str | IO[bytes]) -> str | None:
+    """Why ``path`` (a path or an open file) cannot be fully decoded as an image (None: it can)."""
     from PIL import Image
 
     try:
@@ -44,13 +48,13 @@ def decode_problem(path: str) -> str | None:
     return None
 
 
-def header_problem(path: str) -> str | None:
+def header_problem(path: str | IO[bytes]) -> str | None:
     """The quick check: a known signature at the start, its end marker at the end (trailing zero
     padding allowed), and a header Pillow can parse. Nothing is decompressed."""
     from PIL import Image
 
     try:
-        with open(path, "rb") as file:
+        with open(path, "rb") if isinstance(path, str) else nullcontext(path) as file:
             head = file.read(16)
             file.seek(0, os.SEEK_END)
             size = file.tell()
@@ -66,7 +70,8 @@ def header_problem(path: str) -> str | None:
                 return "truncated (no end marker)"
             break
     try:
-        with Image.open(path) as image:
+        file.seek(0)
+        with Image.open(file if not isinstance(path, str) else path) as image:
             if image.format == "PNG":
                 image.verify()  # PNG chunk checksums, cheap; JPEG has none to verify
             if image.width < 1 or image.height < 1:
@@ -77,15 +82,34 @@ def header_problem(path: str) -> str | None:
     return None
 
 
+def _check_sample(sample: str | tuple[str, int, int], quick: bool) -> str | None:
+    """The problem of one sample: a file's path, or (tar, offset, size) of a sample in a shard."""
+    if not isinstance(sample, str):
+        from dali_ba.data.shards import _pread
+
+        sample = io.BytesIO(_pread(*sample))
+    return header_problem(sample) if quick else decode_problem(sample)
+
+
+def _check_all(samples: list, workers: int, quick: bool) -> list[str | None]:
+    check = partial(_check_sample, quick=quick)
+    if workers <= 1 or len(samples) < 64:
+        return list(map(check, samples))
+    with ProcessPoolExecutor(workers) as pool:
+        return list(pool.map(check, samples, chunksize=max(1, min(256, len(samples) // (8 * workers)))))
+
+
 def check_files(files: list[str], workers: int, quick: bool = False) -> dict[str, str]:
     """{path: reason} for every file of ``files`` that fails, checked over ``workers`` processes."""
-    check = header_problem if quick else decode_problem
-    if workers <= 1 or len(files) < 64:
-        answers = map(check, files)
-        return {path: reason for path, reason in zip(files, answers) if reason}
-    with ProcessPoolExecutor(workers) as pool:
-        answers = pool.map(check, files, chunksize=max(1, min(256, len(files) // (8 * workers))))
-        return {path: reason for path, reason in zip(files, answers) if reason}
+    return {path: reason for path, reason in zip(files, _check_all(files, workers, quick)) if reason}
+
+
+def check_samples(dataset, indices: list[int], workers: int, quick: bool = False) -> dict[str, str]:
+    """{name: reason} for every sample ``indices`` of ``dataset`` (files or shards) that fails."""
+    members = dataset.members
+    samples = [dataset.files[i] if members is None else (members.tars[members.shard[i]], int(members.offset[i]),
+               int(members.size[i])) for i in indices]
+    return {dataset.files[i]: reason for i, reason in zip(indices, _check_all(samples, workers, quick)) if reason}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         from dali_ba.data.dataset import load_dataset
 
         dataset = load_dataset(args.data)
+        if args.fix_list and dataset.members is not None:
+            raise UsageError(f"--fix-list writes a file list, and {args.data} is tar shards: check the folder they were "
+                             "written from, or rewrite them from its fixed list")
         for target in (args.out, args.fix_list):
             if target and not Path(target).resolve().parent.is_dir():
                 raise UsageError(f"cannot write {target}: its folder does not exist")
@@ -110,9 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     world = _world()
     workers = args.workers or max(1, len(os.sched_getaffinity(0)) // world.local_size)
-    mine = list(dataset.files[world.rank::world.size])
     started = time.perf_counter()
-    bad = check_files(mine, workers, args.quick)
+    bad = check_samples(dataset, list(range(world.rank, len(dataset), world.size)), workers, args.quick)
     elapsed = time.perf_counter() - started
     parts = world.gather((bad, elapsed, workers))
     world.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
+from typing import IO
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ from dali_ba.data.dataset import ImageDataset, load_dataset
 from dali_ba.data.sharding import eval_shard, train_shard
 from dali_ba.errors import UnreadableImageError, UsageError
 from dali_ba.augment import Augmentation
-from dali_ba.pipeline import READER_NAME, batch_augment_pipeline, center_crop_pipeline, decode_pipeline
+from dali_ba.pipeline import READER_NAME, ShardSource, batch_augment_pipeline, center_crop_pipeline, decode_pipeline
 from dali_ba.views import TorchViews
 
 DECODERS = ("auto", "cpu", "mixed")
@@ -46,25 +47,25 @@ def normalize(images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: 
     return x.sub_(shift).div_(scale)
 
 
-def _undecodable(files: Sequence[str]) -> dict[str, str]:
-    """{path: reason} for the files Pillow cannot fully decode (asked only after DALI has failed)."""
+def _undecodable(dataset: ImageDataset, indices: Sequence[int]) -> dict[str, str]:
+    """{name: reason} for the samples Pillow cannot fully decode (asked only after DALI has failed)."""
     from dali_ba.check_data import decode_problem
 
     found = {}
-    for path in dict.fromkeys(files):  # once each, in order
-        reason = decode_problem(path)
+    for index in dict.fromkeys(indices):  # once each, in order
+        reason = decode_problem(dataset.open(index))
         if reason:
-            found[path] = reason
+            found[dataset.files[index]] = reason
     return found
 
 
-def image_sizes(files: Sequence[str]) -> np.ndarray:
-    """(N, 2) decoded (height, width) of image files, from their headers, after the EXIF rotation
-    that DALI's decoder applies (orientations 5-8 swap the sides)."""
+def image_sizes(images: Sequence[str | IO[bytes]]) -> np.ndarray:
+    """(N, 2) decoded (height, width) of images (paths or open files), from their headers, after the
+    EXIF rotation that DALI's decoder applies (orientations 5-8 swap the sides)."""
     from PIL import Image
 
     sizes = []
-    for path in files:
+    for path in images:
         with Image.open(path) as image:
             width, height = image.size
             turned = image.format == "JPEG" and image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
@@ -146,12 +147,15 @@ class _ShardedLoader:
         return refilled
 
     def _pipeline_args(self, order: np.ndarray, seed: int) -> dict:
-        """Arguments every pipeline of this loader takes: the files to read, in order (broken ones
-        refilled), and where to run."""
+        """Arguments every pipeline of this loader takes: the samples to read, in order (broken ones
+        refilled), from files or from shards, and where to run."""
         readable = self._refilled(order)
+        if self.dataset.members is None:
+            samples = (self._files[readable].tolist(), self._labels[readable].tolist())
+        else:
+            samples = ShardSource(self.dataset.members, readable, self._labels[readable], self.batch_size)
         return dict(
-            files=self._files[readable].tolist(),
-            labels=self._labels[readable].tolist(),
+            samples=samples,
             decoder=self.decoder,
             batch_size=self.batch_size,
             num_threads=self.num_threads,
@@ -163,10 +167,10 @@ class _ShardedLoader:
         """Drive a pipeline for one pass; tensors land on ``self.device``."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
+        # The file reader knows its pass; the shards' external source ends it itself (StopIteration).
+        extent = dict(reader_name=READER_NAME) if self.dataset.members is None else {}
         iterator = DALIGenericIterator(
-            pipe, ["images", "labels"], reader_name=READER_NAME, last_batch_policy=LastBatchPolicy.DROP,
-            auto_reset=False,
-        )
+            pipe, ["images", "labels"], last_batch_policy=LastBatchPolicy.DROP, auto_reset=False, **extent)
         for (batch,) in iterator:
             images = batch["images"].to(self.device, non_blocking=True)
             yield images, batch["labels"].view(-1).to(self.device, torch.int64, non_blocking=True)
@@ -184,8 +188,8 @@ class _ShardedLoader:
                     position += 1
                 return
             except RuntimeError:
-                suspects = self._files[order[position * self.batch_size : (position + PREFETCH_DEPTH + 2) * self.batch_size]]
-                found = _undecodable([path for path in suspects if path not in self.bad_files])
+                suspects = order[position * self.batch_size : (position + PREFETCH_DEPTH + 2) * self.batch_size]
+                found = _undecodable(self.dataset, [i for i in suspects if self._files[i] not in self.bad_files])
                 if not found:
                     raise
                 self._remember(found)
@@ -260,7 +264,7 @@ class BatchAugmentLoader(_ShardedLoader):
             # The reader wraps round after the shard, so the iteration does too (DALI reads ahead).
             at = info.iteration * self.batch_size % len(order)
             indices = order[at : at + self.batch_size]  # a refilled slot keeps its own sample's views
-            sizes = image_sizes(self._files[readable[at : at + self.batch_size]])
+            sizes = image_sizes([self.dataset.open(i) for i in readable[at : at + self.batch_size]])
             drawn = self.augmentation.draw(epoch, indices, sizes, self.views)
             return drawn.boxes, drawn.flips, drawn.holes
 

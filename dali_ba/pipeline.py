@@ -1,6 +1,8 @@
 """Decode once, then M views: the DALI graphs behind the loaders.
 
-Each training graph reads B encoded files and decodes each one exactly once. On the CPU path the
+Each training graph reads B encoded samples and decodes each one exactly once. The samples come
+from DALI's file reader, or, for tar shards, from an external source that reads each sample's byte
+range (:class:`ShardSource`): either way in the order the loader planned. On the CPU path the
 graph stops there (:func:`decode_pipeline`) and torch makes the views (:mod:`dali_ba.views`); on
 the GPU path (:func:`batch_augment_pipeline`, "mixed" decoder) DALI's GPU operators make them. Both
 render the same parameters, drawn by :mod:`dali_ba.augment` and fed here through an external source.
@@ -8,7 +10,9 @@ render the same parameters, drawn by :mod:`dali_ba.augment` and fed here through
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Union
 
+import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 
@@ -38,21 +42,47 @@ def cifar_view(images, bounds, box, flip, hole, view_size: int):
 VIEW_GRAPHS: dict[str, Callable] = {"imagenet": imagenet_view, "cifar": cifar_view}
 
 
-def _read_and_decode(files: Sequence[str], labels: Sequence[int], decoder: str):
-    jpegs, label = fn.readers.file(files=list(files), labels=list(labels), random_shuffle=False, name=READER_NAME)
-    return fn.decoders.image(jpegs, device=decoder, output_type=types.RGB), label
+class ShardSource:
+    """External source of encoded samples from tar shards: batch ``i`` holds the bytes and labels of
+    ``indices[i*B:(i+1)*B]`` (``labels`` are the indices' own, int32); the pass ends after the last."""
+
+    def __init__(self, members, indices: np.ndarray, labels: np.ndarray, batch_size: int) -> None:
+        self.members, self.indices, self.labels, self.batch_size = members, indices, labels, batch_size
+
+    def __call__(self, info) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        at = info.iteration * self.batch_size
+        if at >= len(self.indices):
+            raise StopIteration
+        batch = range(at, at + self.batch_size)
+        encoded = [np.frombuffer(self.members.read(self.indices[i]), dtype=np.uint8) for i in batch]
+        return encoded, [self.labels[i : i + 1] for i in batch]
+
+
+Samples = Union[ShardSource, tuple[Sequence[str], Sequence[int]]]  # what a graph reads: shards, or (files, labels)
+
+
+def read_samples(samples: Samples):
+    """Encoded samples and their labels, in the planned order."""
+    if isinstance(samples, ShardSource):
+        return fn.external_source(samples, num_outputs=2, batch_info=True, dtype=[types.UINT8, types.INT32], ndim=[1, 1])
+    files, labels = samples
+    return fn.readers.file(files=list(files), labels=list(labels), random_shuffle=False, name=READER_NAME)
+
+
+def _read_and_decode(samples: Samples, decoder: str):
+    encoded, label = read_samples(samples)
+    return fn.decoders.image(encoded, device=decoder, output_type=types.RGB), label
 
 
 @pipeline_def
-def decode_pipeline(files: Sequence[str], labels: Sequence[int], decoder: str = "cpu"):
+def decode_pipeline(samples: Samples, decoder: str = "cpu"):
     """The CPU path's graph: per sample, the decoded (H, W, 3) uint8 image (sizes vary) and its label."""
-    return _read_and_decode(files, labels, decoder)
+    return _read_and_decode(samples, decoder)
 
 
 @pipeline_def
 def batch_augment_pipeline(
-    files: Sequence[str],
-    labels: Sequence[int],
+    samples: Samples,
     params: Callable,
     views: int,
     view_size: int,
@@ -64,7 +94,7 @@ def batch_augment_pipeline(
     ``params(batch_info)`` returns the batch's view parameters as three arrays, boxes (B, M, 4),
     flips (B, M) and holes (B, M, 4) (see :class:`dali_ba.augment.ViewParams`).
     """
-    images, label = _read_and_decode(files, labels, decoder)
+    images, label = _read_and_decode(samples, decoder)
     used = 3 if augment == "cifar" else 2  # imagenet has no holes
     drawn = fn.external_source(lambda info: params(info)[:used], num_outputs=used, batch_info=True,
                                dtype=[types.INT64, types.BOOL, types.INT64][:used])
@@ -77,8 +107,8 @@ def batch_augment_pipeline(
 
 
 @pipeline_def
-def center_crop_pipeline(files: Sequence[str], labels: Sequence[int], resize: int, crop: int, decoder: str = "cpu"):
+def center_crop_pipeline(samples: Samples, resize: int, crop: int, decoder: str = "cpu"):
     """Validation: resize the shorter side to ``resize``, then a centred ``crop`` square; one view."""
-    images, label = _read_and_decode(files, labels, decoder)
+    images, label = _read_and_decode(samples, decoder)
     images = fn.resize(images, resize_shorter=resize)
     return fn.crop(images, crop=(crop, crop)), label

@@ -1,27 +1,37 @@
-"""Reader stage: turn an ImageNet-style folder or a file list into (files, labels).
+"""Reader stage: turn an ImageNet-style folder, a file list or tar shards into (files, labels).
 
 Pure Python and cheap, so every data problem is reported before a DALI pipeline or a model exists.
 """
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, TYPE_CHECKING
 
 from dali_ba.errors import UsageError
+
+if TYPE_CHECKING:
+    from dali_ba.data.shards import ShardMembers
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 @dataclass(frozen=True)
 class ImageDataset:
-    """Absolute file paths, integer labels and class names, in a fixed (sorted) order."""
+    """Absolute file paths, integer labels and class names, in a fixed (sorted) order.
+
+    For tar shards, ``files`` are the samples' names (``<tar>:<member>``) and ``members`` says where
+    their bytes are (:mod:`dali_ba.data.shards`); ``None`` for files on disk.
+    """
 
     files: tuple[str, ...]
     labels: tuple[int, ...]
     classes: tuple[str, ...]
     source: str
+    members: ShardMembers | None = None
 
     def __len__(self) -> int:
         return len(self.files)
@@ -29,6 +39,12 @@ class ImageDataset:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def open(self, index: int) -> str | IO[bytes]:
+        """Sample ``index`` as something Pillow opens: its path, or its bytes from a shard."""
+        if self.members is None:
+            return self.files[index]
+        return io.BytesIO(self.members.read(index))
 
 
 def _is_image(name: str) -> bool:
@@ -107,8 +123,20 @@ def read_file_list(list_path: str | os.PathLike, root: str | os.PathLike | None 
 
 
 def load_dataset(path: str | os.PathLike, classes: Sequence[str] | None = None) -> ImageDataset:
-    """A folder of class folders (labels by ``classes`` when given), or a ``.txt`` file list."""
+    """A folder of class folders (labels by ``classes`` when given), a ``.txt`` file list, or tar
+    shards: a folder of ``.tar`` files, one ``.tar``, or a comma-separated list of them."""
+    from dali_ba.data.shards import is_shard_source, read_shards
+
+    if is_shard_source(path) and not _has_class_folders(Path(path)):
+        return read_shards(path, classes)
     path = Path(path)
     if path.suffix == ".txt" and not path.is_dir():
         return read_file_list(path)
     return scan_folder(path, classes)
+
+
+def _has_class_folders(path: Path) -> bool:
+    try:
+        return path.is_dir() and any(entry.is_dir() and not entry.name.startswith(".") for entry in os.scandir(path))
+    except OSError:
+        return False

@@ -1,0 +1,370 @@
+"""Tar shards (WebDataset format) for parallel file systems: write them, and index them for reading.
+
+    python -m dali_ba.data.shards imagenet/train shards/train --shard-size 1GB
+    python -m dali_ba.data.shards imagenet/val shards/val --classes imagenet/train
+
+1.28 M small files cost a metadata operation each on Lustre/GPFS, from every rank, every epoch;
+a thousand 1 GB tars cost a thousand opens. Each sample is two tar members, ``<key>.jpg`` (the
+encoded file, bytes unchanged) and ``<key>.cls`` (its label as decimal text); each tar gets DALI's
+index file (``.idx``, the format of ``wds2idx``, so ``fn.readers.webdataset`` reads the shards as
+they are), and the folder a manifest, ``shards.json`` (class names, samples, labels and bytes per
+tar), written last: a folder with a manifest is complete. Shards are written by ``--workers``
+processes, each to a ``.partial`` name, read back and compared (names, offsets, SHA-256 of every
+member) before it takes its final name.
+
+Reading (:func:`read_shards`) indexes every sample as (tar, offset, size): the loaders keep their
+random access by dataset index, so a run on shards reshuffles, shards over ranks, resumes and skips
+broken samples exactly as on the folder it was written from (and, in the default order, gives
+the same model bit for bit). Samples are read with one ``pread`` from a tar opened once per process.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+import tarfile
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dali_ba.errors import UsageError
+
+PROG = "python -m dali_ba.data.shards"
+MANIFEST = "shards.json"
+FORMAT = "dali-ba shards 1"
+INDEX_VERSION = "v1.2"  # DALI's webdataset index format (nvidia.dali's wds2idx)
+LABEL_EXT = "cls"
+BLOCK = 512  # tar's record size: a header each, data padded to it
+UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+
+
+@dataclass(frozen=True, eq=False)
+class ShardMembers:
+    """Where each sample's encoded bytes are: ``tars[shard[i]]`` from byte ``offset[i]``, ``size[i]`` long."""
+
+    tars: tuple[str, ...]
+    shard: np.ndarray
+    offset: np.ndarray
+    size: np.ndarray
+
+    def read(self, index: int) -> bytes:
+        """The encoded bytes of sample ``index`` (one pread; each tar is opened once per process)."""
+        return _pread(self.tars[self.shard[index]], int(self.offset[index]), int(self.size[index]))
+
+
+_OPEN_TARS: dict[str, int] = {}  # path -> file descriptor, per process (forked workers reopen their own)
+_OPENED_BY = os.getpid()
+
+
+def _pread(path: str, offset: int, size: int) -> bytes:
+    global _OPENED_BY
+    if _OPENED_BY != os.getpid():  # a forked child: the parent's descriptors share its file offsets; start afresh
+        _OPEN_TARS.clear()
+        _OPENED_BY = os.getpid()
+    fd = _OPEN_TARS.get(path)
+    if fd is None:
+        fd = _OPEN_TARS[path] = os.open(path, os.O_RDONLY)
+    data = os.pread(fd, size, offset)
+    if len(data) != size:
+        raise UsageError(f"shard {path} is truncated: {size} bytes expected at offset {offset}, {len(data)} read")
+    return data
+
+
+def parse_size(text: str) -> int:
+    """'1GB' -> 10**9, '512MiB' -> 2**29, '4096' -> 4096 bytes."""
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?[iI]?)[bB]?\s*", text)
+    if not found or (found.group(2).upper() == "I"):
+        raise UsageError(f"--shard-size must be a size like 1GB, 512MiB or 1000000, got {text!r}")
+    value = int(float(found.group(1)) * UNITS[found.group(2).upper()])
+    if value < 1:
+        raise UsageError(f"--shard-size must be at least 1 byte, got {text!r}")
+    return value
+
+
+def _padded(size: int) -> int:
+    return -(-size // BLOCK) * BLOCK
+
+
+def plan_shards(sizes: Sequence[int], shard_size: int) -> list[range]:
+    """Consecutive samples per shard, each shard's tar at most ``shard_size`` bytes (a sample larger
+    than that gets a shard of its own). A sample costs two headers, its padded bytes and a label block."""
+    shards, start, used = [], 0, 0
+    for i, size in enumerate(sizes):
+        cost = 2 * BLOCK + _padded(size) + BLOCK
+        if i > start and used + cost + 2 * BLOCK > shard_size:  # 2 zero blocks end a tar
+            shards.append(range(start, i))
+            start, used = i, 0
+        used += cost
+    shards.append(range(start, len(sizes)))
+    return shards
+
+
+def member_keys(names: Sequence[str]) -> list[str]:
+    """WebDataset keys from sample names ('class/stem'): no dots (the extension starts at the first
+    dot after the last slash), no spaces (DALI's index is space-separated), unique."""
+    keys, seen = [], set()
+    for i, name in enumerate(names):
+        key = re.sub(r"[.\s]", "_", name)
+        if key in seen:
+            key = f"{key}_{i}"
+        seen.add(key)
+        keys.append(key)
+    return keys
+
+
+def write_shard(tar_path: str, samples: list[tuple[str, str, str, int]]) -> dict:
+    """Write one tar of ``samples`` (source path, key, image extension, label) and its DALI index,
+    read both back and compare, then give them their final names. Returns its manifest entry."""
+    partial = tar_path + ".partial"
+    written, digests = [], []
+    with tarfile.open(partial, "w", format=tarfile.GNU_FORMAT) as tar:
+        for source, key, ext, label in samples:
+            with open(source, "rb") as file:
+                data = file.read()
+            row = []
+            for member_ext, payload in ((ext, data), (LABEL_EXT, str(label).encode())):
+                info = tarfile.TarInfo(f"{key}.{member_ext}")
+                info.size, info.mode, info.mtime = len(payload), 0o444, 0
+                tar.addfile(info, io.BytesIO(payload))
+                row.append((member_ext, tar.offset - _padded(len(payload)), len(payload), info.name))
+                digests.append(hashlib.sha256(payload).digest())
+            written.append(row)
+    index_text = f"{INDEX_VERSION} {len(written)}\n" + "".join(
+        " ".join(f"{ext} {offset} {size} {name}" for ext, offset, size, name in row) + "\n" for row in written)
+    index_path = str(Path(tar_path).with_suffix(".idx"))
+    Path(index_path + ".partial").write_text(index_text)
+    _verify(partial, written, digests)
+    os.replace(partial, tar_path)
+    os.replace(index_path + ".partial", index_path)
+    return dict(tar=Path(tar_path).name, index=Path(index_path).name, samples=len(samples),
+                bytes=os.path.getsize(tar_path), labels=[label for *_, label in samples])
+
+
+def _verify(tar_path: str, written: list[list[tuple]], digests: list[bytes]) -> None:
+    """The tar as read back by tarfile: the same members at the same offsets, with the same bytes."""
+    expected = [(name, offset, size) for row in written for _, offset, size, name in row]
+    with tarfile.open(tar_path, "r:") as tar:
+        found = [(m.name, m.offset_data, m.size) for m in tar.getmembers()]
+    if found != expected:
+        raise RuntimeError(f"{tar_path}: members read back differ from those written")
+    with open(tar_path, "rb") as file:
+        for (name, offset, size), digest in zip(expected, digests):
+            file.seek(offset)
+            if hashlib.sha256(file.read(size)).digest() != digest:
+                raise RuntimeError(f"{tar_path}: member {name} reads back different bytes")
+
+
+def write_shards(dataset, out: str | os.PathLike, shard_size: int, workers: int = 1, shuffle_seed: int | None = None,
+                 progress=None) -> dict:
+    """Write ``dataset`` (an :class:`~dali_ba.data.dataset.ImageDataset` of files) as shards in
+    ``out`` (new or empty). In the dataset's order unless ``shuffle_seed`` is given (shuffled shards
+    suit sequential readers such as ``fn.readers.webdataset``; dali-ba's own loader reads in any order)."""
+    if dataset.members is not None:
+        raise UsageError(f"{dataset.source} is already shards; write shards from a folder or a file list")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"output {out} exists and is not an empty folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create output folder {out} ({exc.strerror or exc})") from None
+    order = np.arange(len(dataset))
+    if shuffle_seed is not None:
+        order = np.random.default_rng(shuffle_seed).permutation(len(dataset))
+    files = [dataset.files[i] for i in order]
+    labels = [dataset.labels[i] for i in order]
+    root = Path(dataset.source) if Path(dataset.source).is_dir() else None
+    names = [str(Path(f).relative_to(root).with_suffix("")) if root else Path(f).stem for f in files]
+    keys = member_keys(names)
+    exts = [Path(f).suffix.lstrip(".").lower() or "jpg" for f in files]
+    plan = plan_shards([os.path.getsize(f) for f in files], shard_size)
+    digits = max(6, len(str(len(plan) - 1)))
+    jobs = [(str(out / f"shard-{n:0{digits}d}.tar"), [(files[i], keys[i], exts[i], labels[i]) for i in part])
+            for n, part in enumerate(plan)]
+    with ProcessPoolExecutor(max(1, workers)) as pool:
+        entries = []
+        for entry in pool.map(write_shard, *zip(*jobs)):
+            entries.append(entry)
+            if progress:
+                progress(entry)
+    manifest = dict(format=FORMAT, source=str(dataset.source), classes=list(dataset.classes), samples=len(dataset),
+                    shuffle_seed=shuffle_seed, shards=entries)
+    (out / (MANIFEST + ".partial")).write_text(json.dumps(manifest))
+    os.replace(out / (MANIFEST + ".partial"), out / MANIFEST)
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+
+def is_shard_source(path: str | os.PathLike) -> bool:
+    """A .tar, a comma-separated list of them, or a folder of them (with no class folders)."""
+    text = str(path)
+    if text.endswith(".tar") or "," in text:
+        return True
+    folder = Path(path)
+    return folder.is_dir() and ((folder / MANIFEST).is_file() or any(folder.glob("*.tar")))
+
+
+def _parse_index(index_path: Path, tar_path: str) -> list[list[tuple[str, int, int, str]]]:
+    """DALI's index: 'v1.2 N', then per sample 'ext offset size name' repeated per member."""
+    try:
+        lines = index_path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read shard index {index_path} ({getattr(exc, 'strerror', None) or exc})") from None
+    head = lines[0].split() if lines else []
+    if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit() or int(head[1]) != len(lines) - 1:
+        raise UsageError(f"shard index {index_path} is not a DALI {INDEX_VERSION} index of its samples "
+                         f"(rebuild it: wds2idx {tar_path} {index_path})")
+    samples = []
+    for lineno, line in enumerate(lines[1:], 2):
+        parts = line.split()
+        if not parts or len(parts) % 4 or not all(p.isdigit() for p in parts[1::4] + parts[2::4]):
+            raise UsageError(f"{index_path}:{lineno}: expected 'ext offset size name' per member, got {line[:80]!r}")
+        samples.append([(ext, int(off), int(size), name) for ext, off, size, name in zip(*[iter(parts)] * 4)])
+    return samples
+
+
+def _scan_tar(tar_path: str) -> list[list[tuple[str, int, int, str]]]:
+    """The index of a tar that has none: its members grouped by key, as wds2idx groups them."""
+    try:
+        with tarfile.open(tar_path, "r:") as tar:
+            members = [m for m in tar.getmembers() if m.isfile()]
+    except (OSError, tarfile.TarError) as exc:
+        raise UsageError(f"cannot read shard {tar_path} ({getattr(exc, 'strerror', None) or exc})") from None
+    samples, last = [], None
+    for m in members:
+        slash = m.name.rfind("/") + 1
+        dot = m.name.find(".", slash)
+        key, ext = (m.name[:dot], m.name[dot + 1 :]) if dot >= 0 else (m.name, "")
+        if key != last:
+            samples.append([])
+            last = key
+        samples[-1].append((ext, m.offset_data, m.size, m.name))
+    return samples
+
+
+def read_shards(source: str | os.PathLike, classes: Sequence[str] | None = None):
+    """Index tar shards (a folder of them, one .tar, or 'a.tar,b.tar') as an ImageDataset whose
+    ``members`` say where each sample's bytes are. Labels come from the folder's manifest, else from
+    each sample's ``.cls`` member; with ``classes`` (the training set's), labels are mapped by class name."""
+    from dali_ba.data.dataset import ImageDataset
+
+    text = str(source)
+    manifest = None
+    if "," in text or text.endswith(".tar"):
+        tars = [part.strip() for part in text.split(",") if part.strip()]
+    else:
+        folder = Path(source)
+        if (folder / MANIFEST).is_file():
+            try:
+                manifest = json.loads((folder / MANIFEST).read_text())
+            except (OSError, ValueError) as exc:
+                raise UsageError(f"cannot read shard manifest {folder / MANIFEST} ({exc})") from None
+            if manifest.get("format") != FORMAT:
+                raise UsageError(f"{folder / MANIFEST} is not a dali-ba shard manifest ({FORMAT!r})")
+            tars = [str(folder / entry["tar"]) for entry in manifest["shards"]]
+        else:
+            tars = sorted(str(p) for p in folder.glob("*.tar"))
+    if not tars:
+        raise UsageError(f"no .tar shards in {source}")
+    names, shard, offset, size, labels = [], [], [], [], []
+    for n, tar in enumerate(tars):
+        if not Path(tar).is_file():
+            raise UsageError(f"shard not found: {tar}")
+        index = Path(tar).with_suffix(".idx")
+        samples = _parse_index(index, tar) if index.is_file() else _scan_tar(tar)
+        expected = manifest["shards"][n] if manifest else None
+        if expected and len(samples) != expected["samples"]:
+            raise UsageError(f"shard {tar} holds {len(samples)} samples, its manifest says {expected['samples']}")
+        tar_bytes = os.path.getsize(tar)
+        for i, members in enumerate(samples):
+            image = [m for m in members if m[0] != LABEL_EXT]
+            if not image:
+                raise UsageError(f"shard {tar}: sample {members[0][3]} has no image member")
+            ext, off, length, name = image[0]
+            if off + length > tar_bytes:
+                raise UsageError(f"shard {tar} is truncated: {name} ends at byte {off + length}, the file has {tar_bytes}")
+            names.append(f"{tar}:{name}")
+            shard.append(n)
+            offset.append(off)
+            size.append(length)
+            if expected:
+                labels.append(expected["labels"][i])
+            else:
+                labels.append(_read_label(tar, members))
+    found_classes = tuple(manifest["classes"]) if manifest else tuple(str(c) for c in range(max(labels) + 1))
+    if classes is not None and tuple(classes) != found_classes:
+        missing = [name for name in found_classes if name not in classes]
+        if missing:
+            raise UsageError(f"class {missing[0]!r} of shards {source} is not one of the {len(classes)} training classes")
+        relabel = [list(classes).index(name) for name in found_classes]
+        labels, found_classes = [relabel[label] for label in labels], tuple(classes)
+    members = ShardMembers(tuple(tars), np.array(shard, np.int32), np.array(offset, np.int64), np.array(size, np.int64))
+    return ImageDataset(tuple(names), tuple(labels), found_classes, text, members)
+
+
+def _read_label(tar: str, members: list[tuple[str, int, int, str]]) -> int:
+    found = [m for m in members if m[0] == LABEL_EXT]
+    if not found:
+        raise UsageError(f"shard {tar}: sample {members[0][3]} has no .{LABEL_EXT} label member")
+    _, off, length, name = found[0]
+    text = _pread(tar, off, length).decode(errors="replace").strip()
+    if not text.isdigit():
+        raise UsageError(f"shard {tar}: label {name} is {text[:20]!r}, not a class number >= 0")
+    return int(text)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dali_ba.data.dataset import load_dataset
+    from dali_ba.recipe import OneLineParser
+
+    parser = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser.add_argument("src", help="folder of class folders, or a '<path> <label>' .txt list")
+    parser.add_argument("out", help="new (or empty) folder for the shards")
+    parser.add_argument("--shard-size", default="1GB", help="largest tar, e.g. 1GB, 256MiB (default: 1GB)")
+    parser.add_argument("--classes", metavar="TRAIN", help="label by the class folders of TRAIN (for validation data)")
+    parser.add_argument("--workers", type=int, default=0, help="processes writing shards (default: usable cores)")
+    parser.add_argument("--shuffle-seed", type=int, help="shuffle samples across shards (for sequential readers)")
+    args = parser.parse_args(argv)
+    try:
+        if args.workers < 0:
+            raise UsageError(f"--workers must be >= 0, got {args.workers}")
+        shard_size = parse_size(args.shard_size)
+        classes = load_dataset(args.classes).classes if args.classes else None
+        dataset = load_dataset(args.src, classes)
+        workers = args.workers or len(os.sched_getaffinity(0))
+        started = time.perf_counter()
+        done = []
+
+        def progress(entry: dict) -> None:
+            done.append(entry)
+            if len(done) % 50 == 0:
+                print(f"{len(done)} shards written", flush=True)
+
+        manifest = write_shards(dataset, args.out, shard_size, workers, args.shuffle_seed, progress)
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    elapsed = time.perf_counter() - started
+    total = sum(entry["bytes"] for entry in manifest["shards"])
+    print(f"wrote {len(manifest['shards'])} shards, {manifest['samples']} samples, {total / 1e6:.1f} MB to {args.out} "
+          f"in {elapsed:.1f} s ({workers} workers), each read back and verified")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
