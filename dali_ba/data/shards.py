@@ -93,13 +93,18 @@ def _padded(size: int) -> int:
     return -(-size // BLOCK) * BLOCK
 
 
+def _tar_bytes(members: int) -> int:
+    """A tar's size from its members' bytes: two zero blocks end it, then padding to tar's 10 KiB record."""
+    return -(-(members + 2 * BLOCK) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+
 def plan_shards(sizes: Sequence[int], shard_size: int) -> list[range]:
     """Consecutive samples per shard, each shard's tar at most ``shard_size`` bytes (a sample larger
     than that gets a shard of its own). A sample costs two headers, its padded bytes and a label block."""
     shards, start, used = [], 0, 0
     for i, size in enumerate(sizes):
         cost = 2 * BLOCK + _padded(size) + BLOCK
-        if i > start and used + cost + 2 * BLOCK > shard_size:  # 2 zero blocks end a tar
+        if i > start and _tar_bytes(used + cost) > shard_size:
             shards.append(range(start, i))
             start, used = i, 0
         used += cost
