@@ -51,17 +51,20 @@ def decode_problem(path: str | IO[bytes]) -> str | None:
 def header_problem(path: str | IO[bytes]) -> str | None:
     """The quick check: a known signature at the start, its end marker at the end (trailing zero
     padding allowed), and a header Pillow can parse. Nothing is decompressed."""
-    from PIL import Image
-
     try:
         with open(path, "rb") if isinstance(path, str) else nullcontext(path) as file:
-            head = file.read(16)
-            file.seek(0, os.SEEK_END)
-            size = file.tell()
-            file.seek(max(0, size - 64))
-            tail = file.read().rstrip(b"\0")
+            return _header_problem(file)
     except OSError as exc:
         return f"cannot read ({exc.strerror})"
+
+
+def _header_problem(file: IO[bytes]) -> str | None:
+    from PIL import Image
+
+    head = file.read(16)
+    size = file.seek(0, os.SEEK_END)
+    file.seek(max(0, size - 64))
+    tail = file.read().rstrip(b"\0")
     if size == 0:
         return "empty file"
     for signature, trailer in TRAILERS.items():
@@ -71,7 +74,7 @@ def header_problem(path: str | IO[bytes]) -> str | None:
             break
     try:
         file.seek(0)
-        with Image.open(file if not isinstance(path, str) else path) as image:
+        with Image.open(file) as image:
             if image.format == "PNG":
                 image.verify()  # PNG chunk checksums, cheap; JPEG has none to verify
             if image.width < 1 or image.height < 1:
