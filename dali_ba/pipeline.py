@@ -9,7 +9,9 @@ render the same parameters, drawn by :mod:`dali_ba.augment` and fed here through
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Union
 
 import numpy as np
@@ -44,18 +46,43 @@ VIEW_GRAPHS: dict[str, Callable] = {"imagenet": imagenet_view, "cifar": cifar_vi
 
 class ShardSource:
     """External source of encoded samples from tar shards: batch ``i`` holds the bytes and labels of
-    ``indices[i*B:(i+1)*B]`` (``labels`` are the indices' own, int32); the pass ends after the last."""
+    ``indices[i*B:(i+1)*B]`` (``labels`` are the indices' own, int32); the pass ends after the last.
+
+    The reads of the next ``READ_AHEAD`` batches run in a thread pool while DALI decodes, as DALI's
+    own file reader reads ahead: from a cold file system a batch's reads are not serial waits."""
+
+    READ_AHEAD = 2
 
     def __init__(self, members, indices: np.ndarray, labels: np.ndarray, batch_size: int) -> None:
         self.members, self.indices, self.labels, self.batch_size = members, indices, labels, batch_size
+        self._reads: dict[int, list[Future]] = {}
+
+    def _read_ahead(self, batch: int) -> None:
+        at = batch * self.batch_size
+        if at < len(self.indices) and batch not in self._reads:
+            pool = _read_pool()
+            self._reads[batch] = [pool.submit(self.members.read, index) for index in self.indices[at : at + self.batch_size]]
 
     def __call__(self, info) -> tuple[list[np.ndarray], list[np.ndarray]]:
         at = info.iteration * self.batch_size
         if at >= len(self.indices):
             raise StopIteration
-        batch = range(at, at + self.batch_size)
-        encoded = [np.frombuffer(self.members.read(self.indices[i]), dtype=np.uint8) for i in batch]
-        return encoded, [self.labels[i : i + 1] for i in batch]
+        for batch in range(info.iteration, info.iteration + self.READ_AHEAD + 1):
+            self._read_ahead(batch)
+        encoded = [np.frombuffer(read.result(), dtype=np.uint8) for read in self._reads.pop(info.iteration)]
+        return encoded, [self.labels[i : i + 1] for i in range(at, at + self.batch_size)]
+
+
+_READ_POOLS: dict[int, ThreadPoolExecutor] = {}
+READ_THREADS = 4  # reads wait on the file system, not the CPU: a few more threads than cores is fine
+
+
+def _read_pool() -> ThreadPoolExecutor:
+    """This process's pool of shard-reading threads (a forked child makes its own)."""
+    pool = _READ_POOLS.get(os.getpid())
+    if pool is None:
+        pool = _READ_POOLS[os.getpid()] = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="dali-ba-shards")
+    return pool
 
 
 Samples = Union[ShardSource, tuple[Sequence[str], Sequence[int]]]  # what a graph reads: shards, or (files, labels)

@@ -26,8 +26,9 @@ def option(default: Any, help: str) -> Any:
 
 @dataclass
 class DataConfig:
-    train: str = option("data/demo/train", "ImageNet-style folder (class sub-folders) or a '<path> <label>' .txt list")
-    val: str = option("data/demo/val", 'validation images: class folders (training class names) or a .txt list')
+    train: str = option("data/demo/train", "ImageNet-style folder (class sub-folders), a '<path> <label>' .txt list, "
+                                           "or tar shards (a folder of them, a .tar, or a,b.tar; python -m dali_ba.data.shards)")
+    val: str = option("data/demo/val", 'validation images: class folders (training class names), a .txt list or tar shards')
     augment: str = option("imagenet", 'per-view augmentation recipe (see dali_ba.augment)')
     batch_size: int = option(256, 'B: unique images per step across all ranks (each rank reads B / ranks)')
     views: int = option(4, 'M: augmented views of every sample')

@@ -27,6 +27,7 @@ import os
 import re
 import sys
 import tarfile
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -60,18 +61,19 @@ class ShardMembers:
         return _pread(self.tars[self.shard[index]], int(self.offset[index]), int(self.size[index]))
 
 
-_OPEN_TARS: dict[str, int] = {}  # path -> file descriptor, per process (forked workers reopen their own)
-_OPENED_BY = os.getpid()
+_OPEN_TARS: dict[tuple[int, str], int] = {}  # (pid, path) -> descriptor: opened once per process
+_OPENING = threading.Lock()
 
 
 def _pread(path: str, offset: int, size: int) -> bytes:
-    global _OPENED_BY
-    if _OPENED_BY != os.getpid():  # a forked child: the parent's descriptors share its file offsets; start afresh
-        _OPEN_TARS.clear()
-        _OPENED_BY = os.getpid()
-    fd = _OPEN_TARS.get(path)
+    """``size`` bytes of ``path`` from ``offset`` (safe from several threads: pread has no file position)."""
+    key = (os.getpid(), path)
+    fd = _OPEN_TARS.get(key)
     if fd is None:
-        fd = _OPEN_TARS[path] = os.open(path, os.O_RDONLY)
+        with _OPENING:
+            fd = _OPEN_TARS.get(key)
+            if fd is None:
+                fd = _OPEN_TARS[key] = os.open(path, os.O_RDONLY)
     data = os.pread(fd, size, offset)
     if len(data) != size:
         raise UsageError(f"shard {path} is truncated: {size} bytes expected at offset {offset}, {len(data)} read")
