@@ -1,7 +1,7 @@
 """Folder vs tar shards: the same JPEGs through the same loader, read from files or from shards.
 
     python benchmarks/shards.py [--data data/bench] [--views 1,4] [--batch 32] [--size 224]
-                                [--threads 2] [--epochs 3] [--shard-size 8MB] [--out benchmarks/results]
+                                [--threads 2] [--epochs 3] [--shard-size 8MB] [--no-cold] [--out benchmarks/results]
 
 Makes the benchmark JPEGs when ``--data`` is missing (``make_images.py``), writes them as shards
 (timed) into a temporary folder, then times ``BatchAugmentLoader`` epochs (cpu decoder, torch
@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs per (source, M, cache)")
     parser.add_argument("--shard-size", default="8MB")
+    parser.add_argument("--cold", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time epochs from a dropped page cache (root only)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args(argv)
     views = [int(v) for v in args.views.split(",")]
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                                                    num_threads=args.threads) for source in SOURCES for m in views}
         for loader in loaders.values():
             timed_epoch(loader, 0)  # warm-up: page cache, pipeline, torch kernels
-        caches = ["warm", "cold"] if drop_page_cache() else ["warm"]
+        caches = ["warm", "cold"] if args.cold and drop_page_cache() else ["warm"]
         epochs = []
         for epoch in range(1, args.epochs + 1):
             for cache in caches:

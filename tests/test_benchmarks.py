@@ -61,3 +61,19 @@ def test_peers_times_every_method_and_reports_the_ratios(bench_images, tmp_path)
 def test_peers_rejects_bad_flags(flag, value, message):
     done = run_cli(sys.executable, "benchmarks/peers.py", flag, value, "--out", "/nonexistent")
     assert done.returncode == 2 and message in done.stderr
+
+
+def test_shards_benchmark_times_folder_and_shards_on_the_same_files(bench_images, tmp_path):
+    root, _ = bench_images
+    out = tmp_path / "out"
+    done = run_cli(sys.executable, "benchmarks/shards.py", "--data", str(root), "--views", "1,2", "--epochs", "1",
+                   "--batch", "4", "--size", "64", "--shard-size", "200KB", "--no-cold", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads((out / "shards.json").read_text())
+    assert record["files"] == 20 and record["shards"] > 1
+    assert {(r["source"], r["views"], r["cache"]) for r in record["rows"]} == {
+        (source, m, "warm") for source in ("folder", "shards") for m in (1, 2)}
+    for epoch in record["epochs"]:
+        assert epoch["samples"] == 20 // 4 * 4 and epoch["views_per_s"] == pytest.approx(
+            epoch["samples_per_s"] * epoch["views"])
+    assert "| warm | 2 |" in (out / "shards.md").read_text()
