@@ -102,7 +102,7 @@ def stage_costs(files: list[str], views: int, size: int, rounds: int) -> dict[st
 
     def render() -> None:
         for b, image in enumerate(images):
-            render_views(image, params.boxes[b], params.flips[b], params.holes[b], out[b])
+            render_views(image, params, b, out[b])
 
     steps = {"draw": lambda: Augmentation(view_size=size).draw(0, indices, sizes, views), "render": render}
     return best_of(rounds, steps, BATCH * views)

@@ -13,6 +13,12 @@ aspect ratio), resized to ``view_size`` squared; a fair coin mirrors it.
 ``cifar``: the image centred in a ``view_size`` square, zero-padded by 4 px, a ``view_size`` window
 at one of the 9 x 9 integer shifts, a fair coin mirror, then one 16 x 16 hole (DeVries & Taylor)
 whose centre is uniform over the view's pixels, clipped at the border.
+``trivial`` and ``randaugment``: the ``imagenet`` crop and mirror, then automatic augmentation of
+each view on its own, with the op suites of DALI's ``nvidia.dali.auto_aug`` (:data:`AUTO_OPS`, a
+test checks them against DALI's) and 31 magnitude bins. TrivialAugment Wide (Müller & Hutter): one
+op, uniform over the 14, at a magnitude bin uniform in [0, 30]; RandAugment (Cubuk et al.): ``n``
+ops in a row, each uniform over the 14 (repeats allowed), all at bin ``m``. A fair coin negates the
+magnitude of the ops that take a signed one, as DALI's ``signed_bin`` does.
 """
 from __future__ import annotations
 
@@ -28,7 +34,36 @@ TRIES = 10  # RandomResizedCrop's attempts before the centre-crop fallback
 CIFAR_PAD = 4  # pixels of zero padding around the image before the random crop
 CUTOUT = 16  # side of the square hole, as in the paper's CIFAR-10 runs
 DRAWS = {"imagenet": 2 * TRIES + 3, "cifar": 5}  # uniforms per view; view m uses draws [m*K, (m+1)*K)
-AUGMENTATIONS = tuple(DRAWS)
+MAGNITUDE_BINS = 31  # DALI's and torchvision's default for both auto-augmentations
+AUTO_DRAWS = 3  # uniforms per auto-augment op: which op, which magnitude bin, the sign of the magnitude
+
+
+@dataclass(frozen=True)
+class AutoOp:
+    """One op of an auto-augment suite: its magnitude of bin k is ``linspace(*magnitudes, 31)[k]``,
+    negated on a drawn sign when ``signed``; ``magnitudes`` None: the op takes no magnitude."""
+
+    name: str
+    magnitudes: tuple[float, float] | None = None
+    signed: bool = False
+
+
+def _suite(translate: float, shear: float, rotate: float, enhance: tuple[float, float], posterize: float) -> tuple[AutoOp, ...]:
+    return (AutoOp("translate_x", (0, translate), True), AutoOp("translate_y", (0, translate), True),
+            AutoOp("shear_x", (0, shear), True), AutoOp("shear_y", (0, shear), True),
+            AutoOp("rotate", (0, rotate), True),
+            *(AutoOp(name, enhance, True) for name in ("brightness", "contrast", "color", "sharpness")),
+            AutoOp("posterize", (8, posterize)), AutoOp("solarize", (256, 0)),
+            AutoOp("equalize"), AutoOp("auto_contrast"), AutoOp("identity"))
+
+
+# DALI's get_trivial_augment_wide_suite() and get_rand_augment_suite() (translations in pixels of the
+# view, DALI's use_shape=False): the one definition both renderers follow.
+AUTO_OPS = {
+    "trivial": _suite(translate=32, shear=0.99, rotate=135, enhance=(0.01, 0.99), posterize=2),
+    "randaugment": _suite(translate=100, shear=0.3, rotate=30, enhance=(0, 0.9), posterize=4),
+}
+AUGMENTATIONS = (*DRAWS, *AUTO_OPS)
 
 
 @dataclass(frozen=True)
@@ -39,11 +74,20 @@ class ViewParams:
     may reach outside the image (zero padding); it is resized to the view size when it differs.
     ``flips`` (B, M) bool: mirror left-right after the crop. ``holes`` (B, M, 4) int64: a rectangle
     (top, left, bottom, right) of the finished view set to zero; empty (0, 0, 0, 0) when none.
+    Auto-augmentation, applied in order after the mirror, n ops per view (n = 0: none): ``ops``
+    (B, M, n) int32 indices into ``suite``, ``magnitude_bins`` (B, M, n) int32 in [0, 30],
+    ``signs`` (B, M, n) bool (True: negate a signed op's magnitude) and ``magnitudes`` (B, M, n)
+    float64, the signed magnitudes those three give (:func:`magnitudes`).
     """
 
     boxes: np.ndarray
     flips: np.ndarray
     holes: np.ndarray
+    ops: np.ndarray
+    magnitude_bins: np.ndarray
+    signs: np.ndarray
+    magnitudes: np.ndarray
+    suite: tuple[AutoOp, ...] = ()
 
 
 def uniforms(seed: int, epoch: int, indices: np.ndarray, views: int, draws: int) -> np.ndarray:
@@ -94,6 +138,28 @@ def cifar_crop(u: np.ndarray, sizes: np.ndarray, view_size: int) -> tuple[np.nda
     return boxes, holes
 
 
+def magnitudes(suite: tuple[AutoOp, ...], ops: np.ndarray, bins: np.ndarray, signs: np.ndarray) -> np.ndarray:
+    """The signed magnitude of each drawn op (0 for an op without one), as DALI's ``Augmentation``
+    computes it before its ``mag_to_param``."""
+    if not suite:
+        return np.zeros(ops.shape)
+    table = np.array([np.linspace(*op.magnitudes, MAGNITUDE_BINS) if op.magnitudes else np.zeros(MAGNITUDE_BINS)
+                      for op in suite])
+    negate = np.array([op.signed for op in suite])[ops] & signs
+    return np.where(negate, -1.0, 1.0) * table[ops, bins]
+
+
+def auto_augment(u: np.ndarray, suite: tuple[AutoOp, ...], fixed_bin: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ops, magnitude bins, signs), each (B, M, n), from ``AUTO_DRAWS * n`` uniforms per view: the
+    op uniform over ``suite``, the bin uniform over the 31 (or ``fixed_bin``), a fair sign."""
+    u = u.reshape(*u.shape[:-1], -1, AUTO_DRAWS)
+    ops = np.minimum(np.floor(u[..., 0] * len(suite)), len(suite) - 1).astype(np.int32)
+    bins = np.minimum(np.floor(u[..., 1] * MAGNITUDE_BINS), MAGNITUDE_BINS - 1).astype(np.int32)
+    if fixed_bin is not None:
+        bins[:] = fixed_bin
+    return ops, bins, u[..., 2] < 0.5
+
+
 @dataclass(frozen=True)
 class Augmentation:
     """One recipe's view augmentation: ``draw`` gives the parameters of any views of any samples."""
@@ -102,6 +168,8 @@ class Augmentation:
     view_size: int = 224
     crop_area_min: float = 0.08
     seed: int = 0
+    randaugment_n: int = 2  # ops per view, for kind "randaugment"
+    randaugment_m: int = 9  # their magnitude bin in [0, 30], for kind "randaugment"
 
     def __post_init__(self) -> None:
         if self.kind not in AUGMENTATIONS:
@@ -110,16 +178,34 @@ class Augmentation:
             raise UsageError(f"view_size must be >= 1, got {self.view_size}")
         if not 0 < self.crop_area_min <= 1:
             raise UsageError(f"crop_area_min must be in (0, 1], got {self.crop_area_min}")
+        if not 1 <= self.randaugment_n <= 16:
+            raise UsageError(f"randaugment_n must be in [1, 16], got {self.randaugment_n}")
+        if not 0 <= self.randaugment_m < MAGNITUDE_BINS:
+            raise UsageError(f"randaugment_m must be in [0, {MAGNITUDE_BINS - 1}], got {self.randaugment_m}")
+
+    @property
+    def auto_ops(self) -> int:
+        """Auto-augment ops per view: 0 for imagenet and cifar, 1 for trivial, n for randaugment."""
+        return {"trivial": 1, "randaugment": self.randaugment_n}.get(self.kind, 0)
+
+    @property
+    def draws(self) -> int:
+        """Uniforms per view. The imagenet and cifar streams never change: old runs stay reproducible."""
+        return DRAWS.get(self.kind, DRAWS["imagenet"]) + AUTO_DRAWS * self.auto_ops
 
     def draw(self, epoch: int, indices: np.ndarray, sizes: np.ndarray, views: int) -> ViewParams:
         """Parameters of ``views`` views of the samples ``indices`` (dataset indices) in ``epoch``;
         ``sizes`` (B, 2) are their decoded (height, width)."""
         sizes = np.asarray(sizes, dtype=np.int64).reshape(len(indices), 2)
-        u = uniforms(self.seed, epoch, np.asarray(indices), views, DRAWS[self.kind])
+        u = uniforms(self.seed, epoch, np.asarray(indices), views, self.draws)
+        own = DRAWS.get(self.kind, DRAWS["imagenet"])  # the crop's and the flip's uniforms come first
+        u, auto = u[..., :own], u[..., own:]
         flips = u[..., -1] < 0.5
-        if self.kind == "imagenet":
+        if self.kind == "cifar":
+            boxes, holes = cifar_crop(u[..., :-1], sizes, self.view_size)
+        else:
             boxes, _ = random_resized_crop(u[..., :-1], sizes, self.crop_area_min)
             holes = np.zeros_like(boxes)
-        else:
-            boxes, holes = cifar_crop(u[..., :-1], sizes, self.view_size)
-        return ViewParams(boxes, flips, holes)
+        suite = AUTO_OPS.get(self.kind, ())
+        ops, bins, signs = auto_augment(auto, suite, self.randaugment_m if self.kind == "randaugment" else None)
+        return ViewParams(boxes, flips, holes, ops, bins, signs, magnitudes(suite, ops, bins, signs), suite)

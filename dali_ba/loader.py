@@ -226,6 +226,8 @@ class BatchAugmentLoader(_ShardedLoader):
         *,
         augment: str = "imagenet",
         crop_area_min: float = 0.08,
+        randaugment_n: int = 2,
+        randaugment_m: int = 9,
         rank: int = 0,
         world_size: int = 1,
         seed: int = 0,
@@ -235,7 +237,7 @@ class BatchAugmentLoader(_ShardedLoader):
     ) -> None:
         if views < 1:
             raise UsageError(f"views must be >= 1, got {views}")
-        self.augmentation = Augmentation(augment, view_size, crop_area_min, seed)  # checks the three
+        self.augmentation = Augmentation(augment, view_size, crop_area_min, seed, randaugment_n, randaugment_m)  # checks them
         self.views, self.view_size, self.augment, self.crop_area_min = views, view_size, augment, crop_area_min
         super().__init__(data, batch_size, rank, world_size, decoder, device, num_threads, seed)
         self._next_epoch = 0
@@ -260,16 +262,16 @@ class BatchAugmentLoader(_ShardedLoader):
 
         readable = self._refilled(order)
 
-        def params(info) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        def params(info) -> tuple[np.ndarray, ...]:
             # The reader wraps round after the shard, so the iteration does too (DALI reads ahead).
             at = info.iteration * self.batch_size % len(order)
             indices = order[at : at + self.batch_size]  # a refilled slot keeps its own sample's views
             sizes = image_sizes([self.dataset.open(i) for i in readable[at : at + self.batch_size]])
             drawn = self.augmentation.draw(epoch, indices, sizes, self.views)
-            return drawn.boxes, drawn.flips, drawn.holes
+            return drawn.boxes, drawn.flips, drawn.holes, drawn.ops, drawn.magnitude_bins, drawn.signs.astype(np.int32)
 
         return batch_augment_pipeline(params=params, views=self.views, view_size=self.view_size, augment=self.augment,
-                                      **self._pipeline_args(order, seed=self.seed))
+                                      auto_ops=self.augmentation.auto_ops, **self._pipeline_args(order, seed=self.seed))
 
     def _stage(self, stage: str | None = None) -> str:
         """Who makes the views: ``stage`` if given, else torch on the cpu decoder and DALI on mixed."""

@@ -18,7 +18,12 @@ import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 
+from dali_ba.augment import AUTO_OPS, MAGNITUDE_BINS
+
 READER_NAME = "reader"
+FILL = 128  # what DALI's warps bring in from outside a view (its auto_aug default)
+# The external source's arrays: boxes, flips, holes, then the auto-augment ops, magnitude bins, signs.
+PARAM_TYPES = (types.INT64, types.BOOL, types.INT64, types.INT32, types.INT32, types.INT32)
 
 
 def imagenet_view(images, bounds, box, flip, hole, view_size: int):
@@ -39,6 +44,28 @@ def cifar_view(images, bounds, box, flip, hole, view_size: int):
     view = fn.slice(images, start=box[0:2], shape=box[2:4], axis_names="HW", out_of_bounds_policy="pad", fill_values=0)
     view = fn.flip(view, horizontal=flip)
     return fn.erase(view, anchor=hole[0:2], shape=hole[2:4] - hole[0:2], axis_names="HW", fill_value=0)
+
+
+def dali_suite(augment: str) -> list:
+    """DALI's op suite for an auto-augmentation, the one :data:`dali_ba.augment.AUTO_OPS` copies."""
+    from nvidia.dali.auto_aug import rand_augment, trivial_augment
+
+    return {"trivial": trivial_augment.get_trivial_augment_wide_suite, "randaugment": rand_augment.get_rand_augment_suite}[augment]()
+
+
+def auto_augment_view(view, suite: list, ops, bins, signs, count: int):
+    """The view after its ``count`` drawn ops (``ops``, ``bins``, ``signs``: (count,) per sample),
+    applied in order with DALI's own augmentations at the drawn magnitude bins and signs (from the
+    external source, not DALI's RNG). Needs a pipeline with ``enable_conditionals``: ``select``
+    splits the batch by op."""
+    from nvidia.dali.auto_aug.core import signed_bin
+    from nvidia.dali.auto_aug.core._select import select
+
+    for k in range(count):
+        magnitude = signed_bin(bins[k], random_sign=signs[k])
+        view = select(suite, ops[k], data=view, magnitude_bin=magnitude, num_magnitude_bins=MAGNITUDE_BINS,
+                      fill_value=FILL, interp_type=None)
+    return view
 
 
 VIEW_GRAPHS: dict[str, Callable] = {"imagenet": imagenet_view, "cifar": cifar_view}
@@ -107,30 +134,52 @@ def decode_pipeline(samples: Samples, decoder: str = "cpu"):
     return _read_and_decode(samples, decoder)
 
 
-@pipeline_def
-def batch_augment_pipeline(
+def _batch_augment_graph(
     samples: Samples,
     params: Callable,
     views: int,
     view_size: int,
     augment: str = "imagenet",
     decoder: str = "mixed",
+    auto_ops: int = 0,
 ):
-    """Per sample: (M, view_size, view_size, 3) uint8 views of one decode, and its label.
-
-    ``params(batch_info)`` returns the batch's view parameters as three arrays, boxes (B, M, 4),
-    flips (B, M) and holes (B, M, 4) (see :class:`dali_ba.augment.ViewParams`).
-    """
     images, label = _read_and_decode(samples, decoder)
-    used = 3 if augment == "cifar" else 2  # imagenet has no holes
-    drawn = fn.external_source(lambda info: params(info)[:used], num_outputs=used, batch_info=True,
-                               dtype=[types.INT64, types.BOOL, types.INT64][:used])
-    boxes, flips, holes = drawn[0], fn.cast(drawn[1], dtype=types.INT32), drawn[2] if used == 3 else None
+    outputs = [0, 1] + [2] * (augment == "cifar") + [3, 4, 5] * bool(auto_ops)  # of PARAM_TYPES: only those used
+
+    def source(info) -> list:
+        params_of_batch = params(info)
+        return [params_of_batch[i] for i in outputs]
+
+    drawn = dict(zip(outputs, fn.external_source(source, num_outputs=len(outputs), batch_info=True,
+                                                 dtype=[PARAM_TYPES[i] for i in outputs])))
+    boxes, flips, holes = drawn[0], fn.cast(drawn[1], dtype=types.INT32), drawn.get(2)
     bounds = images.shape(dtype=types.FLOAT)[0:2]
-    make_view = VIEW_GRAPHS[augment]
+    make_view = VIEW_GRAPHS["cifar" if augment == "cifar" else "imagenet"]
     out = [make_view(images, bounds, boxes[m], flips[m], holes if holes is None else holes[m], view_size)
            for m in range(views)]
+    if auto_ops:
+        suite = dali_suite(augment)
+        ops, bins, signs = drawn[3], drawn[4], drawn[5]
+        out = [auto_augment_view(view, suite, ops[m], bins[m], signs[m], auto_ops) for m, view in enumerate(out)]
     return fn.stack(*out), label
+
+
+_views_pipeline = pipeline_def(_batch_augment_graph)
+_auto_views_pipeline = pipeline_def(_batch_augment_graph, enable_conditionals=True)
+
+
+def batch_augment_pipeline(*, augment: str = "imagenet", auto_ops: int = 0, **kwargs):
+    """Per sample: (M, view_size, view_size, 3) uint8 views of one decode, and its label.
+
+    ``params(batch_info)`` returns the batch's view parameters as arrays: boxes (B, M, 4), flips
+    (B, M), holes (B, M, 4), then for ``auto_ops`` n > 0 ops (B, M, n), magnitude bins (B, M, n)
+    and signs (B, M, n) as int32 (see :class:`dali_ba.augment.ViewParams`). Conditionals (for the
+    auto-augment op selection) are enabled only when there are ops to select.
+    """
+    if augment in AUTO_OPS and not auto_ops:
+        raise ValueError(f"augment {augment!r} needs auto_ops >= 1")
+    make = _auto_views_pipeline if auto_ops else _views_pipeline
+    return make(augment=augment, auto_ops=auto_ops, **kwargs)
 
 
 @pipeline_def
