@@ -36,6 +36,7 @@ CUTOUT = 16  # side of the square hole, as in the paper's CIFAR-10 runs
 DRAWS = {"imagenet": 2 * TRIES + 3, "cifar": 5}  # uniforms per view; view m uses draws [m*K, (m+1)*K)
 MAGNITUDE_BINS = 31  # DALI's and torchvision's default for both auto-augmentations
 AUTO_DRAWS = 3  # uniforms per auto-augment op: which op, which magnitude bin, the sign of the magnitude
+MAX_AUTO_OPS = 16  # randaugment_n's limit: more would only blur the views into noise
 
 
 @dataclass(frozen=True)
@@ -178,8 +179,8 @@ class Augmentation:
             raise UsageError(f"view_size must be >= 1, got {self.view_size}")
         if not 0 < self.crop_area_min <= 1:
             raise UsageError(f"crop_area_min must be in (0, 1], got {self.crop_area_min}")
-        if not 1 <= self.randaugment_n <= 16:
-            raise UsageError(f"randaugment_n must be in [1, 16], got {self.randaugment_n}")
+        if not 1 <= self.randaugment_n <= MAX_AUTO_OPS:
+            raise UsageError(f"randaugment_n must be in [1, {MAX_AUTO_OPS}], got {self.randaugment_n}")
         if not 0 <= self.randaugment_m < MAGNITUDE_BINS:
             raise UsageError(f"randaugment_m must be in [0, {MAGNITUDE_BINS - 1}], got {self.randaugment_m}")
 

@@ -1,11 +1,13 @@
 """Where the time goes: the loader alone, and training steps fed by it or from memory.
 
     python -m dali_ba.profile pipeline --train data/demo/train --views 1,2,4,8,16
+    python -m dali_ba.profile pipeline --views 1,4 --augment imagenet,trivial,randaugment
     python -m dali_ba.profile step --recipe pipelines/demo.toml --steps 30 --out runs/profile/r1
     horovodrun -np 2 python -m dali_ba.profile step --recipe pipelines/demo.toml --out runs/profile/r2
     python -m dali_ba.profile collect runs/profile/r1 runs/profile/r2 --out runs/profile/summary.md
 
-``pipeline`` times the DALI loader with no consumer, for each M: samples/s and views/s.
+``pipeline`` times the DALI loader with no consumer, for each augmentation and M: samples/s,
+views/s, and what each view costs beyond the first augmentation listed (auto-augmentation's price).
 ``step`` times the same training steps three ways: the loader alone, steps fed from batches cached
 in memory beforehand (no data cost at all), and steps fed by the loader as in training. The data
 stall, (t_loader - t_memory) / t_loader, is the share of a training step that the loader costs:
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dali_ba.augment import AUGMENTATIONS, MAGNITUDE_BINS, MAX_AUTO_OPS
 from dali_ba.launcher import launcher_rank
 from dali_ba.errors import UnreadableImageError, UsageError
 from dali_ba.metrics import stream_sync
@@ -35,7 +38,7 @@ STEP_FILE = "profile_step.json"
 YIELD_VARIABLE = "OMPI_MCA_mpi_yield_when_idle"
 
 
-def _at_least(low: int) -> Callable[[str], int]:
+def _at_least(low: int, high: int | None = None) -> Callable[[str], int]:
     def convert(text: str) -> int:
         try:
             value = int(text)
@@ -43,9 +46,19 @@ def _at_least(low: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high}, got {value}")
         return value
 
     return convert
+
+
+def _augments(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in AUGMENTATIONS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"expected names among {', '.join(AUGMENTATIONS)}, got {text!r}")
+    return names
 
 
 def _views(text: str) -> list[int]:
@@ -84,22 +97,27 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def profile_pipeline(args: argparse.Namespace) -> dict:
-    """Loader throughput for each M: B samples decoded once, B*M views, per batch."""
+    """Loader throughput for each augmentation and M: B samples decoded once, B*M views, per batch.
+    ``extra_ms_per_view``: (batch time - the first augmentation's at that M) / (B*M)."""
     from dali_ba.data.dataset import load_dataset
     from dali_ba.loader import BatchAugmentLoader
 
     dataset = load_dataset(args.train)
-    rows, decoder, device = [], None, None
-    for views in args.views:
-        loader = BatchAugmentLoader(dataset, args.batch_size, views, args.view_size, crop_area_min=args.crop_area_min,
-                                    decoder=args.decoder, num_threads=args.dali_threads)
+    rows, decoder, device, baseline = [], None, None, {}
+    for augment, views in itertools.product(args.augment, args.views):
+        loader = BatchAugmentLoader(dataset, args.batch_size, views, args.view_size, augment=augment,
+                                    crop_area_min=args.crop_area_min, randaugment_n=args.randaugment_n,
+                                    randaugment_m=args.randaugment_m, decoder=args.decoder, num_threads=args.dali_threads)
         decoder, device = loader.decoder, loader.device
         _, times = time_steps(endless(loader), args.warmup + args.steps, None, stream_sync(loader.device))
         batch_time = float(times[args.warmup:].mean())
         samples_per_s = args.batch_size / batch_time
-        rows.append(dict(views=views, batch_time=batch_time, batch_time_std=float(times[args.warmup:].std()),
-                         samples_per_s=samples_per_s, views_per_s=views * samples_per_s))
+        baseline.setdefault(views, batch_time)
+        rows.append(dict(augment=augment, views=views, batch_time=batch_time, batch_time_std=float(times[args.warmup:].std()),
+                         samples_per_s=samples_per_s, views_per_s=views * samples_per_s,
+                         extra_ms_per_view=1e3 * (batch_time - baseline[views]) / (args.batch_size * views)))
     return dict(kind="profile_pipeline", train=str(args.train), batch_size=args.batch_size, view_size=args.view_size,
+                augments=args.augment, randaugment_n=args.randaugment_n, randaugment_m=args.randaugment_m,
                 dali_threads=args.dali_threads, decoder=decoder, device=str(device), steps=args.steps,
                 warmup=args.warmup, steps_per_epoch=len(loader), results=rows)
 
@@ -108,9 +126,13 @@ def pipeline_figure(result: dict):
     from dali_ba.plot import new_figure
 
     fig, ax = new_figure()
-    views = [r["views"] for r in result["results"]]
-    ax.plot(views, [r["views_per_s"] for r in result["results"]], "o-", label="views/s (M x samples/s)")
-    ax.plot(views, [r["samples_per_s"] for r in result["results"]], "s--", label="samples/s (each decoded once)")
+    augments = result.get("augments", ["imagenet"])
+    for augment in augments:
+        rows = [r for r in result["results"] if r.get("augment", "imagenet") == augment]
+        views = [r["views"] for r in rows]
+        named = f"{augment}: " if len(augments) > 1 else ""
+        ax.plot(views, [r["views_per_s"] for r in rows], "o-", label=f"{named}views/s (M x samples/s)")
+        ax.plot(views, [r["samples_per_s"] for r in rows], "s--", label=f"{named}samples/s (each decoded once)")
     ax.set_xscale("log", base=2)
     ax.set_xticks(views, [str(v) for v in views])
     ax.set_xlabel("M (augmented views per sample)")
@@ -131,10 +153,11 @@ def run_pipeline(args: argparse.Namespace) -> int:
     save(pipeline_figure(result), out / "profile_pipeline.png")
     print(f"loader alone: {result['train']}, B={result['batch_size']}, {result['view_size']} px, "
           f"{result['dali_threads']} DALI thread(s), {result['decoder']} decoder, {args.steps} batches after {args.warmup}")
-    print(f"{'M':>4} {'batch ms':>10} {'± std':>8} {'samples/s':>11} {'views/s':>11}")
+    first = result["augments"][0]
+    print(f"{'M':>4} {'batch ms':>10} {'± std':>8} {'samples/s':>11} {'views/s':>11}  {'augment':<12} {f'ms/view over {first}':>22}")
     for r in result["results"]:
         print(f"{r['views']:>4} {1e3 * r['batch_time']:>10.1f} {1e3 * r['batch_time_std']:>8.1f} "
-              f"{r['samples_per_s']:>11.1f} {r['views_per_s']:>11.1f}")
+              f"{r['samples_per_s']:>11.1f} {r['views_per_s']:>11.1f}  {r['augment']:<12} {r['extra_ms_per_view']:>+22.3f}")
     print(f"wrote {out / 'profile_pipeline.json'}, {out / 'profile_pipeline.png'}")
     return 0
 
@@ -303,6 +326,13 @@ def build_cli() -> argparse.ArgumentParser:
     pipe.add_argument("--view-size", type=_at_least(1), default=32, help="view side, pixels (default: %(default)s)")
     pipe.add_argument("--crop-area-min", type=float, default=0.35,
                       help="smallest crop area fraction (default: %(default)s, as the demo recipe)")
+    pipe.add_argument("--augment", type=_augments, default=["imagenet"], metavar="NAME,NAME,...",
+                      help="augmentations to time, each over the M sweep; the first is the baseline of the "
+                           "extra cost per view (default: imagenet)")
+    pipe.add_argument("--randaugment-n", type=_at_least(1, MAX_AUTO_OPS), default=2,
+                      help="randaugment: ops per view (default: %(default)s)")
+    pipe.add_argument("--randaugment-m", type=_at_least(0, MAGNITUDE_BINS - 1), default=9,
+                      help="randaugment: magnitude bin, 0-30 (default: %(default)s)")
     pipe.add_argument("--dali-threads", type=_at_least(1), default=1, help="DALI CPU threads (default: %(default)s)")
     pipe.add_argument("--decoder", default="auto", help="auto, cpu or mixed (default: %(default)s)")
     step = commands.add_parser("step", parents=[build_parser(f"{PROG} step", "")], conflict_handler="resolve",

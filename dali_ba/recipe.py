@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from dali_ba.augment import AUGMENTATIONS, MAGNITUDE_BINS, MAX_AUTO_OPS
 from dali_ba.errors import UsageError
 from dali_ba.launcher import ENGINES
 
@@ -29,11 +30,14 @@ class DataConfig:
     train: str = option("data/demo/train", "ImageNet-style folder (class sub-folders), a '<path> <label>' .txt list, "
                                            "or tar shards (a folder of them, a .tar, or a,b.tar; python -m dali_ba.data.shards)")
     val: str = option("data/demo/val", 'validation images: class folders (training class names), a .txt list or tar shards')
-    augment: str = option("imagenet", 'per-view augmentation recipe (see dali_ba.augment)')
+    augment: str = option("imagenet", 'per-view augmentation: imagenet, cifar, or the imagenet crop then '
+                                      'trivial (TrivialAugment Wide) or randaugment (see dali_ba.augment)')
     batch_size: int = option(256, 'B: unique images per step across all ranks (each rank reads B / ranks)')
     views: int = option(4, 'M: augmented views of every sample')
     view_size: int = option(224, 'training crop side, pixels')
     crop_area_min: float = option(0.08, 'smallest area fraction kept by the random resized crop')
+    randaugment_n: int = option(2, 'augment randaugment: ops applied to each view, in a row')
+    randaugment_m: int = option(9, 'augment randaugment: their magnitude bin, 0 to 30')
     val_resize: int = option(256, 'validation: shorter side resized to this, then centre-cropped')
     val_crop: int = option(224, 'validation: side of the centred square crop')
     val_batch_size: int = option(0, 'images per rank per validation step; 0: same as the training B per rank')
@@ -45,6 +49,11 @@ class DataConfig:
     decoder: str = option("auto", "auto (GPU 'mixed' decoder when a GPU is visible), cpu, mixed")
     max_bad_files: int = option(-1, 'broken files skipped (named in the log and <output>/bad_files.txt) before the '
                                     'run stops with an error; -1: 1% of the training files, at least 10')
+
+    def augmentation(self) -> dict:
+        """The loaders' augmentation arguments, the same for every loader of a run."""
+        return dict(augment=self.augment, crop_area_min=self.crop_area_min, randaugment_n=self.randaugment_n,
+                    randaugment_m=self.randaugment_m)
 
 
 @dataclass
@@ -111,8 +120,14 @@ class Recipe:
                               (o, "label_smoothing"), (o, "decay_factor")]:
             if getattr(section, name) < 0:
                 raise UsageError(f"{_key(section, name)} must be >= 0, got {getattr(section, name)}")
+        if d.augment not in AUGMENTATIONS:
+            raise UsageError(f"{_key(d, 'augment')} must be one of {', '.join(AUGMENTATIONS)}, got {d.augment!r}")
         if not 0 < d.crop_area_min <= 1:
             raise UsageError(f"{_key(d, 'crop_area_min')} must be in (0, 1], got {d.crop_area_min}")
+        if not 1 <= d.randaugment_n <= MAX_AUTO_OPS:
+            raise UsageError(f"{_key(d, 'randaugment_n')} must be in [1, {MAX_AUTO_OPS}], got {d.randaugment_n}")
+        if not 0 <= d.randaugment_m < MAGNITUDE_BINS:
+            raise UsageError(f"{_key(d, 'randaugment_m')} must be in [0, {MAGNITUDE_BINS - 1}], got {d.randaugment_m}")
         if d.val_resize < d.val_crop:
             raise UsageError(f"{_key(d, 'val_resize')} ({d.val_resize}) must be >= --val-crop ({d.val_crop})")
         if d.decoder not in ("auto", "cpu", "mixed"):

@@ -330,7 +330,7 @@ def setup_training(recipe: Recipe, world: World, train_set: ImageDataset) -> Tra
     torch.set_num_threads(torch_threads)
     torch.manual_seed(r.seed)
     loader = BatchAugmentLoader(
-        train_set, per_rank, d.views, d.view_size, augment=d.augment, crop_area_min=d.crop_area_min,
+        train_set, per_rank, d.views, d.view_size, **d.augmentation(),
         rank=world.rank, world_size=world.size, seed=r.seed, decoder=d.decoder, num_threads=d.dali_threads,
     )
     memory_format = torch.channels_last if m.channels_last else torch.contiguous_format
@@ -400,12 +400,12 @@ def _train(plan: Recipe, recipe: Recipe, world: World, train_set: ImageDataset, 
         rank=world.rank, world_size=world.size, decoder=d.decoder, device=device, num_threads=d.dali_threads,
     )
     view_loader = AugmentedValidationLoader(  # --eval-views K: the training augmentation, K views per image
-        val_set, d.val_batch_size or t.per_rank, d.eval_views, d.view_size, augment=d.augment,
-        crop_area_min=d.crop_area_min, rank=world.rank, world_size=world.size, seed=r.seed, decoder=d.decoder,
+        val_set, d.val_batch_size or t.per_rank, d.eval_views, d.view_size, **d.augmentation(),
+        rank=world.rank, world_size=world.size, seed=r.seed, decoder=d.decoder,
         device=device, num_threads=d.dali_threads,
     ) if d.eval_views else None
     calibration_loader = BatchAugmentLoader(  # --calibrate-bn N: training batches of their own (seed + 1)
-        train_set, t.per_rank, d.views, d.view_size, augment=d.augment, crop_area_min=d.crop_area_min,
+        train_set, t.per_rank, d.views, d.view_size, **d.augmentation(),
         rank=world.rank, world_size=world.size, seed=r.seed + 1, decoder=d.decoder, num_threads=d.dali_threads,
     ) if d.calibrate_bn else None
 

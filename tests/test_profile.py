@@ -30,6 +30,22 @@ def test_pipeline_sweep_writes_json_table_and_plot(demo_data, tmp_path):
         assert image.format == "PNG" and image.width > 100 and image.height > 100
 
 
+def test_pipeline_sweep_prices_each_augmentation_per_view(demo_data, tmp_path):
+    done = run_cli(*PROFILE, "pipeline", "--train", str(demo_data / "train"), "--views", "2", "--batch-size", "8",
+                   "--view-size", "24", "--steps", "3", "--warmup", "1", "--augment", "imagenet,trivial,randaugment",
+                   "--out", str(tmp_path), timeout=180)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "profile_pipeline.json").read_text())
+    rows = result["results"]
+    assert [(r["augment"], r["views"]) for r in rows] == [("imagenet", 2), ("trivial", 2), ("randaugment", 2)]
+    assert rows[0]["extra_ms_per_view"] == 0
+    for row in rows:
+        assert row["extra_ms_per_view"] == pytest.approx(1e3 * (row["batch_time"] - rows[0]["batch_time"]) / 16)
+        extra = re.escape(f"{row['extra_ms_per_view']:+.3f}")
+        assert re.search(rf"^\s+2\s.*\s{row['augment']}\s+{extra}$", done.stdout, re.M)
+    assert "ms/view over imagenet" in done.stdout
+
+
 def step_args(demo_data, out):
     return [*PROFILE, "step", "--recipe", "pipelines/demo.toml", "--train", str(demo_data / "train"),
             "--batch-size", str(B), "--views", str(M), "--steps", "3", "--warmup", "1", "--cache-batches", "2",
@@ -86,6 +102,8 @@ def test_collect_merges_profiles_sorted_by_ranks(step_profiles, tmp_path):
 BAD = {
     "missing data": (["pipeline", "--train", "{tmp}/nope"], "data directory not found: .*nope"),
     "views not numbers": (["pipeline", "--views", "1,x"], "expected comma-separated integers"),
+    "unknown augment": (["pipeline", "--augment", "imagenet,auto"], "expected names among imagenet, cifar, trivial, randaugment"),
+    "randaugment m": (["pipeline", "--augment", "randaugment", "--randaugment-m", "40"], r"--randaugment-m: must be <= 30, got 40"),
     "steps < 1": (["pipeline", "--steps", "0"], "--steps: must be >= 1, got 0"),
     "unknown model": (["step", "--arch", "resnet9000"], "unknown model 'resnet9000'"),
     "recipe range": (["step", "--views", "0"], "--views .* must be >= 1, got 0"),
