@@ -348,9 +348,12 @@ def setup_training(recipe: Recipe, world: World, train_set: ImageDataset) -> Tra
 def run_identity(recipe: Recipe, world: World, steps_per_epoch: int) -> dict:
     """What a checkpoint must agree on to be resumed by this run."""
     d, m, o, r = recipe.data, recipe.model, recipe.optim, recipe.run
-    return {"ranks": world.size, "arch": m.arch, "batch_size": d.batch_size, "views": d.views,
-            "view_size": d.view_size, "augment": d.augment, "seed": r.seed, "regime": o.regime,
-            "steps_per_epoch": steps_per_epoch}
+    identity = {"ranks": world.size, "arch": m.arch, "batch_size": d.batch_size, "views": d.views,
+                "view_size": d.view_size, "augment": d.augment, "seed": r.seed, "regime": o.regime,
+                "steps_per_epoch": steps_per_epoch}
+    if d.augment == "randaugment":  # only then: checkpoints of the other augmentations lack these keys
+        identity.update(randaugment_n=d.randaugment_n, randaugment_m=d.randaugment_m)
+    return identity
 
 
 def run(recipe: Recipe, train_set: ImageDataset, val_set: ImageDataset) -> int:
