@@ -176,8 +176,9 @@ def test_bad_randaugment_settings():
         Augmentation("randaugment", randaugment_n=0)
 
 
-def test_a_training_run_with_randaugment(demo_data, tmp_path):
-    """The recipe key reaches every loader of a run: training, --eval-views and --calibrate-bn."""
+@pytest.mark.parametrize("augment, extra", [("trivial", []), ("randaugment", ["--randaugment-n", "1", "--randaugment-m", "12"])])
+def test_a_training_run_with_auto_augment(demo_data, tmp_path, augment, extra):
+    """The recipe keys reach every loader of a run: training, --eval-views and --calibrate-bn."""
     import json
     import sys
 
@@ -185,11 +186,13 @@ def test_a_training_run_with_randaugment(demo_data, tmp_path):
 
     out = tmp_path / "run"
     done = run_cli(sys.executable, "-m", "dali_ba.train", "--recipe", "pipelines/demo.toml", "--train", str(demo_data / "train"),
-                   "--val", str(demo_data / "val"), "--output", str(out), "--augment", "randaugment", "--randaugment-n", "1",
-                   "--randaugment-m", "12", "--epochs", "1", "--max-steps", "2", "--batch-size", "16", "--views", "2",
-                   "--eval-views", "2", "--calibrate-bn", "1", "--torch-threads", "1")
+                   "--val", str(demo_data / "val"), "--output", str(out), "--augment", augment, *extra, "--epochs", "1",
+                   "--max-steps", "2", "--batch-size", "16", "--views", "2", "--eval-views", "2", "--calibrate-bn", "1",
+                   "--torch-threads", "1")
     assert done.returncode == 0, done.stderr
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [0]
     saved = (out / "recipe.toml").read_text()
-    assert 'augment = "randaugment"' in saved and "randaugment_n = 1" in saved and "randaugment_m = 12" in saved
+    assert f'augment = "{augment}"' in saved
+    if augment == "randaugment":
+        assert "randaugment_n = 1" in saved and "randaugment_m = 12" in saved
