@@ -5,7 +5,9 @@ from DALI's file reader, or, for tar shards, from an external source that reads 
 range (:class:`ShardSource`): either way in the order the loader planned. On the CPU path the
 graph stops there (:func:`decode_pipeline`) and torch makes the views (:mod:`dali_ba.views`); on
 the GPU path (:func:`batch_augment_pipeline`, "mixed" decoder) DALI's GPU operators make them. Both
-render the same parameters, drawn by :mod:`dali_ba.augment` and fed here through an external source.
+render the same parameters, drawn by :mod:`dali_ba.augment` and fed here through an external source;
+for ``trivial`` and ``randaugment`` those include each view's ops, magnitude bins and signs, which
+DALI's own ``auto_aug`` augmentations apply (:func:`auto_augment_view`).
 """
 from __future__ import annotations
 
