@@ -23,6 +23,7 @@ magnitude of the ops that take a signed one, as DALI's ``signed_bin`` does.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -161,6 +162,18 @@ def auto_augment(u: np.ndarray, suite: tuple[AutoOp, ...], fixed_bin: int | None
     return ops, bins, u[..., 2] < 0.5
 
 
+def check_ranges(crop_area_min: float, randaugment_n: int, randaugment_m: int, name: Callable[[str], str] = str) -> None:
+    """Raise a one-line UsageError for the first setting out of its range; ``name`` turns a field's
+    name into what the user typed (a recipe key and its flag)."""
+    for field, value, ok, allowed in (
+        ("crop_area_min", crop_area_min, 0 < crop_area_min <= 1, "(0, 1]"),
+        ("randaugment_n", randaugment_n, 1 <= randaugment_n <= MAX_AUTO_OPS, f"[1, {MAX_AUTO_OPS}]"),
+        ("randaugment_m", randaugment_m, 0 <= randaugment_m < MAGNITUDE_BINS, f"[0, {MAGNITUDE_BINS - 1}]"),
+    ):
+        if not ok:
+            raise UsageError(f"{name(field)} must be in {allowed}, got {value}")
+
+
 @dataclass(frozen=True)
 class Augmentation:
     """One recipe's view augmentation: ``draw`` gives the parameters of any views of any samples."""
@@ -177,12 +190,7 @@ class Augmentation:
             raise UsageError(f"unknown augment {self.kind!r}; known: {', '.join(AUGMENTATIONS)}")
         if self.view_size < 1:
             raise UsageError(f"view_size must be >= 1, got {self.view_size}")
-        if not 0 < self.crop_area_min <= 1:
-            raise UsageError(f"crop_area_min must be in (0, 1], got {self.crop_area_min}")
-        if not 1 <= self.randaugment_n <= MAX_AUTO_OPS:
-            raise UsageError(f"randaugment_n must be in [1, {MAX_AUTO_OPS}], got {self.randaugment_n}")
-        if not 0 <= self.randaugment_m < MAGNITUDE_BINS:
-            raise UsageError(f"randaugment_m must be in [0, {MAGNITUDE_BINS - 1}], got {self.randaugment_m}")
+        check_ranges(self.crop_area_min, self.randaugment_n, self.randaugment_m)
 
     @property
     def auto_ops(self) -> int:

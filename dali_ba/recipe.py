@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from dali_ba.augment import AUGMENTATIONS, MAGNITUDE_BINS, MAX_AUTO_OPS
+from dali_ba.augment import AUGMENTATIONS, check_ranges
 from dali_ba.errors import UsageError
 from dali_ba.launcher import ENGINES
 
@@ -122,12 +122,7 @@ class Recipe:
                 raise UsageError(f"{_key(section, name)} must be >= 0, got {getattr(section, name)}")
         if d.augment not in AUGMENTATIONS:
             raise UsageError(f"{_key(d, 'augment')} must be one of {', '.join(AUGMENTATIONS)}, got {d.augment!r}")
-        if not 0 < d.crop_area_min <= 1:
-            raise UsageError(f"{_key(d, 'crop_area_min')} must be in (0, 1], got {d.crop_area_min}")
-        if not 1 <= d.randaugment_n <= MAX_AUTO_OPS:
-            raise UsageError(f"{_key(d, 'randaugment_n')} must be in [1, {MAX_AUTO_OPS}], got {d.randaugment_n}")
-        if not 0 <= d.randaugment_m < MAGNITUDE_BINS:
-            raise UsageError(f"{_key(d, 'randaugment_m')} must be in [0, {MAGNITUDE_BINS - 1}], got {d.randaugment_m}")
+        check_ranges(d.crop_area_min, d.randaugment_n, d.randaugment_m, name=lambda field: _key(d, field))
         if d.val_resize < d.val_crop:
             raise UsageError(f"{_key(d, 'val_resize')} ({d.val_resize}) must be >= --val-crop ({d.val_crop})")
         if d.decoder not in ("auto", "cpu", "mixed"):

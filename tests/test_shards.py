@@ -156,3 +156,18 @@ def test_bad_input_is_a_one_line_error(demo_data, shards, tmp_path, capsys):
         load_dataset(cut)
     done = run_cli(*TRAIN, "--train", str(cut), "--val", str(shards / "val"), "--output", str(tmp_path / "run"))
     assert done.returncode == 2 and "is truncated" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_shards_of_some_classes_are_labelled_by_the_training_classes(demo_data, tmp_path):
+    train = load_dataset(demo_data / "train")
+    for name in train.classes[3:5]:  # two of the ten classes: labels 0 and 1 in their own shards
+        (tmp_path / "part" / name).mkdir(parents=True)
+        for path in sorted((demo_data / "val" / name).iterdir()):
+            (tmp_path / "part" / name / path.name).write_bytes(path.read_bytes())
+    assert shards_main([str(tmp_path / "part"), str(tmp_path / "shards"), "--workers", "1"]) == 0
+    own = load_dataset(tmp_path / "shards")
+    relabelled = load_dataset(tmp_path / "shards", classes=train.classes)
+    assert set(own.labels) == {0, 1} and relabelled.labels == tuple(label + 3 for label in own.labels)
+    assert relabelled.classes == train.classes
+    with pytest.raises(UsageError, match="is not one of the 2 training classes"):
+        load_dataset(tmp_path / "shards", classes=("x", "y"))

@@ -213,10 +213,15 @@ def write_shards(dataset, out: str | os.PathLike, shard_size: int, workers: int 
 # Reading
 
 
+def _tar_list(source: str | os.PathLike) -> list[str]:
+    """The tars of 'a.tar' or 'a.tar,b.tar' (empty for anything else, a folder with a comma included)."""
+    parts = [part.strip() for part in str(source).split(",")]
+    return parts if all(part.endswith(".tar") for part in parts) else []
+
+
 def is_shard_source(path: str | os.PathLike) -> bool:
     """A .tar, a comma-separated list of them, or a folder of them (with no class folders)."""
-    text = str(path)
-    if text.endswith(".tar") or "," in text:
+    if _tar_list(path):
         return True
     folder = Path(path)
     return folder.is_dir() and ((folder / MANIFEST).is_file() or any(folder.glob("*.tar")))
@@ -266,24 +271,7 @@ def read_shards(source: str | os.PathLike, classes: Sequence[str] | None = None)
     each sample's ``.cls`` member; with ``classes`` (the training set's), labels are mapped by class name."""
     from dali_ba.data.dataset import ImageDataset
 
-    text = str(source)
-    manifest = None
-    if "," in text or text.endswith(".tar"):
-        tars = [part.strip() for part in text.split(",") if part.strip()]
-    else:
-        folder = Path(source)
-        if (folder / MANIFEST).is_file():
-            try:
-                manifest = json.loads((folder / MANIFEST).read_text())
-            except (OSError, ValueError) as exc:
-                raise UsageError(f"cannot read shard manifest {folder / MANIFEST} ({exc})") from None
-            if manifest.get("format") != FORMAT:
-                raise UsageError(f"{folder / MANIFEST} is not a dali-ba shard manifest ({FORMAT!r})")
-            tars = [str(folder / entry["tar"]) for entry in manifest["shards"]]
-        else:
-            tars = sorted(str(p) for p in folder.glob("*.tar"))
-    if not tars:
-        raise UsageError(f"no .tar shards in {source}")
+    tars, manifest = _locate(source)
     names, shard, offset, size, labels = [], [], [], [], []
     for n, tar in enumerate(tars):
         if not Path(tar).is_file():
@@ -311,13 +299,38 @@ def read_shards(source: str | os.PathLike, classes: Sequence[str] | None = None)
                 labels.append(_read_label(tar, members))
     found_classes = tuple(manifest["classes"]) if manifest else tuple(str(c) for c in range(max(labels) + 1))
     if classes is not None and tuple(classes) != found_classes:
-        missing = [name for name in found_classes if name not in classes]
-        if missing:
-            raise UsageError(f"class {missing[0]!r} of shards {source} is not one of the {len(classes)} training classes")
-        relabel = [list(classes).index(name) for name in found_classes]
-        labels, found_classes = [relabel[label] for label in labels], tuple(classes)
+        labels, found_classes = _relabel(labels, found_classes, classes, source), tuple(classes)
     members = ShardMembers(tuple(tars), np.array(shard, np.int32), np.array(offset, np.int64), np.array(size, np.int64))
-    return ImageDataset(tuple(names), tuple(labels), found_classes, text, members)
+    return ImageDataset(tuple(names), tuple(labels), found_classes, str(source), members)
+
+
+def _locate(source: str | os.PathLike) -> tuple[list[str], dict | None]:
+    """The tars of ``source`` in order, and the folder's manifest when it has one."""
+    tars = _tar_list(source)
+    if tars:
+        return tars, None
+    folder = Path(source)
+    if not (folder / MANIFEST).is_file():
+        tars = sorted(str(p) for p in folder.glob("*.tar"))
+        if not tars:
+            raise UsageError(f"no .tar shards in {source}")
+        return tars, None
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read shard manifest {folder / MANIFEST} ({exc})") from None
+    if manifest.get("format") != FORMAT:
+        raise UsageError(f"{folder / MANIFEST} is not a dali-ba shard manifest ({FORMAT!r})")
+    return [str(folder / entry["tar"]) for entry in manifest["shards"]], manifest
+
+
+def _relabel(labels: list[int], found: tuple[str, ...], classes: Sequence[str], source) -> list[int]:
+    """Labels by the training ``classes``' numbering of the same class names."""
+    missing = [name for name in found if name not in classes]
+    if missing:
+        raise UsageError(f"class {missing[0]!r} of shards {source} is not one of the {len(classes)} training classes")
+    relabel = [list(classes).index(name) for name in found]
+    return [relabel[label] for label in labels]
 
 
 def _read_label(tar: str, members: list[tuple[str, int, int, str]]) -> int:
