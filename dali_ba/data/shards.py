@@ -19,7 +19,6 @@ the same model bit for bit). Samples are read with one ``pread`` from a tar open
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
