@@ -20,8 +20,9 @@ same cores), the same files, batch size, view size and random-resized-crop + fli
 Timing: one warm-up epoch per (method, M) is excluded (it starts workers, loads libraries); then
 ``--epochs`` timed epochs, interleaved round-robin over methods and M so that a change in machine
 load hits all of them alike. A timed epoch is everything a training loop would wait for, including
-each method's per-epoch start: dali-ba and e/f build a DALI pipeline per epoch, the DataLoaders
-(persistent workers) refill their prefetch queues; the time to the first batch is recorded apart.
+each method's per-epoch start: dali-ba and e keep one DALI pipeline per run and reset it, f builds
+one per epoch, the DataLoaders (persistent workers) refill their prefetch queues; the time to the
+first batch is recorded apart.
 samples/s and views/s are those of each method's fastest timed epoch (on a machine shared with
 other work, the least disturbed one; "mean" is over all timed epochs). CPU ms/view is the CPU time
 the method used (this process with its DALI threads, plus its DataLoader workers) per view, median
@@ -186,15 +187,16 @@ def decode_only_pipeline(samples, decoder: str, **kwargs):
 
 
 class DecodePerViewLoader(BatchAugmentLoader):
-    """(e) through dali-ba's own plumbing (sharding, per-epoch pipeline, copy into torch), so only the graph differs."""
+    """(e) through dali-ba's own plumbing (sharding, one pipeline per run, copy into torch), so only the graph differs."""
+
+    _view_params = None  # its graph draws the views itself (DALI's random operators): no parameters to feed
 
     def _stage(self, stage: str | None = None) -> str:
         return "dali"  # DALI makes the views in this graph
 
-    def build_pipeline(self, epoch: int, start: int = 0, stage: str | None = None):
-        order = self.shard(epoch)[start * self.batch_size :]
-        return decode_per_view_pipeline(views=self.views, view_size=self.view_size,
-                                        **self._pipeline_args(order, seed=self.seed * 1009 + epoch))
+    def _graph(self, source, stage: str | None):
+        return decode_per_view_pipeline(source, views=self.views, view_size=self.view_size, decoder=self.decoder,
+                                        **self._run_args(self.seed))
 
 
 def decode_only_epochs(loader: BatchAugmentLoader) -> Callable[[int], Iterable]:

@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import hashlib
+import inspect
 import socket
-import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dali_ba.devices import training_device
 from dali_ba.launcher import EngineChoice, choose_engine
+from dali_ba.metrics import timestamp
 
 if TYPE_CHECKING:
     import torch
@@ -35,7 +38,8 @@ class GradientSync:
     ``model`` is what the forward pass runs (DDP's wrapper for the torch engine), ``optimizer`` what
     steps (Horovod's wrapper for the Horovod engine). ``micro_batch(last)`` wraps each chunk's
     forward + backward; ``step(scaler)`` ends the step; ``backward_wait()`` is the part of the last
-    backward pass spent waiting for allreduces (DDP waits inside backward), seconds.
+    backward pass spent waiting for allreduces (DDP waits inside backward): a span of two
+    :func:`dali_ba.metrics.timestamp` values, or None.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -51,8 +55,8 @@ class GradientSync:
         else:
             self.optimizer.step()
 
-    def backward_wait(self) -> float:
-        return 0.0
+    def backward_wait(self) -> tuple | None:
+        return None
 
 
 class World:
@@ -240,7 +244,8 @@ class DDPSync(GradientSync):
 
         ddp = DistributedDataParallel(
             model, device_ids=[device] if device.type == "cuda" else None,
-            forward_sync_buffers=False,  # BN statistics stay per rank until the epoch-end average (as Horovod)
+            # BN statistics stay per rank until the epoch-end average (as Horovod)
+            **{_ddp_buffer_sync_keyword(DistributedDataParallel): False},
         )
         super().__init__(ddp, optimizer)
         self._device = device
@@ -248,19 +253,10 @@ class DDPSync(GradientSync):
         self._done: Any = None
         ddp.register_comm_hook(None, self._allreduce_hook)
 
-    def _stamp(self) -> Any:
-        import torch
-
-        if self._device.type == "cuda":
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
     def _allreduce_hook(self, state, bucket):
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-        self._ready = self._stamp()
+        self._ready = timestamp(self._device)
         return allreduce_hook(state, bucket)  # the default: divide by the world size, then sum
 
     def micro_batch(self, last: bool) -> contextlib.AbstractContextManager:
@@ -269,16 +265,25 @@ class DDPSync(GradientSync):
         return self.model.no_sync()
 
     def _mark_done(self) -> None:
-        self._done = self._stamp()
+        self._done = timestamp(self._device)
 
-    def backward_wait(self) -> float:
+    def backward_wait(self) -> tuple | None:
         if self._ready is None or self._done is None:
-            return 0.0
-        ready, done, self._ready, self._done = self._ready, self._done, None, None
-        if self._device.type == "cuda":
-            done.synchronize()
-            return max(0.0, ready.elapsed_time(done) / 1e3)
-        return max(0.0, done - ready)
+            return None
+        span, self._ready, self._done = (self._ready, self._done), None, None
+        return span
+
+
+def buffer_sync_keyword(parameters: Collection[str]) -> str:
+    """DDP's keyword that turns off its buffer broadcast in forward: ``forward_sync_buffers`` from
+    torch 2.13, ``broadcast_buffers`` before (torch 2.11 on many clusters); ``parameters``: its names."""
+    return "forward_sync_buffers" if "forward_sync_buffers" in parameters else "broadcast_buffers"
+
+
+@functools.lru_cache(maxsize=None)
+def _ddp_buffer_sync_keyword(ddp_class: type) -> str:
+    """:func:`buffer_sync_keyword` of the installed DistributedDataParallel (its signature, read once)."""
+    return buffer_sync_keyword(inspect.signature(ddp_class.__init__).parameters)
 
 
 @contextlib.contextmanager
@@ -296,7 +301,7 @@ def _free_port() -> int:
 class TorchWorld(World):
     engine = "torch"
 
-    def __init__(self, choice: EngineChoice, device_type: str, timeout_s: float = 600) -> None:
+    def __init__(self, choice: EngineChoice, device_type: str, timeout_s: float = 600, share_gpu: bool = False) -> None:
         import torch.distributed as dist
 
         launch = choice.launch
@@ -307,7 +312,8 @@ class TorchWorld(World):
             from mpi4py import MPI
 
             addr, port = MPI.COMM_WORLD.bcast((socket.gethostname(), _free_port()) if launch.rank == 0 else None)
-        self.backend = "nccl" if device_type == "cuda" else "gloo"
+        # NCCL refuses two ranks on one GPU ("Duplicate GPU detected"); Gloo takes CUDA tensors too.
+        self.backend = "nccl" if device_type == "cuda" and not share_gpu else "gloo"
         timeout = datetime.timedelta(seconds=timeout_s)
         # torchrun's agent already serves the store at MASTER_ADDR:MASTER_PORT: join it through env://.
         init = "env://" if launch.launcher == "torchrun" else f"tcp://{_url_host(addr)}:{port or 29500}"
@@ -367,10 +373,10 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def init_world(engine: EngineChoice | str = "auto", device_type: str | None = None) -> World:
+def init_world(engine: EngineChoice | str = "auto", device_type: str | None = None, share_gpu: bool = False) -> World:
     """Join the ranks with ``engine`` (auto, horovod, torch, or a :func:`choose_engine` answer) as the
     launcher calls for. ``device_type`` (cuda or cpu; default: cuda when a GPU is visible) picks the
-    torch engine's backend.
+    torch engine's backend: NCCL on GPUs, Gloo on CPU or where ranks share a GPU (``share_gpu``).
     """
     choice = engine if isinstance(engine, EngineChoice) else choose_engine(engine)
     if choice.engine == "horovod":
@@ -383,8 +389,8 @@ def init_world(engine: EngineChoice | str = "auto", device_type: str | None = No
         if device_type == "cuda":
             import torch
 
-            torch.cuda.set_device(choice.launch.local_rank)  # NCCL binds to the current device
-        return TorchWorld(choice, device_type)
+            torch.cuda.set_device(training_device(choice.launch.local_rank))  # NCCL binds to the current device
+        return TorchWorld(choice, device_type, share_gpu=share_gpu)
     return World(reason=choice.reason)
 
 

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import os
 import platform
-import socket
 import sys
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
+
+from dali_ba.devices import gpu_placement
 
 if TYPE_CHECKING:
     import torch
@@ -42,9 +43,11 @@ def environment_summary(world: World, device: torch.device, decoder: str) -> dic
     import torch
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    me = {"rank": world.rank, "local_rank": world.local_rank, "host": socket.gethostname(), "pid": os.getpid(),
-          "device": str(device),
-          "gpu": gpu, "cpus": len(os.sched_getaffinity(0)), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    place = gpu_placement(device)  # which physical GPU: an index alone is per process under CUDA_VISIBLE_DEVICES
+    me = {"rank": world.rank, "local_rank": world.local_rank, "host": place.host, "pid": os.getpid(),
+          "device": str(device), "gpu": gpu, "gpu_index": place.gpu_index, "gpu_uuid": place.gpu_uuid,
+          "visible_gpus": place.visible_gpus, "cpus": len(os.sched_getaffinity(0)),
+          "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
     ranks = world.gather(me)
     return {
         "ranks": world.size,

@@ -12,10 +12,10 @@ A yielded batch is only valid until the next one is requested; ``.clone()`` what
 """
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterator, Sequence
-from typing import IO
-
+from typing import Any
 import numpy as np
 import torch
 
@@ -23,12 +23,19 @@ from dali_ba.data.dataset import ImageDataset, load_dataset
 from dali_ba.data.sharding import eval_shard, train_shard
 from dali_ba.errors import UnreadableImageError, UsageError
 from dali_ba.augment import Augmentation
-from dali_ba.pipeline import READER_NAME, ShardSource, batch_augment_pipeline, center_crop_pipeline, decode_pipeline
+from dali_ba.pipeline import batch_augment_pipeline, center_crop_pipeline, decode_pipeline, param_outputs
+from dali_ba.reader import Plan, SampleSource, new_size_cache
 from dali_ba.views import TorchViews
 
 DECODERS = ("auto", "cpu", "mixed")
 STAGES = ("torch", "dali")  # who makes the training views (BatchAugmentLoader.epoch)
 PREFETCH_DEPTH = 2  # DALI's default prefetch_queue_depth: batches decoded ahead of the one yielded
+# What "the same views whatever the number of ranks" allows on the mixed decoder: DALI's hybrid
+# decoder splits a batch between the hardware JPEG decoder and CUDA (hw_decoder_load), which round
+# differently, so a sample's pixels may depend on its place in a batch (and so on the number of
+# ranks) by a grey level or so; its views' geometry (boxes, flips, ops) never does. On the cpu
+# decoder the views are bit-identical.
+MIXED_DECODE_TOLERANCE = 3  # grey levels, any pixel
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -42,9 +49,14 @@ def flatten_views(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
 def normalize(images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> float32 channels_last, (x/255 - mean)/std, on the tensor's own device."""
     x = images.to(memory_format=torch.channels_last).float()
-    scale = torch.tensor(std, device=x.device).view(1, 3, 1, 1) * 255
-    shift = torch.tensor(mean, device=x.device).view(1, 3, 1, 1) * 255
+    shift, scale = _normalization(x.device, tuple(mean), tuple(std))
     return x.sub_(shift).div_(scale)
+
+
+@functools.lru_cache(maxsize=16)
+def _normalization(device: torch.device, mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(shift, scale) of :func:`normalize` on ``device``, made once: a copy to the GPU per step is a sync."""
+    return (torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255, torch.tensor(std, device=device).view(1, 3, 1, 1) * 255)
 
 
 def _undecodable(dataset: ImageDataset, indices: Sequence[int]) -> dict[str, str]:
@@ -59,20 +71,6 @@ def _undecodable(dataset: ImageDataset, indices: Sequence[int]) -> dict[str, str
     return found
 
 
-def image_sizes(images: Sequence[str | IO[bytes]]) -> np.ndarray:
-    """(N, 2) decoded (height, width) of images (paths or open files), from their headers, after the
-    EXIF rotation that DALI's decoder applies (orientations 5-8 swap the sides)."""
-    from PIL import Image
-
-    sizes = []
-    for path in images:
-        with Image.open(path) as image:
-            width, height = image.size
-            turned = image.format == "JPEG" and image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
-        sizes.append((width, height) if turned else (height, width))
-    return np.array(sizes, dtype=np.int64).reshape(-1, 2)
-
-
 def _resolve_decoder(decoder: str) -> str:
     if decoder not in DECODERS:
         raise UsageError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
@@ -85,6 +83,54 @@ def _resolve_decoder(decoder: str) -> str:
 
 def _as_dataset(data: ImageDataset | str | os.PathLike) -> ImageDataset:
     return data if isinstance(data, ImageDataset) else load_dataset(data)
+
+
+class _Feed:
+    """A DALI pipeline built once for the run and the source that feeds it: each pass hands the
+    source a new plan (and resets the pipeline), so large graphs are not rebuilt every epoch. A
+    pass left before its end (``itertools.islice``, a ``break``) is drained when the next starts."""
+
+    def __init__(self, pipe, source: SampleSource, iterate: bool) -> None:
+        self.pipe, self.source, self._iterate = pipe, source, iterate
+        self._iterator = None
+        self._started = self._open = False
+
+    def run(self, plan: Plan) -> Iterator:
+        """The plan's batches: (images, labels) torch tensors through DALI's torch iterator
+        (``iterate``), else the pipeline's own (TensorList, TensorList) outputs."""
+        if self._open:
+            self.source.stop()
+            for _ in self._outputs():
+                pass
+        self.source.start(plan)
+        if self._started:
+            self._iterator.reset() if self._iterate else self.pipe.reset()
+        self._started = self._open = True
+        yield from self._outputs()
+        self._open = False
+
+    def _outputs(self) -> Iterator:
+        if not self._iterate:
+            if self._iterator is None:
+                self.pipe.build()
+                self._iterator = self.pipe  # built: the marker that the first pass has begun
+            while True:
+                try:
+                    outputs = self.pipe.run()
+                except StopIteration:
+                    return
+                yield outputs
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        if self._iterator is None:  # builds the pipeline and prefetches from the plan just started
+            self._iterator = DALIGenericIterator(self.pipe, ["images", "labels"], last_batch_policy=LastBatchPolicy.DROP,
+                                                 auto_reset=False)
+        while True:  # next(), not a for loop: DALI's iterator resets itself in __iter__ after an end
+            try:
+                (batch,) = next(self._iterator)
+            except StopIteration:
+                return
+            yield batch["images"], batch["labels"]
 
 
 class _ShardedLoader:
@@ -123,6 +169,9 @@ class _ShardedLoader:
         self.bad_files: dict[str, str] = {}
         self.max_bad_files = max(10, len(self.dataset) // 100)
         self.on_bad_file: Callable[[str, str], None] | None = None  # told of each new broken file
+        self.max_image_pixels = 0  # larger images (by their header) are broken files, never decoded; 0: no limit
+        self.sizes = new_size_cache(self.dataset)  # decoded sizes from headers, read once per run (shareable)
+        self._feeds: dict[str, _Feed] = {}  # a pipeline per kind of pass, built once
 
     def _broken(self, indices: np.ndarray) -> np.ndarray:
         """Which of the samples ``indices`` are known broken files."""
@@ -146,34 +195,37 @@ class _ShardedLoader:
             batch[bad] = good[0] if len(good) else fallback
         return refilled
 
-    def _pipeline_args(self, order: np.ndarray, seed: int) -> dict:
-        """Arguments every pipeline of this loader takes: the samples to read, in order (broken ones
-        refilled), from files or from shards, and where to run."""
-        readable = self._refilled(order)
-        if self.dataset.members is None:
-            samples = (self._files[readable].tolist(), self._labels[readable].tolist())
-        else:
-            samples = ShardSource(self.dataset.members, readable, self._labels[readable], self.batch_size)
-        return dict(
-            samples=samples,
-            decoder=self.decoder,
-            batch_size=self.batch_size,
-            num_threads=self.num_threads,
-            device_id=self.device_id,
-            seed=seed,
-        )
+    def _plan(self, epoch: int, order: np.ndarray) -> Plan:
+        """A pass over ``order`` (whole batches): each slot keeps its sample's views, known broken
+        samples are refilled."""
+        return Plan(epoch, order, self._refilled(order), self.batch_size)
 
-    def _dali_batches(self, pipe) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Drive a pipeline for one pass; tensors land on ``self.device``."""
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+    def _source(self, params: Callable | None = None) -> SampleSource:
+        return SampleSource(self.dataset, self.sizes, self._remember, params, self.max_image_pixels)
 
-        # The file reader knows its pass; the shards' external source ends it itself (StopIteration).
-        extent = dict(reader_name=READER_NAME) if self.dataset.members is None else {}
-        iterator = DALIGenericIterator(
-            pipe, ["images", "labels"], last_batch_policy=LastBatchPolicy.DROP, auto_reset=False, **extent)
-        for (batch,) in iterator:
-            images = batch["images"].to(self.device, non_blocking=True)
-            yield images, batch["labels"].view(-1).to(self.device, torch.int64, non_blocking=True)
+    def _run_args(self, seed: int) -> dict:
+        """Where and how a pipeline of this loader runs."""
+        return dict(batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id, seed=seed)
+
+    def _pipeline_args(self, order: np.ndarray, seed: int, params: Callable | None = None) -> dict:
+        """Arguments of a one-off pipeline over ``order``: its source, already started, the decoder
+        and where it runs (for benchmarks and tests: the loader itself keeps one per kind of pass)."""
+        source = self._source(params)
+        source.start(self._plan(0, order))
+        return dict(samples=source, decoder=self.decoder, **self._run_args(seed))
+
+    def _feed(self, kind: str, make: Callable[[SampleSource], Any], params: Callable | None = None, iterate: bool = True) -> _Feed:
+        """The loader's pipeline for ``kind`` of pass (``make(source)`` builds its graph), built once."""
+        feed = self._feeds.get(kind)
+        if feed is None:
+            source = self._source(params)
+            feed = self._feeds[kind] = _Feed(make(source), source, iterate)
+        return feed
+
+    def _dali_batches(self, batches: Iterator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """A pass of DALI's torch tensors, moved to ``self.device``."""
+        for images, labels in batches:
+            yield images.to(self.device, non_blocking=True), labels.view(-1).to(self.device, torch.int64, non_blocking=True)
 
     def _recovering(self, make: Callable[[int], Iterator], order: np.ndarray, start: int) -> Iterator:
         """The batches of ``make(start)`` (a pass over ``order`` from batch ``start``). When DALI fails,
@@ -188,6 +240,7 @@ class _ShardedLoader:
                     position += 1
                 return
             except RuntimeError:
+                self._feeds.clear()  # a pipeline that failed is not reused
                 suspects = order[position * self.batch_size : (position + PREFETCH_DEPTH + 2) * self.batch_size]
                 found = _undecodable(self.dataset, [i for i in suspects if self._files[i] not in self.bad_files])
                 if not found:
@@ -214,7 +267,9 @@ class BatchAugmentLoader(_ShardedLoader):
     the same number of steps (see :func:`dali_ba.data.sharding.train_shard`). The views of sample i
     in epoch e depend only on (seed, e, i) (:mod:`dali_ba.augment`), whatever the number of ranks.
     On the "cpu" decoder torch makes the views in ``num_threads`` threads (:mod:`dali_ba.views`);
-    on "mixed" DALI's GPU operators do, from the same parameters.
+    on "mixed" DALI's GPU operators do, from the same parameters. ``stage`` chooses otherwise:
+    "torch" with "mixed" decodes on the CPU (torch's view stage is CPU code), "dali" with "cpu"
+    runs the GPU path's graph on DALI's CPU operators.
     """
 
     def __init__(
@@ -234,15 +289,19 @@ class BatchAugmentLoader(_ShardedLoader):
         decoder: str = "auto",
         device: torch.device | str | None = None,
         num_threads: int = 2,
+        stage: str | None = None,
     ) -> None:
         if views < 1:
             raise UsageError(f"views must be >= 1, got {views}")
+        if stage not in (None, *STAGES):
+            raise UsageError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
         self.augmentation = Augmentation(augment, view_size, crop_area_min, seed, randaugment_n, randaugment_m)  # checks them
         self.views, self.view_size, self.augment, self.crop_area_min = views, view_size, augment, crop_area_min
         super().__init__(data, batch_size, rank, world_size, decoder, device, num_threads, seed)
         self._next_epoch = 0
         self._position: tuple[int, int] | None = None  # (epoch, batches yielded in it) once an epoch started
         self._torch_views: TorchViews | None = None
+        self.stage = stage or ("torch" if self.decoder == "cpu" else "dali")  # who makes the views by default
 
     def __len__(self) -> int:
         """Steps per epoch (the same on every rank)."""
@@ -253,30 +312,31 @@ class BatchAugmentLoader(_ShardedLoader):
         return train_shard(len(self.dataset), self.rank, self.world_size, self.batch_size, self.seed, epoch)
 
     def build_pipeline(self, epoch: int, start: int = 0, stage: str | None = None):
-        """The DALI pipeline (not yet built) for ``epoch`` of this rank from batch ``start``: decoding
-        only when torch makes the views (``stage`` "torch", the cpu decoder's), decoding and views
-        otherwise ("dali", the mixed decoder's; on the cpu decoder, only for tests and comparisons)."""
-        order = self.shard(epoch)[start * self.batch_size :]
-        if self._stage(stage) == "torch":
-            return decode_pipeline(**self._pipeline_args(order, seed=self.seed))
+        """A new DALI pipeline (not yet built) for ``epoch`` of this rank from batch ``start``:
+        decoding only when torch makes the views (``stage`` "torch", the cpu decoder's), decoding and
+        views otherwise ("dali", the mixed decoder's; on the cpu decoder, only for tests and
+        comparisons). The loader's own passes run through one such pipeline per stage, kept."""
+        source = self._source(None if self._stage(stage) == "torch" else self._view_params)
+        source.start(self._plan(epoch, self.shard(epoch)[start * self.batch_size :]))
+        return self._graph(source, stage)
 
-        readable = self._refilled(order)
+    def _graph(self, source: SampleSource, stage: str | None):
+        if self._stage(stage) == "torch":  # torch's view stage works on the CPU: decode there
+            return decode_pipeline(samples=source, decoder="cpu", **self._run_args(self.seed))
+        return batch_augment_pipeline(samples=source, views=self.views, view_size=self.view_size, augment=self.augment,
+                                      auto_ops=self.augmentation.auto_ops, decoder=self.decoder, **self._run_args(self.seed))
 
-        def params(info) -> tuple[np.ndarray, ...]:
-            # The reader wraps round after the shard, so the iteration does too (DALI reads ahead).
-            at = info.iteration * self.batch_size % len(order)
-            indices = order[at : at + self.batch_size]  # a refilled slot keeps its own sample's views
-            sizes = image_sizes([self.dataset.open(i) for i in readable[at : at + self.batch_size]])
-            drawn = self.augmentation.draw(epoch, indices, sizes, self.views)
-            return drawn.boxes, drawn.flips, drawn.holes, drawn.ops, drawn.magnitude_bins, drawn.signs.astype(np.int32)
-
-        return batch_augment_pipeline(params=params, views=self.views, view_size=self.view_size, augment=self.augment,
-                                      auto_ops=self.augmentation.auto_ops, **self._pipeline_args(order, seed=self.seed))
+    def _view_params(self, epoch: int, slots: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
+        """The arrays the view graph takes for a batch (:func:`dali_ba.pipeline.param_outputs`)."""
+        drawn = self.augmentation.draw(epoch, slots, sizes, self.views)
+        arrays = (drawn.boxes, drawn.flips, drawn.holes, drawn.ops, drawn.magnitude_bins, drawn.signs.astype(np.int32))
+        return [arrays[i] for i in param_outputs(self.augment, self.augmentation.auto_ops)]
 
     def _stage(self, stage: str | None = None) -> str:
-        """Who makes the views: ``stage`` if given, else torch on the cpu decoder and DALI on mixed."""
+        """Who makes the views: ``stage`` if given, else the loader's (torch on the cpu decoder and
+        DALI on mixed, unless the loader was made with another)."""
         if stage is None:
-            return "torch" if self.decoder == "cpu" else "dali"
+            return self.stage
         if stage not in STAGES:
             raise UsageError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
         return stage
@@ -301,28 +361,29 @@ class BatchAugmentLoader(_ShardedLoader):
         if start * self.batch_size >= len(order):
             return  # the state of a finished epoch
 
+        stage = self._stage(stage)
+
         def batches_from(position: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-            pipe = self.build_pipeline(epoch, position, stage)
-            if self._stage(stage) == "torch":
-                return self._torch_batches(pipe, epoch, order[position * self.batch_size :])
-            return self._dali_batches(pipe)
+            plan = self._plan(epoch, order[position * self.batch_size :])
+            if stage == "torch":
+                feed = self._feed(stage, lambda source: self._graph(source, stage), iterate=False)
+                return self._torch_batches(feed.run(plan), plan)
+            feed = self._feed(stage, lambda source: self._graph(source, stage), self._view_params)
+            return self._dali_batches(feed.run(plan))
 
         for images, labels in self._recovering(batches_from, order, start):
             self._position = (epoch, self._position[1] + 1)
             yield images.permute(0, 1, 4, 2, 3), labels
 
-    def _torch_batches(self, pipe, epoch: int, order: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _torch_batches(self, decoded_batches: Iterator, plan: Plan) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """DALI decodes; torch's view stage renders each batch into its reused buffer."""
         if self._torch_views is None:
             self._torch_views = TorchViews(self.num_threads, self.batch_size, self.views, self.view_size)
-        pipe.build()
-        readable = self._refilled(order)
-        for at in range(0, len(order), self.batch_size):
-            decoded, _ = pipe.run()
+        for batch, (decoded, labels) in enumerate(decoded_batches):
             images = [np.asarray(decoded[i]) for i in range(len(decoded))]
-            indices = order[at : at + self.batch_size]  # a refilled slot keeps its own sample's views
-            params = self.augmentation.draw(epoch, indices, [image.shape[:2] for image in images], self.views)
-            labels = torch.from_numpy(self._labels[readable[at : at + self.batch_size]].astype(np.int64))
+            slots = plan.batch(batch)[0]  # a refilled slot keeps its own sample's views
+            params = self.augmentation.draw(plan.epoch, slots, [image.shape[:2] for image in images], self.views)
+            labels = torch.from_numpy(labels.as_array().reshape(-1).astype(np.int64))
             yield self._torch_views(images, params).to(self.device), labels.to(self.device)
 
     def state(self) -> dict:
@@ -386,8 +447,9 @@ class ValidationLoader(_ShardedLoader):
         order, real = eval_shard(len(self.dataset), self.rank, self.world_size, self.batch_size)
 
         def batches_from(position: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-            args = self._pipeline_args(order[position * self.batch_size :], seed=0)
-            return self._dali_batches(center_crop_pipeline(resize=self.resize, crop=self.crop, **args))
+            feed = self._feed("center_crop", lambda source: center_crop_pipeline(
+                samples=source, resize=self.resize, crop=self.crop, decoder=self.decoder, **self._run_args(0)))
+            return self._dali_batches(feed.run(self._plan(0, order[position * self.batch_size :])))
 
         for position, (images, labels) in enumerate(self._recovering(batches_from, order, 0)):
             keep = _evaluated(self, order, real, position)

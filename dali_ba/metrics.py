@@ -102,7 +102,47 @@ def stream_sync(device: torch.device) -> Callable[[], None]:
 
     if device.type != "cuda":
         return lambda: None
-    return torch.cuda.current_stream(device).synchronize
+    return lambda: torch.cuda.current_stream(device).synchronize()
+
+
+def timestamp(device: torch.device):
+    """A point in time that costs no synchronisation: a CUDA event recorded on torch's current
+    stream (it completes when the stream reaches it), or ``perf_counter()`` on the CPU."""
+    import torch
+
+    if device.type != "cuda":
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def seconds_between(start, end) -> float:
+    """Seconds from one :func:`timestamp` to a later one (waits for CUDA events to complete)."""
+    if isinstance(start, float):
+        return end - start
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+@dataclass
+class StepRow:
+    """One step's timestamps, read later (:meth:`seconds`): consecutive marks (phase name, stamp)
+    from the step's start, and the spans to charge to another phase (DDP's wait inside backward)."""
+
+    marks: list[tuple[str | None, object]]
+    moves: list[tuple[str, str, object, object]]
+
+    def seconds(self) -> list[float]:
+        """The phase times and the whole step (first mark to last), seconds: the phases add up to it."""
+        times = dict.fromkeys(PHASES, 0.0)
+        for (_, start), (name, end) in zip(self.marks, self.marks[1:]):
+            times[name] += seconds_between(start, end)
+        for source, target, start, end in self.moves:
+            moved = min(max(seconds_between(start, end), 0.0), times[source])
+            times[source] -= moved
+            times[target] += moved
+        return [times[p] for p in PHASES] + [seconds_between(self.marks[0][1], self.marks[-1][1])]
 
 
 class StepClock:
@@ -110,25 +150,26 @@ class StepClock:
 
     Phases are back to back: each runs from the end of the one before (or the step's start), so the
     little Python between them (or a moment the process was descheduled there) is charged to the next
-    phase and the phases add up to the step exactly.
+    phase and the phases add up to the step exactly. On a GPU the marks are CUDA events on torch's
+    stream: nothing waits for the GPU during a step, and a step's times are read (one wait) only
+    when its row is, every ``--log-every`` steps. A phase's time is then when the stream finished
+    its work, or, when the stream had run dry (waiting for data), when the host queued the next.
     """
 
     def __init__(self, device: torch.device):
         import torch
 
+        self._device = device
         self._sync = stream_sync(device)
         self._nvtx = torch.cuda.nvtx if device.type == "cuda" else None
-        self.times: dict[str, float] = {}
-        self._start = self._mark = 0.0
+        self._row = StepRow([], [])
 
     def sync(self) -> None:
         """Wait for the device's queued work (a no-op on CPU)."""
         self._sync()
 
     def begin(self) -> None:
-        self._sync()
-        self.times = dict.fromkeys(PHASES, 0.0)
-        self._start = self._mark = time.perf_counter()
+        self._row = StepRow([(None, timestamp(self._device))], [])
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -137,22 +178,28 @@ class StepClock:
         try:
             yield
         finally:
-            self._sync()  # GPU work queued in this phase is charged to it
-            now = time.perf_counter()
-            self.times[name] += now - self._mark
-            self._mark = now
+            self._row.marks.append((name, timestamp(self._device)))  # GPU work queued in this phase is charged to it
             if self._nvtx:
                 self._nvtx.range_pop()
 
-    def move(self, source: str, target: str, seconds: float) -> None:
-        """Charge ``seconds`` of phase ``source`` to ``target`` instead (at most all of ``source``)."""
-        seconds = min(max(seconds, 0.0), self.times[source])
-        self.times[source] -= seconds
-        self.times[target] += seconds
+    def move(self, source: str, target: str, span: tuple | None) -> None:
+        """Charge the ``span`` (two timestamps) of phase ``source`` to ``target`` instead (at most
+        all of ``source``); None: nothing to move."""
+        if span is not None:
+            self._row.moves.append((source, target, *span))
 
-    def end(self) -> list[float]:
-        """This step's row: the phase times and the whole step (begin to the end of the last phase), seconds."""
-        return [self.times[p] for p in PHASES] + [self._mark - self._start]
+    def end(self) -> StepRow:
+        """This step's row, to be read (``row.seconds()``) when it is logged."""
+        return self._row
+
+
+def _floats(values: list) -> list[float]:
+    """Floats or 0-d tensors (all on one device) as floats."""
+    import torch
+
+    if not any(isinstance(v, torch.Tensor) for v in values):
+        return [float(v) for v in values]
+    return torch.stack([torch.as_tensor(v, dtype=torch.float64).reshape(()) for v in values]).tolist()
 
 
 def phase_stats(per_rank: np.ndarray) -> dict[str, float | int]:
@@ -177,15 +224,19 @@ class StepTimes:
     _meta: list[dict] = field(default_factory=list)
     steady: list[np.ndarray] = field(default_factory=list)  # rank 0: (ranks, columns) per steady step
 
-    def add(self, row: Sequence[float], loss: float, step_in_epoch: int, **meta) -> None:
-        self._rows.append([*row, loss])
+    def add(self, row: StepRow | Sequence[float], loss, step_in_epoch: int, **meta) -> None:
+        """Buffer a step: its clock row and loss (a float, or a tensor still on the device) are read
+        at the next :meth:`flush`, so that a step never waits for the GPU."""
+        self._rows.append((row, loss))
         self._meta.append({"step_in_epoch": step_in_epoch, **meta})
 
     def flush(self) -> list[dict]:
         """Gather the buffered rows; on rank 0 return one record per step (elsewhere an empty list)."""
         if not self._rows:
             return []
-        gathered = np.asarray(self.world.gather(self._rows))  # (ranks, steps, columns + loss)
+        losses = _floats([loss for _, loss in self._rows])  # one copy from the device for all of them
+        rows = [[*(row.seconds() if isinstance(row, StepRow) else row), loss] for (row, _), loss in zip(self._rows, losses)]
+        gathered = np.asarray(self.world.gather(rows))  # (ranks, steps, columns + loss)
         meta, self._rows, self._meta = self._meta, [], []
         if not self.world.is_root:
             return []

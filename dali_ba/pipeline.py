@@ -1,28 +1,27 @@
 """Decode once, then M views: the DALI graphs behind the loaders.
 
 Each training graph reads B encoded samples and decodes each one exactly once. The samples come
-from DALI's file reader, or, for tar shards, from an external source that reads each sample's byte
-range (:class:`ShardSource`): either way in the order the loader planned. On the CPU path the
-graph stops there (:func:`decode_pipeline`) and torch makes the views (:mod:`dali_ba.views`); on
-the GPU path (:func:`batch_augment_pipeline`, "mixed" decoder) DALI's GPU operators make them. Both
-render the same parameters, drawn by :mod:`dali_ba.augment` and fed here through an external source;
-for ``trivial`` and ``randaugment`` those include each view's ops, magnitude bins and signs, which
-DALI's own ``auto_aug`` augmentations apply (:func:`auto_augment_view`).
+from the reader stage (:class:`dali_ba.reader.SampleSource`, an external source), in the order the
+loader planned, with the view parameters of their batch (drawn by :mod:`dali_ba.augment`): a graph
+is built once per run and each pass is a new plan for its source. On the CPU path the graph stops
+after decoding (:func:`decode_pipeline`) and torch makes the views (:mod:`dali_ba.views`); on the
+GPU path (:func:`batch_augment_pipeline`, "mixed" decoder) DALI's GPU operators make them. Both
+render the same parameters; for ``trivial`` and ``randaugment`` those include each view's ops,
+magnitude bins and signs, which DALI's own ``auto_aug`` augmentations apply (:func:`auto_augment_view`).
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Union
+from typing import TYPE_CHECKING
 
-import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 
 from dali_ba.augment import AUTO_OPS, MAGNITUDE_BINS
 
-READER_NAME = "reader"
+if TYPE_CHECKING:
+    from dali_ba.reader import SampleSource
+
 FILL = 128  # what DALI's warps bring in from outside a view (its auto_aug default)
 # The external source's arrays: boxes, flips, holes, then the auto-augment ops, magnitude bins, signs.
 PARAM_TYPES = (types.INT64, types.BOOL, types.INT64, types.INT32, types.INT32, types.INT32)
@@ -73,87 +72,42 @@ def auto_augment_view(view, suite: list, ops, bins, signs, count: int):
 VIEW_GRAPHS: dict[str, Callable] = {"imagenet": imagenet_view, "cifar": cifar_view}
 
 
-class ShardSource:
-    """External source of encoded samples from tar shards: batch ``i`` holds the bytes and labels of
-    ``indices[i*B:(i+1)*B]`` (``labels`` are the indices' own, int32); the pass ends after the last.
-
-    The reads of the next ``READ_AHEAD`` batches run in a thread pool while DALI decodes, as DALI's
-    own file reader reads ahead: from a cold file system a batch's reads are not serial waits."""
-
-    READ_AHEAD = 2
-
-    def __init__(self, members, indices: np.ndarray, labels: np.ndarray, batch_size: int) -> None:
-        self.members, self.indices, self.labels, self.batch_size = members, indices, labels, batch_size
-        self._reads: dict[int, list[Future]] = {}
-
-    def _read_ahead(self, batch: int) -> None:
-        at = batch * self.batch_size
-        if at < len(self.indices) and batch not in self._reads:
-            pool = _read_pool()
-            self._reads[batch] = [pool.submit(self.members.read, index) for index in self.indices[at : at + self.batch_size]]
-
-    def __call__(self, info) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        at = info.iteration * self.batch_size
-        if at >= len(self.indices):
-            raise StopIteration
-        for batch in range(info.iteration, info.iteration + self.READ_AHEAD + 1):
-            self._read_ahead(batch)
-        encoded = [np.frombuffer(read.result(), dtype=np.uint8) for read in self._reads.pop(info.iteration)]
-        return encoded, [self.labels[i : i + 1] for i in range(at, at + self.batch_size)]
+def param_outputs(augment: str, auto_ops: int) -> list[int]:
+    """Which of :data:`PARAM_TYPES` a view graph takes: boxes and flips, holes for cifar, the
+    auto-augment ops, bins and signs when there are ops to apply."""
+    return [0, 1] + [2] * (augment == "cifar") + [3, 4, 5] * bool(auto_ops)
 
 
-_READ_POOLS: dict[int, ThreadPoolExecutor] = {}
-READ_THREADS = 4  # reads wait on the file system, not the CPU: a few more threads than cores is fine
+def read_samples(samples: SampleSource, params: Sequence[int] = ()):
+    """The planned samples' encoded bytes and labels (and the ``params`` of :data:`PARAM_TYPES`
+    the source also serves), from the reader stage (:mod:`dali_ba.reader`)."""
+    dtypes = [types.UINT8, types.INT32] + [PARAM_TYPES[i] for i in params]
+    return fn.external_source(samples, num_outputs=len(dtypes), batch_info=True, dtype=dtypes)
 
 
-def _read_pool() -> ThreadPoolExecutor:
-    """This process's pool of shard-reading threads (a forked child makes its own)."""
-    pool = _READ_POOLS.get(os.getpid())
-    if pool is None:
-        pool = _READ_POOLS[os.getpid()] = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="dali-ba-shards")
-    return pool
-
-
-Samples = Union[ShardSource, tuple[Sequence[str], Sequence[int]]]  # what a graph reads: shards, or (files, labels)
-
-
-def read_samples(samples: Samples):
-    """Encoded samples and their labels, in the planned order."""
-    if isinstance(samples, ShardSource):
-        return fn.external_source(samples, num_outputs=2, batch_info=True, dtype=[types.UINT8, types.INT32], ndim=[1, 1])
-    files, labels = samples
-    return fn.readers.file(files=list(files), labels=list(labels), random_shuffle=False, name=READER_NAME)
-
-
-def _read_and_decode(samples: Samples, decoder: str):
-    encoded, label = read_samples(samples)
-    return fn.decoders.image(encoded, device=decoder, output_type=types.RGB), label
+def _read_and_decode(samples: SampleSource, decoder: str, params: Sequence[int] = ()):
+    encoded, label, *drawn = read_samples(samples, params)
+    return fn.decoders.image(encoded, device=decoder, output_type=types.RGB), label, drawn
 
 
 @pipeline_def
-def decode_pipeline(samples: Samples, decoder: str = "cpu"):
+def decode_pipeline(samples: SampleSource, decoder: str = "cpu"):
     """The CPU path's graph: per sample, the decoded (H, W, 3) uint8 image (sizes vary) and its label."""
-    return _read_and_decode(samples, decoder)
+    images, label, _ = _read_and_decode(samples, decoder)
+    return images, label
 
 
 def _batch_augment_graph(
-    samples: Samples,
-    params: Callable,
+    samples: SampleSource,
     views: int,
     view_size: int,
     augment: str = "imagenet",
     decoder: str = "mixed",
     auto_ops: int = 0,
 ):
-    images, label = _read_and_decode(samples, decoder)
-    outputs = [0, 1] + [2] * (augment == "cifar") + [3, 4, 5] * bool(auto_ops)  # of PARAM_TYPES: only those used
-
-    def source(info) -> list:
-        params_of_batch = params(info)
-        return [params_of_batch[i] for i in outputs]
-
-    drawn = dict(zip(outputs, fn.external_source(source, num_outputs=len(outputs), batch_info=True,
-                                                 dtype=[PARAM_TYPES[i] for i in outputs])))
+    outputs = param_outputs(augment, auto_ops)
+    images, label, params = _read_and_decode(samples, decoder, outputs)
+    drawn = dict(zip(outputs, params))
     boxes, flips, holes = drawn[0], fn.cast(drawn[1], dtype=types.INT32), drawn.get(2)
     bounds = images.shape(dtype=types.FLOAT)[0:2]
     make_view = VIEW_GRAPHS["cifar" if augment == "cifar" else "imagenet"]
@@ -173,10 +127,11 @@ _auto_views_pipeline = pipeline_def(_batch_augment_graph, enable_conditionals=Tr
 def batch_augment_pipeline(*, augment: str = "imagenet", auto_ops: int = 0, **kwargs):
     """Per sample: (M, view_size, view_size, 3) uint8 views of one decode, and its label.
 
-    ``params(batch_info)`` returns the batch's view parameters as arrays: boxes (B, M, 4), flips
-    (B, M), holes (B, M, 4), then for ``auto_ops`` n > 0 ops (B, M, n), magnitude bins (B, M, n)
-    and signs (B, M, n) as int32 (see :class:`dali_ba.augment.ViewParams`). Conditionals (for the
-    auto-augment op selection) are enabled only when there are ops to select.
+    ``samples`` serves, after the bytes and labels, the batch's view parameters of
+    :func:`param_outputs`: boxes (B, M, 4), flips (B, M), holes (B, M, 4), then for ``auto_ops``
+    n > 0 ops (B, M, n), magnitude bins (B, M, n) and signs (B, M, n) as int32 (see
+    :class:`dali_ba.augment.ViewParams`). Conditionals (for the auto-augment op selection) are
+    enabled only when there are ops to select.
     """
     if augment in AUTO_OPS and not auto_ops:
         raise ValueError(f"augment {augment!r} needs auto_ops >= 1")
@@ -185,8 +140,8 @@ def batch_augment_pipeline(*, augment: str = "imagenet", auto_ops: int = 0, **kw
 
 
 @pipeline_def
-def center_crop_pipeline(samples: Samples, resize: int, crop: int, decoder: str = "cpu"):
+def center_crop_pipeline(samples: SampleSource, resize: int, crop: int, decoder: str = "cpu"):
     """Validation: resize the shorter side to ``resize``, then a centred ``crop`` square; one view."""
-    images, label = _read_and_decode(samples, decoder)
+    images, label, _ = _read_and_decode(samples, decoder)
     images = fn.resize(images, resize_shorter=resize)
     return fn.crop(images, crop=(crop, crop)), label

@@ -4,6 +4,7 @@
     python -m dali_ba.profile pipeline --views 1,4 --augment imagenet,trivial,randaugment
     python -m dali_ba.profile step --recipe pipelines/demo.toml --steps 30 --out runs/profile/r1
     horovodrun -np 2 python -m dali_ba.profile step --recipe pipelines/demo.toml --out runs/profile/r2
+    python -m dali_ba.profile views --recipe pipelines/demo.toml --views 1,2,4,8,16 --tolerance 0.1 --out runs/profile/views
     python -m dali_ba.profile collect runs/profile/r1 runs/profile/r2 --out runs/profile/summary.md
 
 ``pipeline`` times the DALI loader with no consumer, for each augmentation and M: samples/s,
@@ -12,17 +13,23 @@ views/s, and what each view costs beyond the first augmentation listed (auto-aug
 in memory beforehand (no data cost at all), and steps fed by the loader as in training. The data
 stall, (t_loader - t_memory) / t_loader, is the share of a training step that the loader costs:
 the wait for a batch plus the slow-down of sharing cores (or the GPU) with it. The measured wait
-alone is reported beside it. Rank 0 writes <out>/profile_pipeline.{json,png} or profile_step.json.
+alone is reported beside it, and where the step's time goes (data, h2d, forward_backward,
+allreduce_step, as dali_ba.train records them). ``views`` runs ``step`` at each M (the recipe's B per
+rank) with the ranks joined once, and names the free views: the largest measured M whose step time
+fed by the loader is at most (1 + tolerance) x M = 1's, each M judged on its own (the paper's
+Figure 5: where compute is to spare, M views cost almost nothing; on a CPU it is honestly 1). Rank 0
+writes <out>/profile_pipeline.{json,png}, profile_step.json or profile_views.{json,png}.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -30,11 +37,12 @@ import numpy as np
 from dali_ba.augment import AUGMENTATIONS, MAGNITUDE_BINS, MAX_AUTO_OPS
 from dali_ba.launcher import launcher_rank
 from dali_ba.errors import UnreadableImageError, UsageError
-from dali_ba.metrics import stream_sync
+from dali_ba.metrics import PHASES, StepClock, stream_sync
 from dali_ba.recipe import Recipe, int_list, OneLineParser, build_parser, resolve
 
 PROG = "python -m dali_ba.profile"
 STEP_FILE = "profile_step.json"
+VIEWS_FILE, VIEWS_PLOT = "profile_views.json", "profile_views.png"
 YIELD_VARIABLE = "OMPI_MCA_mpi_yield_when_idle"
 
 
@@ -66,6 +74,25 @@ def _views(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
     return values
+
+
+def _views_from_one(text: str) -> list[int]:
+    """M values to sweep, sorted, with M = 1 among them: the step time the others are compared with."""
+    values = sorted(set(_views(text)))
+    if values[0] != 1:
+        raise argparse.ArgumentTypeError(f"must include 1 (the step time the others are compared with), got {text!r}")
+    return values
+
+
+def _fraction(text: str) -> float:
+    """A tolerance: a fraction above 0 and below 10 (0.1 is 10 %)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not 0 < value < 10:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a fraction > 0 and < 10 (0.1 is 10%), got {text}")
+    return value
 
 
 def endless(loader) -> Iterator:
@@ -165,50 +192,68 @@ def run_pipeline(args: argparse.Namespace) -> int:
 # --- step: training steps fed by the loader vs from memory ------------------------------------------
 
 
-def _phase(world, waits: np.ndarray, totals: np.ndarray, warmup: int, batch_size: int, views: int) -> dict:
-    """Steady-state statistics of one phase over all ranks (rank-mean times; the slowest rank's too)."""
+def _phase(world, waits: np.ndarray, totals: np.ndarray, warmup: int, batch_size: int, views: int,
+           parts: list[list[float]] | None = None) -> dict:
+    """Steady-state statistics of one phase over all ranks (rank-mean times; the slowest rank's too).
+    ``parts``: each step's StepClock row (data, h2d, forward_backward, allreduce_step) where timed."""
     waits, totals = (np.array(world.gather(a[warmup:].tolist())) for a in (waits, totals))
     step_time = float(totals.mean())
     steps_per_s = 1 / step_time
-    return dict(step_time=step_time, step_time_std=float(totals.std()), step_time_median=float(np.median(totals)),
-                slowest_rank_step_time=float(totals.mean(axis=1).max()), data_wait=float(waits.mean()),
-                steps_per_s=steps_per_s, images_per_s=steps_per_s * batch_size,
-                views_per_s=steps_per_s * batch_size * views, step_times=totals.tolist(), data_waits=waits.tolist())
+    stats = dict(step_time=step_time, step_time_std=float(totals.std()), step_time_median=float(np.median(totals)),
+                 slowest_rank_step_time=float(totals.mean(axis=1).max()), data_wait=float(waits.mean()),
+                 steps_per_s=steps_per_s, images_per_s=steps_per_s * batch_size,
+                 views_per_s=steps_per_s * batch_size * views, step_times=totals.tolist(), data_waits=waits.tolist())
+    if parts is not None:  # the wait for the batch is the data phase; the clock times the rest of the step
+        means = np.array(world.gather(parts[warmup:])).mean(axis=(0, 1))
+        stats["phases"] = {"data": float(waits.mean()), **{name: float(v) for name, v in zip(PHASES[1:], means[1:])}}
+    return stats
 
 
-def profile_step(recipe: Recipe, steps: int, warmup: int, cache: int) -> dict | None:
-    """Time the loader alone, then training steps fed by the loader, then from cached batches.
-
-    Every rank takes part; rank 0 gets the statistics over all ranks, the others None."""
-    from dali_ba import distributed
+def load_step_data(recipe: Recipe):
+    """The training set of a step profile, after the checks that need no world (every rank alike)."""
     from dali_ba.data.dataset import load_dataset
     from dali_ba.models import check_model_name
+
+    check_model_name(recipe.model.arch)
+    return load_dataset(recipe.data.train)
+
+
+def measure_step(world, recipe: Recipe, train_set, steps: int, warmup: int, cache: int) -> dict | None:
+    """Time the loader alone, then training steps fed by the loader, then from cached batches, on an
+    open world (so that a sweep joins the ranks once). Rank 0 gets the statistics over all ranks, the others None."""
     from dali_ba.train import setup_training
 
     d, m = recipe.data, recipe.model
-    check_model_name(m.arch)
-    train_set = load_dataset(d.train)
-    world = distributed.init_world(recipe.run.engine)
     training = setup_training(recipe, world, train_set)  # exactly as dali_ba.train sets up a rank
     world.broadcast_from_root(training.model, training.optimizer)
     device, loader, torch_threads, cores = training.device, training.loader, training.torch_threads, len(os.sched_getaffinity(0))
     training.model.train()
+    clock = StepClock(device)
 
-    def work(images, labels):
-        training.step(images.to(device, non_blocking=True), labels.to(device, non_blocking=True))
+    def timed_work(parts: list[list[float]]) -> Callable:
+        """One training step on a batch, as dali_ba.train runs it; its phase times go to ``parts``."""
+        def work(images, labels):
+            clock.begin()
+            with clock.phase("h2d"):
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            training.step(images, labels, clock)
+            parts.append(clock.end().seconds()[:len(PHASES)])  # read now: time_steps waits for the step anyway
+
+        return work
 
     sync = stream_sync(device)
     count = warmup + steps
     batches = endless(loader)
     cached = [(images.clone(), labels.clone()) for images, labels in itertools.islice(batches, min(cache, steps))]
+    loader_parts, memory_parts = [], []
     # Loader-fed steps before memory-fed ones: what warm-up is left after `warmup` steps counts against the loader.
     phases = {
         "pipeline": time_steps(batches, count, None, sync),
-        "loader": time_steps(batches, count, work, sync),
-        "memory": time_steps(itertools.cycle(cached), count, work, sync),
+        "loader": time_steps(batches, count, timed_work(loader_parts), sync),
+        "memory": time_steps(itertools.cycle(cached), count, timed_work(memory_parts), sync),
     }
-    stats = {name: _phase(world, *times, warmup, d.batch_size, d.views) for name, times in phases.items()}
-    world.close()
+    parts = {"loader": loader_parts, "memory": memory_parts}
+    stats = {name: _phase(world, *times, warmup, d.batch_size, d.views, parts.get(name)) for name, times in phases.items()}
     if not world.is_root:
         return None
     pipeline, memory, fed = stats["pipeline"], stats["memory"], stats["loader"]
@@ -220,7 +265,7 @@ def profile_step(recipe: Recipe, steps: int, warmup: int, cache: int) -> dict | 
     threads = (d.dali_threads + torch_threads) * world.local_size
     return dict(
         kind="profile_step", train=d.train, engine=world.engine, engine_backend=world.backend, ranks=world.size, local_ranks=world.local_size, views=d.views, batch_size=d.batch_size,
-        view_size=d.view_size, arch=m.arch, amp=m.amp, chunks=recipe.optim.chunks, device=device.type, decoder=loader.decoder,
+        per_rank_batch=training.per_rank, view_size=d.view_size, arch=m.arch, amp=m.amp, chunks=recipe.optim.chunks, device=device.type, decoder=loader.decoder,
         dali_threads=d.dali_threads, torch_threads=torch_threads, cores=cores, oversubscribed=threads > cores,
         mpi_yield_when_idle=os.environ.get(YIELD_VARIABLE),
         steps=steps, warmup=warmup, cached_batches=len(cached), steps_per_epoch=len(loader),
@@ -235,6 +280,17 @@ def profile_step(recipe: Recipe, steps: int, warmup: int, cache: int) -> dict | 
                       batch_times=pipeline["step_times"]),
         memory=memory, loader=fed,
     )
+
+
+def profile_step(recipe: Recipe, steps: int, warmup: int, cache: int) -> dict | None:
+    """Join the ranks, time one recipe's steps (:func:`measure_step`), leave. Rank 0 gets the result, the others None."""
+    from dali_ba import distributed
+
+    train_set = load_step_data(recipe)
+    world = distributed.init_world(recipe.run.engine, share_gpu=recipe.run.share_gpu)
+    result = measure_step(world, recipe, train_set, steps, warmup, cache)
+    world.close()
+    return result
 
 
 def run_step(args: argparse.Namespace) -> int:
@@ -262,6 +318,127 @@ def run_step(args: argparse.Namespace) -> int:
         print(f"note: more threads than cores: Open MPI spinning while it waits takes cores from DALI and torch; "
               f"try {YIELD_VARIABLE}=1")
     print(f"wrote {Path(args.out) / STEP_FILE}")
+    return 0
+
+
+# --- views: the same training steps at each M, and the views that come (almost) free ------------------
+
+FREE_VIEWS_RULE = ("free_views: the largest measured M whose step time fed by the loader is at most (1 + tolerance) "
+                   "x the step time at M = 1; each M counts on its own, so a slower M in between (noise) does not "
+                   "hide a larger M within the tolerance")
+
+
+def free_views(step_times: Mapping[int, float], tolerance: float) -> int:
+    """The largest M whose step time is within ``tolerance`` (a fraction) of M = 1's: the paper's Figure 5
+    claim, views that cost (almost) nothing where compute is to spare. The rule is :data:`FREE_VIEWS_RULE`."""
+    if 1 not in step_times:
+        raise ValueError(f"the step time at M = 1 is the reference and was not measured (M: {sorted(step_times)})")
+    limit = (1 + tolerance) * step_times[1]
+    return max(views for views, step_time in step_times.items() if step_time <= limit)
+
+
+def _percent(fraction: float) -> str:
+    return f"{100 * fraction:g}%"
+
+
+def _views_row(step: dict, reference_time: float, tolerance: float) -> dict:
+    """One M's line of the views profile, from its step profile (``reference_time``: the step time at M = 1)."""
+    fed = step["loader"]
+    return dict(views=step["views"], step_time=fed["step_time"], step_time_std=fed["step_time_std"],
+                step_time_median=fed["step_time_median"], step_time_ratio=fed["step_time"] / reference_time,
+                within_tolerance=fed["step_time"] <= (1 + tolerance) * reference_time,
+                steps_per_s=fed["steps_per_s"], samples_per_s=fed["images_per_s"], views_per_s=fed["views_per_s"],
+                data_stall=step["data_stall"], data_stall_raw=step["data_stall_raw"], data_wait=fed["data_wait"],
+                data_wait_share=step["data_wait_share"], memory_step_time=step["memory"]["step_time"],
+                loader_alone_batch_time=step["pipeline"]["batch_time"], phases=fed["phases"])
+
+
+def profile_views(recipe: Recipe, view_counts: list[int], tolerance: float, steps: int, warmup: int,
+                  cache: int) -> dict | None:
+    """:func:`measure_step` at each M of ``view_counts`` (the recipe otherwise as given), the ranks joined
+    once for the whole sweep. Rank 0 gets the sweep, the others None."""
+    from dali_ba import distributed
+    from dali_ba.train import check_world
+
+    sweep = [dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, views=m)).validate() for m in view_counts]
+    train_set = load_step_data(recipe)
+    world = distributed.init_world(recipe.run.engine, share_gpu=recipe.run.share_gpu)
+    for each in sweep:  # refuse an M that cannot fit before timing the others
+        check_world(each, world, train_set)
+    steps_by_m = {each.data.views: measure_step(world, each, train_set, steps, warmup, cache) for each in sweep}
+    world.close()
+    if not world.is_root:
+        return None
+    reference_time = steps_by_m[1]["loader"]["step_time"]
+    rows = [_views_row(step, reference_time, tolerance) for step in steps_by_m.values()]
+    first = steps_by_m[1]
+    setting = {key: first[key] for key in ("train", "engine", "engine_backend", "ranks", "local_ranks", "batch_size",
+                                           "per_rank_batch", "view_size", "arch", "amp", "chunks", "device", "decoder",
+                                           "dali_threads", "torch_threads", "cores", "oversubscribed", "steps",
+                                           "warmup", "cached_batches")}
+    return dict(kind="profile_views", **setting, views=view_counts, tolerance=tolerance,
+                free_views=free_views({row["views"]: row["step_time"] for row in rows}, tolerance),
+                free_views_rule=FREE_VIEWS_RULE, results=rows)
+
+
+def views_figure(result: dict):
+    """Step time (with the tolerance band over M = 1's) and views/s against M."""
+    from dali_ba.plot import new_figure
+
+    fig, ax = new_figure(height=5.5)
+    rows = result["results"]
+    views = [r["views"] for r in rows]
+    reference_ms = 1e3 * rows[0]["step_time"]
+    tolerance = _percent(result["tolerance"])
+    ax.axhspan(reference_ms, (1 + result["tolerance"]) * reference_ms, color="tab:green", alpha=0.15,
+               label=f"within {tolerance} of M = 1")
+    ax.errorbar(views, [1e3 * r["step_time"] for r in rows], yerr=[1e3 * r["step_time_std"] for r in rows],
+                fmt="o-", capsize=3, label="step time, fed by the loader")
+    ax.plot(views, [1e3 * r["memory_step_time"] for r in rows], "s--", label="step time, from memory")
+    ax.axvline(result["free_views"], color="tab:green", linestyle=":", label=f"free views: M = {result['free_views']}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(views, [str(v) for v in views])
+    ax.set_xlabel("M (augmented views per sample)")
+    ax.set_ylabel("step time (ms)")
+    throughput = ax.twinx()
+    throughput.plot(views, [r["views_per_s"] for r in rows], "^-", color="tab:purple", label="views/s (all ranks)")
+    throughput.set_ylabel("views per second")
+    ax.set_ylim(bottom=0)
+    throughput.set_ylim(bottom=0)
+    ax.set_title(f"{result['arch']}, {result['ranks']} rank(s) on {result['device']}, B={result['per_rank_batch']} per rank, "
+                 f"{result['view_size']} px, {result['decoder']} decoder")
+    ax.grid(alpha=0.3)
+    handles, labels = (a + b for a, b in zip(ax.get_legend_handles_labels(), throughput.get_legend_handles_labels()))
+    fig.legend(handles, labels, loc="outside lower center", ncols=3, fontsize="small")
+    return fig
+
+
+def views_table(result: dict) -> str:
+    """The sweep as a Markdown table, one row per M."""
+    tolerance = _percent(result["tolerance"])
+    lines = [f"| M | ms/step | ± std | x M=1 | within {tolerance} | views/s | samples/s | data stall | data wait ms |",
+             "|" + " --- |" * 9]
+    lines += [f"| {r['views']} | {1e3 * r['step_time']:.1f} | {1e3 * r['step_time_std']:.1f} | {r['step_time_ratio']:.2f} "
+              f"| {'yes' if r['within_tolerance'] else 'no'} | {r['views_per_s']:.0f} | {r['samples_per_s']:.0f} "
+              f"| {r['data_stall']:.1%} | {1e3 * r['data_wait']:.1f} |" for r in result["results"]]
+    return "\n".join(lines) + "\n"
+
+
+def run_views(args: argparse.Namespace) -> int:
+    from dali_ba.plot import save
+
+    result = profile_views(resolve(args), args.view_counts, args.tolerance, args.steps, args.warmup, args.cache_batches)
+    if result is None:
+        return 0
+    out = Path(args.out)
+    write_json(out / VIEWS_FILE, result)
+    save(views_figure(result), out / VIEWS_PLOT)
+    print(f"profile views: {result['arch']}, {result['ranks']} rank(s) on {result['device']}, B={result['batch_size']} "
+          f"({result['per_rank_batch']} per rank), {result['view_size']} px, {result['decoder']} decoder, "
+          f"{args.steps} steps after {args.warmup} at each M")
+    print(views_table(result), end="")
+    print(f"free views: M = {result['free_views']} (step time within {_percent(result['tolerance'])} of M = 1)")
+    print(f"wrote {out / VIEWS_FILE}, {out / VIEWS_PLOT}")
     return 0
 
 
@@ -316,7 +493,7 @@ def run_collect(args: argparse.Namespace) -> int:
 
 def build_cli() -> argparse.ArgumentParser:
     parser = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{pipeline,step,collect}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{pipeline,step,views,collect}")
     pipe = commands.add_parser("pipeline", help="the loader alone over a sweep of M",
                                description="Throughput of the DALI loader alone, for each M.")
     pipe.add_argument("--train", default="data/demo/train", help="training data folder or .txt list (default: %(default)s)")
@@ -339,9 +516,20 @@ def build_cli() -> argparse.ArgumentParser:
                                help="training steps fed by the loader vs from memory: the data stall",
                                description="Training steps fed by the loader vs from batches in memory. "
                                            "Takes every training flag; B is the global batch.")
-    step.add_argument("--cache-batches", type=_at_least(1), default=8,
-                      help="distinct batches held in memory for the memory-fed steps (default: %(default)s)")
-    for sub, steps, warmup in ((pipe, 20, 3), (step, 30, 5)):
+    sweep = commands.add_parser("views", parents=[build_parser(f"{PROG} views", "")], conflict_handler="resolve",
+                                help="training steps at each M: the views that come (almost) free",
+                                description="Training steps at each M, fed by the loader and from memory: step time, "
+                                            "views/s, data stall, and the largest M whose step time stays within "
+                                            "--tolerance of M = 1's. Takes every training flag but the recipe's "
+                                            "--views; B is the global batch.")
+    sweep.add_argument("--views", dest="view_counts", type=_views_from_one, default=[1, 2, 4, 8, 16], metavar="M,M,...",
+                       help="values of M to train, 1 among them (default: 1,2,4,8,16)")
+    sweep.add_argument("--tolerance", type=_fraction, default=0.10, metavar="FRACTION",
+                       help="step time over M = 1's that still counts as free, a fraction (default: %(default)s, i.e. 10%%)")
+    for sub in (step, sweep):
+        sub.add_argument("--cache-batches", type=_at_least(1), default=8,
+                         help="distinct batches held in memory for the memory-fed steps (default: %(default)s)")
+    for sub, steps, warmup in ((pipe, 20, 3), (step, 30, 5), (sweep, 30, 5)):
         sub.add_argument("--steps", type=_at_least(1), default=steps, help="timed batches/steps (default: %(default)s)")
         sub.add_argument("--warmup", type=_at_least(0), default=warmup,
                          help="untimed batches/steps first (default: %(default)s)")
@@ -356,7 +544,7 @@ def build_cli() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_cli().parse_args(argv)
     try:
-        return {"pipeline": run_pipeline, "step": run_step, "collect": run_collect}[args.command](args)
+        return {"pipeline": run_pipeline, "step": run_step, "views": run_views, "collect": run_collect}[args.command](args)
     except UsageError as exc:
         # Set-up problems are the same on every rank: rank 0 speaks. A bad file is one rank's find.
         if launcher_rank() == 0 or isinstance(exc, UnreadableImageError):

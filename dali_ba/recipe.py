@@ -47,13 +47,16 @@ class DataConfig:
                                   'averaged over ranks (the authors\' --calibrate-bn); 0: off')
     dali_threads: int = option(4, 'DALI CPU threads per rank (and as many torch view threads with the cpu decoder)')
     decoder: str = option("auto", "auto (GPU 'mixed' decoder when a GPU is visible), cpu, mixed")
+    view_stage: str = option("auto", "who makes the training views: auto (torch on the cpu decoder, DALI's operators "
+                                     "with mixed), torch (decoding on the CPU then), or dali (the GPU path's graph, "
+                                     "on DALI's CPU operators with the cpu decoder)")
     max_bad_files: int = option(-1, 'broken files skipped (named in the log and <output>/bad_files.txt) before the '
                                     'run stops with an error; -1: 1% of the training files, at least 10')
 
     def augmentation(self) -> dict:
-        """The loaders' augmentation arguments, the same for every loader of a run."""
+        """The view loaders' augmentation arguments (and who renders them), the same for every loader of a run."""
         return dict(augment=self.augment, crop_area_min=self.crop_area_min, randaugment_n=self.randaugment_n,
-                    randaugment_m=self.randaugment_m)
+                    randaugment_m=self.randaugment_m, stage=None if self.view_stage == "auto" else self.view_stage)
 
 
 @dataclass
@@ -90,6 +93,7 @@ class RunConfig:
     log_grad_norm: bool = option(False, 'record the L2 norm of the allreduced gradient in every step record')
     engine: str = option("auto", "gradient averaging: auto (torchrun or plain srun: torch; horovodrun, mpirun or "
                                  "srun --mpi=pmix: Horovod; one process: none), horovod, torch")
+    share_gpu: bool = option(False, 'let several ranks of a node use one GPU (slow; for tests and debugging)')
     horovod_timeline: str = option("", "write Horovod's timeline (chrome://tracing JSON) to this file")
     tensorboard: bool = option(False, 'also write the step and epoch records as TensorBoard scalars to '
                                       '<output>/tensorboard (rank 0)')
@@ -127,6 +131,8 @@ class Recipe:
             raise UsageError(f"{_key(d, 'val_resize')} ({d.val_resize}) must be >= --val-crop ({d.val_crop})")
         if d.decoder not in ("auto", "cpu", "mixed"):
             raise UsageError(f"{_key(d, 'decoder')} must be auto, cpu or mixed, got {d.decoder!r}")
+        if d.view_stage not in ("auto", "torch", "dali"):
+            raise UsageError(f"{_key(d, 'view_stage')} must be auto, torch or dali, got {d.view_stage!r}")
         if m.amp not in ("off", "bf16", "fp16"):
             raise UsageError(f"{_key(m, 'amp')} must be off, bf16 or fp16, got {m.amp!r}")
         if r.engine not in ENGINES:
@@ -250,7 +256,8 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
             name, kind = spec.name, kinds[spec.name]
             flag = "--" + name.replace("_", "-")
             dest = f"{section_name}.{name}"
-            text = f"{spec.metadata['help']} (default: {getattr(defaults, name)})"
+            # argparse formats help with %: a literal one (as in '1% of') must be doubled.
+            text = f"{spec.metadata['help']} (default: {getattr(defaults, name)})".replace("%", "%%")
             if kind is bool:
                 group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text)
             else:

@@ -74,20 +74,36 @@ def check_output(output: Path, resume: str) -> None:
                 folder.rmdir()
 
 
+EXIT_OUT_OF_MEMORY = 3  # the GPU ran out of memory: a smaller step (or --chunks, --amp) may fit
+STOP_EVERY = 5  # steps between the ranks' agreements on a stop signal
+
+
+def agree_on_stop(step: int, epoch_steps: int, last_of_epoch: bool) -> bool:
+    """Whether the ranks agree on a stop signal after this step (a collective, so not after every
+    step): after an epoch's (or a resumed run's) first step, its last, and every STOP_EVERY steps."""
+    return epoch_steps == 1 or last_of_epoch or step % STOP_EVERY == 0
+
+
 BATCH_COPIES = 7  # uint8 batches a rank holds at once (DALI's prefetch + the one in use) + its float copy (x4)
 
 
-def check_memory(per_rank: int, views: int, view_size: int, local_ranks: int) -> None:
+def check_memory(per_rank: int, views: int, view_size: int, local_ranks: int, device: torch.device | None = None) -> None:
     """Refuse a batch of views that cannot fit: B*M*S^2*3 bytes per uint8 batch, about BATCH_COPIES
-    of them per rank, against the memory available on this node."""
+    of them per rank, against the memory available on this node, and, given a GPU ``device``, against
+    the GPU memory free there (one rank's; what the model itself needs comes on top)."""
     batch = per_rank * views * view_size**2 * 3
-    need = batch * BATCH_COPIES * local_ranks
-    available = _available_memory()
+    if device is None:
+        need, available, where = batch * BATCH_COPIES * local_ranks, _available_memory(), f"{local_ranks} rank(s) on this node"
+        advice = "lower --view-size, --batch-size or --views, or use more nodes"
+    else:
+        import torch
+
+        need, available, where = batch * BATCH_COPIES, torch.cuda.mem_get_info(device)[0], f"one rank on GPU {device}"
+        advice = "lower --view-size, --batch-size or --views, or use more GPUs"
     if available is not None and need > available:
         raise UsageError(f"--view-size {view_size} with {per_rank} samples x M={views} views per rank: one batch of "
-                         f"views is {_bytes(batch)} (B*M*S^2*3), about {_bytes(need)} for {local_ranks} rank(s) on this "
-                         f"node with prefetching and the float copy, more than the {_bytes(available)} available; "
-                         "lower --view-size, --batch-size or --views, or use more nodes")
+                         f"views is {_bytes(batch)} (B*M*S^2*3), about {_bytes(need)} for {where} with prefetching "
+                         f"and the float copy, more than the {_bytes(available)} available; {advice}")
 
 
 def _available_memory() -> int | None:
@@ -221,7 +237,7 @@ def evaluate(
     memory_format = memory_format or torch.channels_last
     was_training = model.training
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1 hits, top-5 hits, samples
+    sums = None  # loss sum, top-1 hits, top-5 hits, samples: on the device until the end (no sync per batch)
     with torch.no_grad():
         for images, labels in batches:
             views = images.shape[1] if images.dim() == 5 else 0
@@ -235,10 +251,11 @@ def evaluate(
                 scores = logits
                 loss = F.cross_entropy(logits, labels, reduction="sum")
             hits = scores.topk(min(5, scores.shape[1]), dim=1).indices == labels[:, None]
-            sums += torch.tensor([loss.item(), hits[:, 0].sum().item(), hits.any(1).sum().item(), len(labels)],
-                                 dtype=torch.float64)
+            batch = torch.stack([loss.double(), hits[:, 0].sum().double(), hits.any(1).sum().double(),
+                                 loss.new_tensor(len(labels), dtype=torch.float64)])
+            sums = batch if sums is None else sums + batch
     model.train(was_training)
-    loss, top1, top5, count = world.sum(sums.tolist())
+    loss, top1, top5, count = world.sum(sums.tolist() if sums is not None else [0.0] * 4)
     return {"val_loss": loss / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count, "val_samples": int(count)}
 
 
@@ -315,14 +332,19 @@ def setup_training(recipe: Recipe, world: World, train_set: ImageDataset) -> Tra
     moving them is the caller's, so that it can be timed."""
     import torch
 
+    from dali_ba.devices import check_gpu_sharing, training_device
     from dali_ba.loader import BatchAugmentLoader
     from dali_ba.models import create_model
 
     d, m, o, r = recipe.data, recipe.model, recipe.optim, recipe.run
     per_rank = check_world(recipe, world, train_set)
-    device = torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = training_device(world.local_rank)  # local rank -> a GPU this process sees (or the CPU)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # views are of one fixed size: let cuDNN pick its kernels once
+    check_gpu_sharing(world, device, r.share_gpu)  # collective; before DDP's first NCCL call
+    if device.type == "cuda":
+        check_memory(per_rank, d.views, d.view_size, world.local_size, device)
     if m.amp == "fp16" and device.type != "cuda":
         raise UsageError("--amp fp16 needs a GPU; use --amp bf16 on CPU")
     cores = len(os.sched_getaffinity(0))
@@ -374,7 +396,7 @@ def run(recipe: Recipe, train_set: ImageDataset, val_set: ImageDataset) -> int:
         if not Path(r.horovod_timeline).parent.is_dir():
             raise UsageError(f"--horovod-timeline {r.horovod_timeline}: its folder does not exist")
         os.environ["HOROVOD_TIMELINE"] = str(Path(r.horovod_timeline).resolve())
-    world = distributed.init_world(engine)
+    world = distributed.init_world(engine, share_gpu=r.share_gpu)
     status = _train(plan, recipe, world, train_set, val_set, stop)
     world.close()  # not on an exception: a peer may be gone, and the launcher ends the job anyway
     return status
@@ -415,6 +437,8 @@ def _train(plan: Recipe, recipe: Recipe, world: World, train_set: ImageDataset, 
     # One record of broken files for every loader of the run: found by any, refilled (training) or
     # left out (evaluation) by all; each rank names what it finds, rank 0 lists them all.
     bad_files = loader.bad_files
+    if calibration_loader:  # image sizes are read once per run, whichever loader meets a file first
+        calibration_loader.sizes = loader.sizes
     for each in filter(None, (loader, val_loader, view_loader, calibration_loader)):
         each.bad_files, each.on_bad_file = bad_files, lambda path, reason: emit(
             f"dali-ba: rank {world.rank}: skipping broken file {path} ({reason})", sys.stderr)
@@ -512,7 +536,8 @@ def _train(plan: Recipe, recipe: Recipe, world: World, train_set: ImageDataset, 
     for epoch in range(first_epoch, o.epochs):
         model.train()
         done = loader_state["batches"] if loader_state else 0
-        sums = list(carried_sums) if loader_state else [0.0, 0.0, 0.0]  # loss over steps, right views, views
+        # loss over steps, right views, views: kept on the device, read at checkpoints and the epoch's end
+        sums = torch.tensor(carried_sums if loader_state else [0.0, 0.0, 0.0], dtype=torch.float64, device=device)
         batches = loader.epoch(epoch, loader_state)
         loader_state = None
         epoch_start, epoch_steps = time.perf_counter(), 0
@@ -528,10 +553,9 @@ def _train(plan: Recipe, recipe: Recipe, world: World, train_set: ImageDataset, 
                 norm = {"grad_norm": gradient_norm(model)} if r.log_grad_norm else {}
             row = clock.end()
             done, step, epoch_steps = done + 1, step + 1, epoch_steps + 1
-            loss = out.loss.item()
-            sums = [sums[0] + loss, sums[1] + out.correct.item(), sums[2] + len(labels) * d.views]
+            sums += torch.stack([out.loss.double(), out.correct.double(), sums.new_tensor(len(labels) * d.views)])
             lr = schedule.get_last_lr()[0]
-            times.add(row, loss, epoch_steps - 1, epoch=epoch, step=step, lr=lr,
+            times.add(row, out.loss, epoch_steps - 1, epoch=epoch, step=step, lr=lr,
                       wall=round(trained_time + time.perf_counter() - segment_start, 3), **norm)
             if step % r.log_every == 0 or done == steps_per_epoch:
                 records = times.flush()
@@ -539,10 +563,10 @@ def _train(plan: Recipe, recipe: Recipe, world: World, train_set: ImageDataset, 
                     log.write("step", **record)
                 if records:
                     progress.update(step, epoch, records[-1]["loss"], lr)
-            if stop.agreed(world):
+            if agree_on_stop(step, epoch_steps, done == steps_per_epoch) and stop.agreed(world):
                 for record in times.flush():
                     log.write("step", **record)
-                checkpoint(epoch, sums)
+                checkpoint(epoch, sums.tolist())
                 heard = world.gather(stop.signal_name)  # which ranks were signalled, and with what
                 log.write("stop", step=step, epoch=epoch, signal=next(name for name in heard if name),
                           signalled_ranks=[rank for rank, name in enumerate(heard) if name])
@@ -551,10 +575,10 @@ def _train(plan: Recipe, recipe: Recipe, world: World, train_set: ImageDataset, 
                     f"{output}/checkpoints; run again with --resume auto to continue", sys.stderr)
                 return EXIT_RESUMABLE
             if r.checkpoint_every and step % r.checkpoint_every == 0 and done < steps_per_epoch:
-                checkpoint(epoch, sums)
+                checkpoint(epoch, sums.tolist())
         clock.sync()
         epoch_time = time.perf_counter() - epoch_start
-        loss_sum, right, seen = world.sum(sums)
+        loss_sum, right, seen = world.sum(sums.tolist())
         train_loss = loss_sum / (done * world.size)
         world.average_buffers(model)
         share_bad_files()  # what training found is not looked for again in validation
@@ -596,6 +620,7 @@ def _train(plan: Recipe, recipe: Recipe, world: World, train_set: ImageDataset, 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser(PROG, __doc__.splitlines()[0])
+    recipe = None
     try:
         recipe = resolve(parser.parse_args(argv))
         check_model_name(recipe.model.arch)
@@ -613,6 +638,13 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(1)  # let rank 0 report before the launcher tears the job down
         return 2
     except Exception as exc:
+        if _out_of_memory(exc) and recipe is not None:
+            d = recipe.data
+            emit(f"{PROG}: rank {launcher_rank()}: error: out of GPU memory with --batch-size {d.batch_size} (global) x "
+                 f"--views {d.views} of {d.view_size}x{d.view_size} px (--chunks {recipe.optim.chunks}, --amp "
+                 f"{recipe.model.amp}); split each step into micro-batches with a larger --chunks, use --amp bf16 "
+                 "(or fp16), or lower --batch-size, --views or --view-size", sys.stderr)
+            return EXIT_OUT_OF_MEMORY
         if not _peer_gone(exc):
             # Launchers need not tag output with ranks (make demo's mpirun does not): say whose it is.
             emit(f"{PROG}: rank {launcher_rank()}: unexpected error, traceback follows", sys.stderr)
@@ -621,6 +653,11 @@ def main(argv: list[str] | None = None) -> int:
         emit(f"{PROG}: rank {launcher_rank()} stopped: its collectives failed because another rank failed "
              f"(its error is above): {reason[:200]}", sys.stderr)
         return 1
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is torch running out of GPU memory."""
+    return type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(exc)
 
 
 def _peer_gone(exc: BaseException) -> bool:

@@ -8,11 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from dali_ba.data.synth import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
+# What the suite runs on: the first GPU and DALI's mixed decoder where one is visible (make gpu-check
+# runs the GPU-relevant tests there), else the CPU.
+GPU = torch.cuda.is_available()
+DEVICE, DECODER = ("cuda", "mixed") if GPU else ("cpu", "cpu")
 ID_STEP = 10  # red-channel level between identity images
 
 

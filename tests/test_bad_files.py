@@ -63,13 +63,49 @@ def test_a_run_on_a_folder_with_broken_files_finishes_and_names_them(messy, tmp_
                                                            world_size=2 if launcher else 1))
 
 
+@pytest.mark.parametrize("stage", ["torch", "dali"])
+def test_every_loader_skips_broken_files_on_either_view_stage(messy, stage):
+    """The GPU path's graph ("dali": on DALI's CPU operators here) reads each sample's size from its
+    header for the view parameters: an empty or non-image file is a broken file there too, named once."""
+    from dali_ba import AugmentedValidationLoader
+
+    broken = {str(messy / "ring_cool" / name) for name in BROKEN}
+    train = BatchAugmentLoader(messy, batch_size=8, views=2, view_size=24, num_threads=1, stage=stage)
+    views = AugmentedValidationLoader(messy, batch_size=8, views=2, view_size=24, num_threads=1, stage=stage)
+    named = []
+    for loader in (train, views):
+        loader.on_bad_file = lambda path, reason: named.append(path)
+    for epoch in (0, 1):
+        assert sum(1 for _ in train.epoch(epoch)) == len(train)
+    assert set(train.bad_files) == broken and sorted(named) == sorted(broken)
+    named.clear()
+    seen = sum(len(labels) for _, labels in views)
+    assert set(views.bad_files) == broken and sorted(named) == sorted(broken)
+    assert seen == 30  # every good file once, broken ones left out
+
+
+def test_a_run_on_the_dali_graph_with_broken_files_finishes_with_eval_views_and_calibration(messy, tmp_path):
+    out = tmp_path / "run"
+    done = run_cli(*TRAIN, *run_args(messy, out, "--view-stage", "dali", "--eval-views", "2", "--calibrate-bn", "2"),
+                   timeout=300)
+    text = done.stdout + done.stderr
+    assert done.returncode == 0, text[-3000:]
+    assert "Traceback" not in text
+    for name in BROKEN:
+        assert text.count(f"skipping broken file {messy / 'ring_cool' / name} (") == 1, text[-3000:]
+    (epoch, _) = records(out, "epoch")[-1:] * 2
+    assert epoch["bad_files"] == 3 and epoch["val_samples"] == 30
+    assert "views_top1" in epoch and "calibrated_top1" in epoch
+
+
 def test_resume_across_a_skipped_file_is_exact(messy, tmp_path):
     reference = tmp_path / "reference"
     done = run_cli(*TRAIN, *run_args(messy, reference, "--checkpoint-every", "1", "--keep-checkpoints", "20"))
     assert done.returncode == 0, done.stderr[-2000:]
     checkpoints = sorted(list_checkpoints(reference))
     known = {path: load_checkpoint(path)["bad_files"] for path in checkpoints}
-    after = [path for path in checkpoints if known[path] and load_checkpoint(path)["loaders"]]  # mid-epoch
+    # mid-epoch, every broken file known (the reader finds each one as it reads it, not all at once)
+    after = [path for path in checkpoints if len(known[path]) == len(BROKEN) and load_checkpoint(path)["loaders"]]
     assert after, "no mid-epoch checkpoint after the broken files were found"
     # From the first checkpoint and from a mid-epoch one that already lists the broken files (the
     # resumed run refills them from the checkpoint, without meeting them again): both end where the
@@ -80,7 +116,9 @@ def test_resume_across_a_skipped_file_is_exact(messy, tmp_path):
         assert again.returncode == 0, again.stderr[-2000:]
         assert records(out, "summary")[0]["param_digests"] == records(reference, "summary")[0]["param_digests"]
         assert (out / "bad_files.txt").read_text() == (reference / "bad_files.txt").read_text()
-        if known[checkpoint]:
+        for path, _ in known[checkpoint]:  # what the checkpoint knew is refilled, never met again
+            assert f"skipping broken file {path} " not in again.stderr
+        if len(known[checkpoint]) == len(BROKEN):
             assert "skipping broken file" not in again.stderr
 
 

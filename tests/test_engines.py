@@ -42,6 +42,11 @@ def summary(output):
     return record
 
 
+def torch_backend() -> str:
+    """The torch engine's backend on this machine: NCCL where a GPU is visible, else Gloo."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
 @pytest.mark.parametrize("requested, env, horovod, engine, launcher, reason", [
     ("auto", {}, True, "none", "none", "one process, no launcher"),
     ("auto", TORCHRUN_ENV, True, "torch", "torchrun", "torchrun"),
@@ -79,6 +84,34 @@ def test_an_engine_that_cannot_run_here_is_a_usage_error(requested, env, horovod
         choose_engine(requested, env, horovod=horovod)
 
 
+class OldDDP:
+    """DistributedDataParallel before torch 2.13: ``broadcast_buffers``, no ``forward_sync_buffers``."""
+
+    def __init__(self, module, device_ids=None, broadcast_buffers=True):
+        self.buffers = {"broadcast_buffers": broadcast_buffers}
+
+    def register_comm_hook(self, state, hook):
+        pass
+
+
+class NewDDP(OldDDP):
+    """DistributedDataParallel with ``forward_sync_buffers`` only."""
+
+    def __init__(self, module, device_ids=None, forward_sync_buffers=None):
+        self.buffers = {"forward_sync_buffers": forward_sync_buffers}
+
+
+@pytest.mark.parametrize("ddp, keyword", [(OldDDP, "broadcast_buffers"), (NewDDP, "forward_sync_buffers")])
+def test_ddp_gets_the_buffer_keyword_its_torch_knows(monkeypatch, ddp, keyword):
+    from dali_ba.distributed import DDPSync, buffer_sync_keyword
+
+    assert buffer_sync_keyword(["self", "module", keyword]) == keyword
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", ddp)
+    model = torch.nn.Linear(2, 2)
+    sync = DDPSync(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.device("cpu"))
+    assert sync.model.buffers == {keyword: False}
+
+
 def test_chunked_ddp_step_equals_one_batch_on_both_ranks_with_one_allreduce(tmp_path):
     out = tmp_path / "step.pt"
     done = run_cli(*TORCHRUN, "tests/engine_step_worker.py", str(out), timeout=180)
@@ -103,7 +136,7 @@ def torch_run(demo_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("torch") / "run"
     done = run_cli(*TORCHRUN, *TRAIN, *args(demo_data, out, *EVALUATION))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert "engine torch (gloo): started by torchrun" in done.stdout
+    assert f"engine torch ({torch_backend()}): started by torchrun" in done.stdout
     return out
 
 
@@ -112,10 +145,10 @@ def test_torchrun_trains_two_ranks_like_horovod(horovod_run, torch_run):
     assert ours["ranks"] == 2 and ours["params_identical"]
     assert ours["param_digests"][0] == ours["param_digests"][1]
     (start,) = records(torch_run, "start")
-    assert (start["engine"], start["engine_backend"]) == ("torch", "gloo") and "torchrun" in start["engine_reason"]
+    assert (start["engine"], start["engine_backend"]) == ("torch", torch_backend()) and "torchrun" in start["engine_reason"]
     assert records(horovod_run, "start")[0]["engine"] == "horovod"
     environment = json.loads((torch_run / "environment.json").read_text())
-    assert environment["engine"]["engine"] == "torch" and environment["engine"]["backend"] == "gloo"
+    assert environment["engine"]["engine"] == "torch" and environment["engine"]["backend"] == torch_backend()
     assert {r["rank"] for r in environment["per_rank"]} == {0, 1}
     # Same seed, same shards, same augmentations: the same model as Horovod's, to float tolerance.
     theirs = torch.load(horovod_run / "model.pt", weights_only=True)
@@ -187,7 +220,7 @@ def test_torch_engine_under_mpirun_meets_through_mpi(demo_data, torch_run, tmp_p
     done = run_cli(*mpirun, PY, *TRAIN, *args(demo_data, out, *EVALUATION, "--engine", "torch"))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     (start,) = records(out, "start")
-    assert (start["engine"], start["engine_backend"]) == ("torch", "gloo") and "MPI launcher" in start["engine_reason"]
+    assert (start["engine"], start["engine_backend"]) == ("torch", torch_backend()) and "MPI launcher" in start["engine_reason"]
     assert summary(out)["param_digests"] == summary(torch_run)["param_digests"]  # the torchrun run's model
 
 
@@ -211,7 +244,7 @@ def test_one_process_trains_where_horovod_is_not_installed(demo_data, tmp_path, 
     done = run_cli(PY, *TRAIN, *args(demo_data, out, "--epochs", "1", "--max-steps", "2", "--engine", "torch"),
                    env=without_horovod)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert records(out, "start")[0]["engine_backend"] == "gloo"
+    assert records(out, "start")[0]["engine_backend"] == torch_backend()
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -24,9 +24,51 @@ def test_phases_are_consecutive_and_make_up_the_step():
     for name in PHASES:
         with clock.phase(name):
             sum(range(20000))
-    row = clock.end()
+    row = clock.end().seconds()
     assert len(row) == len(COLUMNS) and all(t > 0 for t in row)
     assert sum(row[:-1]) == pytest.approx(row[-1], rel=0.05)
+
+
+class FakeEvent:
+    """A CUDA event's interface, at made-up times; counts the waits for it."""
+
+    clock, waits = 0.0, 0
+
+    def __init__(self):
+        FakeEvent.clock += 0.25
+        self.t = FakeEvent.clock
+
+    def synchronize(self):
+        FakeEvent.waits += 1
+
+    def elapsed_time(self, other):
+        return (other.t - self.t) * 1e3  # milliseconds, as CUDA's
+
+
+def test_a_gpu_step_waits_for_nothing_until_its_row_is_logged(monkeypatch):
+    """On a GPU the phase marks are events: logging reads them (one wait per row), a step never
+    waits; phases still add up to the step, and DDP's wait inside backward moves to allreduce_step."""
+    import dali_ba.metrics as metrics
+
+    monkeypatch.setattr(metrics, "timestamp", lambda device: FakeEvent())
+    monkeypatch.setattr(torch.cuda, "nvtx", type("NoNvtx", (), {"range_push": staticmethod(lambda name: None),
+                                                                "range_pop": staticmethod(lambda: None)}))
+    clock, times = StepClock(torch.device("cuda")), StepTimes(FakeWorld(), warmup=0)
+    for step in range(3):
+        clock.begin()
+        for name in PHASES:
+            with clock.phase(name):
+                if name == "forward_backward":  # DDP's buckets: handed over, then the wait ends
+                    span = (FakeEvent(), FakeEvent())
+        clock.move("forward_backward", "allreduce_step", span)
+        times.add(clock.end(), torch.tensor(0.5), step_in_epoch=step, step=step + 1)
+    assert FakeEvent.waits == 0
+    records = times.flush()
+    assert FakeEvent.waits > 0
+    for record in records:
+        t = {name: record["time"][name]["min"] for name in COLUMNS}  # rank 0's (FakeWorld scales the others)
+        assert t == pytest.approx({"data": 0.25, "h2d": 0.25, "forward_backward": 0.5, "allreduce_step": 0.5, "step": 1.5})
+        assert record["loss"] == pytest.approx(1.0)  # mean over the fake ranks of (0.5, 1, 1.5)
 
 
 def test_rank_statistics_and_steady_state():

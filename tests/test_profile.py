@@ -7,7 +7,7 @@ import sys
 import pytest
 from PIL import Image
 
-from conftest import run_cli
+from conftest import DECODER, DEVICE, run_cli
 
 PROFILE = [sys.executable, "-m", "dali_ba.profile"]
 MPIRUN = ["mpirun", "-np", "2", *(["--allow-run-as-root"] if os.geteuid() == 0 else [])]
@@ -19,7 +19,7 @@ def test_pipeline_sweep_writes_json_table_and_plot(demo_data, tmp_path):
                    "--view-size", "24", "--steps", "4", "--warmup", "1", "--out", str(tmp_path), timeout=120)
     assert done.returncode == 0, done.stderr
     result = json.loads((tmp_path / "profile_pipeline.json").read_text())
-    assert (result["batch_size"], result["view_size"], result["decoder"]) == (8, 24, "cpu")
+    assert (result["batch_size"], result["view_size"], result["decoder"]) == (8, 24, DECODER)
     assert [r["views"] for r in result["results"]] == [1, 3]
     for row in result["results"]:
         assert row["batch_time"] > 0
@@ -52,16 +52,21 @@ def step_args(demo_data, out):
             "--out", str(out)]
 
 
-@pytest.fixture(scope="module")
-def step_profiles(demo_data, tmp_path_factory):
-    """Step profiles of the same setting on 1 rank and on 2 ranks (mpirun), with their stdout."""
-    root = tmp_path_factory.mktemp("step")
+def on_one_and_two_ranks(root, command, timeout: int = 240) -> dict:
+    """Run ``command(ranks, out)`` as one process and under mpirun -np 2, each writing to root/r<ranks>:
+    {ranks: (that folder, stdout)}."""
     runs = {}
     for ranks, launch in ((1, []), (2, MPIRUN)):
-        done = run_cli(*launch, *step_args(demo_data, root / f"r{ranks}"), timeout=240)
+        done = run_cli(*launch, *command(ranks, root / f"r{ranks}"), timeout=timeout)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
         runs[ranks] = (root / f"r{ranks}", done.stdout)
     return runs
+
+
+@pytest.fixture(scope="module")
+def step_profiles(demo_data, tmp_path_factory):
+    """Step profiles of the same setting on 1 rank and on 2 ranks (mpirun), with their stdout."""
+    return on_one_and_two_ranks(tmp_path_factory.mktemp("step"), lambda ranks, out: step_args(demo_data, out))
 
 
 @pytest.mark.parametrize("ranks", [1, 2])
@@ -69,7 +74,7 @@ def test_step_profile_fields(step_profiles, ranks):
     out, stdout = step_profiles[ranks]
     p = json.loads((out / "profile_step.json").read_text())
     assert (p["ranks"], p["views"], p["batch_size"], p["arch"], p["view_size"]) == (ranks, M, B, "resnet20", 32)
-    assert (p["steps"], p["warmup"], p["cached_batches"], p["device"]) == (3, 1, 2, "cpu")
+    assert (p["steps"], p["warmup"], p["cached_batches"], p["device"]) == (3, 1, 2, DEVICE)
     assert 0 <= p["data_stall"] <= 1 and 0 <= p["data_wait_share"] <= 1
     # 2 cached + 4 loader-alone + 1 warm-up batches come first: timed batches 7, 8, 9; batch 8 starts epoch 1
     assert (p["steps_per_epoch"], p["epoch_starts"]) == (8, 1)

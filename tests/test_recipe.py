@@ -1,3 +1,5 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,6 +44,7 @@ def test_flags_override_the_recipe_file():
         ("[model]\nchannels_last = 1\n", "channels_last must be bool"),
         ("[data]\nbatch_size = true\n", "batch_size must be int, got bool"),
         ("[optim]\ndecay_epochs = [1, 'x']\n", "decay_epochs must be a list of integers"),
+        ("[run]\nshare_gpu = 1\n", "share_gpu must be bool, got int 1"),
         ("[data\n", "not valid TOML"),
     ],
 )
@@ -77,3 +80,20 @@ def test_out_of_range_values(argv, message):
 def test_missing_recipe_file():
     with pytest.raises(UsageError, match="recipe not found: nope.toml"):
         parse("--recipe", "nope.toml")
+
+
+def test_share_gpu_is_off_unless_asked(tmp_path):
+    assert parse().run.share_gpu is False
+    assert parse("--share-gpu").run.share_gpu is True
+    (tmp_path / "r.toml").write_text("[run]\nshare_gpu = true\n")
+    assert load_recipe(tmp_path / "r.toml").run.share_gpu is True
+    assert parse("--recipe", str(tmp_path / "r.toml"), "--no-share-gpu").run.share_gpu is False
+
+
+def test_help_shows_every_flag_and_a_literal_percent_sign():
+    """argparse %-formats help texts: a bare % in one crashed --help."""
+    text = " ".join(build_parser("t", "").format_help().split())
+    assert "-1: 1% of the training files" in text and "--share-gpu" in text
+    done = subprocess.run([sys.executable, "-m", "dali_ba.train", "--help"], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+    assert done.returncode == 0 and "--max-bad-files" in done.stdout, done.stderr[-2000:]

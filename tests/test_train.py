@@ -9,7 +9,7 @@ import pytest
 
 import torch
 
-from conftest import REPO, run_cli
+from conftest import DEVICE, REPO, run_cli
 from dali_ba.distributed import World
 from dali_ba.loader import ValidationLoader
 from dali_ba.metrics import PHASES
@@ -107,7 +107,7 @@ def test_two_ranks_end_with_identical_parameters(demo_data, tmp_path, launcher, 
     model = create_model("resnet20", 10)
     model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
     bf16 = "bf16" in extra
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    autocast = (lambda: torch.autocast(DEVICE, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     val = ValidationLoader(demo_data / "val", batch_size=8, resize=36, crop=32)  # the run's per-rank batch
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each rank ran: same kernels, same sums
@@ -239,3 +239,32 @@ def test_make_demo_prints_one_clean_log(tmp_path):
     assert not any(line.startswith("[1,") for line in done.stdout.splitlines()), done.stdout[-2000:]
     assert any(line.startswith("done: 1 epochs, 2 steps") for line in ours)
     assert "parameters identical on 2 rank(s)" in done.stdout
+
+
+def test_gpu_out_of_memory_is_one_line_naming_the_step_size(demo_data, tmp_path, monkeypatch, capsys):
+    """A CUDA out-of-memory in a step (raised here by a stand-in step) ends the run with one line
+    naming B, M and the view size and suggesting --chunks and --amp; no traceback."""
+    import dali_ba.train as train
+
+    def out_of_memory(self, images, labels, clock=None):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train.Training, "step", out_of_memory)
+    status = train.main(small_run(demo_data, tmp_path / "run", "--recipe", "pipelines/demo.toml", "--batch-size", "16",
+                                  "--views", "3", "--view-size", "24"))
+    err = capsys.readouterr().err
+    assert status == train.EXIT_OUT_OF_MEMORY, err
+    (line,) = [line for line in err.splitlines() if "error" in line]
+    assert "out of GPU memory" in line and "--batch-size 16" in line and "--views 3 of 24x24 px" in line
+    assert "--chunks" in line and "--amp bf16" in line and "Traceback" not in err
+
+
+def test_batches_that_cannot_fit_on_the_gpu_are_refused(monkeypatch):
+    """On a GPU the batches of views are checked against the GPU's free memory (a stand-in here)."""
+    from dali_ba.errors import UsageError
+    from dali_ba.train import check_memory
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 << 30, 80 << 30))
+    check_memory(64, 4, 224, local_ranks=8, device=torch.device("cuda", 0))  # 7 x 38.5 MB fits in 2 GiB
+    with pytest.raises(UsageError, match=r"one rank on GPU cuda:0 .* more than the 2\.0 GiB available"):
+        check_memory(256, 16, 224, local_ranks=1, device=torch.device("cuda", 0))

@@ -40,6 +40,13 @@ class ImageDataset:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    def read(self, index: int) -> bytes:
+        """The encoded bytes of sample ``index`` (from its file, or its byte range in a shard)."""
+        if self.members is None:
+            with open(self.files[index], "rb") as file:
+                return file.read()
+        return self.members.read(index)
+
     def open(self, index: int) -> str | IO[bytes]:
         """Sample ``index`` as something Pillow opens: its path, or its bytes from a shard."""
         if self.members is None:

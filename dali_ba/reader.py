@@ -1,0 +1,171 @@
+"""The reader stage: each planned sample's encoded bytes, fed to a DALI graph by an external source.
+
+A loader builds its DALI graph once per run and keeps it; every pass over data (an epoch, an epoch
+resumed mid-way, an evaluation) is a new :class:`Plan` handed to the same :class:`SampleSource`.
+The source reads a few batches ahead in a thread pool while DALI decodes (reads wait on the file
+system, not the CPU), and parses each sample's header as it reads it: the decoded size that the
+view parameters are drawn from (kept for the rest of the run), and the problems that make a
+sample a broken file before any decoder sees it (an unreadable file or header, an image larger
+than ``max_pixels``). A broken sample is reported (``on_broken``) and its slot refilled with the
+first good sample of its batch: the same batch as a plan that knew of the file from the start.
+"""
+from __future__ import annotations
+
+import io
+import os
+import re
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from dali_ba.errors import UnreadableImageError
+
+if TYPE_CHECKING:
+    from dali_ba.data.dataset import ImageDataset
+
+READ_AHEAD = 2  # batches read ahead of the one DALI asks for (as DALI's own file reader does)
+READ_THREADS = 4  # reads wait on the file system, not the CPU: a few more threads than cores is fine
+EXIF_ORIENTATION = 0x0112
+
+
+@dataclass
+class Plan:
+    """One pass: ``slots`` are the samples whose views fill each slot (whole batches, in order),
+    ``reads`` what is read into each slot (known broken samples already refilled)."""
+
+    epoch: int
+    slots: np.ndarray
+    reads: np.ndarray
+    batch_size: int
+
+    def __post_init__(self) -> None:
+        self.batches = len(self.slots) // self.batch_size  # the source ends the pass after these
+
+    def batch(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        at = index * self.batch_size
+        return self.slots[at : at + self.batch_size], self.reads[at : at + self.batch_size].copy()
+
+
+def header_size(data: bytes) -> tuple[int, int]:
+    """Decoded (height, width) of an encoded image, from its header, after the EXIF rotation that
+    DALI's decoder applies (orientations 5-8 swap the sides). Raises on an unreadable header."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+        turned = image.format == "JPEG" and image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+    if width < 1 or height < 1:
+        raise ValueError(f"empty image ({width}x{height})")
+    return (width, height) if turned else (height, width)
+
+
+class SampleSource:
+    """DALI external source (``batch_info=True``) of a plan's batches: per sample its encoded bytes
+    and label; with ``params`` also the view parameters of the batch's slots (each slot keeps its
+    own sample's views, drawn at the size of what was read into it), as extra outputs.
+
+    ``params(epoch, slots, sizes)`` returns a tuple of arrays (see :mod:`dali_ba.pipeline`).
+    ``sizes`` is the run's (N, 2) cache of decoded sizes (-1: not read yet), shareable between
+    loaders of one dataset. ``on_broken({name: reason})`` is told of each new broken sample.
+    """
+
+    def __init__(
+        self,
+        dataset: ImageDataset,
+        sizes: np.ndarray,
+        on_broken: Callable[[dict[str, str]], None],
+        params: Callable[[int, np.ndarray, np.ndarray], Sequence[np.ndarray]] | None = None,
+        max_pixels: int = 0,
+    ) -> None:
+        self.dataset, self.sizes, self.on_broken, self.params = dataset, sizes, on_broken, params
+        self.max_pixels = max_pixels
+        self._labels = np.asarray(dataset.labels, dtype=np.int32)
+        self.plan: Plan | None = None
+        self.requested = 0  # batches of the plan DALI has asked for so far
+        self._reads: dict[int, list[Future]] = {}
+
+    def start(self, plan: Plan) -> None:
+        """Serve ``plan`` from its first batch (DALI's iteration counter restarts with each pass)."""
+        self.plan, self.requested, self._reads = plan, 0, {}
+
+    def stop(self) -> None:
+        """End the current pass after the batches already asked for (to drain an abandoned pass):
+        until the next :meth:`start`, every request ends the pass."""
+        self.plan = None
+
+    def _read(self, index: int) -> tuple[bytes, str | None]:
+        """A sample's bytes, and why it is broken (None: it is not); fills in its size."""
+        try:
+            data = self.dataset.read(int(index))
+        except OSError as exc:
+            return b"", f"cannot read ({exc.strerror or exc})"
+        if self.sizes[index, 0] < 0:
+            try:
+                self.sizes[index] = header_size(data)
+            except Exception as exc:  # noqa: BLE001 - any header Pillow cannot parse makes a broken file
+                return data, f"unreadable header: {_reason(exc)}"
+        height, width = self.sizes[index]
+        if self.max_pixels and height * width > self.max_pixels:
+            return data, f"{width}x{height} pixels, more than --max-image-pixels {self.max_pixels}: not decoded"
+        return data, None
+
+    def _read_ahead(self, batch: int) -> None:
+        if batch < self.plan.batches and batch not in self._reads:
+            pool = _read_pool()
+            self._reads[batch] = [pool.submit(self._read, index) for index in self.plan.batch(batch)[1]]
+
+    def __call__(self, info) -> list:
+        plan, batch = self.plan, info.iteration
+        if plan is None or batch >= plan.batches:
+            raise StopIteration
+        self.requested = batch + 1
+        for ahead in range(batch, batch + READ_AHEAD + 1):
+            self._read_ahead(ahead)
+        slots, reads = plan.batch(batch)
+        results = [read.result() for read in self._reads.pop(batch)]
+        encoded = self._refill(reads, results)
+        outputs = [encoded, [self._labels[i : i + 1] for i in reads]]
+        if self.params is not None:
+            outputs += list(self.params(plan.epoch, slots, self.sizes[reads]))
+        return outputs
+
+    def _refill(self, reads: np.ndarray, results: list[tuple[bytes, str | None]]) -> list[np.ndarray]:
+        """The batch's encoded samples, each broken one reported and replaced (in ``reads`` too) by
+        the first good sample of the batch."""
+        broken = {self.dataset.files[i]: reason for i, (_, reason) in zip(reads, results) if reason}
+        if broken:
+            self.on_broken(broken)
+            good = [k for k, (_, reason) in enumerate(results) if not reason]
+            if not good:
+                raise UnreadableImageError(f"every sample of a batch is broken (e.g. {next(iter(broken))}: "
+                                           f"{next(iter(broken.values()))}); check the data with python -m dali_ba.check_data")
+            for k, (_, reason) in enumerate(results):
+                if reason:
+                    reads[k], results[k] = reads[good[0]], results[good[0]]
+        return [np.frombuffer(data, dtype=np.uint8) for data, _ in results]
+
+
+def _reason(exc: Exception) -> str:
+    """The first line of an error, without object addresses (Pillow names its ``BytesIO``), so
+    that a reason is the same in every run."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return re.sub(r" ?<[^<>]* at 0x[0-9a-f]+>", "", text)[:160]
+
+
+_READ_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _read_pool() -> ThreadPoolExecutor:
+    """This process's pool of reading threads (a forked child makes its own)."""
+    pool = _READ_POOLS.get(os.getpid())
+    if pool is None:
+        pool = _READ_POOLS[os.getpid()] = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="dali-ba-reads")
+    return pool
+
+
+def new_size_cache(dataset: ImageDataset) -> np.ndarray:
+    """An empty cache of decoded sizes for ``dataset``: (N, 2) int64, -1 until a sample is read."""
+    return np.full((len(dataset), 2), -1, dtype=np.int64)
