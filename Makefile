@@ -38,3 +38,13 @@ test: install
 
 clean:
 	rm -rf runs data .pytest_cache
+
+# The GPU check (benchmarks/gpu_check.py): environment, the GPU-relevant tests, the demo trainings, the
+# loader against its peers and Figure 5, in at most 8 minutes on a GPU machine; gpu_check.json, .md and
+# details.tar.gz in OUT. SMOKE=1 runs the same steps on the CPU at tiny sizes (tests/test_gpu_check.py, so
+# part of make test). Needs no install: the venv's python where there is one, else python3 (GPU machines).
+.PHONY: gpu-check
+OUT   ?= runs/gpu-check
+SMOKE ?=
+gpu-check:
+	$(if $(wildcard $(PY)),$(PY),python3) benchmarks/gpu_check.py --out $(OUT) $(if $(filter-out 0,$(SMOKE)),--smoke)

@@ -1,0 +1,360 @@
+"""The GPU check: one command runs everything a lent GPU machine should show, under a time limit.
+
+    python3 benchmarks/gpu_check.py --out DIR            # on the GPU machine: at most 8 minutes
+    python3 benchmarks/gpu_check.py --out DIR --smoke    # the same steps on the CPU at tiny sizes
+    make gpu-check OUT=DIR [SMOKE=1]                     # the same, through make
+
+A GPU is lent rarely and briefly, so the script must work the first time: the smoke run (part of
+``make test``) goes through every step on the CPU first. Each step of :data:`STEPS` runs as its own
+process (``benchmarks/gpu_steps.py STEP``) under its own time limit; a failing or timed-out step never
+stops the next, and the whole run keeps inside ``--budget`` seconds. After every step the three
+files in ``--out`` are rewritten, so a run killed from outside still leaves what it had:
+
+- ``gpu_check.json`` — the machine, every step's status, time and result, the targets met or missed;
+- ``gpu_check.md`` — the same as Markdown tables;
+- ``details.tar.gz`` — every step's log and raw outputs (metrics, profiles, test report).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS_SCRIPT = Path(__file__).with_name("gpu_steps.py")
+ARCHIVED = (".log", ".json", ".jsonl", ".md", ".png", ".txt", ".toml", ".xml")  # what details.tar.gz keeps
+SMOKE_NOTE = ("SMOKE RUN on the CPU at tiny sizes: it proves the script, its numbers are not GPU numbers "
+              "and its targets say nothing about a GPU")
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    title: str
+    budget_s: int  # time limit on the GPU machine; the six add up to the 8-minute run with margin
+    smoke_budget_s: int  # time limit on the CPU smoke run: only a guard against hangs, ample for 2 shared cores
+
+
+STEPS = (
+    Step("env", "Environment: GPU, driver, versions, DALI's hardware JPEG decoder", 30, 120),
+    Step("tests", "Test suite's GPU-relevant parts on CUDA, one process", 125, 180),
+    Step("demo", "Demo recipe: bf16; fp16 + --chunks 2; --engine torch; accuracy; exact mid-epoch resume", 80, 240),
+    Step("loader", "Loader alone, M = 1, 4, 10: dali-ba vs torchvision (16 workers), torchvision on the GPU, "
+                   "DALI decode alone", 80, 180),
+    Step("figure5", "Figure 5: ResNet-50, bf16, channels_last, B = 64, M = 1, 4, 10 (profile step)", 100, 240),
+    Step("views", "python -m dali_ba.profile views, M = 1, 4, 10", 50, 180),
+)
+BUDGET_S = 470  # the whole GPU run, under the 8 minutes a lent machine gives it
+
+
+# --- running a step ---------------------------------------------------------------------------------
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every process below it (trainers, DataLoader workers, even in their own sessions)."""
+    import psutil
+
+    try:
+        parent = psutil.Process(pid)
+        family = [*parent.children(recursive=True), parent]
+    except psutil.NoSuchProcess:
+        return
+    for process in family:
+        try:
+            process.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=10)
+
+
+def run_logged(cmd: list[str], log: Path, timeout: float, env: dict | None = None) -> tuple[int | None, float]:
+    """Run ``cmd`` from the repository root with stdout and stderr to ``log``; kill its whole tree at
+    ``timeout`` seconds. Returns (exit code, or None when it timed out; seconds)."""
+    start = time.perf_counter()
+    with open(log, "ab") as out:
+        process = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
+        try:
+            rc = process.wait(timeout=max(1.0, timeout))
+        except subprocess.TimeoutExpired:
+            kill_tree(process.pid)
+            process.wait()
+            rc = None
+            out.write(f"\n[gpu_check: killed after {timeout:.0f} s]\n".encode())
+    return rc, time.perf_counter() - start
+
+
+def child_env() -> dict:
+    """The environment of every step and its runs: dali_ba importable from this checkout, output unbuffered
+    (a step finds benchmarks/' modules beside its script)."""
+    path = [str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(path)), "PYTHONUNBUFFERED": "1"}
+
+
+def run_step(step: Step, details: Path, work: Path, smoke: bool, remaining: float) -> dict:
+    """One step in its own process under min(its budget, the time left); its record for the report."""
+    folder = details / step.name
+    folder.mkdir(parents=True, exist_ok=True)
+    budget = step.smoke_budget_s if smoke else step.budget_s
+    limit = min(budget, remaining)
+    record = dict(name=step.name, title=step.title, budget_s=budget, limit_s=round(limit, 1))
+    if limit < 2:  # not even time to start Python and import torch
+        return dict(record, status="skipped (no time left)", seconds=0.0, result={})
+    cmd = [sys.executable, str(STEPS_SCRIPT), step.name, "--dir", str(folder), "--work", str(work), "--limit", str(limit)]
+    print(f"gpu_check: {step.name}: {step.title} (limit {limit:.0f} s)", flush=True)
+    rc, seconds = run_logged(cmd + (["--smoke"] if smoke else []), folder / "log.txt", limit, child_env())
+    result_file = folder / "result.json"
+    try:
+        result = json.loads(result_file.read_text()) if result_file.is_file() else {}
+    except json.JSONDecodeError as exc:  # killed while writing it
+        result = {"unreadable_result": str(exc)}
+    status = "ok" if rc == 0 else "timed out" if rc is None else f"failed (rc {rc})"
+    print(f"gpu_check: {step.name}: {status} in {seconds:.1f} s", flush=True)
+    return dict(record, status=status, rc=rc, seconds=round(seconds, 1), result=result)
+
+
+# --- the machine, the targets, the report -------------------------------------------------------------
+
+
+def machine() -> dict:
+    """What the driver can say without torch (the env step adds the GPU, driver and library versions)."""
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    memory = next((int(line.split()[1]) // 1024**2 for line in open("/proc/meminfo") if line.startswith("MemTotal")), 0)
+    return dict(cpu=cpu, cores=len(os.sched_getaffinity(0)), memory_gib=memory, os=platform.platform(),
+                python=platform.python_version(), load_average=os.getloadavg())
+
+
+def _ratio_target(name: str, views: int, value: float | None, detail: str, threshold: float) -> dict:
+    met = None if value is None else value >= threshold
+    return dict(target=name, views=views, value=value, threshold=threshold, met=met, detail=detail)
+
+
+def targets(steps: dict[str, dict]) -> list[dict]:
+    """The issue's targets as ratios measured in this one run; ``met`` is None where a step gave no number."""
+    loader = {(r["method"], r["views"]): r for r in steps.get("loader", {}).get("result", {}).get("results", [])}
+    out = []
+
+    def ratio(peer: str, views: int, key: str) -> tuple[float | None, str]:
+        """dali-ba's running rate over the peer's, and the numbers behind it (whole-epoch ratio too)."""
+        ours, theirs = loader.get(("a", views), {}), loader.get((peer, views), {})
+        if not (ours.get(f"running_{key}") and theirs.get(f"running_{key}")):
+            return None, "not measured"
+        value = ours[f"running_{key}"] / theirs[f"running_{key}"]
+        return value, (f"a {ours[f'running_{key}']:.0f} / {peer} {theirs[f'running_{key}']:.0f} {key.replace('_per_s', '/s')}"
+                       f" (whole epochs: {ours[key] / theirs[key]:.2f})")
+
+    for m in (4, 10):
+        out.append(_ratio_target("dali-ba views/s >= 3 x torchvision DataLoader (16 workers)", m,
+                                 *ratio("c", m, "views_per_s"), threshold=3.0))
+    out.append(_ratio_target("dali-ba samples/s at M = 1 >= 0.7 x DALI's decode alone (ceiling)", 1,
+                             *ratio("f", 1, "samples_per_s"), threshold=0.7))
+    source, rows = figure5_rows(steps)
+    for row in rows or [dict(views=m) for m in (1, 4, 10)]:
+        stall = row.get("data_stall")
+        out.append(dict(target="data stall <= 2 % of the step", views=row["views"], value=stall, threshold=0.02,
+                        met=None if stall is None else stall <= 0.02, detail=f"from {source}"))
+        fed, memory = row.get("images_per_s"), row.get("memory_images_per_s")
+        out.append(_ratio_target("training images/s fed by the loader >= 0.95 x from in-memory batches", row["views"],
+                                 fed / memory if fed and memory else None,
+                                 f"{fed or 0:.0f} / {memory or 0:.0f} img/s, from {source}", threshold=0.95))
+    return out
+
+
+def figure5_rows(steps: dict[str, dict]) -> tuple[str, list[dict]]:
+    """Figure 5's rows from the figure5 step, or from the views step where figure5 measured nothing."""
+    rows = steps.get("figure5", {}).get("result", {}).get("results", [])
+    if rows:
+        return "figure5 (profile step)", rows
+    return "views (profile views)", steps.get("views", {}).get("result", {}).get("results", [])
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    temporary = path.with_name(path.name + ".partial")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
+
+
+def archive(details: Path) -> bytes:
+    """details.tar.gz: the logs and small outputs of every step (no checkpoints, models or images)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for path in sorted(details.rglob("*")):
+            if path.is_file() and path.suffix in ARCHIVED and path.stat().st_size < 4 * 2**20:
+                tar.add(path, arcname=str(Path("details") / path.relative_to(details)))
+    return buffer.getvalue()
+
+
+def table(headers: list[str], rows: list[list]) -> list[str]:
+    """A Markdown table; None shows as a dash, floats with 3 significant digits (or whole above 1000)."""
+    def cell(value) -> str:
+        if value is None:
+            return "–"
+        if isinstance(value, float):
+            return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+        return str(value)
+
+    return (["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
+            + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows] + [""])
+
+
+def markdown(report: dict) -> str:
+    """gpu_check.md: the run, the machine, the steps, the targets, then each step's numbers."""
+    m, steps = report["machine"], {s["name"]: s for s in report["steps"]}
+    result = {name: s.get("result", {}) for name, s in steps.items()}
+    lines = [f"# GPU check: {m.get('gpu', '?')}", ""]
+    if report["smoke"]:
+        lines += [f"> **{report['note']}**", ""]
+    lines += [f"Started {report['started']}, {report['wall_s']:.0f} s of a {report['budget_s']:.0f} s budget: "
+              f"`{report['command']}`", "", "## Machine", ""]
+    keys = ("gpu", "gpu_memory_gib", "compute_capability", "driver", "torch_cuda", "cudnn", "torch", "torchvision",
+            "dali", "nvimgcodec", "python", "cores", "cpu", "memory_gib", "os")
+    lines += table(["what", "value"], [[key, m.get(key)] for key in keys])
+    lines += ["## Steps", ""] + table(["step", "what", "status", "seconds", "limit s"], [
+        [s["name"], s["title"], s["status"], s.get("seconds"), s.get("limit_s")] for s in report["steps"]])
+    verdicts = {True: "met", False: "**missed**", None: "not measured"}
+    lines += ["## Targets (ratios measured in this one run)", ""] + table(["target", "M", "value", "threshold", "", "from"], [
+        [t["target"], t["views"], t["value"], t["threshold"], verdicts[t["met"]], t["detail"]] for t in report["targets"]])
+    for name, render in (("env", _env_md), ("tests", _tests_md), ("demo", _demo_md), ("loader", _loader_md),
+                         ("figure5", _figure5_md), ("views", _views_md)):
+        if result.get(name):
+            lines += [f"## {steps[name]['title']}", ""] + render(result[name])
+    return "\n".join(lines)
+
+
+def _env_md(r: dict) -> list[str]:
+    hw = r.get("hardware_decoder", {})
+    runs = [(key, hw[key]) for key in ("dali_mixed_hw_load_0", "dali_mixed_default", "dali_cpu") if key in hw]
+    return [f"Hardware JPEG decoder in use by DALI: **{hw.get('in_use', '–')}** (evidence: {hw.get('evidence', '–')}); "
+            f"nvImageCodec's {hw.get('nvimgcodec_backend', '?')} backend decoded {hw.get('nvimgcodec_decoded', '–')} "
+            f"of {min(64, hw.get('files', 0))} files; nvidia-smi JPG utilisation samples: "
+            f"{hw.get('nvidia_smi_jpg_utilisation', '–')}.", ""] + table(
+        ["DALI decode", "hw_decoder_load", "images/s", "CPU ms per image", "cores busy"],
+        [[key, v.get("hw_decoder_load"), v.get("images_per_s"), v.get("cpu_ms_per_image"), v.get("cores_busy")]
+         if "error" not in v else [key, v["error"], None, None, None] for key, v in runs])
+
+
+def _tests_md(r: dict) -> list[str]:
+    counts = ", ".join(f"{n} {kind.lower()}" for kind, n in r.get("counts", {}).items()) or "none ran"
+    lines = [f"On CUDA: {r.get('cuda')}. Results: {counts}" + (" (cut off at the time limit)" if r.get("timed_out") else "")
+             + f". Files: {', '.join(r.get('files', []))}. `-k {r.get('select', '')}`", ""]
+    lines += [f"- failed: `{name}`" for name in r.get("failed", [])]
+    lines += [f"- deselected `{key}`: {why}" for key, why in r.get("deselected", {}).items()]
+    return lines + [""]
+
+
+def _demo_md(r: dict) -> list[str]:
+    runs = r.get("runs", {})
+    lines = table(["run", "flags", "rc", "device", "decoder", "engine", "top-1 %", "top-5 %", "steps/s", "seconds"], [
+        [name, v.get("flags"), v.get("rc"), v.get("device"), v.get("decoder"),
+         f"{v.get('engine')} ({v.get('engine_backend')})", v.get("top1"), v.get("top5"), v.get("steps_per_s"),
+         v.get("seconds")] for name, v in runs.items()])
+    acc, resume = r.get("accuracy", {}), r.get("resume", {})
+    stop = resume.get("stop", {})
+    lines += [f"Accuracy: bf16 top-1 {acc.get('gpu_bf16_top1')} % here against {acc.get('cpu_demo_top1')} % for the "
+              f"CPU demo (README, Measured; 2 ranks), difference {acc.get('difference')}.", "",
+              f"Resume: stopped at step {stop.get('step')} of {stop.get('steps_per_epoch')} per epoch (mid-epoch: "
+              f"{stop.get('mid_epoch')}, rc {stop.get('rc')}); resumed bit-identical to the uninterrupted run: "
+              f"**{resume.get('exact')}**; two uninterrupted runs identical (deterministic): {resume.get('deterministic')}"
+              + (f"; max |difference| resumed {resume['max_abs_difference_resumed']:.3g}, run to run "
+                 f"{resume['max_abs_difference_run_to_run']:.3g}" if "max_abs_difference_resumed" in resume else "")
+              + ".", ""]
+    return lines
+
+
+def _loader_md(r: dict) -> list[str]:
+    lines = [f"{r.get('files')} JPEGs (~500x375, ~110 KB), B = {r.get('batch')}, {r.get('view_size')} px views, "
+             f"{r.get('workers')} DataLoader workers / DALI threads, epochs cut at {r.get('epoch_seconds')} s; "
+             "running = without each epoch's start.", ""]
+    return lines + table(["method", "M", "samples/s", "views/s", "running samples/s", "running views/s", "cores used",
+                          "first batch s"], [
+        [f"({x['method']}) {x['name']}", x["views"], x["samples_per_s"], x["views_per_s"], x["running_samples_per_s"],
+         x["running_views_per_s"], x["cores_used"], x["first_batch_s"]] for x in r.get("results", [])])
+
+
+PHASES = ("data", "h2d", "forward_backward", "allreduce_step")
+
+
+def _figure5_md(r: dict) -> list[str]:
+    return table(["M", "steps/s", "img/s, loader", "img/s, memory", "data stall", "data wait", "loader alone samples/s",
+                  *[f"{p} ms" for p in PHASES]], [
+        [x["views"], x["steps_per_s"], x["images_per_s"], x["memory_images_per_s"], x["data_stall"],
+         x["data_wait_share"], x["loader_alone_samples_per_s"], *[x["phases_ms"].get(p) for p in PHASES]]
+        for x in r.get("results", [])])
+
+
+def _views_md(r: dict) -> list[str]:
+    return [f"Free views (step time within {r.get('tolerance')} of M = 1's): M = {r.get('free_views')}.", ""] + table(
+        ["M", "steps/s", "img/s", "views/s", "img/s, memory", "data stall", "step time / M=1's"], [
+            [x["views"], x["steps_per_s"], x["images_per_s"], x["views_per_s"], x["memory_images_per_s"], x["data_stall"],
+             x["step_time_ratio"]] for x in r.get("results", [])])
+
+
+def write_report(out: Path, report: dict, details: Path) -> None:
+    """Rewrite the three files of ``out`` (each atomically: a kill never leaves half a file)."""
+    write_atomic(out / "gpu_check.json", (json.dumps(report, indent=1, default=str) + "\n").encode())
+    write_atomic(out / "gpu_check.md", markdown(report).encode())
+    write_atomic(out / "details.tar.gz", archive(details))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gpu_check.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="gpu_check.json, gpu_check.md, details.tar.gz land here")
+    parser.add_argument("--smoke", action="store_true", help="the same steps on the CPU at tiny sizes")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="scratch folder (data, runs, checkpoints), emptied first and kept (default: a temporary "
+                             "folder, removed at the end)")
+    parser.add_argument("--budget", type=float, default=None,
+                        help=f"seconds for the whole run (default {BUDGET_S}; smoke: the sum of its step limits)")
+    parser.add_argument("--steps", default=",".join(s.name for s in STEPS), help="comma-separated steps to run")
+    args = parser.parse_args(argv)
+    args.command = " ".join(["benchmarks/gpu_check.py", *(sys.argv[1:] if argv is None else argv)])
+    chosen = [s for s in STEPS if s.name in args.steps.split(",")]
+    unknown = set(args.steps.split(",")) - {s.name for s in STEPS}
+    if unknown:
+        parser.error(f"unknown steps {sorted(unknown)}; known: {', '.join(s.name for s in STEPS)}")
+    budget = args.budget or (sum(s.smoke_budget_s for s in chosen) if args.smoke else BUDGET_S)
+    work = args.work.resolve() if args.work else Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    shutil.rmtree(work, ignore_errors=True)
+    details = work / "details"
+    details.mkdir(parents=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        return run_all(args, chosen, budget, work, details)
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run_all(args: argparse.Namespace, chosen: list[Step], budget: float, work: Path, details: Path) -> int:
+    """Every chosen step in turn, the report rewritten after each; 0 when all of them were ok."""
+    started = time.perf_counter()
+    report = dict(kind="gpu_check", smoke=args.smoke, note=SMOKE_NOTE if args.smoke else "GPU run",
+                  started=time.strftime("%Y-%m-%d %H:%M:%S %Z"), budget_s=budget, command=args.command,
+                  machine=machine(), steps=[], targets=[], wall_s=0.0)
+    for step in chosen:
+        record = run_step(step, details, work, args.smoke, budget - (time.perf_counter() - started))
+        report["steps"].append(record)
+        if step.name == "env":
+            report["machine"].update(record["result"].get("machine", {}))
+        report["targets"] = targets({s["name"]: s for s in report["steps"]})
+        report["wall_s"] = round(time.perf_counter() - started, 1)
+        write_report(args.out, report, details)
+    failed = [s["name"] for s in report["steps"] if s["status"] != "ok"]
+    print(f"gpu_check: {len(chosen) - len(failed)} of {len(chosen)} steps ok"
+          + (f" (not ok: {', '.join(failed)})" if failed else "") + f" in {report['wall_s']:.0f} s; "
+          f"wrote {args.out / 'gpu_check.json'}, gpu_check.md, details.tar.gz", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

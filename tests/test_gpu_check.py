@@ -1,0 +1,196 @@
+"""make gpu-check: the GPU check's every step run on the CPU at tiny sizes (SMOKE=1), so that the script
+works the first time a GPU machine is lent; and its driver's handling of failing and hanging steps."""
+import json
+import os
+import sys
+import tarfile
+import textwrap
+
+import psutil
+import pytest
+
+from conftest import REPO, run_cli
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import gpu_check  # noqa: E402
+from gpu_steps import SMOKE_TESTS, read_outcomes  # noqa: E402
+
+STEPS = ("env", "tests", "demo", "loader", "figure5", "views")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu-check") / "out"
+    done = run_cli("make", "-s", "gpu-check", "SMOKE=1", f"OUT={out}", timeout=1200)  # ~1.5 min on 2 idle cores
+    return done, out
+
+
+def test_the_smoke_run_goes_through_every_step(smoke):
+    done, out = smoke
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["smoke"] and "SMOKE RUN" in report["note"]
+    assert [(s["name"], s["status"]) for s in report["steps"]] == [(name, "ok") for name in STEPS]
+    assert sorted(p.name for p in out.iterdir()) == ["details.tar.gz", "gpu_check.json", "gpu_check.md"]  # <= 8
+    machine = report["machine"]
+    assert machine["cores"] >= 1 and machine["torch"] and machine["dali"] and machine["gpu"] == "no GPU"
+    md = (out / "gpu_check.md").read_text()
+    assert "SMOKE RUN" in md and "| env | " in md and "## Targets" in md
+
+
+def test_the_smoke_run_has_the_numbers_of_every_step(smoke):
+    _, out = smoke
+    report = json.loads((out / "gpu_check.json").read_text())
+    result = {s["name"]: s["result"] for s in report["steps"]}
+    hardware = result["env"]["hardware_decoder"]
+    assert hardware["in_use"] == "no GPU" and hardware["nvimgcodec_decoded"] == hardware["files"]  # CPU backend
+    assert hardware["dali_cpu"]["images_per_s"] > 0
+    assert result["tests"]["counts"] == {"PASSED": len(SMOKE_TESTS)} and result["tests"]["failed"] == []
+    runs = result["demo"]["runs"]
+    assert {name: run["rc"] for name, run in runs.items()} == {
+        "bf16": 0, "fp16_chunks2": 0, "torch_engine": 0, "resume_reference": 0, "resume_reference_again": 0,
+        "resume_stopped": 75}
+    assert runs["resume_stopped"]["rc_after_resume"] == 0 and runs["torch_engine"]["engine"] == "torch"
+    assert all(run["top1"] is not None for run in runs.values())
+    assert all(run["steps_per_s"] > 0 for name, run in runs.items() if name != "resume_stopped")  # resumed: warm-up only
+    resume = result["demo"]["resume"]
+    assert resume["exact"] is True and resume["deterministic"] is True and resume["stop"]["mid_epoch"] is True
+    assert result["demo"]["accuracy"]["cpu_demo_top1"] == 84.5
+    rows = {(r["method"], r["views"]): r for r in result["loader"]["results"]}
+    assert set(rows) == {(m, v) for m in "acg" for v in (1, 4, 10)} | {("f", 1)}
+    assert all(r["views_per_s"] > 0 and r["running_views_per_s"] > 0 and r["cores_used"] > 0 for r in rows.values())
+    for name in ("figure5", "views"):
+        fig = result[name]["results"]
+        assert [r["views"] for r in fig] == [1, 4, 10]
+        assert all(r["steps_per_s"] > 0 and r["memory_images_per_s"] > 0 and 0 <= r["data_stall"] <= 1 for r in fig)
+        assert all(set(r["phases_ms"]) == {"data", "h2d", "forward_backward", "allreduce_step"} for r in fig)
+    targets = report["targets"]
+    assert len(targets) == 9 and all(t["met"] in (True, False) and t["value"] >= 0 for t in targets)
+
+
+def test_the_archive_holds_every_steps_log_and_raw_outputs(smoke):
+    _, out = smoke
+    with tarfile.open(out / "details.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert {f"details/{step}/log.txt" for step in STEPS} <= names
+    assert {f"details/{step}/result.json" for step in STEPS} <= names
+    assert {"details/tests/pytest.log", "details/demo/bf16.metrics.jsonl", "details/figure5/m10/profile_step.json",
+            "details/views/views/profile_views.json"} <= names
+    assert not any(name.endswith((".pt", ".jpg")) for name in names)
+
+
+FAKE_STEPS = textwrap.dedent("""
+    import json, pathlib, subprocess, sys, time
+    step, folder = sys.argv[1], pathlib.Path(sys.argv[sys.argv.index("--dir") + 1])
+    if step == "env":  # writes its machine block, then fails
+        (folder / "result.json").write_text(json.dumps({"machine": {"gpu": "fake GPU"}}))
+        sys.exit(3)
+    if step == "tests":  # hangs, with a child of its own in its own session
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+        (folder / "child.pid").write_text(str(child.pid))
+        time.sleep(120)
+    print("done")
+""")
+
+
+def test_a_failing_or_hanging_step_never_stops_the_next(tmp_path, monkeypatch):
+    script = tmp_path / "fake_steps.py"
+    script.write_text(FAKE_STEPS)
+    monkeypatch.setattr(gpu_check, "STEPS_SCRIPT", script)
+    monkeypatch.setattr(gpu_check, "STEPS", tuple(gpu_check.Step(name, name, 3, 3) for name in ("env", "tests", "demo")))
+    work, out = tmp_path / "work", tmp_path / "out"
+    assert gpu_check.main(["--out", str(out), "--work", str(work), "--smoke"]) == 1
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert [(s["name"], s["status"]) for s in report["steps"]] == [
+        ("env", "failed (rc 3)"), ("tests", "timed out"), ("demo", "ok")]
+    assert report["machine"]["gpu"] == "fake GPU" and report["machine"]["cores"] >= 1
+    assert 2.5 < report["steps"][1]["seconds"] < 10
+    child = int((work / "details" / "tests" / "child.pid").read_text())
+    assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+    assert "killed after 3 s" in (work / "details" / "tests" / "log.txt").read_text()
+    assert sorted(p.name for p in out.iterdir()) == ["details.tar.gz", "gpu_check.json", "gpu_check.md"]
+    assert "| tests | tests | timed out |" in (out / "gpu_check.md").read_text()
+
+
+def test_a_step_left_without_time_is_skipped(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "STEPS", (gpu_check.Step("env", "env", 3, 3),))
+    assert gpu_check.main(["--out", str(tmp_path), "--budget", "1", "--smoke"]) == 1
+    (step,) = json.loads((tmp_path / "gpu_check.json").read_text())["steps"]
+    assert step["status"] == "skipped (no time left)"
+
+
+def test_targets_are_ratios_of_one_run_and_unmeasured_where_a_step_gave_nothing():
+    loader = [dict(method=m, views=v, running_views_per_s=rate * v, running_samples_per_s=rate, views_per_s=rate * v / 2,
+                   samples_per_s=rate / 2)
+              for m, v, rate in (("a", 4, 900), ("c", 4, 300), ("a", 10, 500), ("c", 10, 200), ("a", 1, 700), ("f", 1, 1000))]
+    figure5 = [dict(views=1, data_stall=0.01, images_per_s=97, memory_images_per_s=100),
+               dict(views=4, data_stall=0.05, images_per_s=90, memory_images_per_s=100)]
+    found = {(t["target"].split()[0] + " " + t["target"].split()[1], t["views"]): t for t in gpu_check.targets(
+        {"loader": {"result": {"results": loader}}, "figure5": {"result": {"results": figure5}}})}
+    assert found["dali-ba views/s", 4]["value"] == pytest.approx(3.0) and found["dali-ba views/s", 4]["met"]
+    assert found["dali-ba views/s", 10]["value"] == pytest.approx(2.5) and not found["dali-ba views/s", 10]["met"]
+    assert found["dali-ba samples/s", 1]["value"] == pytest.approx(0.7) and found["dali-ba samples/s", 1]["met"]
+    assert found["data stall", 1]["met"] and not found["data stall", 4]["met"]
+    assert found["training images/s", 1]["met"] and not found["training images/s", 4]["met"]
+    assert found["dali-ba views/s", 4]["detail"] == "a 3600 / c 1200 views/s (whole epochs: 3.00)"
+    unmeasured = gpu_check.targets({})
+    assert len(unmeasured) == 9 and all(t["met"] is None and t["value"] is None for t in unmeasured)
+
+
+def test_test_outcomes_are_read_from_a_verbose_log_even_when_cut_short():
+    log = "\n".join(["tests/test_a.py::test_one PASSED                [ 10%]",
+                     "tests/test_a.py::test_two[x-1] FAILED           [ 20%]",
+                     "tests/test_a.py::test_two[x-1] ERROR            [ 20%]",
+                     "tests/test_b.py::test_three SKIPPED (no GPU)    [ 30%]",
+                     "tests/test_b.py::test_four "])
+    assert read_outcomes(log) == {"tests/test_a.py::test_one": "PASSED", "tests/test_a.py::test_two[x-1]": "ERROR",
+                                  "tests/test_b.py::test_three": "SKIPPED"}
+
+
+FAKE_NVIDIA_SMI = """#!/bin/sh
+case "$1" in
+  dmon) printf '# gpu     sm    mem    enc    dec    jpg    ofa\\n# Idx      %%      %%      %%      %%      %%      %%\\n'
+        printf '    0      3      1      0      0     42      -\\n    0      2      1      0      0     57      0\\n' ;;
+  *) echo "NVIDIA H100 80GB HBM3, 580.159.04, 81559 MiB" ;;
+esac
+"""
+
+
+def test_nvidia_smi_is_read_for_the_gpu_and_the_jpeg_engines(tmp_path, monkeypatch):
+    from gpu_steps import JpgUtilisation, nvidia_smi
+
+    (tmp_path / "nvidia-smi").write_text(FAKE_NVIDIA_SMI)
+    (tmp_path / "nvidia-smi").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    info = nvidia_smi()
+    assert info["driver"] == "580.159.04" and info["nvidia_smi"]["name"] == "NVIDIA H100 80GB HBM3"
+    with JpgUtilisation(samples=2) as jpg:
+        pass
+    assert jpg.samples == [42, 57]
+
+
+def test_the_steps_limits_fit_the_eight_minutes_of_a_gpu_machine():
+    assert sum(step.budget_s for step in gpu_check.STEPS) <= gpu_check.BUDGET_S <= 8 * 60
+
+
+def test_the_markdown_report_shows_what_only_a_gpu_run_has():
+    decode = dict(hw_decoder_load=0.0, images=6400, images_per_s=3200.0, cpu_ms_per_image=2.5, cores_busy=8.0)
+    env = dict(hardware_decoder=dict(files=512, nvimgcodec_backend="hw_gpu_only", nvimgcodec_decoded=64, in_use=True,
+                                     evidence="nvidia-smi JPG utilisation", nvidia_smi_jpg_utilisation=[0, 71, 70],
+                                     dali_mixed_hw_load_0=decode,
+                                     dali_mixed_default=dict(decode, hw_decoder_load="default", cpu_ms_per_image=0.9)))
+    demo = dict(runs={"bf16": dict(flags="--amp bf16", rc=0, device="cuda", decoder="mixed", engine="none",
+                                   engine_backend=None, top1=83.0, top5=99.0, steps_per_s=40.0, seconds=30.0)},
+                accuracy=dict(gpu_bf16_top1=83.0, cpu_demo_top1=84.5, difference=-1.5),
+                resume=dict(stop=dict(rc=75, step=5, steps_per_epoch=40, mid_epoch=True), deterministic=False,
+                            exact=None, max_abs_difference_resumed=2e-6, max_abs_difference_run_to_run=3e-6))
+    report = dict(smoke=False, note="GPU run", started="now", wall_s=400.0, budget_s=470, command="gpu_check.py",
+                  machine=dict(gpu="NVIDIA H100 80GB HBM3", driver="580.159.04", cores=16),
+                  steps=[dict(name="env", title="Environment", status="ok", seconds=20.0, limit_s=30, result=env),
+                         dict(name="demo", title="Demo", status="ok", seconds=60.0, limit_s=80, result=demo)],
+                  targets=gpu_check.targets({}))
+    md = gpu_check.markdown(report)
+    assert md.startswith("# GPU check: NVIDIA H100 80GB HBM3") and "SMOKE" not in md
+    assert "in use by DALI: **True**" in md and "| dali_mixed_default | default | 3200 | 0.9 | 8 |" in md
+    assert "| bf16 | --amp bf16 | 0 | cuda | mixed | none (None) | 83 | 99 | 40 | 30 |" in md
+    assert "max |difference| resumed 2e-06, run to run 3e-06" in md and "not measured" in md
