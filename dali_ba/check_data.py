@@ -8,7 +8,9 @@ decoded in full by Pillow (what a truncated, empty or non-image file fails), ove
 processes (default: the cores this process may use); under a launcher with several ranks each rank
 takes every rank-th file and rank 0 gathers the answers. ``--quick`` only reads each file's header
 and trailer (JPEG SOI/EOI markers, PNG signature and IEND chunk, Pillow's header parse): much faster,
-but it misses damage inside the compressed data (see the README for what it missed, measured).
+but it misses damage inside the compressed data (see the README for what it missed, measured). Either
+way an image whose header says it has more than ``--max-image-pixels`` pixels is bad, as in
+training, and is never decoded.
 
 Writes ``--out`` (default: bad_files.txt) with one ``<path>\\t<reason>`` line per bad file, and with
 ``--fix-list`` a ``<path> <label>`` list of the good files for --train/--val. Exit status: 0 when every
@@ -27,7 +29,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from dali_ba.errors import UsageError
-from dali_ba.recipe import OneLineParser
+from dali_ba.recipe import DataConfig, OneLineParser
 
 PROG = "python -m dali_ba.check_data"
 TRAILERS = {b"\xff\xd8": b"\xff\xd9", b"\x89PNG\r\n\x1a\n": b"IEND\xaeB`\x82"}
@@ -85,34 +87,53 @@ def _header_problem(file: IO[bytes]) -> str | None:
     return None
 
 
-def _check_sample(sample: str | tuple[str, int, int], quick: bool) -> str | None:
+def size_problem(image: str | IO[bytes], max_pixels: int) -> str | None:
+    """An image whose header says it has more than ``max_pixels`` pixels: the loaders skip it as a
+    broken file without decoding it (:mod:`dali_ba.reader`), and so does this check."""
+    from dali_ba.reader import ImageTooLarge, header_size, pixels_problem
+
+    if not max_pixels:
+        return None
+    try:
+        return pixels_problem(*header_size(image), max_pixels)
+    except ImageTooLarge as exc:
+        return f"{exc.pixels} pixels, more than --max-image-pixels {max_pixels}: not decoded" if exc.pixels > max_pixels else None
+    except Exception:  # noqa: BLE001 - an unreadable header is the other checks' to name
+        return None
+    finally:
+        if not isinstance(image, str):
+            image.seek(0)
+
+
+def _check_sample(sample: str | tuple[str, int, int], quick: bool, max_pixels: int = 0) -> str | None:
     """The problem of one sample: a file's path, or (tar, offset, size) of a sample in a shard."""
     if not isinstance(sample, str):
         from dali_ba.data.shards import _pread
 
         sample = io.BytesIO(_pread(*sample))
-    return header_problem(sample) if quick else decode_problem(sample)
+    return size_problem(sample, max_pixels) or (header_problem(sample) if quick else decode_problem(sample))
 
 
-def _check_all(samples: list, workers: int, quick: bool) -> list[str | None]:
-    check = partial(_check_sample, quick=quick)
+def _check_all(samples: list, workers: int, quick: bool, max_pixels: int = 0) -> list[str | None]:
+    check = partial(_check_sample, quick=quick, max_pixels=max_pixels)
     if workers <= 1 or len(samples) < 64:
         return list(map(check, samples))
     with ProcessPoolExecutor(workers) as pool:
         return list(pool.map(check, samples, chunksize=max(1, min(256, len(samples) // (8 * workers)))))
 
 
-def check_files(files: list[str], workers: int, quick: bool = False) -> dict[str, str]:
+def check_files(files: list[str], workers: int, quick: bool = False, max_pixels: int = 0) -> dict[str, str]:
     """{path: reason} for every file of ``files`` that fails, checked over ``workers`` processes."""
-    return {path: reason for path, reason in zip(files, _check_all(files, workers, quick)) if reason}
+    return {path: reason for path, reason in zip(files, _check_all(files, workers, quick, max_pixels)) if reason}
 
 
-def check_samples(dataset, indices: list[int], workers: int, quick: bool = False) -> dict[str, str]:
+def check_samples(dataset, indices: list[int], workers: int, quick: bool = False, max_pixels: int = 0) -> dict[str, str]:
     """{name: reason} for every sample ``indices`` of ``dataset`` (files or shards) that fails."""
     members = dataset.members
     samples = [dataset.files[i] if members is None else (members.tars[members.shard[i]], int(members.offset[i]),
                int(members.size[i])) for i in indices]
-    return {dataset.files[i]: reason for i, reason in zip(indices, _check_all(samples, workers, quick)) if reason}
+    problems = _check_all(samples, workers, quick, max_pixels)
+    return {dataset.files[i]: reason for i, reason in zip(indices, problems) if reason}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,9 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fix-list", metavar="OUT.txt", help="also write a '<path> <label>' list of the good files")
     parser.add_argument("--workers", type=int, default=0, help="processes per rank (default: the usable cores / local ranks)")
     parser.add_argument("--quick", action="store_true", help="header and trailer only, no decode (fast, misses inner damage)")
+    parser.add_argument("--max-image-pixels", type=int, default=DataConfig.max_image_pixels, metavar="N",
+                        help="an image whose header says it has more pixels is bad (as in training), never decoded; "
+                             "0: no limit (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.workers < 0:
         parser.error(f"--workers must be >= 0, got {args.workers}")
+    if args.max_image_pixels < 0:
+        parser.error(f"--max-image-pixels must be >= 0, got {args.max_image_pixels}")
     try:
         from dali_ba.data.dataset import load_dataset
 
@@ -141,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     world = _world()
     workers = args.workers or max(1, len(os.sched_getaffinity(0)) // world.local_size)
     started = time.perf_counter()
-    bad = check_samples(dataset, list(range(world.rank, len(dataset), world.size)), workers, args.quick)
+    bad = check_samples(dataset, list(range(world.rank, len(dataset), world.size)), workers, args.quick, args.max_image_pixels)
     elapsed = time.perf_counter() - started
     parts = world.gather((bad, elapsed, workers))
     world.close()

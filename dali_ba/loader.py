@@ -24,7 +24,7 @@ from dali_ba.data.sharding import eval_shard, train_shard
 from dali_ba.errors import UnreadableImageError, UsageError
 from dali_ba.augment import Augmentation
 from dali_ba.pipeline import batch_augment_pipeline, center_crop_pipeline, decode_pipeline, param_outputs
-from dali_ba.reader import Plan, SampleSource, new_size_cache
+from dali_ba.reader import DEFAULT_MAX_IMAGE_PIXELS, Plan, SampleSource, new_size_cache
 from dali_ba.views import TorchViews
 
 DECODERS = ("auto", "cpu", "mixed")
@@ -169,7 +169,7 @@ class _ShardedLoader:
         self.bad_files: dict[str, str] = {}
         self.max_bad_files = max(10, len(self.dataset) // 100)
         self.on_bad_file: Callable[[str, str], None] | None = None  # told of each new broken file
-        self.max_image_pixels = 0  # larger images (by their header) are broken files, never decoded; 0: no limit
+        self.max_image_pixels = DEFAULT_MAX_IMAGE_PIXELS  # larger images (by their header) are broken files, never decoded; 0: no limit
         self.sizes = new_size_cache(self.dataset)  # decoded sizes from headers, read once per run (shareable)
         self._feeds: dict[str, _Feed] = {}  # a pipeline per kind of pass, built once
 

@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 READ_AHEAD = 2  # batches read ahead of the one DALI asks for (as DALI's own file reader does)
 READ_THREADS = 4  # reads wait on the file system, not the CPU: a few more threads than cores is fine
 EXIF_ORIENTATION = 0x0112
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS)
 
 
 @dataclass
@@ -49,17 +50,40 @@ class Plan:
         return self.slots[at : at + self.batch_size], self.reads[at : at + self.batch_size].copy()
 
 
-def header_size(data: bytes) -> tuple[int, int]:
-    """Decoded (height, width) of an encoded image, from its header, after the EXIF rotation that
-    DALI's decoder applies (orientations 5-8 swap the sides). Raises on an unreadable header."""
+def header_size(image: bytes | str | IO[bytes]) -> tuple[int, int]:
+    """Decoded (height, width) of an encoded image (its bytes, path or file), from its header, after
+    the EXIF rotation that DALI's decoder applies (orientations 5-8 swap the sides). Raises on an
+    unreadable header (:class:`ImageTooLarge` where Pillow will not even open it)."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as image:
-        width, height = image.size
-        turned = image.format == "JPEG" and image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+    try:
+        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as image:
+            width, height = image.size
+            turned = image.format == "JPEG" and image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+    except Image.DecompressionBombError as exc:  # over twice Pillow's limit: it names the pixel count only
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        if found is None:
+            raise
+        raise ImageTooLarge(int(found.group(1))) from None
     if width < 1 or height < 1:
         raise ValueError(f"empty image ({width}x{height})")
     return (width, height) if turned else (height, width)
+
+
+class ImageTooLarge(ValueError):
+    """A header whose image Pillow refuses to open (more than twice its decompression-bomb limit)."""
+
+    def __init__(self, pixels: int) -> None:
+        super().__init__(f"{pixels} pixels, more than twice Pillow's decompression-bomb limit")
+        self.pixels = pixels
+
+
+def pixels_problem(height: int, width: int, max_pixels: int) -> str | None:
+    """Why an image of this decoded size is not decoded at all (None: it is not too large; 0: no
+    limit). One such image decoded whole can take gigabytes: an out-of-memory kill hours into a job."""
+    if max_pixels and height * width > max_pixels:
+        return f"{width}x{height} pixels, more than --max-image-pixels {max_pixels}: not decoded"
+    return None
 
 
 class SampleSource:
@@ -105,12 +129,13 @@ class SampleSource:
         if self.sizes[index, 0] < 0:
             try:
                 self.sizes[index] = header_size(data)
+            except ImageTooLarge as exc:
+                if self.max_pixels and exc.pixels > self.max_pixels:
+                    return data, f"{exc.pixels} pixels, more than --max-image-pixels {self.max_pixels}: not decoded"
+                return data, f"unreadable header: {exc}"
             except Exception as exc:  # noqa: BLE001 - any header Pillow cannot parse makes a broken file
                 return data, f"unreadable header: {_reason(exc)}"
-        height, width = self.sizes[index]
-        if self.max_pixels and height * width > self.max_pixels:
-            return data, f"{width}x{height} pixels, more than --max-image-pixels {self.max_pixels}: not decoded"
-        return data, None
+        return data, pixels_problem(*self.sizes[index], self.max_pixels)
 
     def _read_ahead(self, batch: int) -> None:
         if batch < self.plan.batches and batch not in self._reads:

@@ -50,6 +50,9 @@ class DataConfig:
     view_stage: str = option("auto", "who makes the training views: auto (torch on the cpu decoder, DALI's operators "
                                      "with mixed), torch (decoding on the CPU then), or dali (the GPU path's graph, "
                                      "on DALI's CPU operators with the cpu decoder)")
+    max_image_pixels: int = option(89_478_485, 'an image whose header says it has more pixels is a broken file, never '
+                                               'decoded (default: Pillow\'s decompression-bomb limit, '
+                                               'dali_ba.reader.DEFAULT_MAX_IMAGE_PIXELS); 0: no limit')
     max_bad_files: int = option(-1, 'broken files skipped (named in the log and <output>/bad_files.txt) before the '
                                     'run stops with an error; -1: 1% of the training files, at least 10')
 
@@ -113,7 +116,8 @@ class Recipe:
         """Range checks that need no data or GPU; raises UsageError naming the field."""
         d, m, o, r = self.data, self.model, self.optim, self.run
         at_least = [(d, "batch_size", 1), (d, "views", 1), (d, "view_size", 1), (d, "val_resize", 1),
-                    (d, "val_crop", 1), (d, "dali_threads", 1), (d, "val_batch_size", 0), (d, "eval_views", 0), (d, "calibrate_bn", 0), (d, "max_bad_files", -1), (o, "epochs", 1),
+                    (d, "val_crop", 1), (d, "dali_threads", 1), (d, "val_batch_size", 0), (d, "eval_views", 0), (d, "calibrate_bn", 0), (d, "max_bad_files", -1),
+                    (d, "max_image_pixels", 0), (o, "epochs", 1),
                     (o, "lr_batch", 1), (o, "chunks", 1), (r, "log_every", 1), (r, "max_steps", 0),
                     (r, "torch_threads", 0), (r, "timing_warmup", 0), (r, "checkpoint_every", 0),
                     (r, "keep_checkpoints", 1)]

@@ -159,3 +159,62 @@ def test_a_broken_slot_is_refilled_from_its_batch_and_left_out_of_evaluation(tmp
     val = ValidationLoader(tmp_path / "list.txt", batch_size=4, resize=28, crop=24, num_threads=1)
     val.bad_files = loader.bad_files
     assert sorted(y for _, labels in val for y in labels.tolist()) == [i for i in range(12) if i != 5]
+
+
+@pytest.fixture(scope="module")
+def giant(tmp_path_factory):
+    """The demo's two classes with a real 20000 x 20000 JPEG among them (4.7 MB on disk, 1.2 GB decoded as RGB)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("giant")
+    for cls, count in (("disc_warm", 10), ("ring_cool", 10)):
+        (root / cls).mkdir()
+        for k in range(count):
+            identity_image(k).save(root / cls / f"{k}.jpg", quality=90)
+    Image.new("L", (20000, 20000), 128).save(root / "ring_cool" / "giant.jpg", quality=50)
+    return root
+
+
+def test_a_giant_image_is_skipped_without_being_decoded(giant, tmp_path):
+    """Its header says 400 M pixels, over --max-image-pixels (Pillow's 89.5 M by default): a broken
+    file on either view stage, named and counted, never decoded."""
+    import os
+    import subprocess
+
+    from conftest import REPO
+
+    out = tmp_path / "run"
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    for stage in ("torch", "dali"):
+        job = subprocess.Popen([*TRAIN, "--train", str(giant), "--val", str(giant), "--output", str(out / stage),
+                                "--batch-size", "4", "--views", "2", "--epochs", "1", "--view-stage", stage],
+                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout, stderr = job.communicate(timeout=300)
+        assert job.returncode == 0, stderr[-2000:]
+        name = giant / "ring_cool" / "giant.jpg"
+        assert stderr.count(f"skipping broken file {name} (400000000 pixels, more than --max-image-pixels 89478485: not decoded)") == 1
+        assert records(out / stage, "epoch")[0]["bad_files"] == 1 and "Traceback" not in stderr
+
+
+def test_a_giant_image_costs_no_memory(giant, tmp_path):
+    """The peak resident memory of a run over the giant image stays about that of the same run
+    without it (torch, DALI and the model take ~1 GB here): decoding it would add 1.2 GB."""
+    import os
+    import shutil
+    import subprocess
+
+    from conftest import REPO
+
+    without = tmp_path / "without"
+    shutil.copytree(giant, without, ignore=shutil.ignore_patterns("giant.jpg"))
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    peak = {}
+    for data in (giant, without):
+        job = subprocess.Popen([*TRAIN, "--train", str(data), "--val", str(data), "--output", str(tmp_path / data.name),
+                                "--batch-size", "4", "--views", "2", "--epochs", "1", "--view-stage", "dali"],
+                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _, status, usage = os.wait4(job.pid, 0)  # this child's own resource usage
+        assert os.waitstatus_to_exitcode(status) == 0
+        peak[data] = usage.ru_maxrss * 1024
+    decoded = 20000 * 20000 * 3
+    assert peak[giant] - peak[without] < decoded / 3, {k.name: v >> 20 for k, v in peak.items()}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_cli
+from conftest import identity_image, run_cli
 from dali_ba.check_data import check_files
 from dali_ba.data.dataset import read_file_list
 
@@ -146,3 +146,25 @@ def test_clean_data_exits_zero(demo_data, tmp_path):
 def test_check_data_bad_input_is_one_line(demo_data, args, message):
     done = run_cli(*CHECK, *[str(demo_data / "val") if a == "DEMO" else a for a in args], timeout=60)
     assert done.returncode == 2 and done.stderr.strip() == f"python -m dali_ba.check_data: error: {message}"
+
+
+def test_a_giant_image_is_bad_by_its_header(tmp_path):
+    """An image whose header says more than --max-image-pixels is listed without being decoded, as
+    the loaders skip it; the recipe's default is the reader's (Pillow's limit)."""
+    from PIL import Image
+
+    from dali_ba.reader import DEFAULT_MAX_IMAGE_PIXELS
+    from dali_ba.recipe import DataConfig
+
+    assert DataConfig.max_image_pixels == DEFAULT_MAX_IMAGE_PIXELS == Image.MAX_IMAGE_PIXELS
+    for cls in ("a", "b"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        identity_image(1).save(tmp_path / "data" / cls / "small.jpg")
+    Image.new("L", (12000, 9000), 128).save(tmp_path / "data" / "b" / "large.jpg", quality=50)  # 108 M pixels
+    for limit, listed in ((None, True), ("100000000", True), ("200000000", False)):
+        out = tmp_path / f"bad-{limit}.txt"
+        done = run_cli(*CHECK, str(tmp_path / "data"), "--out", str(out), "--quick",
+                       *(["--max-image-pixels", limit] if limit else []))
+        assert done.returncode == (1 if listed else 0), done.stderr
+        text = out.read_text()
+        assert ("large.jpg\t12000x9000 pixels, more than --max-image-pixels" in text) == listed, text
