@@ -221,7 +221,7 @@ def load_step_data(recipe: Recipe):
 def measure_step(world, recipe: Recipe, train_set, steps: int, warmup: int, cache: int) -> dict | None:
     """Time the loader alone, then training steps fed by the loader, then from cached batches, on an
     open world (so that a sweep joins the ranks once). Rank 0 gets the statistics over all ranks, the others None."""
-    from dali_ba.train import setup_training
+    from dali_ba.step import setup_training
 
     d, m = recipe.data, recipe.model
     training = setup_training(recipe, world, train_set)  # exactly as dali_ba.train sets up a rank
@@ -358,7 +358,7 @@ def profile_views(recipe: Recipe, view_counts: list[int], tolerance: float, step
     """:func:`measure_step` at each M of ``view_counts`` (the recipe otherwise as given), the ranks joined
     once for the whole sweep. Rank 0 gets the sweep, the others None."""
     from dali_ba import distributed
-    from dali_ba.train import check_world
+    from dali_ba.checks import check_world
 
     sweep = [dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, views=m)).validate() for m in view_counts]
     train_set = load_step_data(recipe)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dali_ba.metrics import COLUMNS, PHASES, Progress, StepClock, StepTimes, summary_table
-from dali_ba.train import gradient_norm
+from dali_ba.step import gradient_norm
 
 
 class FakeWorld:

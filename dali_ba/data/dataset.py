@@ -1,57 +1,22 @@
 """Reader stage: turn an ImageNet-style folder, a file list or tar shards into (files, labels).
 
 Pure Python and cheap, so every data problem is reported before a DALI pipeline or a model exists.
+Each reader returns an :class:`~dali_ba.data.samples.ImageDataset` (importable from here too); tar
+shards are indexed by :mod:`dali_ba.data.shard_index`.
 """
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
 
+from dali_ba.data.samples import ImageDataset
+from dali_ba.data.shard_index import is_shard_source, read_shards
 from dali_ba.errors import UsageError
 
-if TYPE_CHECKING:
-    from dali_ba.data.shards import ShardMembers
+__all__ = ["IMAGE_EXTENSIONS", "ImageDataset", "load_dataset", "read_file_list", "scan_folder"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-
-
-@dataclass(frozen=True)
-class ImageDataset:
-    """Absolute file paths, integer labels and class names, in a fixed (sorted) order.
-
-    For tar shards, ``files`` are the samples' names (``<tar>:<member>``) and ``members`` says where
-    their bytes are (:mod:`dali_ba.data.shards`); ``None`` for files on disk.
-    """
-
-    files: tuple[str, ...]
-    labels: tuple[int, ...]
-    classes: tuple[str, ...]
-    source: str
-    members: ShardMembers | None = None
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    def read(self, index: int) -> bytes:
-        """The encoded bytes of sample ``index`` (from its file, or its byte range in a shard)."""
-        if self.members is None:
-            with open(self.files[index], "rb") as file:
-                return file.read()
-        return self.members.read(index)
-
-    def open(self, index: int) -> str | IO[bytes]:
-        """Sample ``index`` as something Pillow opens: its path, or its bytes from a shard."""
-        if self.members is None:
-            return self.files[index]
-        return io.BytesIO(self.members.read(index))
 
 
 def _is_image(name: str) -> bool:
@@ -132,8 +97,6 @@ def read_file_list(list_path: str | os.PathLike, root: str | os.PathLike | None 
 def load_dataset(path: str | os.PathLike, classes: Sequence[str] | None = None) -> ImageDataset:
     """A folder of class folders (labels by ``classes`` when given), a ``.txt`` file list, or tar
     shards: a folder of ``.tar`` files, one ``.tar``, or a comma-separated list of them."""
-    from dali_ba.data.shards import is_shard_source, read_shards
-
     if is_shard_source(path) and not _has_class_folders(Path(path)):
         return read_shards(path, classes)
     path = Path(path)

@@ -1,0 +1,63 @@
+"""Every command-line entry point answers --help: exit 0, a usage text, no traceback."""
+import configparser
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_cli
+
+COMMANDS = [
+    ["dali_ba.train"],
+    ["dali_ba.profile"],
+    ["dali_ba.profile", "pipeline"],
+    ["dali_ba.profile", "step"],
+    ["dali_ba.profile", "views"],
+    ["dali_ba.profile", "collect"],
+    ["dali_ba.plot"],
+    ["dali_ba.check_data"],
+    ["dali_ba.reproduce"],
+    ["dali_ba.data.shards"],
+    ["dali_ba.data.synth"],
+    ["dali_ba.data.digits"],
+    ["dali_ba.data.cifar10"],
+]
+
+
+def console_scripts() -> dict[str, str]:
+    """setup.cfg's console scripts: name -> 'module:function'."""
+    config = configparser.ConfigParser()
+    config.read(REPO / "setup.cfg")
+    lines = config["options.entry_points"]["console_scripts"].strip().splitlines()
+    return dict((part.strip() for part in line.split("=", 1)) for line in lines)
+
+
+def assert_help(done, command: str) -> None:
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, f"{command} --help exited {done.returncode}:\n{output[-2000:]}"
+    assert done.stdout.lstrip().startswith("usage:"), f"{command} --help printed no usage:\n{output[-2000:]}"
+    assert "Traceback" not in output, output[-2000:]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_every_module_command_answers_help(command):
+    assert_help(run_cli(sys.executable, "-m", *command, "--help", timeout=120), f"python -m {' '.join(command)}")
+
+
+def test_every_module_with_a_command_line_is_listed():
+    """A new ``python -m`` entry point gets its --help test too."""
+    found = {".".join(path.relative_to(REPO).with_suffix("").parts) for path in (REPO / "dali_ba").rglob("*.py")
+             if 'if __name__ == "__main__":' in path.read_text()}
+    assert found == {command[0] for command in COMMANDS}
+
+
+@pytest.mark.parametrize("name, target", sorted(console_scripts().items()))
+def test_every_console_script_answers_help(name, target):
+    """The entry point itself (installed or not), then the installed script where there is one."""
+    module, function = target.split(":")
+    code = f"import sys; from {module} import {function} as main; sys.argv[0] = {name!r}; sys.exit(main())"
+    assert_help(run_cli(sys.executable, "-c", code, "--help", timeout=120), f"{target} ({name})")
+    script = Path(sys.executable).parent / name
+    if not script.exists():
+        pytest.skip(f"{name} is not installed beside {sys.executable} (pip install -e .)")
+    assert_help(run_cli(str(script), "--help", timeout=120), name)
