@@ -4,7 +4,8 @@ A checkpoint holds the model, optimizer, AMP scaler and LR-schedule state, the s
 torch RNG states, the running epoch sums and every rank's loader position (epoch and batches
 done), so a resumed run reads the same remaining samples under the same augmentations and, on
 CPU, reaches bit-identical parameters. Only rank 0 writes: to a temporary file, then an atomic
-rename, keeping the newest ``keep``. Files load with ``torch.load(weights_only=True)``: tensors and
+rename, keeping the newest ``keep`` (on a full disk the temporary file is removed and the run stops:
+:mod:`dali_ba.output`). Files load with ``torch.load(weights_only=True)``: tensors and
 plain Python values only, no code.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 from dali_ba import __version__
 from dali_ba.errors import UsageError
+from dali_ba.output import writing
 
 FORMAT = 1
 FOLDER = "checkpoints"
@@ -33,11 +35,12 @@ def save_checkpoint(output: Path, step: int, state: dict[str, Any], keep: int) -
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{step:09d}.pt"
     temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "wb") as file:
-        torch.save({"format": FORMAT, "version": __version__, **state}, file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)  # readers see the old set or the new file, never half a file
+    with writing(path, output, partial=temporary):  # a full disk: one line, no temporary file left
+        with open(temporary, "wb") as file:
+            torch.save({"format": FORMAT, "version": __version__, **state}, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)  # readers see the old set or the new file, never half a file
     for old in list_checkpoints(output)[keep:]:
         old.unlink(missing_ok=True)
     return path

@@ -7,3 +7,22 @@ class UsageError(Exception):
 
 class UnreadableImageError(UsageError):
     """A data file that cannot be decoded, found by one rank while training, so reported by that rank."""
+
+
+class RunStopped(Exception):
+    """A run that cannot go on though its input is fine: one line from rank 0, an exit code of its
+    own, and a last good checkpoint to resume from."""
+
+    exit_code = 1
+
+
+class OutputFullError(RunStopped):
+    """The output's file system is full or over quota (:mod:`dali_ba.output`)."""
+
+    exit_code = 74  # EX_IOERR
+
+
+class DivergedError(RunStopped):
+    """The training loss is not finite or above ``--max-loss``: the weights are no longer worth saving."""
+
+    exit_code = 4

@@ -43,21 +43,42 @@ class MetricsLog:
     ``tensorboard`` (a folder) the step and epoch records also go there as TensorBoard scalars."""
 
     def __init__(self, path: Path | None, append: bool = False, tensorboard: Path | None = None):
+        self._path, self._tensorboard = path, tensorboard
+        if path is not None and append:
+            _drop_partial_line(path)  # a run that stopped on a full disk may have left half a record
         self._file = open(path, "a" if append else "w") if path is not None else None
         self._scalars = TensorBoardScalars(tensorboard) if path is not None and tensorboard is not None else None
 
     def write(self, kind: str, **fields) -> None:
+        """One record (a full disk: :class:`dali_ba.output.OutputFullError` naming the file)."""
+        from dali_ba.output import writing
+
         if self._file:
-            self._file.write(json.dumps({"kind": kind, **fields}) + "\n")
-            self._file.flush()
+            with writing(self._path, self._path.parent):
+                self._file.write(json.dumps({"kind": kind, **fields}) + "\n")
+                self._file.flush()
         if self._scalars:
-            self._scalars.add(kind, fields)
+            with writing(self._tensorboard, self._path.parent):
+                self._scalars.add(kind, fields)
 
     def close(self) -> None:
+        from dali_ba.output import writing
+
         if self._file:
             self._file.close()
         if self._scalars:
-            self._scalars.close()
+            with writing(self._tensorboard, self._path.parent):
+                self._scalars.close()
+
+
+def _drop_partial_line(path: Path) -> None:
+    """Cut ``path`` back to its last complete line (a record cut short by a full disk)."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as file:
+            file.truncate(data.rfind(b"\n") + 1)
 
 
 class TensorBoardScalars:
@@ -202,6 +223,16 @@ def _floats(values: list) -> list[float]:
     return torch.stack([torch.as_tensor(v, dtype=torch.float64).reshape(()) for v in values]).tolist()
 
 
+def first_divergence(losses: np.ndarray, meta: Sequence[dict], max_loss: float) -> dict | None:
+    """The first step whose mean loss over ranks is not finite or above ``max_loss`` (0: only non-finite
+    losses), as its meta (step, lr, ...) with its loss; None when every loss is fine. Under fp16 AMP a
+    step that loss scaling skipped (inf gradients) has a finite loss: not a divergence."""
+    for loss, info in zip(losses.tolist(), meta):
+        if not math.isfinite(loss) or (max_loss and loss > max_loss):
+            return {**info, "loss": loss}
+    return None
+
+
 def phase_stats(per_rank: np.ndarray) -> dict[str, float | int]:
     """Statistics over ranks of one time (1-D, seconds per rank), to the microsecond: a step record
     stays small enough for millions of steps."""
@@ -223,6 +254,8 @@ class StepTimes:
     _rows: list[list[float]] = field(default_factory=list)
     _meta: list[dict] = field(default_factory=list)
     steady: list[np.ndarray] = field(default_factory=list)  # rank 0: (ranks, columns) per steady step
+    max_loss: float | None = None  # a mean loss not finite or above it is a divergence; None: not watched
+    diverged: dict | None = None  # the first diverged step's meta and loss, once one is seen (every rank)
 
     def add(self, row: StepRow | Sequence[float], loss, step_in_epoch: int, **meta) -> None:
         """Buffer a step: its clock row and loss (a float, or a tensor still on the device) are read
@@ -238,6 +271,8 @@ class StepTimes:
         rows = [[*(row.seconds() if isinstance(row, StepRow) else row), loss] for (row, _), loss in zip(self._rows, losses)]
         gathered = np.asarray(self.world.gather(rows))  # (ranks, steps, columns + loss)
         meta, self._rows, self._meta = self._meta, [], []
+        if self.max_loss is not None and self.diverged is None:  # every rank holds every loss: all decide alike
+            self.diverged = first_divergence(gathered[:, :, -1].mean(axis=0), meta, self.max_loss)
         if not self.world.is_root:
             return []
         records = []

@@ -81,6 +81,9 @@ class OptimConfig:
     warmup_epochs: float = option(0.0, 'linear warm-up from 0, in epochs')
     label_smoothing: float = option(0.0, 'cross-entropy label smoothing')
     chunks: int = option(1, 'split the B*M views into this many micro-batches, one optimizer step')
+    max_loss: float = option(100.0, 'a step whose mean loss over ranks is not finite or above this has diverged '
+                                    '(cross-entropy at chance is ln(classes), 6.9 for ImageNet): the run stops '
+                                    'there (see stop_on_divergence); 0: only a non-finite loss')
     regime: str = option("ba", 'ba: B unique x M views per step; ra (regime adaptation, the paper\'s Figure 4): '
                                'B*M unique samples x 1 view per step, M x the epochs, decays and warm-up')
 
@@ -103,6 +106,8 @@ class RunConfig:
     checkpoint_every: int = option(0, 'steps between checkpoints (0: only at epoch ends)')
     keep_checkpoints: int = option(3, 'newest checkpoints kept in <output>/checkpoints')
     resume: str = option("", "'auto': newest loadable checkpoint in --output (none: start afresh); or a checkpoint file")
+    stop_on_divergence: bool = option(True, 'stop at the first diverged step (see max_loss), writing no checkpoint of '
+                                            'its weights; --no-stop-on-divergence trains on whatever the loss')
 
 
 @dataclass
@@ -124,7 +129,7 @@ class Recipe:
         for section, name, low in at_least:
             if getattr(section, name) < low:
                 raise UsageError(f"{_key(section, name)} must be >= {low}, got {getattr(section, name)}")
-        for section, name in [(o, "lr"), (o, "momentum"), (o, "weight_decay"), (o, "warmup_epochs"),
+        for section, name in [(o, "lr"), (o, "momentum"), (o, "weight_decay"), (o, "warmup_epochs"), (o, "max_loss"),
                               (o, "label_smoothing"), (o, "decay_factor")]:
             if getattr(section, name) < 0:
                 raise UsageError(f"{_key(section, name)} must be >= 0, got {getattr(section, name)}")

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dali_ba.checks import check_datasets, check_output
-from dali_ba.errors import UnreadableImageError, UsageError
+from dali_ba.errors import RunStopped, UnreadableImageError, UsageError
 from dali_ba.launcher import choose_engine, launcher_rank
 from dali_ba.metrics import emit
 from dali_ba.models import check_model_name
@@ -62,8 +62,9 @@ def run(recipe: Recipe, train_set: ImageDataset, val_set: ImageDataset) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command: 0 when done, 2 on a usage error, EXIT_OUT_OF_MEMORY, EXIT_RESUMABLE on a stop signal,
-    1 when a peer rank failed or the ranks' parameters differ."""
+    """The command: 0 when done, 2 on a usage error, EXIT_OUT_OF_MEMORY (3), DivergedError's 4, an
+    output file system full (74), EXIT_RESUMABLE (75) on a stop signal, 1 when a peer rank failed or
+    the ranks' parameters differ."""
     parser = build_parser(PROG, __doc__.splitlines()[0])
     recipe = None
     try:
@@ -82,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             time.sleep(1)  # let rank 0 report before the launcher tears the job down
         return 2
+    except RunStopped as exc:  # a full disk, a diverged loss: the rank that knows says it (others raise it empty)
+        if str(exc):
+            emit(f"{PROG}: error: {exc}", sys.stderr)
+        return exc.exit_code
     except Exception as exc:
         if _out_of_memory(exc) and recipe is not None:
             d = recipe.data

@@ -8,6 +8,8 @@ Rank 0 prints and writes <output>/recipe.toml, environment.json, metrics.jsonl a
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -16,9 +18,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dali_ba.checks import check_world
+from dali_ba.errors import DivergedError, OutputFullError
 from dali_ba.data.dataset import ImageDataset
 from dali_ba.evaluation import Validation
 from dali_ba.metrics import MetricsLog, Progress, StepClock, StepTimes, emit
+from dali_ba.output import writing
 from dali_ba.recipe import Recipe, recipe_to_dict
 from dali_ba.step import StepOutput, gradient_norm, lr_factor, setup_training
 
@@ -44,8 +48,10 @@ def prepare_output(output: Path, recipe: Recipe, environment: dict) -> Path:
     import tomli_w
 
     output.mkdir(parents=True, exist_ok=True)
-    (output / "recipe.toml").write_text(tomli_w.dumps(recipe_to_dict(recipe)))
-    (output / "environment.json").write_text(json.dumps(environment, indent=2) + "\n")
+    for name, text in (("recipe.toml", tomli_w.dumps(recipe_to_dict(recipe))),
+                       ("environment.json", json.dumps(environment, indent=2) + "\n")):
+        with writing(output / name, output):
+            (output / name).write_text(text)
     return output / "metrics.jsonl"
 
 
@@ -107,7 +113,8 @@ class Trainer:
         start = self.resume()
         self.log = self.open_log(start)
         self.segment_start = time.perf_counter()  # this process's share of the training time starts here
-        clock, self.times = StepClock(self.training.device), StepTimes(self.world, r.timing_warmup)
+        clock, self.times = StepClock(self.training.device), StepTimes(self.world, r.timing_warmup,
+                                                                      max_loss=o.max_loss if r.stop_on_divergence else None)
         self.progress = Progress(self.steps_per_epoch * o.epochs, self.step, r.log_every, self.world.is_root)
         result: dict = {}
         for epoch in range(start.epoch, o.epochs):
@@ -128,7 +135,7 @@ class Trainer:
                                wall=round(self.wall_time(), 3), **norm)
                 last = done == self.steps_per_epoch
                 if self.step % r.log_every == 0 or last:
-                    self.log_steps(epoch, lr)
+                    self.log_steps(epoch)
                 if agree_on_stop(self.step, epoch_steps, last) and self.stop.agreed(self.world):
                     return self.stop_after_step(epoch, sums)
                 if r.checkpoint_every and self.step % r.checkpoint_every == 0 and not last:
@@ -172,6 +179,7 @@ class Trainer:
             each.bad_files, each.on_bad_file = bad_files, lambda path, reason: emit(
                 f"dali-ba: rank {rank}: skipping broken file {path} ({reason})", sys.stderr)
             each.max_bad_files = d.max_bad_files if d.max_bad_files >= 0 else loader.max_bad_files
+            each.max_image_pixels = d.max_image_pixels
         return bad_files
 
     def share_bad_files(self) -> list[list[str]]:
@@ -180,7 +188,8 @@ class Trainer:
             self.bad_files.update(part)
         listed = sorted([path, reason] for path, reason in self.bad_files.items())
         if self.world.is_root and listed:
-            (self.output / "bad_files.txt").write_text("".join(f"{path}\t{reason}\n" for path, reason in listed))
+            with writing(self.output / "bad_files.txt", self.output):
+                (self.output / "bad_files.txt").write_text("".join(f"{path}\t{reason}\n" for path, reason in listed))
         return listed
 
     def resume(self) -> Start:
@@ -236,13 +245,31 @@ class Trainer:
 
     # --- during the loop: step records, checkpoints, a stop ---------------------------------------------------
 
-    def log_steps(self, epoch: int, lr: float) -> None:
-        """Collective: the buffered steps' records (gathered from every rank) to the log and progress."""
+    def log_steps(self, epoch: int) -> None:
+        """Collective: the buffered steps' records (gathered from every rank) to the log and progress;
+        a diverged step among them stops the run (every rank sees the same losses)."""
         records = self.times.flush()
         for record in records:
             self.log.write("step", **record)
         if records:
-            self.progress.update(self.step, epoch, records[-1]["loss"], lr)
+            self.progress.update(self.step, epoch, records[-1]["loss"], self.schedule.get_last_lr()[0])
+        if self.times.diverged:
+            self.stop_diverged(self.times.diverged)
+
+    def stop_diverged(self, step: dict) -> None:
+        """End the run at the first diverged step: a record, one line from rank 0, DivergedError."""
+        from dali_ba.output import last_checkpoint
+
+        last = last_checkpoint(self.output)
+        self.log.write("diverged", step=step["step"], epoch=step["epoch"], loss=step["loss"], lr=step["lr"],
+                       last_checkpoint=last)
+        self.progress.close()
+        limit = self.plan.optim.max_loss
+        raise DivergedError(
+            f"training diverged at step {step['step']} (epoch {step['epoch'] + 1}): loss {step['loss']:.4g} (mean over "
+            f"ranks; {'not finite' if not math.isfinite(step['loss']) else f'over --max-loss {limit:g}'}), lr "
+            f"{step['lr']:.4g}; no checkpoint of its weights was written, the last good one is {last}; lower --lr or "
+            "--batch-size, add --warmup-epochs, or pass --no-stop-on-divergence to train on" if self.world.is_root else "")
 
     def checkpoint(self, epoch: int, sums: list[float] | None) -> None:
         """Collective. ``sums`` given: stopped mid-epoch, so every rank's loader position goes in too."""
@@ -250,7 +277,8 @@ class Trainer:
 
         from dali_ba.checkpoint import save_checkpoint
 
-        world, t = self.world, self.training
+        world, t, full = self.world, self.training, None
+        self.log_steps(epoch)  # reads the buffered losses: never a checkpoint of diverged weights
         mid_epoch = sums is not None
         broken = self.share_bad_files()
         loaders = world.gather(self.loader.state()) if mid_epoch else None
@@ -264,15 +292,18 @@ class Trainer:
                      "schedule": self.schedule.state_dict(), "scaler": t.scaler.state_dict() if t.scaler else None,
                      "rng": torch.get_rng_state(), "loaders": loaders, "epoch_sums": all_sums,
                      "rank_buffers": buffers, "bad_files": broken}
-            save_checkpoint(self.output, self.step, state, self.plan.run.keep_checkpoints)
+            try:
+                save_checkpoint(self.output, self.step, state, self.plan.run.keep_checkpoints)
+            except OutputFullError as exc:
+                full = exc
+        if world.sum([1.0 if full else 0.0])[0]:  # every rank stops with rank 0, none waits for it
+            raise full or OutputFullError()
 
     def stop_after_step(self, epoch: int, sums: torch.Tensor) -> int:
         """The stop protocol, on every rank after the same step: the steps' records, a checkpoint, a
         stop record naming the signalled ranks. Returns EXIT_RESUMABLE."""
         from dali_ba.preemption import EXIT_RESUMABLE
 
-        for record in self.times.flush():
-            self.log.write("step", **record)
         self.checkpoint(epoch, sums.tolist())
         heard = self.world.gather(self.stop.signal_name)  # which ranks were signalled, and with what
         self.log.write("stop", step=self.step, epoch=epoch, signal=next(name for name in heard if name),
@@ -319,8 +350,11 @@ class Trainer:
         d, o, world = self.plan.data, self.plan.optim, self.world
         digests = world.gather(distributed.parameter_digest(self.model))
         identical = len(set(digests)) == 1
-        if world.is_root:
-            torch.save(self.model.state_dict(), self.output / "model.pt")
+        if world.is_root:  # a temporary file first: a full disk leaves no half model.pt
+            model_file, partial = self.output / "model.pt", self.output / ".model.pt.tmp"
+            with writing(model_file, self.output, partial=partial):
+                torch.save(self.model.state_dict(), partial)
+                os.replace(partial, model_file)
         timing = self.times.summary(d.batch_size, d.views)
         wall_time = self.wall_time()
         summary = dict(epochs=o.epochs, steps=self.step, ranks=world.size, views=d.views, batch_size=d.batch_size,

@@ -104,7 +104,7 @@ def test_a_failing_or_hanging_step_never_stops_the_next(tmp_path, monkeypatch):
     assert [(s["name"], s["status"]) for s in report["steps"]] == [
         ("env", "failed (rc 3)"), ("tests", "timed out"), ("demo", "ok")]
     assert report["machine"]["gpu"] == "fake GPU" and report["machine"]["cores"] >= 1
-    assert 2.5 < report["steps"][1]["seconds"] < 10
+    assert 2.5 < report["steps"][1]["seconds"] < 60  # killed at its 3 s limit, not after its child's 120 s sleep
     child = int((work / "details" / "tests" / "child.pid").read_text())
     assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
     assert "killed after 3 s" in (work / "details" / "tests" / "log.txt").read_text()
