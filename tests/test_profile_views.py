@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from conftest import DECODER, DEVICE, run_cli
-from dali_ba.profile import free_views
+from dali_ba.profile_views import free_views
 from test_profile import PROFILE, on_one_and_two_ranks
 
 B = 30  # 240 training images: 8 steps per epoch, on 1 or 2 ranks
