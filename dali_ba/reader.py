@@ -108,12 +108,11 @@ class SampleSource:
         self.max_pixels = max_pixels
         self._labels = np.asarray(dataset.labels, dtype=np.int32)
         self.plan: Plan | None = None
-        self.requested = 0  # batches of the plan DALI has asked for so far
         self._reads: dict[int, list[Future]] = {}
 
     def start(self, plan: Plan) -> None:
         """Serve ``plan`` from its first batch (DALI's iteration counter restarts with each pass)."""
-        self.plan, self.requested, self._reads = plan, 0, {}
+        self.plan, self._reads = plan, {}
 
     def stop(self) -> None:
         """End the current pass after the batches already asked for (to drain an abandoned pass):
@@ -146,7 +145,6 @@ class SampleSource:
         plan, batch = self.plan, info.iteration
         if plan is None or batch >= plan.batches:
             raise StopIteration
-        self.requested = batch + 1
         for ahead in range(batch, batch + READ_AHEAD + 1):
             self._read_ahead(ahead)
         slots, reads = plan.batch(batch)
