@@ -77,6 +77,10 @@ class World:
         """The engine as the start record and environment.json name it."""
         return {"engine": self.engine, "backend": self.backend, "reason": self.reason}
 
+    def topology(self) -> dict[str, int]:
+        """This rank's place on its node, as the engine sees it (environment.json, per rank)."""
+        return {"local_rank": self.local_rank, "local_size": self.local_size}
+
     def sum(self, values: Sequence[float]) -> np.ndarray:
         """Element-wise sum over ranks (float64)."""
         return np.asarray(values, dtype=np.float64)
@@ -126,6 +130,11 @@ class World:
     def gradient_sync(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, chunks: int) -> GradientSync:
         """The gradient averaging of this engine around ``model`` and ``optimizer``."""
         return GradientSync(model, optimizer)
+
+    def barrier(self) -> None:
+        """Wait until every rank is here (before ranks exit together, so that rank 0's last writes are
+        done before a launcher that ends a job on its first failed rank sees one)."""
+        self.sum([0.0])
 
     def close(self) -> None:
         """Leave the world (end of run)."""
@@ -185,6 +194,11 @@ class HorovodWorld(World):
 
             self._comm = MPI.COMM_WORLD
         self.backend = "mpi" if hvd.mpi_enabled() else "gloo"
+
+    def topology(self) -> dict[str, int]:
+        import horovod.torch as hvd
+
+        return {**super().topology(), "cross_rank": hvd.cross_rank(), "cross_size": hvd.cross_size()}
 
     def sum(self, values: Sequence[float]) -> np.ndarray:
         local = np.asarray(values, dtype=np.float64)

@@ -8,6 +8,7 @@ from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 from dali_ba.devices import gpu_placement
+from dali_ba.launcher import detect_launch
 
 if TYPE_CHECKING:
     import torch
@@ -44,7 +45,8 @@ def environment_summary(world: World, device: torch.device, decoder: str) -> dic
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     place = gpu_placement(device)  # which physical GPU: an index alone is per process under CUDA_VISIBLE_DEVICES
-    me = {"rank": world.rank, "local_rank": world.local_rank, "host": place.host, "pid": os.getpid(),
+    me = {"rank": world.rank, **world.topology(), "launcher_local_rank": detect_launch().local_rank,
+          "host": place.host, "pid": os.getpid(),
           "device": str(device), "gpu": gpu, "gpu_index": place.gpu_index, "gpu_uuid": place.gpu_uuid,
           "visible_gpus": place.visible_gpus, "cpus": len(os.sched_getaffinity(0)),
           "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}

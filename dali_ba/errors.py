@@ -11,9 +11,14 @@ class UnreadableImageError(UsageError):
 
 class RunStopped(Exception):
     """A run that cannot go on though its input is fine: one line from rank 0, an exit code of its
-    own, and a last good checkpoint to resume from."""
+    own, and a last good checkpoint to resume from. ``every_rank``: raised on all ranks together
+    (after a collective), so they can leave together once rank 0 has written its last record."""
 
     exit_code = 1
+
+    def __init__(self, message: str = "", every_rank: bool = False) -> None:
+        super().__init__(message)
+        self.every_rank = every_rank
 
 
 class OutputFullError(RunStopped):
@@ -23,6 +28,10 @@ class OutputFullError(RunStopped):
 
 
 class DivergedError(RunStopped):
-    """The training loss is not finite or above ``--max-loss``: the weights are no longer worth saving."""
+    """The training loss is not finite or above ``--max-loss``: the weights are no longer worth saving.
+    Decided from the loss summed over ranks, so always on every rank."""
 
     exit_code = 4
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message, every_rank=True)

@@ -26,6 +26,7 @@ import argparse
 import itertools
 import json
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -252,6 +253,7 @@ def measure_step(world, recipe: Recipe, train_set, steps: int, warmup: int, cach
     }
     parts = {"loader": loader_parts, "memory": memory_parts}
     stats = {name: _phase(world, *times, warmup, d.batch_size, d.views, parts.get(name)) for name, times in phases.items()}
+    nodes = sorted(set(world.gather(socket.gethostname())))
     if not world.is_root:
         return None
     pipeline, memory, fed = stats["pipeline"], stats["memory"], stats["loader"]
@@ -262,7 +264,7 @@ def measure_step(world, recipe: Recipe, train_set, steps: int, warmup: int, cach
     epoch_start_wait = np.array(fed["data_waits"])[:, starts].sum() / np.array(fed["step_times"]).sum()
     threads = (d.dali_threads + torch_threads) * world.local_size
     return dict(
-        kind="profile_step", train=d.train, engine=world.engine, engine_backend=world.backend, ranks=world.size, local_ranks=world.local_size, views=d.views, batch_size=d.batch_size,
+        kind="profile_step", train=d.train, engine=world.engine, engine_backend=world.backend, ranks=world.size, local_ranks=world.local_size, nodes=nodes, views=d.views, batch_size=d.batch_size,
         per_rank_batch=training.per_rank, view_size=d.view_size, arch=m.arch, amp=m.amp, chunks=recipe.optim.chunks, device=device.type, decoder=loader.decoder,
         dali_threads=d.dali_threads, torch_threads=torch_threads, cores=cores, oversubscribed=threads > cores,
         mpi_yield_when_idle=os.environ.get(YIELD_VARIABLE),
@@ -321,7 +323,7 @@ def run_step(args: argparse.Namespace) -> int:
 
 # --- collect: one table from many step profiles ------------------------------------------------------
 
-COLUMNS = (("ranks", "ranks", "{}"), ("M", "views", "{}"), ("B", "batch_size", "{}"), ("model", "arch", "{}"),
+COLUMNS = (("nodes", "nodes", "{}"), ("ranks", "ranks", "{}"), ("M", "views", "{}"), ("B", "batch_size", "{}"), ("model", "arch", "{}"),
            ("px", "view_size", "{}"), ("device", "device", "{}"), ("steps/s", "steps_per_s", "{:.2f}"),
            ("img/s", "images_per_s", "{:.0f}"), ("views/s", "views_per_s", "{:.0f}"),
            ("loader alone img/s", "loader_alone_images_per_s", "{:.0f}"),
@@ -339,8 +341,9 @@ def collect(paths: list[str]) -> list[dict]:
             raise UsageError(f"no step profile: {path} not found (run `{PROG} step --out DIR` first)")
         try:
             data = json.loads(path.read_text())
-            row = {key: data[key] for _, key, _ in COLUMNS if key != "loader_alone_images_per_s"}
+            row = {key: data[key] for _, key, _ in COLUMNS if key not in ("nodes", "loader_alone_images_per_s")}
             row["loader_alone_images_per_s"] = data["pipeline"]["samples_per_s"]
+            row["nodes"] = ",".join(data.get("nodes", ["?"]))  # profiles from before nodes were recorded: "?"
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
             raise UsageError(f"{path}: not a step profile ({type(exc).__name__}: {exc})") from None
         rows.append({**row, "source": str(path)})

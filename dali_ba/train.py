@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -56,7 +57,17 @@ def run(recipe: Recipe, train_set: ImageDataset, val_set: ImageDataset) -> int:
             raise UsageError(f"--horovod-timeline {r.horovod_timeline}: its folder does not exist")
         os.environ["HOROVOD_TIMELINE"] = str(Path(r.horovod_timeline).resolve())
     world = distributed.init_world(engine, share_gpu=r.share_gpu)
-    status = Trainer(plan, recipe, world, train_set, val_set, stop).train()
+    # srun --kill-on-bad-exit (slurm/lib.sh) ends the job at the first rank that exits non-zero: ranks
+    # that stop together (exit 1, 4, 74, 75) meet once more, after rank 0 has written and said its last.
+    try:
+        status = Trainer(plan, recipe, world, train_set, val_set, stop).train()
+    except RunStopped as stopped:
+        if not stopped.every_rank:
+            raise
+        say_stopped(stopped)
+        world.barrier()
+        return stopped.exit_code
+    world.barrier()
     world.close()  # not on an exception: a peer may be gone, and the launcher ends the job anyway
     return status
 
@@ -83,9 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             time.sleep(1)  # let rank 0 report before the launcher tears the job down
         return 2
-    except RunStopped as exc:  # a full disk, a diverged loss: the rank that knows says it (others raise it empty)
-        if str(exc):
-            emit(f"{PROG}: error: {exc}", sys.stderr)
+    except RunStopped as exc:  # a full disk found by one rank alone
+        say_stopped(exc)
         return exc.exit_code
     except Exception as exc:
         if _out_of_memory(exc) and recipe is not None:
@@ -105,9 +115,20 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def say_stopped(exc: RunStopped) -> None:
+    """A full disk, a diverged loss: the rank that knows says it (the others raise it empty)."""
+    if str(exc):
+        emit(f"{PROG}: error: {exc}", sys.stderr)
+
+
 def _out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` is torch running out of GPU memory."""
     return type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(exc)
+
+
+# What Gloo's TCP transport says when the other end of a pair has gone (a DDP hook re-raises it as a
+# plain RuntimeError): "Read error [addr]:port: Connection reset by peer", "Connection closed by peer".
+GLOO_PEER_GONE = re.compile(r"gloo/transport/.*(Connection (reset|closed) by peer|Broken pipe|Socket closed)", re.S)
 
 
 def _peer_gone(exc: BaseException) -> bool:
@@ -117,7 +138,9 @@ def _peer_gone(exc: BaseException) -> bool:
     if horovod is not None and isinstance(exc, horovod.HorovodInternalError):
         return True
     dist = sys.modules.get("torch.distributed")
-    return dist is not None and isinstance(exc, getattr(dist, "DistError", ()))
+    if dist is not None and isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(exc, RuntimeError) and GLOO_PEER_GONE.search(str(exc)) is not None
 
 
 if __name__ == "__main__":

@@ -297,7 +297,7 @@ class Trainer:
             except OutputFullError as exc:
                 full = exc
         if world.sum([1.0 if full else 0.0])[0]:  # every rank stops with rank 0, none waits for it
-            raise full or OutputFullError()
+            raise OutputFullError(str(full or ""), every_rank=True)
 
     def stop_after_step(self, epoch: int, sums: torch.Tensor) -> int:
         """The stop protocol, on every rank after the same step: the steps' records, a checkpoint, a

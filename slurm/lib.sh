@@ -65,16 +65,36 @@ _dali_ba_forward() {
   [ -n "${_STEP_PID:-}" ] && kill -s USR1 "$_STEP_PID" 2>/dev/null
 }
 
+# _dali_ba_first_failure RC LOG: after a failed step, name the rank (srun's task number) and node that
+# failed first, from srun's "srun: error: <node>: task <n>: <how>" lines in LOG, and set STEP_RC to the
+# step's status: that rank's exit code when it exited (the cause; the ranks srun then ended report a
+# signal), else RC.
+_dali_ba_first_failure() {
+  local line node tasks how
+  STEP_RC=$1
+  { [ "$1" -eq 0 ] || [ "$1" -eq "$EXIT_RESUMABLE" ]; } && return 0
+  line=$(grep -m1 -E '^srun: error: [^ :]+: tasks? [0-9][-0-9,]*: ' "$2" 2>/dev/null) || return 0
+  node=${line#srun: error: }; node=${node%%:*}
+  tasks=${line#*: task}; tasks=${tasks#s}; tasks=${tasks# }; how=${tasks#*: }; tasks=${tasks%%:*}
+  [[ $how =~ ^Exited\ with\ exit\ code\ ([0-9]+)$ ]] && STEP_RC=${BASH_REMATCH[1]}
+  [ "$STEP_RC" -eq "$EXIT_RESUMABLE" ] && return 0
+  echo "batch: the training step failed (exit $STEP_RC): rank $tasks on node $node ended first ($how); srun" \
+       "ended the other ranks" >&2
+}
+
 # dali_ba_srun ARGS...: srun --mpi=$SRUN_MPI ARGS (ENGINE=torch: --mpi=none) in the background,
 # forwarding USR1/TERM; returns its exit status. On 75 it requeues this job (same id, SLURM_RESTART_COUNT+1) unless NO_REQUEUE is set.
 dali_ba_srun() {
   trap '_dali_ba_forward USR1' USR1
   trap '_dali_ba_forward TERM' TERM
-  # --wait: once one task has ended, the others get 120 s (rank 0 may still be writing a checkpoint or
-  # the model), then are killed: a rank that crashed must not leave the rest hanging in an allreduce.
-  local mpi=${SRUN_MPI:-pmix}
+  # --kill-on-bad-exit: the first rank to exit non-zero (a crash, kill -9, an error only it found) ends
+  # the step at once; the others would otherwise wait in their next allreduce (Horovod over MPI never
+  # notices a dead peer). Ranks that stop together (exit 1, 4, 74, 75) meet first, once rank 0 has written
+  # its last, so this never cuts rank 0 short. --wait: a rank that ends with 0 leaves the rest 120 s.
+  local mpi=${SRUN_MPI:-pmix} log
   [ "${ENGINE:-horovod}" = torch ] && mpi=none  # torch.distributed meets at the step's first node instead
-  srun --mpi="$mpi" --wait=120 "$@" &
+  log=$(mktemp "${TMPDIR:-/tmp}/dali-ba-srun.XXXXXX") || log=/dev/null
+  srun --mpi="$mpi" --kill-on-bad-exit=1 --wait=120 "$@" 2> >(tee "$log" >&2) &
   _STEP_PID=$!
   # A trapped signal interrupts `wait` (status > 128) while srun runs on: wait again until it is gone;
   # the last wait returns srun's own status.
@@ -83,6 +103,9 @@ dali_ba_srun() {
   local rc=$?
   _STEP_PID=
   trap - USR1 TERM
+  _dali_ba_first_failure "$rc" "$log"
+  rc=$STEP_RC
+  [ "$log" = /dev/null ] || rm -f "$log"
   if [ "$rc" -eq "$EXIT_RESUMABLE" ] && [ -z "${NO_REQUEUE:-}" ]; then
     echo "batch: training stopped after a checkpoint (exit $rc); requeueing job $SLURM_JOB_ID"
     echo "=== $(date -Is) stopped with exit $rc; requeued" >> "$JOB_DIR/job.txt"

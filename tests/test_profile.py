@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import socket
 import sys
 
 import pytest
@@ -96,8 +97,9 @@ def test_collect_merges_profiles_sorted_by_ranks(step_profiles, tmp_path):
     done = run_cli(*PROFILE, "collect", *dirs, "--out", str(tmp_path / "summary.md"), timeout=60)
     assert done.returncode == 0, done.stderr
     table = (tmp_path / "summary.md").read_text().splitlines()
-    assert table[0].startswith("| ranks | M | B |") and len(table) == 4
-    assert [line.split("|")[1].strip() for line in table[2:]] == ["1", "2"]
+    assert table[0].startswith("| nodes | ranks | M | B |") and len(table) == 4
+    host = socket.gethostname()
+    assert [[cell.strip() for cell in line.split("|")[1:3]] for line in table[2:]] == [[host, "1"], [host, "2"]]
     rows = json.loads((tmp_path / "summary.json").read_text())["rows"]
     assert [(r["ranks"], r["views"], r["batch_size"]) for r in rows] == [(1, M, B), (2, M, B)]
     first = json.loads((step_profiles[1][0] / "profile_step.json").read_text())

@@ -7,11 +7,8 @@ tests fail with the reason; they are never skipped.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,66 +16,21 @@ import torch
 
 from conftest import REPO
 from dali_ba.recipe import load_recipe
-from slurm_cluster import ClusterError, SlurmCluster
+from slurm_jobs import SMALL, assert_completed, job_environment, records, running_cluster, slurm_output, submit
 
 CPU = ["--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1"]
-SMALL = "--arch resnet20 --view-size 32 --val-resize 36 --val-crop 32 --dali-threads 1 --torch-threads 1 --log-every 1"
 EPOCHS, MAX_STEPS = 3, 6  # 18 steps: long enough to signal a running job, short enough to be quick
 PHASES = ("data", "h2d", "forward_backward", "allreduce_step", "step")
 
 
 @pytest.fixture(scope="module")
 def slurm(request):
-    # Not pytest's tmp_path: its parents are private to root, and munged runs as user munge.
-    root = Path(tempfile.mkdtemp(prefix="dali-ba-slurm-"))
-    root.chmod(0o755)
-    cluster = SlurmCluster(root)
-    failed_before = request.session.testsfailed
-    try:
-        failure = None
-        try:
-            cluster.start()
-        except ClusterError as exc:
-            failure = str(exc)
-        if failure:
-            pytest.fail(failure, pytrace=False)
-        yield cluster
-    finally:
-        cluster.stop()
-        if request.session.testsfailed > failed_before:  # keep what explains the failure
-            kept = cluster.keep_logs(REPO / "runs" / "slurm-test-logs" / root.name)
-            sys.__stderr__.write(f"\ntest_slurm: a test failed; SLURM daemon logs and job outputs kept in {kept}\n")
-        shutil.rmtree(root, ignore_errors=True)
+    yield from running_cluster(request)
 
 
 @pytest.fixture(scope="module")
 def job_env(slurm, demo_data) -> dict[str, str]:
-    """Overrides every job gets: the demo data, this Python, outputs under the cluster's folder."""
-    return {"DATA": str(demo_data / "train"), "VAL": str(demo_data / "val"), "OUTPUT_ROOT": str(slurm.root / "runs"),
-            "PYTHON": sys.executable, "DALI_BA_ROOT": str(REPO), "OMPI_MCA_mpi_yield_when_idle": "1",
-            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "BATCH": "16", "VIEWS": "2"}
-
-
-def submit(slurm, template: str, *options: str, **env: str) -> str:
-    """sbatch slurm/<template> with the environment overrides; SLURM's output: <root>/<name>-<job id>.out."""
-    name = "%x-%A_%a.out" if any(o.startswith("--array") for o in options) else "%x-%j.out"
-    return slurm.sbatch(*options, f"--output={slurm.root}/{name}", f"slurm/{template}", env=env, cwd=REPO)
-
-
-def records(job_dir: Path, kind: str | None = None) -> list[dict]:
-    path = job_dir / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    return [r for r in rows if kind is None or r["kind"] == kind]
-
-
-def slurm_output(slurm, job_name: str, job_id: str) -> str:
-    return (slurm.root / f"{job_name}-{job_id}.out").read_text()
-
-
-def assert_completed(slurm, task: dict, name: str, job_id: str) -> None:
-    assert (task["JobState"], task["ExitCode"]) == ("COMPLETED", "0:0"), (
-        f"{slurm_output(slurm, name, job_id)[-3000:]}\n--- slurmctld:\n{slurm._tail('slurmctld', 20)}\n"
-        f"--- slurmd:\n{slurm._tail('slurmd', 30)}")
+    return job_environment(slurm, demo_data)
 
 
 @pytest.fixture(scope="module")

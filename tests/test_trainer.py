@@ -53,3 +53,18 @@ def test_the_training_modules_import_one_way():
     order = ["dali_ba.checks", "dali_ba.step", "dali_ba.evaluation", "dali_ba.trainer", "dali_ba.train"]
     for i, module in enumerate(order):
         assert not imports(module) & set(order[i:]) - {module}, module
+
+
+def test_a_peer_gone_under_gloo_is_told_apart_from_this_ranks_own_error():
+    """DDP's comm hook re-raises Gloo's transport error as a plain RuntimeError: it still means that
+    another rank has gone (one line, exit 1), not a bug of this rank (a traceback)."""
+    from dali_ba.train import _peer_gone
+
+    hook = ("Got the following error when running the callback: RuntimeError: [/__w/pytorch/pytorch/third_party/gloo/"
+            "gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:3281: Connection reset by peer. This is typically "
+            "caused by a remote worker hanging or bugs in the application.")
+    assert _peer_gone(RuntimeError(hook))
+    assert _peer_gone(RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting "
+                                   "... Connection closed by peer [127.0.0.1]:4242"))
+    assert not _peer_gone(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x10 and 12x3)"))
+    assert not _peer_gone(ValueError("Connection reset by peer"))  # not from Gloo's transport

@@ -1,0 +1,229 @@
+"""Two SLURM nodes, n1 and n2, simulated on this machine (tests/slurm_cluster.py, loopback only): the
+batch templates across nodes under both engines, torchrun's rendezvous, the scaling table, and what a
+dead node or a dead rank does to a job.
+
+Every job is the CPU version of a template (resnet20, 32 px views, B=16, M=2). Real sbatch/srun, real
+Horovod over Open MPI (srun --mpi=pmix, TCP between the nodes' loopback addresses), real
+torch.distributed over Gloo. If the cluster cannot start here the tests fail with the reason.
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO
+from slurm_jobs import SMALL, assert_completed, job_environment, records, running_cluster, slurm_output, submit
+
+NODES = ("n1", "n2")
+CPU = ["--gpus-per-node=0", "--cpus-per-task=1"]
+EPOCHS, MAX_STEPS = 2, 6  # 12 steps, a checkpoint at each epoch's end
+# The models trained on one node (n1), as references: (engine, ranks) -> job id. Two ranks' sum is the
+# same in any order, so one reference serves both engines; four ranks' is not (Gloo's ring adds in
+# another order than Open MPI, and 18 steps make that 1e-2), so each engine has its own.
+ONE_NODE = [("horovod", 2), ("horovod", 4), ("torch", 4)]
+
+
+@pytest.fixture(scope="module")
+def cluster(request):
+    # 16 CPUs declared per node (the machine's cores are shared): every job of the module fits at once,
+    # and the machine's 2 cores set the pace. Short timeouts (SLURM's defaults: 300, 30 and 120 s)
+    # make a dead node, a cancelled step and a requeue quick.
+    yield from running_cluster(request, nodes=2, cpus=16, slurmd_timeout=5, kill_wait=5, cred_expire=5)
+
+
+@pytest.fixture(scope="module")
+def job_env(cluster, demo_data) -> dict[str, str]:
+    env = job_environment(cluster, demo_data)
+    # Only rank 0 writes the run folder: on n2 the job folders are read-only (a bind mount inside n2's
+    # mount namespace, until n2 is restarted), so any write from a rank there fails its job.
+    runs = Path(env["OUTPUT_ROOT"])
+    runs.mkdir()
+    for command in (["mount", "--bind", str(runs), str(runs)], ["mount", "-o", "remount,bind,ro", str(runs)]):
+        done = cluster.on_node("n2", *command)
+        assert done.returncode == 0, done.stderr
+    return env
+
+
+def train(cluster, job_env, engine: str, nodes: int, per_node: int, epochs: int = EPOCHS, **env: str) -> str:
+    """Submit slurm/resnet50_ba.sh: ``nodes`` x ``per_node`` CPU ranks of ``engine``; returns the job id.
+    One node: n1 (n2's run folders are read-only)."""
+    where = ["--nodelist=n1"] if nodes == 1 else []
+    return submit(cluster, "resnet50_ba.sh", f"--nodes={nodes}", f"--ntasks-per-node={per_node}", *where, *CPU,
+                  **{**job_env, "ENGINE": engine, "EPOCHS": str(epochs), "CHECKPOINT_EVERY": "",
+                     "EXTRA_ARGS": f"{SMALL} --max-steps {MAX_STEPS}", **env})
+
+
+def job_dir(cluster, job_id: str) -> Path:
+    return cluster.root / "runs" / f"resnet50_ba-{job_id}"
+
+
+def finished(cluster, job_id: str, timeout: float = 300) -> Path:
+    (task,) = cluster.wait(job_id, timeout=timeout)
+    assert_completed(cluster, task, "resnet50_ba", job_id)
+    return job_dir(cluster, job_id)
+
+
+def model(folder: Path) -> dict[str, torch.Tensor]:
+    return torch.load(folder / "model.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def one_node(cluster, job_env) -> dict[tuple[str, int], str]:
+    """The one-node references, submitted at once; they run on n1 while the first test's n2 is down."""
+    return {(engine, ranks): train(cluster, job_env, engine, 1, ranks) for engine, ranks in ONE_NODE}
+
+
+def test_a_dead_node_requeues_the_job_which_resumes_to_the_same_model(cluster, job_env, request):
+    """Every process of n2 (slurmd included) killed after the first checkpoint (step 2): SLURM notices
+    the node failure, ends and requeues the job; n2 comes back cleaned, and the job resumes from the
+    checkpoint and ends with the parameters of the uninterrupted run (two ranks on one node)."""
+    job_id = train(cluster, job_env, "horovod", 2, 1, CHECKPOINT_EVERY="2")  # checkpoints leave the model as it is
+    one_node = request.getfixturevalue("one_node")  # submitted after this job: they wait for none of its nodes
+    folder = job_dir(cluster, job_id)
+    first_checkpoint, deadline = folder / "checkpoints" / f"step-{2:09d}.pt", time.monotonic() + 180
+    while not first_checkpoint.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    cluster.kill_node("n2")
+    killed = time.monotonic()
+    assert not records(folder, "summary"), "the run ended before the node was killed"
+    (task,) = cluster.wait(job_id, timeout=90, until=lambda tasks: tasks[0]["JobState"] != "RUNNING")
+    ended = time.monotonic() - killed
+    assert ended < 60 and task["Restarts"] == "1", (ended, task)
+    cluster.restart_node("n2")  # a rebooted node: cleaned, idle again
+    (task,) = cluster.wait(job_id, timeout=180)
+    assert_completed(cluster, task, "resnet50_ba", job_id)
+    first, second = records(folder, "start")
+    assert first["resumed_from"] is None and 2 <= second["resumed_from"] < EPOCHS * MAX_STEPS
+    (summary,) = records(folder, "summary")
+    assert summary["steps"] == EPOCHS * MAX_STEPS and summary["params_identical"]
+    reference = finished(cluster, one_node["horovod", 2])
+    assert summary["param_digests"] == records(reference, "summary")[0]["param_digests"]
+    assert re.search(r"JOB \d+ ON n1 CANCELLED AT \S+ DUE TO NODE FAILURE", slurm_output(cluster, "resnet50_ba", job_id))
+
+
+@pytest.fixture(scope="module")
+def two_node(cluster, job_env, demo_data) -> dict[str, str]:
+    """Every two-node job of the tests below, submitted at once (after n2 is back): name -> job id."""
+    jobs = {f"{engine} 2x{per_node}": train(cluster, job_env, engine, 2, per_node)
+            for engine in ("horovod", "torch") for per_node in (1, 2)}
+    # 2 x 1 ranks, a batch of views too big for any node: refused at set-up, per node.
+    jobs["memory"] = train(cluster, job_env, "horovod", 2, 1, EXTRA_ARGS=f"{SMALL} --view-size 16384")
+    jobs["scaling"] = submit(cluster, "scaling.sh", "--nodes=2", "--ntasks-per-node=1", *CPU, **job_env,
+                             RECIPE="pipelines/demo.toml", RANKS_LIST="1 2", VIEWS_LIST="1", STEPS="3", WARMUP="1",
+                             EXTRA_ARGS="--dali-threads 1 --torch-threads 1")
+    # The launch line of slurm/README.md: one torchrun agent per node, meeting at the first (c10d).
+    script = cluster.root / "torchrun.sh"
+    script.write_text(f"""#!/bin/bash
+#SBATCH --nodes=2 --ntasks-per-node=1 --cpus-per-task=1 --gpus-per-node=0
+head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -1)
+srun --kill-on-bad-exit=1 {sys.executable} -m torch.distributed.run --nnodes 2 --nproc-per-node 1 \\
+    --rdzv-backend c10d --rdzv-endpoint "$head:$((29400 + SLURM_JOB_ID % 1000))" --rdzv-id "$SLURM_JOB_ID" \\
+    -m dali_ba.train --recipe pipelines/demo.toml --train {demo_data}/train --val {demo_data}/val \\
+    --output {cluster.root}/runs/torchrun --epochs 1 --max-steps 3 --batch-size 16 {SMALL}
+""")
+    jobs["torchrun"] = cluster.sbatch(f"--output={cluster.root}/torchrun-%j.out", str(script), env=job_env, cwd=REPO)
+    return jobs
+
+
+@pytest.mark.parametrize("per_node", [1, 2])
+def test_two_nodes_train_the_model_of_one_node_under_each_engine(cluster, one_node, two_node, per_node):
+    """--nodes=2 with 1 and 2 ranks per node, Horovod and torch: every rank's host and place on its node
+    in environment.json, parameters identical over ranks, and the model of as many ranks on one node."""
+    ranks = 2 * per_node
+    for engine in ("horovod", "torch"):
+        reference = model(finished(cluster, one_node["horovod" if ranks == 2 else engine, ranks]))
+        folder = finished(cluster, two_node[f"{engine} 2x{per_node}"])
+        environment = json.loads((folder / "environment.json").read_text())
+        assert environment["nodes"] == list(NODES) and environment["ranks"] == ranks
+        for rank, place in enumerate(environment["per_rank"]):
+            node, local = divmod(rank, per_node)  # srun's block distribution
+            assert (place["rank"], place["host"], place["local_rank"], place["local_size"]) == (
+                rank, NODES[node], local, per_node), place
+            assert place["launcher_local_rank"] == local  # SLURM_LOCALID (torch) / Open MPI's local rank (Horovod)
+            if engine == "horovod":
+                assert (place["cross_rank"], place["cross_size"]) == (node, 2)
+        (start,) = records(folder, "start")
+        assert (start["engine"], start["ranks"]) == (engine, ranks)
+        (summary,) = records(folder, "summary")
+        assert summary["steps"] == EPOCHS * MAX_STEPS and summary["params_identical"]
+        for name, tensor in model(folder).items():
+            torch.testing.assert_close(tensor.float(), reference[name].float(), rtol=1e-4, atol=1e-5,
+                                       msg=lambda text, name=name: f"{engine} 2x{per_node} vs 1x{ranks}: {name}: {text}")
+
+
+def test_the_memory_check_counts_the_ranks_of_one_node(cluster, two_node):
+    """2 nodes x 1 rank with a batch of views too big for any node: the refusal counts the one rank of
+    that node, not the 2 of the job."""
+    job_id = two_node["memory"]
+    (task,) = cluster.wait(job_id, timeout=300)
+    output = slurm_output(cluster, "resnet50_ba", job_id)
+    assert (task["JobState"], task["ExitCode"]) == ("FAILED", "2:0"), output[-3000:]
+    (line,) = [line for line in output.splitlines() if "--view-size 16384" in line]
+    assert "8 samples x M=2 views per rank" in line and "for 1 rank(s) on this node" in line, line
+    # The job's status is the first failed rank's (the others were ended by srun, with a signal).
+    assert "batch: the training step failed (exit 2): rank 0 on node n1 ended first (Exited with exit code 2)" in output
+
+
+def test_torchrun_under_srun_rendezvous_across_two_nodes(cluster, two_node):
+    """srun starts one torchrun agent per node; they meet at the first node (c10d) and start a worker
+    each: 2 ranks of the torch engine, as torchtitan launches on SLURM."""
+    job_id = two_node["torchrun"]
+    (task,) = cluster.wait(job_id, timeout=300)
+    log = (cluster.root / f"torchrun-{job_id}.out").read_text()
+    assert (task["JobState"], task["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
+    output = cluster.root / "runs" / "torchrun"
+    (start,) = records(output, "start")
+    assert (start["engine"], start["ranks"]) == ("torch", 2) and "started by torchrun" in start["engine_reason"]
+    environment = json.loads((output / "environment.json").read_text())
+    assert [(p["host"], p["local_rank"]) for p in environment["per_rank"]] == [("n1", 0), ("n2", 0)]
+    (summary,) = records(output, "summary")
+    assert summary["steps"] == 3 and summary["params_identical"]
+
+
+def test_scaling_table_names_the_nodes_of_each_point(cluster, job_env, two_node):
+    """slurm/scaling.sh on 2 nodes x 1 rank: the 1-rank point runs on one node, the 2-rank one on both."""
+    job_id = two_node["scaling"]
+    (task,) = cluster.wait(job_id, timeout=300)
+    assert_completed(cluster, task, "scaling", job_id)
+    table = (cluster.root / "runs" / f"scaling-{job_id}" / "scaling.md").read_text().splitlines()
+    assert table[0].startswith("| nodes | ranks |")
+    assert [[cell.strip() for cell in row.split("|")[1:3]] for row in table[2:]] == [["n1", "1"], ["n1,n2", "2"]]
+
+
+@pytest.fixture(scope="module")
+def long_runs(cluster, job_env, two_node) -> dict[str, str]:
+    """A long 2 x 1 training per engine, both at once (each is killed well before its end)."""
+    for job_id in two_node.values():  # the CPUs to these two
+        cluster.wait(job_id, timeout=300)
+    return {engine: train(cluster, job_env, engine, 2, 1, epochs=100) for engine in ("horovod", "torch")}
+
+
+@pytest.mark.parametrize("engine", ["horovod", "torch"])
+def test_a_killed_rank_ends_every_rank_within_a_minute(cluster, long_runs, engine):
+    """kill -9 of the rank on n2: srun --kill-on-bad-exit ends the rank on n1 too (Horovod over MPI
+    would wait in its allreduce), and the job's log names the rank and node that died."""
+    job_id = long_runs[engine]
+    folder = job_dir(cluster, job_id)
+    cluster.wait(job_id, timeout=120, until=lambda tasks: len(records(folder, "step")) >= 2
+                 or tasks[0]["JobState"] not in ("PENDING", "RUNNING"))
+    ranks = cluster.task_processes(job_id, "dali_ba.train")
+    victims = [pid for pid, node in ranks.items() if node == "n2"]
+    assert sorted(ranks.values()) == ["n1", "n2"] and len(victims) == 1, ranks
+    subprocess.run(["kill", "-9", str(victims[0])], check=True)
+    killed = time.monotonic()
+    while cluster.task_processes(job_id, "dali_ba.train") and time.monotonic() - killed < 90:
+        time.sleep(0.2)
+    gone = time.monotonic() - killed
+    (task,) = cluster.wait(job_id, timeout=60)
+    output = slurm_output(cluster, "resnet50_ba", job_id)
+    assert gone < 60, f"ranks still running {gone:.0f} s after the kill:\n{output[-2000:]}"
+    assert task["JobState"] == "FAILED", output[-2000:]
+    assert "batch: the training step failed (exit 137): rank 1 on node n2 ended first (Killed)" in output, output[-3000:]
+    assert "Traceback" not in output  # the survivor's one line, not a traceback
