@@ -21,14 +21,19 @@ if TYPE_CHECKING:
     from dali_ba.recipe import Recipe
 
 
-def check_output(output: Path, resume: str) -> None:
+def check_not_a_run(output: Path, resume: str) -> None:
     """Refuse an output folder that already holds a run (its metrics would be overwritten), unless
-    the run is being resumed, and one that cannot be created or written (rank 0 tries both, then
-    removes what it created: nothing is left behind if the run stops before it starts)."""
+    the run is being resumed."""
     metrics = output / "metrics.jsonl"
     if not resume and metrics.exists() and metrics.stat().st_size:
         raise UsageError(f"--output {output} already holds a run (metrics.jsonl); pick a new folder, remove it, "
                          "or continue it with --resume auto")
+
+
+def check_output(output: Path, resume: str) -> None:
+    """:func:`check_not_a_run`, and refuse an output folder that cannot be created or written (rank 0
+    tries both, then removes what it created: nothing is left behind if the run stops before it starts)."""
+    check_not_a_run(output, resume)
     if launcher_rank() != 0:  # one prober: on a shared file system the others' folders would race it
         return
     missing = [p for p in (output, *output.parents) if not p.exists()]
@@ -89,9 +94,14 @@ def check_datasets(recipe: Recipe) -> tuple[ImageDataset, ImageDataset]:
     """Index both splits; validation labels follow the training classes."""
     train_set = load_dataset(recipe.data.train)
     val_set = load_dataset(recipe.data.val, classes=train_set.classes)
+    check_labels(train_set, val_set)
+    return train_set, val_set
+
+
+def check_labels(train_set: ImageDataset, val_set: ImageDataset) -> None:
+    """Validation labels must be training classes."""
     if max(val_set.labels) >= train_set.num_classes:
         raise UsageError(f"validation data {val_set.source} has labels >= {train_set.num_classes}, the training classes")
-    return train_set, val_set
 
 
 def check_world(recipe: Recipe, world: World, *datasets: ImageDataset) -> int:

@@ -8,6 +8,7 @@ from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 from dali_ba.devices import gpu_placement
+from dali_ba.install_choice import installed_dali
 from dali_ba.launcher import detect_launch
 
 if TYPE_CHECKING:
@@ -15,7 +16,7 @@ if TYPE_CHECKING:
 
     from dali_ba.distributed import World
 
-PACKAGES = ("torch", "torchvision", "nvidia-dali-cuda130", "horovod", "mpi4py", "numpy", "dali-ba")
+PACKAGES = ("torch", "torchvision", "nvidia-dali", "horovod", "mpi4py", "numpy", "dali-ba")  # nvidia-dali: the build installed
 SLURM_VARIABLES = ("SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_JOB_NODELIST", "SLURM_JOB_NUM_NODES", "SLURM_NTASKS",
                    "SLURM_NTASKS_PER_NODE", "SLURM_CPUS_PER_TASK", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID",
                    "SLURM_RESTART_COUNT", "SLURM_JOB_PARTITION", "SLURM_CLUSTER_NAME")
@@ -24,6 +25,10 @@ SLURM_VARIABLES = ("SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_JOB_NODELIST", "SLUR
 def _versions() -> dict[str, str | None]:
     found: dict[str, str | None] = {}
     for name in PACKAGES:
+        if name == "nvidia-dali":  # one package per CUDA major: name the one installed (nvidia-dali-cuda120, ...)
+            dali = installed_dali()
+            found[dali.package if dali else name] = dali.version if dali else None
+            continue
         try:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -83,11 +83,18 @@ def train_step(
 
 
 def gradient_norm(model: torch.nn.Module) -> float:
-    """L2 norm of all parameter gradients (after the step they hold the allreduced average)."""
+    """L2 norm of all parameter gradients (after the step they hold the allreduced average):
+    ``torch.nn.utils.get_total_norm`` where torch has it (2.6 on), the same norm of norms before."""
     import torch
 
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return float(torch.nn.utils.get_total_norm(grads, norm_type=2.0)) if grads else 0.0
+    if not grads:
+        return 0.0
+    total_norm = getattr(torch.nn.utils, "get_total_norm", None)
+    if total_norm is not None:
+        return float(total_norm(grads, norm_type=2.0))
+    vector_norm = torch.linalg.vector_norm
+    return float(vector_norm(torch.stack([vector_norm(g.detach(), 2.0) for g in grads]), 2.0))
 
 
 @dataclass

@@ -1,23 +1,49 @@
 #!/usr/bin/env bash
 # Install everything dali-ba needs on a fresh Debian machine, reusing what is already there.
 #
-#   bash launch/install.sh [VENV]        (default VENV: .venv)
+#   bash launch/install.sh [--dali-cuda 120|130] [--print-dali-spec] [VENV]   (default VENV: .venv)
 #
 # Steps: Debian packages (Open MPI, CMake, a C++ compiler; SLURM, munge and PMIx for the tests that
 # start a one-node SLURM) -> virtualenv -> torch/torchvision,
 # NVIDIA DALI, mpi4py -> Horovod 0.28.1 built with MPI + Gloo (+ NCCL when a GPU and NCCL are
 # present) -> dali-ba itself (editable). Every step is skipped when its result is already in place.
+#
+# DALI: the build for this machine's NVIDIA driver (dali_ba/install_choice.py, the rule the doctor
+# also uses): nvidia-dali-cuda130 from driver 580, nvidia-dali-cuda120 from 525.60, cuda130 where
+# there is no driver. --dali-cuda (or DALI_CUDA=120|130) names the build, DALI_SPEC the whole pip
+# requirement. --print-dali-spec prints the choice and exits, installing nothing.
 set -euo pipefail
 
-VENV=${1:-.venv}
+print_dali_spec=0
+VENV=.venv
+while (($#)); do
+  case $1 in
+    --dali-cuda) [ $# -ge 2 ] || { echo "install: --dali-cuda needs 120 or 130" >&2; exit 2; }; DALI_CUDA=$2; shift ;;
+    --dali-cuda=*) DALI_CUDA=${1#*=} ;;
+    --print-dali-spec) print_dali_spec=1 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    -*) echo "install: unknown option $1 (--dali-cuda 120|130, --print-dali-spec, or the virtualenv folder)" >&2; exit 2 ;;
+    *) VENV=$1 ;;
+  esac
+  shift
+done
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY="$VENV/bin/python"
-TORCH_SPEC=${TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
-DALI_SPEC=${DALI_SPEC:-"nvidia-dali-cuda130==2.4.0"}
+TORCH_GIVEN=${TORCH_SPEC:+1}
+TORCH_SPEC=${TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}  # PyPI's torch 2.14.1 is built for CUDA 13.0
 HOROVOD_VERSION=0.28.1
 
 say() { echo "[install] $*"; }
 die() { echo "install: $*" >&2; exit 1; }
+# The DALI rule, run from the checkout (standard library only): the spec, or with --plan what to do
+# with the DALI installed in $1 (install SPEC, keep PKG==VERSION, replace OLD SPEC). Its reason goes to stderr.
+dali_choice() {
+  PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$1" -m dali_ba.install_choice ${DALI_CUDA:+--dali-cuda "$DALI_CUDA"} "${@:2}"
+}
+if ((print_dali_spec)); then
+  dali_choice "$([ -x "$PY" ] && echo "$PY" || echo python3)"
+  exit
+fi
 
 # 1. Debian packages -----------------------------------------------------------------------------
 missing=()
@@ -34,10 +60,23 @@ fi
 # 2. Virtualenv and Python packages -----------------------------------------------------------------
 [ -x "$PY" ] || { say "creating $VENV"; python3 -m venv "$VENV"; }
 pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
-# shellcheck disable=SC2086
-"$PY" -c "import torch, torchvision" 2>/dev/null || { say "installing $TORCH_SPEC"; pip_install $TORCH_SPEC; }
-# shellcheck disable=SC2086
-"$PY" -c "import nvidia.dali" 2>/dev/null || { say "installing $DALI_SPEC"; pip_install $DALI_SPEC; }
+dali_plan=$(dali_choice "$PY" --plan 2> >(sed 's/^/[install] /' >&2)) || exit 1
+read -r dali_action dali_first dali_second <<<"$dali_plan"  # dali_second: the spec of a replace
+if ! "$PY" -c "import torch, torchvision" 2>/dev/null; then
+  if [[ -z $TORCH_GIVEN && ${dali_second:-$dali_first} == nvidia-dali-cuda120* ]]; then
+    say "note: this driver runs CUDA 12 builds only, and $TORCH_SPEC from PyPI is built for CUDA 13: its torch" \
+        "will not see the GPUs. Give TORCH_SPEC a CUDA 12 build (pip options included, e.g. TORCH_SPEC='torch" \
+        "torchvision --index-url https://download.pytorch.org/whl/cu126'), then check with python -m dali_ba.doctor"
+  fi
+  # shellcheck disable=SC2086
+  say "installing $TORCH_SPEC"; pip_install $TORCH_SPEC
+fi
+case $dali_action in
+  # shellcheck disable=SC2086
+  install) say "installing $dali_first"; pip_install $dali_first ;;
+  # shellcheck disable=SC2086
+  replace) say "replacing $dali_first by $dali_second"; "$PY" -m pip uninstall -q -y "$dali_first"; pip_install $dali_second ;;
+esac
 "$PY" -c "import mpi4py" 2>/dev/null || { say "installing mpi4py (built against Open MPI)"; pip_install "mpi4py==4.1.2"; }
 pip_install numpy pillow pytest tqdm tomli-w "setuptools<81" wheel packaging psutil pyyaml cloudpickle cffi matplotlib scikit-image scikit-learn tensorboard
 
@@ -69,5 +108,7 @@ PY
 fi
 
 # 4. dali-ba itself ----------------------------------------------------------------------------------
-"$PY" -m pip show -q dali-ba >/dev/null 2>&1 || pip_install --no-build-isolation --no-deps -e "$ROOT"
+# Every time (a few seconds): its metadata (the supported versions the doctor reads) and console scripts follow setup.cfg.
+pip_install --no-build-isolation --no-deps -e "$ROOT"
 say "ok: $("$PY" -c 'import torch, nvidia.dali, horovod, mpi4py; print(f"torch {torch.__version__}, DALI {nvidia.dali.__version__}, horovod {horovod.__version__}, mpi4py {mpi4py.__version__}")')"
+say "check a cluster node (or a whole job, under srun/mpirun/torchrun) with: $PY -m dali_ba.doctor"

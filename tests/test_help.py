@@ -16,6 +16,8 @@ COMMANDS = [
     ["dali_ba.profile", "collect"],
     ["dali_ba.plot"],
     ["dali_ba.check_data"],
+    ["dali_ba.doctor"],
+    ["dali_ba.install_choice"],
     ["dali_ba.reproduce"],
     ["dali_ba.data.shards"],
     ["dali_ba.data.synth"],
