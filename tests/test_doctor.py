@@ -3,9 +3,7 @@ or the output folder), under torchrun, with a rank that never reports; each rule
 CPU machine lacks (a driver, GPUs, old torch, a Horovod built without MPI)."""
 import json
 import os
-import shutil
 import socket
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,8 +12,11 @@ import pytest
 import torch
 
 from conftest import REPO, run_cli
-from dali_ba import doctor
-from dali_ba.doctor import Findings, Problem, judge, main, merge, requirement_floors
+from dali_ba.doctor import main, versions
+from dali_ba.doctor import node as doctor  # the per-rank checks
+from dali_ba.doctor.findings import Findings, Problem
+from dali_ba.doctor.verdict import judge, merge
+from dali_ba.doctor.versions import requirement_floors
 from dali_ba.recipe import Recipe
 
 PY = sys.executable
@@ -113,13 +114,6 @@ def test_mpirun_two_ranks_report_the_horovod_engine_in_one_table(demo_data, tmp_
     assert [r["first_on_node"] for r in document["per_rank"]] == [True, False]
 
 
-def _unshare_works() -> bool:
-    if not shutil.which("unshare"):
-        return False
-    return subprocess.run(["unshare", "--uts", "--mount", "true"], capture_output=True).returncode == 0
-
-
-@pytest.mark.skipif(not _unshare_works(), reason="needs unshare --uts --mount (root) to fake a second node")
 def test_a_node_that_cannot_see_the_data_or_the_output_folder_is_named(demo_data, tmp_path):
     """Rank 1 runs as host n2 in its own mount namespace, where the data folder and the output's parent
     are empty tmpfs mounts: a second node without the data and with a node-local output disk."""
@@ -180,7 +174,7 @@ def test_the_supported_versions_come_from_setup_cfg():
 def test_an_installed_copy_reads_the_same_floors_from_its_metadata(monkeypatch):
     """A wheel has no setup.cfg beside it: the package metadata, written from setup.cfg, says the same."""
     expected = requirement_floors()
-    monkeypatch.setattr(doctor, "REPO_SETUP", Path("/nonexistent/setup.cfg"))
+    monkeypatch.setattr(versions, "REPO_SETUP", Path("/nonexistent/setup.cfg"))
     assert requirement_floors() == expected
 
 

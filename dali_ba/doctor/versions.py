@@ -1,0 +1,34 @@
+"""The versions dali-ba supports: setup.cfg is the one place they are written (the installed
+package's metadata, where there is no checkout)."""
+from __future__ import annotations
+
+import configparser
+import contextlib
+import re
+from importlib import metadata
+from pathlib import Path
+
+from dali_ba.install_choice import version_tuple
+
+REPO_SETUP = Path(__file__).resolve().parents[2] / "setup.cfg"  # a source checkout's (editable installs too)
+
+
+def requirement_floors() -> dict[str, tuple[int, ...]]:
+    """The oldest Python, torch, torchvision (and Horovod, an extra) dali-ba supports, from the checkout's
+    setup.cfg where this runs from one, else from the installed package's metadata."""
+    lines: list[str] = []
+    config = configparser.ConfigParser(interpolation=None)
+    if REPO_SETUP.is_file() and config.read(REPO_SETUP) and config.get("metadata", "name", fallback="") == "dali-ba":
+        options = config["options"]
+        lines = [f"python{options.get('python_requires', '')}", *options.get("install_requires", "").split("\n"),
+                 *config["options.extras_require"].get("horovod", "").split("\n")]
+    else:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            lines = [f"python{metadata.metadata('dali-ba').get('Requires-Python') or ''}",
+                     *(metadata.requires("dali-ba") or [])]
+    floors = {}
+    for line in lines:
+        match = re.match(r"\s*([A-Za-z0-9_.-]+)\s*>=\s*([0-9.]+)", line.split(";")[0])
+        if match:
+            floors[match.group(1).lower()] = version_tuple(match.group(2))
+    return floors
