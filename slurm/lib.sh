@@ -68,17 +68,19 @@ _dali_ba_forward() {
 # _dali_ba_first_failure RC LOG: after a failed step, name the rank (srun's task number) and node that
 # failed first, from srun's "srun: error: <node>: task <n>: <how>" lines in LOG, and set STEP_RC to the
 # step's status: that rank's exit code when it exited (the cause; the ranks srun then ended report a
-# signal), else RC.
+# signal), else RC. A rank killed by a signal of its own (not srun's Terminated) is the cause even when
+# a peer's "exit 1" (its collectives failed) reached srun first.
 _dali_ba_first_failure() {
-  local line node tasks how
+  local pattern='^srun: error: [^ :]+: tasks? [0-9][-0-9,]*: ' line node tasks how
   STEP_RC=$1
   { [ "$1" -eq 0 ] || [ "$1" -eq "$EXIT_RESUMABLE" ]; } && return 0
-  line=$(grep -m1 -E '^srun: error: [^ :]+: tasks? [0-9][-0-9,]*: ' "$2" 2>/dev/null) || return 0
+  line=$(grep -E "$pattern" "$2" 2>/dev/null | grep -v -m1 -E ': (Exited with exit code [0-9]+|Terminated)$') ||
+    line=$(grep -m1 -E "$pattern" "$2" 2>/dev/null) || return 0
   node=${line#srun: error: }; node=${node%%:*}
   tasks=${line#*: task}; tasks=${tasks#s}; tasks=${tasks# }; how=${tasks#*: }; tasks=${tasks%%:*}
   [[ $how =~ ^Exited\ with\ exit\ code\ ([0-9]+)$ ]] && STEP_RC=${BASH_REMATCH[1]}
   [ "$STEP_RC" -eq "$EXIT_RESUMABLE" ] && return 0
-  echo "batch: the training step failed (exit $STEP_RC): rank $tasks on node $node ended first ($how); srun" \
+  echo "batch: the training step failed (exit $STEP_RC): rank $tasks on node $node failed ($how); srun" \
        "ended the other ranks" >&2
 }
 

@@ -60,16 +60,18 @@ def _program(name: str) -> str:
 
 class SlurmCluster:
     def __init__(self, root: Path, cpus: int | None = None, nodes: int = 1, slurmd_timeout: int = 10,
-                 kill_wait: int = 10, cred_expire: int = 10):
+                 kill_wait: int = 10, cred_expire: int = 10, message_timeout: int = 10):
         self.root = Path(root)
         self.cpus = cpus or os.cpu_count() or 1
         self.host = subprocess.run(["hostname", "-s"], capture_output=True, text=True, check=True).stdout.strip()
         # One node: this machine by its name. Several: n1, n2, ... at 127.0.0.2, 127.0.0.3, ...
         self.nodes = [self.host] if nodes == 1 else [f"n{i}" for i in range(1, nodes + 1)]
         self.node = self.nodes[0]
-        # Seconds: a silent node is down after slurmd_timeout; a cancelled step's tasks get SIGKILL
-        # kill_wait after SIGTERM; a requeued job starts again once its credential expires (cred_expire).
+        # Seconds: a silent node is down after slurmd_timeout (noticed in about 2.5 x message_timeout:
+        # 27 s at 10, 10 s at 3); a cancelled step's tasks get SIGKILL kill_wait after SIGTERM; a
+        # requeued job starts again once its credential expires (cred_expire).
         self.slurmd_timeout, self.kill_wait, self.cred_expire = slurmd_timeout, kill_wait, cred_expire
+        self.message_timeout = message_timeout
         self.conf = self.root / "slurm.conf"
         self.munge_socket = self.root / "munge" / "munge.socket"
         munge = self.munge_socket.parent  # munged's own folder: socket, log, pid, seed (owned by munge)
@@ -203,6 +205,7 @@ ReturnToService=2
 SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=1
 KillWait={self.kill_wait}
+MessageTimeout={self.message_timeout}
 InactiveLimit=0
 {nodes}PartitionName=test Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE State=UP OverSubscribe={"YES" if self.multinode else "NO"}
 """)

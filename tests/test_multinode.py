@@ -1,6 +1,6 @@
-"""Two SLURM nodes, n1 and n2, simulated on this machine (tests/slurm_cluster.py, loopback only): the
-batch templates across nodes under both engines, torchrun's rendezvous, the scaling table, and what a
-dead node or a dead rank does to a job.
+"""SLURM nodes simulated on this machine (tests/slurm_cluster.py, loopback only): the batch templates
+across two nodes, n1 and n2, under both engines, torchrun's rendezvous, the scaling table, the doctor,
+and what a dead node (n3, so that the others' jobs run on while it is down) or a dead rank does to a job.
 
 Every job is the CPU version of a template (resnet20, 32 px views, B=16, M=2). Real sbatch/srun, real
 Horovod over Open MPI (srun --mpi=pmix, TCP between the nodes' loopback addresses), real
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ import torch
 from conftest import REPO
 from slurm_jobs import SMALL, assert_completed, job_environment, records, running_cluster, slurm_output, submit
 
-NODES = ("n1", "n2")
+NODES = ("n1", "n2")  # the two-node jobs'; n3 is the one that dies
 CPU = ["--gpus-per-node=0", "--cpus-per-task=1"]
 EPOCHS, MAX_STEPS = 2, 6  # 12 steps, a checkpoint at each epoch's end
 # The models trained on one node (n1), as references: (engine, ranks) -> job id. Two ranks' sum is the
@@ -32,10 +33,10 @@ ONE_NODE = [("horovod", 2), ("horovod", 4), ("torch", 4)]
 
 @pytest.fixture(scope="module")
 def cluster(request):
-    # 16 CPUs declared per node (the machine's cores are shared): every job of the module fits at once,
-    # and the machine's 2 cores set the pace. Short timeouts (SLURM's defaults: 300, 30 and 120 s)
-    # make a dead node, a cancelled step and a requeue quick.
-    yield from running_cluster(request, nodes=2, cpus=16, slurmd_timeout=5, kill_wait=5, cred_expire=5)
+    # 8 CPUs declared per node, though the machine has 2 cores: the machine's cores set the pace, and
+    # SLURM runs side by side no more than 8 ranks a node (each takes about 0.9 GB). Short timeouts
+    # (SLURM's defaults: 30, 120 and 10 s) make a cancelled step, a requeue and a dead node quick.
+    yield from running_cluster(request, nodes=3, cpus=8, kill_wait=5, cred_expire=5, message_timeout=5)
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +52,12 @@ def job_env(cluster, demo_data) -> dict[str, str]:
     return env
 
 
-def train(cluster, job_env, engine: str, nodes: int, per_node: int, epochs: int = EPOCHS, **env: str) -> str:
-    """Submit slurm/resnet50_ba.sh: ``nodes`` x ``per_node`` CPU ranks of ``engine``; returns the job id.
-    One node: n1 (n2's run folders are read-only)."""
-    where = ["--nodelist=n1"] if nodes == 1 else []
-    return submit(cluster, "resnet50_ba.sh", f"--nodes={nodes}", f"--ntasks-per-node={per_node}", *where, *CPU,
+def train(cluster, job_env, engine: str, nodes: int, per_node: int, epochs: int = EPOCHS, where: str = "",
+          **env: str) -> str:
+    """Submit slurm/resnet50_ba.sh: ``nodes`` x ``per_node`` CPU ranks of ``engine`` on n1 (and n2),
+    or the nodes ``where`` lists; returns the job id."""
+    return submit(cluster, "resnet50_ba.sh", f"--nodes={nodes}", f"--ntasks-per-node={per_node}",
+                  f"--nodelist={where or ','.join(NODES[:nodes])}", *CPU,
                   **{**job_env, "ENGINE": engine, "EPOCHS": str(epochs), "CHECKPOINT_EVERY": "",
                      "EXTRA_ARGS": f"{SMALL} --max-steps {MAX_STEPS}", **env})
 
@@ -76,28 +78,31 @@ def model(folder: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def one_node(cluster, job_env) -> dict[tuple[str, int], str]:
-    """The one-node references, submitted at once; they run on n1 while the first test's n2 is down."""
+    """The one-node references, submitted at once; they run on n1 while the first test's n3 is down."""
     return {(engine, ranks): train(cluster, job_env, engine, 1, ranks) for engine, ranks in ONE_NODE}
 
 
 def test_a_dead_node_requeues_the_job_which_resumes_to_the_same_model(cluster, job_env, request):
-    """Every process of n2 (slurmd included) killed after the first checkpoint (step 2): SLURM notices
-    the node failure, ends and requeues the job; n2 comes back cleaned, and the job resumes from the
-    checkpoint and ends with the parameters of the uninterrupted run (two ranks on one node)."""
-    job_id = train(cluster, job_env, "horovod", 2, 1, CHECKPOINT_EVERY="2")  # checkpoints leave the model as it is
+    """Every process of n3 (slurmd included) killed after the first checkpoint (step 2): SLURM notices
+    the node failure, ends and requeues the job; n3 comes back cleaned, and the job resumes from the
+    checkpoint and ends with the parameters of the uninterrupted run (two ranks on one node). The
+    other tests' jobs start meanwhile, on n1 and n2."""
+    job_id = train(cluster, job_env, "horovod", 2, 1, where="n1,n3", CHECKPOINT_EVERY="2")
     one_node = request.getfixturevalue("one_node")  # submitted after this job: they wait for none of its nodes
     folder = job_dir(cluster, job_id)
     first_checkpoint, deadline = folder / "checkpoints" / f"step-{2:09d}.pt", time.monotonic() + 180
     while not first_checkpoint.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    cluster.kill_node("n2")
+    cluster.kill_node("n3")
     killed = time.monotonic()
     assert not records(folder, "summary"), "the run ended before the node was killed"
+    request.getfixturevalue("two_node")  # the CPUs are free while SLURM waits for n3
     (task,) = cluster.wait(job_id, timeout=90, until=lambda tasks: tasks[0]["JobState"] != "RUNNING")
     ended = time.monotonic() - killed
+    print(f"node n3 killed: the job left RUNNING {ended:.1f} s later ({task['JobState']})")  # pytest -s shows it
     assert ended < 60 and task["Restarts"] == "1", (ended, task)
-    cluster.restart_node("n2")  # a rebooted node: cleaned, idle again
-    (task,) = cluster.wait(job_id, timeout=180)
+    cluster.restart_node("n3")  # a rebooted node: cleaned, idle again
+    (task,) = cluster.wait(job_id, timeout=300)
     assert_completed(cluster, task, "resnet50_ba", job_id)
     first, second = records(folder, "start")
     assert first["resumed_from"] is None and 2 <= second["resumed_from"] < EPOCHS * MAX_STEPS
@@ -110,18 +115,18 @@ def test_a_dead_node_requeues_the_job_which_resumes_to_the_same_model(cluster, j
 
 @pytest.fixture(scope="module")
 def two_node(cluster, job_env, demo_data) -> dict[str, str]:
-    """Every two-node job of the tests below, submitted at once (after n2 is back): name -> job id."""
+    """Every two-node job of the tests below, submitted at once (while n3 is down): name -> job id."""
     jobs = {f"{engine} 2x{per_node}": train(cluster, job_env, engine, 2, per_node)
             for engine in ("horovod", "torch") for per_node in (1, 2)}
     # 2 x 1 ranks, a batch of views too big for any node: refused at set-up, per node.
     jobs["memory"] = train(cluster, job_env, "horovod", 2, 1, EXTRA_ARGS=f"{SMALL} --view-size 16384")
-    jobs["scaling"] = submit(cluster, "scaling.sh", "--nodes=2", "--ntasks-per-node=1", *CPU, **job_env,
+    jobs["scaling"] = submit(cluster, "scaling.sh", "--nodes=2", "--ntasks-per-node=1", "--nodelist=n1,n2", *CPU, **job_env,
                              RECIPE="pipelines/demo.toml", RANKS_LIST="1 2", VIEWS_LIST="1", STEPS="3", WARMUP="1",
                              EXTRA_ARGS="--dali-threads 1 --torch-threads 1")
     # The launch line of slurm/README.md: one torchrun agent per node, meeting at the first (c10d).
     script = cluster.root / "torchrun.sh"
     script.write_text(f"""#!/bin/bash
-#SBATCH --nodes=2 --ntasks-per-node=1 --cpus-per-task=1 --gpus-per-node=0
+#SBATCH --nodes=2 --ntasks-per-node=1 --nodelist=n1,n2 --cpus-per-task=1 --gpus-per-node=0
 head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -1)
 srun --kill-on-bad-exit=1 {sys.executable} -m torch.distributed.run --nnodes 2 --nproc-per-node 1 \\
     --rdzv-backend c10d --rdzv-endpoint "$head:$((29400 + SLURM_JOB_ID % 1000))" --rdzv-id "$SLURM_JOB_ID" \\
@@ -129,6 +134,15 @@ srun --kill-on-bad-exit=1 {sys.executable} -m torch.distributed.run --nnodes 2 -
     --output {cluster.root}/runs/torchrun --epochs 1 --max-steps 3 --batch-size 16 {SMALL}
 """)
     jobs["torchrun"] = cluster.sbatch(f"--output={cluster.root}/torchrun-%j.out", str(script), env=job_env, cwd=REPO)
+    # The doctor across both nodes, with data that only n1 has: a copy in n1's own TmpFS (the same path on
+    # n2 is n2's TmpFS, without it), the output folder shared.
+    shutil.copytree(demo_data, cluster.root / "n1" / "tmp" / "demo")
+    local = cluster.root / "tmp" / "demo"
+    jobs["doctor"] = cluster.sbatch(
+        "--nodes=2", "--ntasks-per-node=1", "--nodelist=n1,n2", *CPU, f"--output={cluster.root}/doctor-%j.out", "--wrap",
+        f"srun --mpi=pmix {sys.executable} -m dali_ba.doctor --recipe pipelines/demo.toml --train {local}/train "
+        f"--val {local}/val --output {cluster.root}/doctor/run --json {cluster.root}/doctor.json --dali-threads 1",
+        env=job_env, cwd=REPO)
     return jobs
 
 
@@ -168,7 +182,7 @@ def test_the_memory_check_counts_the_ranks_of_one_node(cluster, two_node):
     (line,) = [line for line in output.splitlines() if "--view-size 16384" in line]
     assert "8 samples x M=2 views per rank" in line and "for 1 rank(s) on this node" in line, line
     # The job's status is the first failed rank's (the others were ended by srun, with a signal).
-    assert "batch: the training step failed (exit 2): rank 0 on node n1 ended first (Exited with exit code 2)" in output
+    assert "batch: the training step failed (exit 2): rank 0 on node n1 failed (Exited with exit code 2)" in output
 
 
 def test_torchrun_under_srun_rendezvous_across_two_nodes(cluster, two_node):
@@ -197,6 +211,26 @@ def test_scaling_table_names_the_nodes_of_each_point(cluster, job_env, two_node)
     assert [[cell.strip() for cell in row.split("|")[1:3]] for row in table[2:]] == [["n1", "1"], ["n1,n2", "2"]]
 
 
+def test_the_doctor_names_the_node_that_cannot_see_the_data(cluster, two_node):
+    """srun --mpi=pmix of the doctor on n1 and n2: one table, a row per node; the data readable on n1
+    only, so a failure naming n2 and rank 1 (and a non-zero status); the output folder shared by both."""
+    job_id = two_node["doctor"]
+    (task,) = cluster.wait(job_id, timeout=300)
+    log = (cluster.root / f"doctor-{job_id}.out").read_text()
+    assert task["JobState"] == "FAILED", log[-3000:]
+    report = json.loads((cluster.root / "doctor.json").read_text())
+    assert not report["ok"] and report["ranks"] == 2 and sorted(report["nodes"]) == list(NODES), log[-3000:]
+    assert report["nodes"]["n1"]["data"]["train"]["readable"] is True
+    assert report["nodes"]["n2"]["data"]["train"]["readable"] is False
+    assert report["nodes"]["n1"]["output"]["shared"] and report["nodes"]["n2"]["output"]["shared"]
+    failures = [p for p in report["problems"] if p["level"] == "fail"]
+    assert [(p["check"], p["nodes"], p["ranks"]) for p in failures] == [("data", ["n2"], [1])] * 2, failures
+    assert "--train" in failures[0]["text"] and "--val" in failures[1]["text"]
+    assert [row[0] for row in report["table"][1:]] == list(NODES)
+    assert log.count("FAIL  n2 (rank 1)  data: --train") == 1  # rank 0 alone reports
+    assert not (cluster.root / "doctor" / "run").exists()  # what it created to test, removed
+
+
 @pytest.fixture(scope="module")
 def long_runs(cluster, job_env, two_node) -> dict[str, str]:
     """A long 2 x 1 training per engine, both at once (each is killed well before its end)."""
@@ -221,9 +255,10 @@ def test_a_killed_rank_ends_every_rank_within_a_minute(cluster, long_runs, engin
     while cluster.task_processes(job_id, "dali_ba.train") and time.monotonic() - killed < 90:
         time.sleep(0.2)
     gone = time.monotonic() - killed
+    print(f"{engine}: every rank gone {gone:.1f} s after kill -9 of rank 1")  # pytest -s shows it
     (task,) = cluster.wait(job_id, timeout=60)
     output = slurm_output(cluster, "resnet50_ba", job_id)
     assert gone < 60, f"ranks still running {gone:.0f} s after the kill:\n{output[-2000:]}"
     assert task["JobState"] == "FAILED", output[-2000:]
-    assert "batch: the training step failed (exit 137): rank 1 on node n2 ended first (Killed)" in output, output[-3000:]
+    assert "batch: the training step failed (exit 137): rank 1 on node n2 failed (Killed)" in output, output[-3000:]
     assert "Traceback" not in output  # the survivor's one line, not a traceback

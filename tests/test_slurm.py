@@ -189,3 +189,27 @@ def test_host_list_inside_an_allocation(slurm):
         done = subprocess.run([sys.executable, "launch/slurm_hosts.py", nodelist, "--slots", "4"], cwd=REPO,
                               env={**slurm.env, "SLURM_CONF": conf}, capture_output=True, text=True)
         assert done.stdout.strip() == ",".join(f"{host}:4" for host in expected), done.stderr
+
+
+@pytest.mark.parametrize("srun_said, srun_status, status, blamed", [
+    # kill -9 of rank 1; rank 0's collectives failed and it exited 1 before srun heard of the kill
+    ("n1: task 0: Exited with exit code 1\nn2: task 1: Killed", 137, 137, "rank 1 on node n2 failed (Killed)"),
+    # a bad input found by rank 0; srun then ended the others with SIGTERM: the step's status is rank 0's
+    ("n1: task 0: Exited with exit code 2\nn1: task 1: Terminated\nn2: tasks 2-3: Terminated", 143, 2,
+     "rank 0 on node n1 failed (Exited with exit code 2)"),
+    # ranks stopping together after a checkpoint: a resumable stop, nothing to blame
+    ("n2: task 1: Exited with exit code 75\nn1: task 0: Terminated", 143, 75, None),
+])
+def test_the_batch_log_names_the_rank_that_failed_first(tmp_path, srun_said, srun_status, status, blamed):
+    """slurm/lib.sh reads srun's error lines after a failed step: the rank and node that caused it,
+    and the status the job ends with."""
+    log = tmp_path / "srun.err"
+    log.write_text("".join(f"srun: error: {line}\n" for line in srun_said.splitlines()))
+    script = (f'EXIT_RESUMABLE=75; source <(sed -n "/^_dali_ba_first_failure()/,/^}}/p" {REPO}/slurm/lib.sh); '
+              f'_dali_ba_first_failure {srun_status} {log}; echo "status $STEP_RC"')
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
+    assert done.stdout.split() == ["status", str(status)], done.stderr
+    if blamed:
+        assert done.stderr == f"batch: the training step failed (exit {status}): {blamed}; srun ended the other ranks\n"
+    else:
+        assert done.stderr == ""
