@@ -159,7 +159,23 @@ def step_env(ctx: Ctx) -> int:
     ctx.save()
     r["hardware_decoder"] = hardware_decoder(files, cuda, ctx.sizes.workers)
     ctx.save()
+    r["doctor"] = doctor(ctx)
+    ctx.save()
     return 0
+
+
+def doctor(ctx: Ctx) -> dict:
+    """``python -m dali_ba.doctor`` on this machine: its GPU paths (driver rule, hardware JPEG probe,
+    the GPU a rank takes) have only run on stand-ins elsewhere. Its report goes to doctor.json."""
+    report = ctx.dir / "doctor.json"
+    command = [sys.executable, "-m", "dali_ba.doctor", "--dali-threads", "1", "--json", str(report)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=min(30.0, ctx.left()))
+    except subprocess.TimeoutExpired:
+        return dict(status="timed out")
+    (ctx.dir / "doctor.txt").write_text(done.stdout + done.stderr)
+    found = read_json(report) or {}
+    return dict(status=done.returncode, problems=[f"{p['level']} {p['check']}: {p['text']}" for p in found.get("problems", [])])
 
 
 def module_version(name: str) -> str | None:

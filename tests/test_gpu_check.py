@@ -45,6 +45,9 @@ def test_the_smoke_run_has_the_numbers_of_every_step(smoke):
     hardware = result["env"]["hardware_decoder"]
     assert hardware["in_use"] == "no GPU" and hardware["nvimgcodec_decoded"] == hardware["files"]  # CPU backend
     assert hardware["dali_cpu"]["images_per_s"] > 0
+    # The doctor on this machine: nothing that stops a run; on a 2-core machine a cores warning at most.
+    assert result["env"]["doctor"]["status"] == 0, result["env"]["doctor"]
+    assert all(problem.startswith("warn ") for problem in result["env"]["doctor"]["problems"])
     assert result["tests"]["counts"] == {"PASSED": len(SMOKE_TESTS)} and result["tests"]["failed"] == []
     runs = result["demo"]["runs"]
     assert {name: run["rc"] for name, run in runs.items()} == {
