@@ -65,10 +65,9 @@ def run(recipe: Recipe, train_set: ImageDataset, val_set: ImageDataset) -> int:
         if not stopped.every_rank:
             raise
         say_stopped(stopped)
-        world.barrier()
-        return stopped.exit_code
+        status = stopped.exit_code
     world.barrier()
-    world.close()  # not on an exception: a peer may be gone, and the launcher ends the job anyway
+    world.close()  # not on another exception: a peer may be gone, and the launcher ends the job anyway
     return status
 
 
