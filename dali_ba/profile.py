@@ -14,7 +14,11 @@ in memory beforehand (no data cost at all), and steps fed by the loader as in tr
 stall, (t_loader - t_memory) / t_loader, is the share of a training step that the loader costs:
 the wait for a batch plus the slow-down of sharing cores (or the GPU) with it. The measured wait
 alone is reported beside it, and where the step's time goes (data, h2d, forward_backward,
-allreduce_step, as dali_ba.train records them). ``views`` runs ``step`` at each M (the recipe's B per
+allreduce_step, as dali_ba.train records them). Each of the three is timed as dali_ba.train runs its
+steps: --warmup untimed steps, then --steps N steps between two synchronisations of the device and
+none inside (:data:`TIMING_RULE`), so the loader's next batch overlaps this step's compute as in
+training; a step's time is the seconds between the two / N, and the phases and the spread over steps
+come from the step clock's rows, read after the second. ``views`` runs ``step`` at each M (the recipe's B per
 rank) with the ranks joined once, and names the free views: the largest measured M whose step time
 fed by the loader is at most (1 + tolerance) x M = 1's, each M judged on its own (the paper's
 Figure 5: where compute is to spare, M views cost almost nothing; on a CPU it is honestly 1). Rank 0
@@ -30,6 +34,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,12 +42,16 @@ import numpy as np
 from dali_ba.augment import AUGMENTATIONS, MAGNITUDE_BINS, MAX_AUTO_OPS
 from dali_ba.launcher import launcher_rank
 from dali_ba.errors import UnreadableImageError, UsageError
-from dali_ba.metrics import PHASES, StepClock, stream_sync
+from dali_ba.metrics import PHASES, StepClock, StepRow
 from dali_ba.recipe import Recipe, int_list, OneLineParser, build_parser, resolve
 
 PROG = "python -m dali_ba.profile"
 STEP_FILE = "profile_step.json"
 YIELD_VARIABLE = "OMPI_MCA_mpi_yield_when_idle"
+TIMING_RULE = ("--warmup untimed steps, one synchronisation, --steps N steps with no wait for the device inside "
+               "(as dali_ba.train runs them), one synchronisation: step_time = the seconds between the two "
+               "synchronisations / N (mean over ranks); phases, data_wait and the spread over steps from the step "
+               "clock's rows (CUDA events on a GPU, perf_counter on the CPU), read after the second")
 
 
 def _at_least(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -100,18 +109,40 @@ def endless(loader) -> Iterator:
         yield from loader.epoch(epoch)
 
 
-def time_steps(batches: Iterator, count: int, work: Callable | None, sync: Callable[[], None]) -> tuple[np.ndarray, np.ndarray]:
-    """Take ``count`` batches, running ``work(images, labels)`` on each: (wait for the batch, whole step) in s."""
-    waits, totals = np.empty(count), np.empty(count)
-    for i in range(count):
-        start = time.perf_counter()
+@dataclass
+class Window:
+    """Steps timed between two synchronisations: the seconds between them, and each step's clock row
+    (the phases' seconds, then the step's: :meth:`dali_ba.metrics.StepRow.seconds`)."""
+
+    seconds: float
+    rows: list[list[float]]
+
+
+def clocked_step(batches: Iterator, work: Callable | None, clock: StepClock) -> StepRow:
+    """One step as dali_ba.train runs it, marked on ``clock`` and waiting for nothing on the device:
+    the next batch (the ``data`` phase), then ``work(images, labels)``, which marks its own phases."""
+    clock.begin()
+    with clock.phase("data"):
         images, labels = next(batches)
-        got = time.perf_counter()
-        if work is not None:
-            work(images, labels)
-        sync()
-        waits[i], totals[i] = got - start, time.perf_counter() - start
-    return waits, totals
+    if work is not None:
+        work(images, labels)
+    return clock.end()
+
+
+def time_window(batches: Iterator, warmup: int, steps: int, work: Callable | None, clock: StepClock) -> Window:
+    """``warmup`` untimed steps, then ``steps`` steps between two synchronisations (:data:`TIMING_RULE`).
+    The trainer never waits for the GPU inside a step: a wait after each would time a serialised loop,
+    in which the loader's next batch cannot overlap this step's compute, and so not the data stall that
+    training sees. The warm-up adds no synchronisation (the first one also waits for its queued work);
+    the rows are read after the second (reading a CUDA event waits for it)."""
+    for _ in range(warmup):
+        clocked_step(batches, work, clock)
+    clock.sync()
+    start = time.perf_counter()
+    rows = [clocked_step(batches, work, clock) for _ in range(steps)]
+    clock.sync()
+    seconds = time.perf_counter() - start
+    return Window(seconds, [row.seconds() for row in rows])
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -135,17 +166,18 @@ def profile_pipeline(args: argparse.Namespace) -> dict:
                                     crop_area_min=args.crop_area_min, randaugment_n=args.randaugment_n,
                                     randaugment_m=args.randaugment_m, decoder=args.decoder, num_threads=args.dali_threads)
         decoder, device = loader.decoder, loader.device
-        _, times = time_steps(endless(loader), args.warmup + args.steps, None, stream_sync(loader.device))
-        batch_time = float(times[args.warmup:].mean())
+        window = time_window(endless(loader), args.warmup, args.steps, None, StepClock(loader.device))
+        batch_time = window.seconds / args.steps
         samples_per_s = args.batch_size / batch_time
         baseline.setdefault(views, batch_time)
-        rows.append(dict(augment=augment, views=views, batch_time=batch_time, batch_time_std=float(times[args.warmup:].std()),
+        rows.append(dict(augment=augment, views=views, batch_time=batch_time,
+                         batch_time_std=float(np.std([row[-1] for row in window.rows])),
                          samples_per_s=samples_per_s, views_per_s=views * samples_per_s,
                          extra_ms_per_view=1e3 * (batch_time - baseline[views]) / (args.batch_size * views)))
     return dict(kind="profile_pipeline", train=str(args.train), batch_size=args.batch_size, view_size=args.view_size,
                 augments=args.augment, randaugment_n=args.randaugment_n, randaugment_m=args.randaugment_m,
                 dali_threads=args.dali_threads, decoder=decoder, device=str(device), steps=args.steps,
-                warmup=args.warmup, steps_per_epoch=len(loader), results=rows)
+                warmup=args.warmup, steps_per_epoch=len(loader), timing=TIMING_RULE, results=rows)
 
 
 def pipeline_figure(result: dict):
@@ -191,21 +223,23 @@ def run_pipeline(args: argparse.Namespace) -> int:
 # --- step: training steps fed by the loader vs from memory ------------------------------------------
 
 
-def _phase(world, waits: np.ndarray, totals: np.ndarray, warmup: int, batch_size: int, views: int,
-           parts: list[list[float]] | None = None) -> dict:
-    """Steady-state statistics of one phase over all ranks (rank-mean times; the slowest rank's too).
-    ``parts``: each step's StepClock row (data, h2d, forward_backward, allreduce_step) where timed."""
-    waits, totals = (np.array(world.gather(a[warmup:].tolist())) for a in (waits, totals))
-    step_time = float(totals.mean())
+def _phase(world, window: Window, batch_size: int, views: int) -> dict:
+    """Statistics of one timed window over all ranks. The step time is each rank's seconds between the
+    synchronisations / steps (the mean over ranks; the slowest rank's too); the phases (``data`` is the
+    wait for the batch), the spread and median over steps come from the clock rows of every rank."""
+    gathered = world.gather((window.seconds, window.rows))
+    seconds = np.array([seconds for seconds, _ in gathered])  # (ranks,)
+    rows = np.array([rows for _, rows in gathered])  # (ranks, steps, phases + step)
+    per_rank = seconds / rows.shape[1]
+    totals, waits, means = rows[..., -1], rows[..., 0], rows.mean(axis=(0, 1))
+    step_time = float(per_rank.mean())
     steps_per_s = 1 / step_time
-    stats = dict(step_time=step_time, step_time_std=float(totals.std()), step_time_median=float(np.median(totals)),
-                 slowest_rank_step_time=float(totals.mean(axis=1).max()), data_wait=float(waits.mean()),
-                 steps_per_s=steps_per_s, images_per_s=steps_per_s * batch_size,
-                 views_per_s=steps_per_s * batch_size * views, step_times=totals.tolist(), data_waits=waits.tolist())
-    if parts is not None:  # the wait for the batch is the data phase; the clock times the rest of the step
-        means = np.array(world.gather(parts[warmup:])).mean(axis=(0, 1))
-        stats["phases"] = {"data": float(waits.mean()), **{name: float(v) for name, v in zip(PHASES[1:], means[1:])}}
-    return stats
+    return dict(step_time=step_time, step_time_std=float(totals.std()), step_time_median=float(np.median(totals)),
+                slowest_rank_step_time=float(per_rank.max()), data_wait=float(means[0]),
+                steps_per_s=steps_per_s, images_per_s=steps_per_s * batch_size,
+                views_per_s=steps_per_s * batch_size * views, window_seconds=seconds.tolist(),
+                step_times=totals.tolist(), data_waits=waits.tolist(),
+                phases={name: float(v) for name, v in zip(PHASES, means)})
 
 
 def load_step_data(recipe: Recipe):
@@ -229,30 +263,22 @@ def measure_step(world, recipe: Recipe, train_set, steps: int, warmup: int, cach
     training.model.train()
     clock = StepClock(device)
 
-    def timed_work(parts: list[list[float]]) -> Callable:
-        """One training step on a batch, as dali_ba.train runs it; its phase times go to ``parts``."""
-        def work(images, labels):
-            clock.begin()
-            with clock.phase("h2d"):
-                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            training.step(images, labels, clock)
-            parts.append(clock.end().seconds()[:len(PHASES)])  # read now: time_steps waits for the step anyway
+    def work(images, labels) -> None:
+        """The rest of a training step on a batch, as dali_ba.train runs it: h2d, then the step's phases."""
+        with clock.phase("h2d"):
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        training.step(images, labels, clock)
 
-        return work
-
-    sync = stream_sync(device)
     count = warmup + steps
     batches = endless(loader)
     cached = [(images.clone(), labels.clone()) for images, labels in itertools.islice(batches, min(cache, steps))]
-    loader_parts, memory_parts = [], []
     # Loader-fed steps before memory-fed ones: what warm-up is left after `warmup` steps counts against the loader.
-    phases = {
-        "pipeline": time_steps(batches, count, None, sync),
-        "loader": time_steps(batches, count, timed_work(loader_parts), sync),
-        "memory": time_steps(itertools.cycle(cached), count, timed_work(memory_parts), sync),
+    windows = {
+        "pipeline": time_window(batches, warmup, steps, None, clock),
+        "loader": time_window(batches, warmup, steps, work, clock),
+        "memory": time_window(itertools.cycle(cached), warmup, steps, work, clock),
     }
-    parts = {"loader": loader_parts, "memory": memory_parts}
-    stats = {name: _phase(world, *times, warmup, d.batch_size, d.views, parts.get(name)) for name, times in phases.items()}
+    stats = {name: _phase(world, window, d.batch_size, d.views) for name, window in windows.items()}
     nodes = sorted(set(world.gather(socket.gethostname())))
     if not world.is_root:
         return None
@@ -261,14 +287,15 @@ def measure_step(world, recipe: Recipe, train_set, steps: int, warmup: int, cach
     # Which timed loader-fed steps began an epoch (the loader builds each epoch's pipeline when it starts).
     first = len(cached) + count + warmup  # position of the first of them in `batches`
     starts = np.arange(first, first + steps) % len(loader) == 0
-    epoch_start_wait = np.array(fed["data_waits"])[:, starts].sum() / np.array(fed["step_times"]).sum()
+    waits = np.array(fed["data_waits"])  # (ranks, steps): the share of all ranks' timed seconds waited there
+    epoch_start_wait = waits[:, starts].sum() / (waits.size * fed["step_time"])
     threads = (d.dali_threads + torch_threads) * world.local_size
     return dict(
         kind="profile_step", train=d.train, engine=world.engine, engine_backend=world.backend, ranks=world.size, local_ranks=world.local_size, nodes=nodes, views=d.views, batch_size=d.batch_size,
         per_rank_batch=training.per_rank, view_size=d.view_size, arch=m.arch, amp=m.amp, chunks=recipe.optim.chunks, device=device.type, decoder=loader.decoder,
         dali_threads=d.dali_threads, torch_threads=torch_threads, cores=cores, oversubscribed=threads > cores,
         mpi_yield_when_idle=os.environ.get(YIELD_VARIABLE),
-        steps=steps, warmup=warmup, cached_batches=len(cached), steps_per_epoch=len(loader),
+        steps=steps, warmup=warmup, timing=TIMING_RULE, cached_batches=len(cached), steps_per_epoch=len(loader),
         steps_per_s=fed["steps_per_s"], images_per_s=fed["images_per_s"], views_per_s=fed["views_per_s"],
         data_stall=min(1.0, max(0.0, stall)), data_stall_raw=stall,
         data_wait_share=fed["data_wait"] / fed["step_time"], epoch_starts=int(starts.sum()),
@@ -277,7 +304,7 @@ def measure_step(world, recipe: Recipe, train_set, steps: int, warmup: int, cach
         compute_per_loader_batch=memory["step_time"] / pipeline["step_time"],
         pipeline=dict(batch_time=pipeline["step_time"], batch_time_std=pipeline["step_time_std"],
                       samples_per_s=pipeline["images_per_s"], views_per_s=pipeline["views_per_s"],
-                      batch_times=pipeline["step_times"]),
+                      batch_times=pipeline["step_times"], window_seconds=pipeline["window_seconds"]),
         memory=memory, loader=fed,
     )
 

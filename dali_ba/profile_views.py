@@ -1,5 +1,7 @@
 """``python -m dali_ba.profile views``: the same training steps at each M, and the views that come
-(almost) free — the paper's Figure 5 claim measured on this hardware (see :mod:`dali_ba.profile`)."""
+(almost) free — the paper's Figure 5 claim measured on this hardware (see :mod:`dali_ba.profile`). Each M's
+steps are timed as training runs them, N steps between two synchronisations (:data:`dali_ba.profile.TIMING_RULE`):
+a wait for the device after every step would hide the overlap that makes views free where compute is to spare."""
 from __future__ import annotations
 
 import argparse
@@ -65,7 +67,7 @@ def profile_views(recipe: Recipe, view_counts: list[int], tolerance: float, step
     setting = {key: first[key] for key in ("train", "engine", "engine_backend", "ranks", "local_ranks", "batch_size",
                                            "per_rank_batch", "view_size", "arch", "amp", "chunks", "device", "decoder",
                                            "dali_threads", "torch_threads", "cores", "oversubscribed", "steps",
-                                           "warmup", "cached_batches")}
+                                           "warmup", "timing", "cached_batches")}
     return dict(kind="profile_views", **setting, views=view_counts, tolerance=tolerance,
                 free_views=free_views({row["views"]: row["step_time"] for row in rows}, tolerance),
                 free_views_rule=FREE_VIEWS_RULE, results=rows)

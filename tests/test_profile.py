@@ -3,12 +3,20 @@ import json
 import os
 import re
 import socket
+import statistics
 import sys
+import time
+import types
+from dataclasses import dataclass, field
 
 import pytest
+import torch
 from PIL import Image
 
-from conftest import DECODER, DEVICE, run_cli
+from conftest import DECODER, DEVICE, REPO, run_cli
+from dali_ba import profile
+from dali_ba.metrics import StepClock, StepRow
+from dali_ba.recipe import load_recipe
 
 PROFILE = [sys.executable, "-m", "dali_ba.profile"]
 MPIRUN = ["mpirun", "-np", "2", *(["--allow-run-as-root"] if os.geteuid() == 0 else [])]
@@ -128,3 +136,121 @@ def test_bad_input_is_one_line(tmp_path, case):
     assert done.returncode == 2 and len(lines) == 1, done.stderr
     assert lines[0].startswith("python -m dali_ba.profile") and "error:" in lines[0]
     assert re.search(message, lines[0]), lines[0]
+
+
+# --- the timing loop with stand-ins: where the synchronisations are --------------------------------
+
+DRAIN = 0.2  # seconds each stand-in synchronisation waits, as for the device's queued work
+STEPS, WARMUP = 3, 2
+
+
+@dataclass
+class LoggedRow(StepRow):
+    """A clock row that logs when it is read."""
+
+    log: list[str] = field(default_factory=list)
+
+    def seconds(self) -> list[float]:
+        self.log.append("read")
+        return super().seconds()
+
+
+class CountingClock(StepClock):
+    """A CPU step clock whose ``log`` says when steps begin, synchronisations happen and rows are read;
+    each synchronisation waits DRAIN s, as the device's queued work would keep it waiting."""
+
+    def __init__(self, log: list[str]):
+        super().__init__(torch.device("cpu"))
+        self.log = log
+
+    def begin(self) -> None:
+        self.log.append("step")
+        super().begin()
+
+    def sync(self) -> None:
+        self.log.append("sync")
+        time.sleep(DRAIN)
+
+    def end(self) -> LoggedRow:
+        row = super().end()
+        return LoggedRow(row.marks, row.moves, self.log)
+
+
+def window_log(warmup: int = WARMUP, steps: int = STEPS) -> list[str]:
+    """One timed window: the warm-up's steps (no synchronisation of their own), a sync, the timed steps,
+    a sync, then their rows read: 2 synchronisations per window of ``steps`` steps."""
+    return ["step"] * warmup + ["sync"] + ["step"] * steps + ["sync"] + ["read"] * steps
+
+
+class SoloWorld:
+    """What measure_step asks of a world, for one rank and no engine."""
+
+    engine, backend, size, local_size, rank, is_root = "none", "none", 1, 1, 0, True
+
+    def gather(self, value):
+        return [value]
+
+    def broadcast_from_root(self, model, optimizer) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class StandInLoader:
+    """Batches of zeros, 8 an epoch, each a millisecond in coming."""
+
+    decoder = "stand-in"
+
+    def __len__(self) -> int:
+        return 8
+
+    def epoch(self, epoch: int):
+        for _ in range(len(self)):
+            time.sleep(0.001)
+            yield torch.zeros(4, 2, 3, 8, 8, dtype=torch.uint8), torch.zeros(4, dtype=torch.int64)
+
+
+def stand_in_training() -> types.SimpleNamespace:
+    """What measure_step asks of dali_ba.step.setup_training: a loader and a 2 ms step that marks its phases."""
+    def step(images, labels, clock):
+        with clock.phase("forward_backward"):
+            time.sleep(0.002)
+        with clock.phase("allreduce_step"):
+            pass
+
+    return types.SimpleNamespace(device=torch.device("cpu"), loader=StandInLoader(), torch_threads=1, per_rank=4,
+                                 model=torch.nn.Linear(1, 1), optimizer=None, step=step)
+
+
+@pytest.fixture
+def stand_ins(monkeypatch) -> list[str]:
+    """measure_step on stand-ins (world, training, loader) and a counting clock; the clock's log."""
+    log: list[str] = []
+    monkeypatch.setattr(profile, "StepClock", lambda device: CountingClock(log))
+    monkeypatch.setattr("dali_ba.step.setup_training", lambda recipe, world, train_set: stand_in_training())
+    return log
+
+
+def check_window(stats: dict, steps: int = STEPS) -> None:
+    """The step time is the seconds between the two syncs / steps: the second sync's wait (the queued work of
+    the timed steps) is in it, the first's (the warm-up's) is not; the rows, read afterwards, fit inside it."""
+    seconds = stats["window_seconds"][0]
+    assert DRAIN + sum(stats["step_times"][0]) <= seconds < 2 * DRAIN
+    assert stats["step_time"] == pytest.approx(seconds / steps) and stats["steps_per_s"] == pytest.approx(steps / seconds)
+    assert stats["data_wait"] == pytest.approx(sum(stats["data_waits"][0]) / steps) == stats["phases"]["data"]
+    assert stats["step_time_std"] == pytest.approx(statistics.pstdev(stats["step_times"][0]))
+
+
+def test_step_profile_times_its_steps_between_two_syncs(stand_ins):
+    recipe = load_recipe(REPO / "pipelines" / "demo.toml")
+    p = profile.measure_step(SoloWorld(), recipe, None, steps=STEPS, warmup=WARMUP, cache=2)
+    assert stand_ins == window_log() * 3  # the loader alone, steps fed by it, steps from memory: 6 syncs, none per step
+    assert (p["steps"], p["warmup"], p["timing"]) == (STEPS, WARMUP, profile.TIMING_RULE)
+    for name in ("loader", "memory"):
+        check_window(p[name])
+        assert p[name]["phases"]["forward_backward"] >= 0.002
+    assert p["loader"]["phases"]["data"] >= 0.001 and p["steps_per_s"] == p["loader"]["steps_per_s"]
+    alone = p["pipeline"]  # the loader alone: its batches timed the same way
+    assert DRAIN + sum(alone["batch_times"][0]) <= alone["window_seconds"][0] < 2 * DRAIN
+    assert alone["batch_time"] == pytest.approx(alone["window_seconds"][0] / STEPS)

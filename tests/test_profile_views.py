@@ -5,9 +5,13 @@ import re
 import pytest
 from PIL import Image
 
-from conftest import DECODER, DEVICE, run_cli
+from conftest import DECODER, DEVICE, REPO, run_cli
+from dali_ba import profile_views as views_module
+from dali_ba.profile import TIMING_RULE
 from dali_ba.profile_views import free_views
-from test_profile import PROFILE, on_one_and_two_ranks
+from dali_ba.recipe import load_recipe
+from test_profile import (DRAIN, PROFILE, STEPS, WARMUP, SoloWorld, on_one_and_two_ranks, stand_ins,  # noqa: F401 (a fixture)
+                          window_log)
 
 B = 30  # 240 training images: 8 steps per epoch, on 1 or 2 ranks
 ROW_KEYS = {"views", "step_time", "step_time_std", "step_time_median", "step_time_ratio", "within_tolerance",
@@ -58,6 +62,22 @@ def test_views_profile_json_table_and_plot(views_profiles, ranks):
     assert re.search(rf"^free views: M = {p['free_views']} \(step time within {percent} of M = 1\)$", stdout, re.M)
     with Image.open(out / "profile_views.png") as image:
         assert image.format == "PNG" and image.width > 100 and image.height > 100
+
+
+def test_views_profile_times_each_m_between_two_syncs(stand_ins, monkeypatch):
+    """Each M: the loader alone, steps fed by it, steps from memory, each a window of STEPS steps between
+    2 synchronisations after WARMUP steps that add none (stand-in world, training and clock)."""
+    monkeypatch.setattr(views_module, "load_step_data", lambda recipe: None)
+    monkeypatch.setattr("dali_ba.distributed.init_world", lambda engine, share_gpu=False: SoloWorld())
+    monkeypatch.setattr("dali_ba.checks.check_world", lambda recipe, world, train_set: recipe.data.batch_size)
+    recipe = load_recipe(REPO / "pipelines" / "demo.toml")
+    p = views_module.profile_views(recipe, [1, 2], 0.5, steps=STEPS, warmup=WARMUP, cache=2)
+    assert stand_ins == window_log() * 3 * 2
+    assert p["views"] == [1, 2] and p["timing"] == TIMING_RULE
+    for row in p["results"]:  # the second sync's wait is in each step time, the first's (the warm-up's) is not
+        assert DRAIN / STEPS <= row["step_time"] < 2 * DRAIN / STEPS
+        assert row["data_wait"] == row["phases"]["data"] and row["steps_per_s"] == pytest.approx(1 / row["step_time"])
+        assert row["phases"]["forward_backward"] >= 0.002
 
 
 @pytest.mark.parametrize("step_times, tolerance, expected", [
