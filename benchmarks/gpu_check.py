@@ -7,8 +7,10 @@
 A GPU is lent rarely and briefly, so the script must work the first time: the smoke run (part of
 ``make test``) goes through every step on the CPU first. Each step of :data:`STEPS` runs as its own
 process (``benchmarks/gpu_steps.py STEP``) under its own time limit; a failing or timed-out step never
-stops the next, and the whole run keeps inside ``--budget`` seconds. After every step the three
-files in ``--out`` are rewritten, so a run killed from outside still leaves what it had:
+stops the next, and the whole run keeps inside ``--budget`` seconds. The required steps' limits add
+up to :data:`BUDGET_S`; an optional step (``compile``) runs last on the time they left, and is skipped
+with a note where too little is left. After every step the three files in ``--out`` are rewritten,
+so a run killed from outside still leaves what it had:
 
 - ``gpu_check.json`` — the machine, every step's status, time and result, the targets met or missed;
 - ``gpu_check.md`` — the same as Markdown tables;
@@ -42,18 +44,26 @@ SMOKE_NOTE = ("SMOKE RUN on the CPU at tiny sizes: it proves the script, its num
 class Step:
     name: str
     title: str
-    budget_s: int  # time limit on the GPU machine; the six add up to the 8-minute run with margin
+    budget_s: int  # time limit on the GPU machine: the required steps' limits add up to BUDGET_S
     smoke_budget_s: int  # time limit on the CPU smoke run: only a guard against hangs, ample for 2 shared cores
+    needs_s: int = 0  # an optional step (outside BUDGET_S's sum, run last on what the others left): skipped,
+    # with a note, when less than this is left
 
 
+# The GPU limits are estimates for one H100/H200 with 16 cores (no GPU run has measured them yet); each
+# is the step's expected time with a margin, and a step that ends early leaves its time to the later ones.
 STEPS = (
-    Step("env", "Environment: GPU, driver, versions, DALI's hardware JPEG decoder", 30, 120),
-    Step("tests", "Test suite's GPU-relevant parts on CUDA, one process", 125, 180),
-    Step("demo", "Demo recipe: bf16; fp16 + --chunks 2; --engine torch; accuracy; exact mid-epoch resume", 80, 240),
+    Step("env", "Environment: GPU, driver, versions, DALI's hardware JPEG decoder", 25, 120),
+    Step("doctor", "python -m dali_ba.doctor on this machine (its GPU paths)", 20, 90),
+    Step("tests", "Test suite's GPU-relevant files on CUDA, a pytest process and a limit each", 90, 240),
+    Step("demo", "Demo recipe: bf16; fp16 + --chunks 2; --engine torch; accuracy; exact mid-epoch resume "
+                 "(--deterministic)", 75, 240),
     Step("loader", "Loader alone, M = 1, 4, 10: dali-ba vs torchvision (16 workers), torchvision on the GPU, "
-                   "DALI decode alone", 80, 180),
-    Step("figure5", "Figure 5: ResNet-50, bf16, channels_last, B = 64, M = 1, 4, 10 (profile step)", 100, 240),
-    Step("views", "python -m dali_ba.profile views, M = 1, 4, 10", 50, 180),
+                   "DALI decode alone; the mixed decoder at three hw_decoder_load", 85, 180),
+    Step("augment", "Auto-augment graphs (trivial, randaugment), M = 1, 4: graph build time, views/s", 50, 180),
+    Step("figure5", "Figure 5: ResNet-50, bf16, channels_last, B = 64, M = 1, 4, 10 (profile step)", 85, 240),
+    Step("views", "python -m dali_ba.profile views, M = 1, 4, 10", 40, 180),
+    Step("compile", "Figure 5 at M = 4 with --compile: compile time apart, steps/s compiled", 90, 420, needs_s=60),
 )
 BUDGET_S = 470  # the whole GPU run, under the 8 minutes a lent machine gives it
 
@@ -107,9 +117,12 @@ def run_step(step: Step, details: Path, work: Path, smoke: bool, remaining: floa
     folder.mkdir(parents=True, exist_ok=True)
     budget = step.smoke_budget_s if smoke else step.budget_s
     limit = min(budget, remaining)
-    record = dict(name=step.name, title=step.title, budget_s=budget, limit_s=round(limit, 1))
-    if limit < 2:  # not even time to start Python and import torch
-        return dict(record, status="skipped (no time left)", seconds=0.0, result={})
+    record = dict(name=step.name, title=step.title, budget_s=budget, limit_s=round(limit, 1), optional=bool(step.needs_s))
+    if limit < max(2, step.needs_s):  # not even time to start Python and import torch, or to do what it is for
+        note = f"not enough time left: {max(0.0, remaining):.0f} s of the {step.needs_s} s it needs" if step.needs_s \
+            else "no time left"
+        print(f"gpu_check: {step.name}: skipped ({note})", flush=True)
+        return dict(record, status=f"skipped ({note})", seconds=0.0, result={})
     cmd = [sys.executable, str(STEPS_SCRIPT), step.name, "--dir", str(folder), "--work", str(work), "--limit", str(limit)]
     print(f"gpu_check: {step.name}: {step.title} (limit {limit:.0f} s)", flush=True)
     rc, seconds = run_logged(cmd + (["--smoke"] if smoke else []), folder / "log.txt", limit, child_env())
@@ -121,6 +134,11 @@ def run_step(step: Step, details: Path, work: Path, smoke: bool, remaining: floa
     status = "ok" if rc == 0 else "timed out" if rc is None else f"failed (rc {rc})"
     print(f"gpu_check: {step.name}: {status} in {seconds:.1f} s", flush=True)
     return dict(record, status=status, rc=rc, seconds=round(seconds, 1), result=result)
+
+
+def not_ok(record: dict) -> bool:
+    """A step that failed, timed out or was skipped; an optional step skipped for want of time is not."""
+    return record["status"] != "ok" and not (record.get("optional") and record["status"].startswith("skipped"))
 
 
 # --- the machine, the targets, the report -------------------------------------------------------------
@@ -194,17 +212,19 @@ def archive(details: Path) -> bytes:
     return buffer.getvalue()
 
 
-def table(headers: list[str], rows: list[list]) -> list[str]:
-    """A Markdown table; None shows as a dash, floats with 3 significant digits (or whole above 1000)."""
-    def cell(value) -> str:
-        if value is None:
-            return "–"
-        if isinstance(value, float):
-            return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.3g}"
-        return str(value)
+def fmt(value) -> str:
+    """None as a dash, floats with 3 significant digits (or whole above 1000)."""
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+    return str(value)
 
+
+def table(headers: list[str], rows: list[list]) -> list[str]:
+    """A Markdown table, its cells as :func:`fmt` writes them."""
     return (["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
-            + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows] + [""])
+            + ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows] + [""])
 
 
 def markdown(report: dict) -> str:
@@ -219,15 +239,17 @@ def markdown(report: dict) -> str:
     keys = ("gpu", "gpu_memory_gib", "compute_capability", "driver", "torch_cuda", "cudnn", "torch", "torchvision",
             "dali", "nvimgcodec", "python", "cores", "cpu", "memory_gib", "os")
     lines += table(["what", "value"], [[key, m.get(key)] for key in keys])
-    lines += ["## Steps", ""] + table(["step", "what", "status", "seconds", "limit s"], [
-        [s["name"], s["title"], s["status"], s.get("seconds"), s.get("limit_s")] for s in report["steps"]])
+    lines += ["## Steps", ""] + table(["step", "what", "status", "seconds", "limit s", "budget s"], [
+        [s["name"], s["title"], s["status"], s.get("seconds"), s.get("limit_s"),
+         f"{s.get('budget_s')} (optional: on what is left)" if s.get("optional") else s.get("budget_s")]
+        for s in report["steps"]])
     verdicts = {True: "met", False: "**missed**", None: "not measured"}
     lines += ["## Targets (ratios measured in this one run)", ""] + table(["target", "M", "value", "threshold", "", "from"], [
         [t["target"], t["views"], t["value"], t["threshold"], verdicts[t["met"]], t["detail"]] for t in report["targets"]])
-    for name, render in (("env", _env_md), ("tests", _tests_md), ("demo", _demo_md), ("loader", _loader_md),
-                         ("figure5", _figure5_md), ("views", _views_md)):
+    where = " (smoke run: CPU values at tiny sizes, no GPU numbers)" if report["smoke"] else ""
+    for name, render in RENDERERS:
         if result.get(name):
-            lines += [f"## {steps[name]['title']}", ""] + render(result[name])
+            lines += [f"## {steps[name]['title']}{where}", ""] + render(result[name])
     return "\n".join(lines)
 
 
@@ -243,10 +265,21 @@ def _env_md(r: dict) -> list[str]:
          if "error" not in v else [key, v["error"], None, None, None] for key, v in runs])
 
 
+def _doctor_md(r: dict) -> list[str]:
+    d = r.get("doctor", {})
+    lines = [f"`python -m dali_ba.doctor --dali-threads 1`: {d.get('status', '–')} (rc {d.get('rc')}) in "
+             f"{d.get('seconds', '–')} s; verdict: **{d.get('verdict') or 'none printed'}**.", ""]
+    return lines + [f"- {problem}" for problem in d.get("problems", [])] + [""]
+
+
 def _tests_md(r: dict) -> list[str]:
     counts = ", ".join(f"{n} {kind.lower()}" for kind, n in r.get("counts", {}).items()) or "none ran"
-    lines = [f"On CUDA: {r.get('cuda')}. Results: {counts}" + (" (cut off at the time limit)" if r.get("timed_out") else "")
-             + f". Files: {', '.join(r.get('files', []))}. `-k {r.get('select', '')}`", ""]
+    lines = [f"On CUDA: {r.get('cuda')}. Results: {counts}. {len(r.get('files', []))} files, each in its own pytest "
+             f"process under its own limit ({r.get('parallel')} at once). `-k {r.get('select', '')}`", ""]
+    lines += table(["file", "status", "seconds", "limit s", "outcomes", "failed"], [
+        [name, f.get("status"), f.get("seconds"), f.get("limit_s"),
+         ", ".join(f"{n} {kind.lower()}" for kind, n in f.get("counts", {}).items()) or None,
+         len(f.get("failed", [])) or None] for name, f in r.get("per_file", {}).items()])
     lines += [f"- failed: `{name}`" for name in r.get("failed", [])]
     lines += [f"- deselected `{key}`: {why}" for key, why in r.get("deselected", {}).items()]
     return lines + [""]
@@ -267,7 +300,7 @@ def _demo_md(r: dict) -> list[str]:
               f"**{resume.get('exact')}**; two uninterrupted runs identical (deterministic): {resume.get('deterministic')}"
               + (f"; max |difference| resumed {resume['max_abs_difference_resumed']:.3g}, run to run "
                  f"{resume['max_abs_difference_run_to_run']:.3g}" if "max_abs_difference_resumed" in resume else "")
-              + ".", ""]
+              + f". The runs compared trained with --deterministic: {r.get('deterministic_flag')}.", ""]
     return lines
 
 
@@ -278,7 +311,38 @@ def _loader_md(r: dict) -> list[str]:
     return lines + table(["method", "M", "samples/s", "views/s", "running samples/s", "running views/s", "cores used",
                           "first batch s"], [
         [f"({x['method']}) {x['name']}", x["views"], x["samples_per_s"], x["views_per_s"], x["running_samples_per_s"],
-         x["running_views_per_s"], x["cores_used"], x["first_batch_s"]] for x in r.get("results", [])])
+         x["running_views_per_s"], x["cores_used"], x["first_batch_s"]] for x in r.get("results", [])]) + _hw_load_md(r)
+
+
+def _hw_load_md(r: dict) -> list[str]:
+    hw = r.get("hw_decoder_load")
+    if not hw:
+        return []
+    head = f"The mixed decoder at `hw_decoder_load` {', '.join(map(str, hw.get('loads', [])))} (dali-ba's default: {hw.get('default')})"
+    if "skipped" in hw:
+        return [f"{head}: skipped, {hw['skipped']}.", ""]
+    notes = [hw[key] for key in ("loader_note", "cut") if key in hw]
+    rows = []
+    for x in hw.get("rows", []):
+        decode, loader = x.get("decode", {}), x.get("loader", {})
+        rows.append([f"{x['hw_decoder_load']}" + (" (default)" if x.get("default") else ""),
+                     decode.get("images_per_s", decode.get("error")), decode.get("cpu_ms_per_image"),
+                     loader.get("views_per_s", loader.get("error")), loader.get("running_views_per_s"),
+                     loader.get("cores_used")])
+    return [f"{head}; DALI's decode alone, and dali-ba at M = {hw.get('views')}" + "".join(f"; {n}" for n in notes) + ":", ""] + table(
+        ["hw_decoder_load", "decode images/s", "decode CPU ms/image", "dali-ba views/s", "running views/s", "cores used"], rows)
+
+
+def _augment_md(r: dict) -> list[str]:
+    lines = [f"{r.get('files')} JPEGs, B = {r.get('batch')}, {r.get('view_size')} px views, {r.get('threads')} DALI "
+             f"threads, the recipe's defaults (randaugment n = 2, m = 9); graph s: the first batch ever (graph defined "
+             f"and built); epoch start s: the next epoch's first batch (the same graph); rates over "
+             f"{r.get('seconds_per_case')} s after them.", ""]
+    lines += table(["augment", "M", "decoder / stage", "graph s", "epoch start s", "views/s", "samples/s"], [
+        [x["augment"], x["views"], f"{x['decoder']} / {x['stage']}", x["graph_s"], x["epoch_start_s"], x["views_per_s"],
+         x["samples_per_s"]] for x in r.get("results", [])])
+    lines += [f"- {case}: {error}" for case, error in r.get("errors", {}).items()]
+    return lines + ([f"- {r['cut']}"] if "cut" in r else []) + [""]
 
 
 PHASES = ("data", "h2d", "forward_backward", "allreduce_step")
@@ -297,6 +361,23 @@ def _views_md(r: dict) -> list[str]:
         ["M", "steps/s", "img/s", "views/s", "img/s, memory", "data stall", "step time / M=1's"], [
             [x["views"], x["steps_per_s"], x["images_per_s"], x["views_per_s"], x["memory_images_per_s"], x["data_stall"],
              x["step_time_ratio"]] for x in r.get("results", [])])
+
+
+def _compile_md(r: dict) -> list[str]:
+    if "skipped" in r:
+        return [f"Skipped: {r['skipped']}.", ""]
+    compiled, plain = r.get("compiled") or {}, r.get("uncompiled") or {}
+    compile_s = fmt(r["compile_s"]) + " s" if r.get("compile_s") is not None else r.get("compile_note", "–")
+    return [f"M = {r.get('views')}, {r.get('arch')}: compile time **{compile_s}** with inductor's cache "
+            f"{r.get('inductor_cache', '–')} (this run's {fmt(r.get('seconds'))} s "
+            f"minus figure5's uncompiled run at this M, {fmt(r.get('uncompiled_seconds'))} s: the same steps); "
+            f"steps/s compiled {fmt(compiled.get('steps_per_s'))} against {fmt(plain.get('steps_per_s'))} uncompiled "
+            f"(speed-up {fmt(r.get('speedup'))}); data stall compiled {fmt(compiled.get('data_stall'))}.", ""]
+
+
+RENDERERS = (("env", _env_md), ("doctor", _doctor_md), ("tests", _tests_md), ("demo", _demo_md),
+             ("loader", _loader_md), ("augment", _augment_md), ("figure5", _figure5_md), ("views", _views_md),
+             ("compile", _compile_md))
 
 
 def write_report(out: Path, report: dict, details: Path) -> None:
@@ -349,7 +430,7 @@ def run_all(args: argparse.Namespace, chosen: list[Step], budget: float, work: P
         report["targets"] = targets({s["name"]: s for s in report["steps"]})
         report["wall_s"] = round(time.perf_counter() - started, 1)
         write_report(args.out, report, details)
-    failed = [s["name"] for s in report["steps"] if s["status"] != "ok"]
+    failed = [s["name"] for s in report["steps"] if not_ok(s)]
     print(f"gpu_check: {len(chosen) - len(failed)} of {len(chosen)} steps ok"
           + (f" (not ok: {', '.join(failed)})" if failed else "") + f" in {report['wall_s']:.0f} s; "
           f"wrote {args.out / 'gpu_check.json'}, gpu_check.md, details.tar.gz", flush=True)

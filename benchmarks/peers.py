@@ -236,7 +236,7 @@ def run_epoch(runner: Runner, epoch: int) -> dict:
     first, batches = None, 0
     for batch in runner.epoch(epoch):
         if isinstance(batch, (tuple, list)) and isinstance(batch[0], torch.Tensor):
-            batch[0][(0,) * batch[0].dim()].item()  # one element: no copy of the batch
+            batch[0][(0,) * batch[0].dim()].cpu()  # one element, read on the host (meant: .cpu()): no copy of the batch
         first = first if first is not None else time.perf_counter() - start
         batches += 1
     seconds = time.perf_counter() - start

@@ -35,8 +35,26 @@ def training_device(local_rank: int) -> torch.device:
     import torch
 
     if not torch.cuda.is_available():
-        return torch.device("cpu")
+        return default_device()
     return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def default_device() -> torch.device:
+    """Where tensors go without a GPU: the CPU, or under the strict device mode
+    (:mod:`dali_ba.strict_device`) the stand-in device that keeps the GPU's contract."""
+    import torch
+
+    from dali_ba import strict_device
+
+    return strict_device.enable() if strict_device.enabled() else torch.device("cpu")
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device`` without a wait: host memory is pinned first for a GPU (a copy from
+    pageable memory is not asynchronous), then copied with ``non_blocking``."""
+    if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def gpu_placement(device: torch.device) -> GpuPlacement:

@@ -8,7 +8,7 @@ from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 from dali_ba.devices import gpu_placement
-from dali_ba.install_choice import installed_dali
+from dali_ba.install_choice import DEFAULT_HW_DECODER_LOAD, installed_dali
 from dali_ba.launcher import detect_launch
 
 if TYPE_CHECKING:
@@ -44,8 +44,11 @@ def _mpi_library() -> str | None:
     return mpi.Get_library_version().splitlines()[0].strip() if mpi is not None else None
 
 
-def environment_summary(world: World, device: torch.device, decoder: str) -> dict[str, Any]:
-    """Collective: every rank's host, device and CPU share, plus versions and the SLURM job (rank 0's view)."""
+def environment_summary(world: World, device: torch.device, decoder: str,
+                        hw_decoder_load: float | None = DEFAULT_HW_DECODER_LOAD) -> dict[str, Any]:
+    """Collective: every rank's host, device and CPU share, plus versions and the SLURM job (rank 0's view).
+    ``hw_decoder_load`` (the mixed decoder's share for the hardware JPEG decoder) is recorded with the
+    decoder, null on the cpu decoder, which has no such split."""
     import torch
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
@@ -62,6 +65,7 @@ def environment_summary(world: World, device: torch.device, decoder: str) -> dic
         "nodes": sorted({r["host"] for r in ranks}),
         "gpus": sum(r["gpu"] is not None for r in ranks),
         "decoder": decoder,
+        "hw_decoder_load": hw_decoder_load if decoder == "mixed" else None,
         "per_rank": ranks,
         "python": platform.python_version(),
         "platform": platform.platform(),

@@ -43,7 +43,7 @@ def evaluate(
     memory_format = memory_format or torch.channels_last
     was_training = model.training
     model.eval()
-    sums = None  # loss sum, top-1 hits, top-5 hits, samples: on the device until the end (no sync per batch)
+    sums, count = None, 0  # loss sum, top-1 hits, top-5 hits on the device until the end (no sync per batch)
     with torch.no_grad():
         for images, labels in batches:
             views = images.shape[1] if images.dim() == 5 else 0
@@ -57,11 +57,11 @@ def evaluate(
                 scores = logits
                 loss = F.cross_entropy(logits, labels, reduction="sum")
             hits = scores.topk(min(5, scores.shape[1]), dim=1).indices == labels[:, None]
-            batch = torch.stack([loss.double(), hits[:, 0].sum().double(), hits.any(1).sum().double(),
-                                 loss.new_tensor(len(labels), dtype=torch.float64)])
-            sums = batch if sums is None else sums + batch
+            batch = torch.stack([loss.double(), hits[:, 0].sum().double(), hits.any(1).sum().double()])
+            sums, count = batch if sums is None else sums + batch, count + len(labels)
     model.train(was_training)
-    loss, top1, top5, count = world.sum(sums.tolist() if sums is not None else [0.0] * 4)
+    local = sums.cpu().tolist() if sums is not None else [0.0] * 3  # the one wait for the device
+    loss, top1, top5, count = world.sum([*local, count])
     return {"val_loss": loss / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count, "val_samples": int(count)}
 
 
@@ -74,7 +74,10 @@ def calibrate_batchnorm(
 ) -> int:
     """Recompute BatchNorm running statistics from ``batches`` of training views (the authors'
     ``--calibrate-bn``): reset, then the plain average over all batches (momentum None), averaged
-    over ranks. Returns the number of batches seen on this rank."""
+    over ranks. Returns the number of batches seen on this rank.
+
+    The average is torch's ``momentum=None`` one, with the factor 1/k of the k-th batch given from
+    the host: torch would read ``num_batches_tracked`` off the device in every BatchNorm layer."""
     import torch
 
     from dali_ba.loader import flatten_views, normalize
@@ -84,12 +87,13 @@ def calibrate_batchnorm(
     momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
-        m.momentum = None  # cumulative average over the calibration batches
     was_training = model.training
     model.train()
     seen = 0
     with torch.no_grad():
         for images, labels in batches:
+            for m in norms:
+                m.momentum = 1.0 / (seen + 1)  # cumulative average over the calibration batches
             x, _ = flatten_views(images, labels)
             with autocast():
                 model(normalize(x).contiguous(memory_format=memory_format))
@@ -125,15 +129,17 @@ class Validation:
         plain = ValidationLoader(
             val_set, d.val_batch_size or t.per_rank, d.val_resize, d.val_crop,
             rank=world.rank, world_size=world.size, decoder=d.decoder, device=t.device, num_threads=d.dali_threads,
+            hw_decoder_load=d.hw_decoder_load,
         )
         views = AugmentedValidationLoader(  # --eval-views K: the training augmentation, K views per image
             val_set, d.val_batch_size or t.per_rank, d.eval_views, d.view_size, **d.augmentation(),
             rank=world.rank, world_size=world.size, seed=r.seed, decoder=d.decoder,
-            device=t.device, num_threads=d.dali_threads,
+            device=t.device, num_threads=d.dali_threads, hw_decoder_load=d.hw_decoder_load,
         ) if d.eval_views else None
         calibration = BatchAugmentLoader(  # --calibrate-bn N: training batches of their own (seed + 1)
             train_set, t.per_rank, d.views, d.view_size, **d.augmentation(),
             rank=world.rank, world_size=world.size, seed=r.seed + 1, decoder=d.decoder, num_threads=d.dali_threads,
+            hw_decoder_load=d.hw_decoder_load,
         ) if d.calibrate_bn else None
         return cls(training, world, plain, views, calibration, d.calibrate_bn)
 
@@ -144,6 +150,8 @@ class Validation:
 
     def run(self, epoch: int) -> dict[str, float]:
         """Collective: the evaluation after ``epoch`` (``calibrated_*`` from that epoch's calibration batches)."""
+        from dali_ba.devices import to_device
+
         t, world = self.training, self.world
         model, device = t.model, t.device
         result = evaluate(model, self.plain, world, t.memory_format, t.autocast)
@@ -154,7 +162,7 @@ class Validation:
             kept = {k: v.clone() for k, v in model.named_buffers()}
             batches = itertools.islice(self.calibration.epoch(epoch),
                                        min(self.calibration_batches, len(self.calibration)))
-            calibrate_batchnorm(model, ((x.to(device), y.to(device)) for x, y in batches), world, t.memory_format,
+            calibrate_batchnorm(model, ((to_device(x, device), to_device(y, device)) for x, y in batches), world, t.memory_format,
                                 t.autocast)
             calibrated = evaluate(model, self.plain, world, t.memory_format, t.autocast)
             result.update({f"calibrated_{k}": v for k, v in calibrated.items() if k != "val_samples"})

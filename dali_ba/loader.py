@@ -21,8 +21,10 @@ import torch
 
 from dali_ba.data.dataset import ImageDataset, load_dataset
 from dali_ba.data.sharding import eval_shard, train_shard
+from dali_ba.devices import default_device, to_device
 from dali_ba.errors import UnreadableImageError, UsageError
 from dali_ba.augment import Augmentation
+from dali_ba.install_choice import DEFAULT_HW_DECODER_LOAD
 from dali_ba.pipeline import batch_augment_pipeline, center_crop_pipeline, decode_pipeline, param_outputs
 from dali_ba.reader import DEFAULT_MAX_IMAGE_PIXELS, Plan, SampleSource, new_size_cache
 from dali_ba.views import TorchViews
@@ -79,6 +81,13 @@ def _resolve_decoder(decoder: str) -> str:
     if decoder == "mixed" and not torch.cuda.is_available():
         raise UsageError("decoder 'mixed' needs a visible GPU; use 'cpu' or 'auto'")
     return decoder
+
+
+def _checked_hw_decoder_load(load: float) -> float:
+    """The mixed decoder's share for the hardware JPEG decoder (ignored by the cpu decoder): 0 to 1."""
+    if not 0 <= load <= 1:
+        raise UsageError(f"hw_decoder_load must be between 0 and 1, got {load}")
+    return float(load)
 
 
 def _as_dataset(data: ImageDataset | str | os.PathLike) -> ImageDataset:
@@ -160,7 +169,7 @@ class _ShardedLoader:
             self.device = torch.device(device) if device is not None else torch.device("cuda", self.device_id)
         else:
             self.device_id = None
-            self.device = torch.device(device) if device is not None else torch.device("cpu")
+            self.device = torch.device(device) if device is not None else default_device()
         self._files = np.array(self.dataset.files, dtype=object)  # not fixed-width: ImageNet is 1.28M paths
         self._labels = np.array(self.dataset.labels, dtype=np.int32)
         eval_shard(len(self.dataset), rank, world_size, batch_size)  # raises on more ranks than samples
@@ -225,7 +234,7 @@ class _ShardedLoader:
     def _dali_batches(self, batches: Iterator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """A pass of DALI's torch tensors, moved to ``self.device``."""
         for images, labels in batches:
-            yield images.to(self.device, non_blocking=True), labels.view(-1).to(self.device, torch.int64, non_blocking=True)
+            yield to_device(images, self.device), to_device(labels.view(-1), self.device).long()
 
     def _recovering(self, make: Callable[[int], Iterator], order: np.ndarray, start: int) -> Iterator:
         """The batches of ``make(start)`` (a pass over ``order`` from batch ``start``). When DALI fails,
@@ -290,9 +299,11 @@ class BatchAugmentLoader(_ShardedLoader):
         device: torch.device | str | None = None,
         num_threads: int = 2,
         stage: str | None = None,
+        hw_decoder_load: float = DEFAULT_HW_DECODER_LOAD,
     ) -> None:
         if views < 1:
             raise UsageError(f"views must be >= 1, got {views}")
+        self.hw_decoder_load = _checked_hw_decoder_load(hw_decoder_load)
         if stage not in (None, *STAGES):
             raise UsageError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
         self.augmentation = Augmentation(augment, view_size, crop_area_min, seed, randaugment_n, randaugment_m)  # checks them
@@ -324,7 +335,8 @@ class BatchAugmentLoader(_ShardedLoader):
         if self._stage(stage) == "torch":  # torch's view stage works on the CPU: decode there
             return decode_pipeline(samples=source, decoder="cpu", **self._run_args(self.seed))
         return batch_augment_pipeline(samples=source, views=self.views, view_size=self.view_size, augment=self.augment,
-                                      auto_ops=self.augmentation.auto_ops, decoder=self.decoder, **self._run_args(self.seed))
+                                      auto_ops=self.augmentation.auto_ops, decoder=self.decoder,
+                                      hw_decoder_load=self.hw_decoder_load, **self._run_args(self.seed))
 
     def _view_params(self, epoch: int, slots: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
         """The arrays the view graph takes for a batch (:func:`dali_ba.pipeline.param_outputs`)."""
@@ -384,7 +396,7 @@ class BatchAugmentLoader(_ShardedLoader):
             slots = plan.batch(batch)[0]  # a refilled slot keeps its own sample's views
             params = self.augmentation.draw(plan.epoch, slots, [image.shape[:2] for image in images], self.views)
             labels = torch.from_numpy(labels.as_array().reshape(-1).astype(np.int64))
-            yield self._torch_views(images, params).to(self.device), labels.to(self.device)
+            yield to_device(self._torch_views(images, params), self.device), to_device(labels, self.device)
 
     def state(self) -> dict:
         """Where this rank's loader is: the epoch and the batches already yielded (augmentations are
@@ -408,10 +420,10 @@ class AugmentedValidationLoader(BatchAugmentLoader):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order, real = eval_shard(len(self.dataset), self.rank, self.world_size, self.batch_size)
-        for position, (images, labels) in enumerate(self.epoch(0)):
-            keep = _evaluated(self, order, real, position)
-            if keep.any():
-                yield images[keep], labels[keep]
+        for position, batch in enumerate(self.epoch(0)):
+            kept = _evaluated(self, order, real, position, *batch)
+            if kept:
+                yield kept
 
 
 class ValidationLoader(_ShardedLoader):
@@ -434,9 +446,11 @@ class ValidationLoader(_ShardedLoader):
         decoder: str = "auto",
         device: torch.device | str | None = None,
         num_threads: int = 2,
+        hw_decoder_load: float = DEFAULT_HW_DECODER_LOAD,
     ) -> None:
         if crop < 1 or resize < crop:
             raise UsageError(f"validation needs 1 <= crop <= resize, got crop {crop}, resize {resize}")
+        self.hw_decoder_load = _checked_hw_decoder_load(hw_decoder_load)
         self.resize, self.crop = resize, crop
         super().__init__(data, batch_size, rank, world_size, decoder, device, num_threads, seed=0)
 
@@ -448,19 +462,28 @@ class ValidationLoader(_ShardedLoader):
 
         def batches_from(position: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
             feed = self._feed("center_crop", lambda source: center_crop_pipeline(
-                samples=source, resize=self.resize, crop=self.crop, decoder=self.decoder, **self._run_args(0)))
+                samples=source, resize=self.resize, crop=self.crop, decoder=self.decoder,
+                hw_decoder_load=self.hw_decoder_load, **self._run_args(0)))
             return self._dali_batches(feed.run(self._plan(0, order[position * self.batch_size :])))
 
-        for position, (images, labels) in enumerate(self._recovering(batches_from, order, 0)):
-            keep = _evaluated(self, order, real, position)
-            if keep.any():
-                yield images[keep].permute(0, 3, 1, 2), labels[keep]
+        for position, batch in enumerate(self._recovering(batches_from, order, 0)):
+            kept = _evaluated(self, order, real, position, *batch)
+            if kept:
+                yield kept[0].permute(0, 3, 1, 2), kept[1]
 
 
-def _evaluated(loader: _ShardedLoader, order: np.ndarray, real: int, position: int) -> torch.Tensor:
-    """Which samples of evaluation batch ``position`` count: not the padding that evens out the
-    ranks (after the first ``real`` of ``order``), not a broken file (its slot was refilled)."""
+def _evaluated(loader: _ShardedLoader, order: np.ndarray, real: int, position: int, images: torch.Tensor,
+               labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The samples of evaluation batch ``position`` that count: not the padding that evens out the
+    ranks (after the first ``real`` of ``order``), not a broken file (its slot was refilled); None if
+    none does. Decided on the host and taken by an index, never a mask: a boolean-mask index waits
+    for the GPU to learn its result's size."""
     at = position * loader.batch_size
     indices = order[at : at + loader.batch_size]
     keep = (np.arange(at, at + len(indices)) < real) & ~loader._broken(indices)
-    return torch.from_numpy(keep).to(loader.device)
+    if keep.all():
+        return images, labels
+    if not keep.any():
+        return None
+    index = to_device(torch.from_numpy(np.flatnonzero(keep)), images.device)
+    return images.index_select(0, index), labels.index_select(0, index)

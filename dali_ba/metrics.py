@@ -121,8 +121,10 @@ def stream_sync(device: torch.device) -> Callable[[], None]:
     DALI's prefetching of the next batches and charge it to the step."""
     import torch
 
+    from dali_ba import strict_device
+
     if device.type != "cuda":
-        return lambda: None
+        return (lambda: strict_device.record("the step clock's stream sync")) if strict_device.is_device(device) else (lambda: None)
     return lambda: torch.cuda.current_stream(device).synchronize()
 
 
@@ -180,8 +182,11 @@ class StepClock:
     def __init__(self, device: torch.device):
         import torch
 
+        from dali_ba import strict_device
+
         self._device = device
         self._sync = stream_sync(device)
+        self._mark_step = strict_device.mark_step
         self._nvtx = torch.cuda.nvtx if device.type == "cuda" else None
         self._row = StepRow([], [])
 
@@ -190,6 +195,7 @@ class StepClock:
         self._sync()
 
     def begin(self) -> None:
+        self._mark_step()  # under the strict device mode, the syncs from here on are this step's
         self._row = StepRow([(None, timestamp(self._device))], [])
 
     @contextlib.contextmanager
@@ -215,12 +221,14 @@ class StepClock:
 
 
 def _floats(values: list) -> list[float]:
-    """Floats or 0-d tensors (all on one device) as floats."""
+    """Floats or 0-d tensors (all on one device) as floats: one copy from the device for all the tensors."""
     import torch
 
-    if not any(isinstance(v, torch.Tensor) for v in values):
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if not tensors:
         return [float(v) for v in values]
-    return torch.stack([torch.as_tensor(v, dtype=torch.float64).reshape(()) for v in values]).tolist()
+    read = iter(torch.stack([t.detach().double().reshape(()) for t in tensors]).cpu().tolist())
+    return [next(read) if isinstance(v, torch.Tensor) else float(v) for v in values]
 
 
 def first_divergence(losses: np.ndarray, meta: Sequence[dict], max_loss: float) -> dict | None:
@@ -267,7 +275,14 @@ class StepTimes:
         """Gather the buffered rows; on rank 0 return one record per step (elsewhere an empty list)."""
         if not self._rows:
             return []
-        losses = _floats([loss for _, loss in self._rows])  # one copy from the device for all of them
+        # The losses and any other value still on the device (--log-grad-norm's): one copy for all of them.
+        import torch
+
+        on_device = [(meta, key) for meta in self._meta for key, value in meta.items() if isinstance(value, torch.Tensor)]
+        values = _floats([loss for _, loss in self._rows] + [meta[key] for meta, key in on_device])
+        losses = values[: len(self._rows)]
+        for (meta, key), value in zip(on_device, values[len(self._rows):]):
+            meta[key] = value
         rows = [[*(row.seconds() if isinstance(row, StepRow) else row), loss] for (row, _), loss in zip(self._rows, losses)]
         gathered = np.asarray(self.world.gather(rows))  # (ranks, steps, columns + loss)
         meta, self._rows, self._meta = self._meta, [], []

@@ -18,11 +18,16 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 
 from dali_ba.augment import AUTO_OPS, MAGNITUDE_BINS
+from dali_ba.install_choice import DEFAULT_HW_DECODER_LOAD
 
 if TYPE_CHECKING:
     from dali_ba.reader import SampleSource
 
 FILL = 128  # what DALI's warps bring in from outside a view (its auto_aug default)
+# Every graph runs on DALI's dynamic executor, asked for outright (the default only where the
+# executor is asynchronous and pipelined): ``images.shape()`` of the mixed decoder's GPU output is a
+# GPU-to-CPU transfer, which only it does (DALI >= 1.44, dali_ba.install_choice.MIN_DALI).
+EXECUTOR = dict(exec_dynamic=True)
 # The external source's arrays: boxes, flips, holes, then the auto-augment ops, magnitude bins, signs.
 PARAM_TYPES = (types.INT64, types.BOOL, types.INT64, types.INT32, types.INT32, types.INT32)
 
@@ -85,15 +90,19 @@ def read_samples(samples: SampleSource, params: Sequence[int] = ()):
     return fn.external_source(samples, num_outputs=len(dtypes), batch_info=True, dtype=dtypes)
 
 
-def _read_and_decode(samples: SampleSource, decoder: str, params: Sequence[int] = ()):
+def _read_and_decode(samples: SampleSource, decoder: str, params: Sequence[int] = (),
+                     hw_decoder_load: float = DEFAULT_HW_DECODER_LOAD):
+    """The samples decoded to RGB; on the mixed decoder with ``hw_decoder_load`` of each batch for the
+    hardware JPEG decoder (the rest on CUDA), never DALI's default, which changed between releases."""
     encoded, label, *drawn = read_samples(samples, params)
-    return fn.decoders.image(encoded, device=decoder, output_type=types.RGB), label, drawn
+    split = {"hw_decoder_load": hw_decoder_load} if decoder == "mixed" else {}  # the cpu decoder has no such split
+    return fn.decoders.image(encoded, device=decoder, output_type=types.RGB, **split), label, drawn
 
 
-@pipeline_def
-def decode_pipeline(samples: SampleSource, decoder: str = "cpu"):
+@pipeline_def(**EXECUTOR)
+def decode_pipeline(samples: SampleSource, decoder: str = "cpu", hw_decoder_load: float = DEFAULT_HW_DECODER_LOAD):
     """The CPU path's graph: per sample, the decoded (H, W, 3) uint8 image (sizes vary) and its label."""
-    images, label, _ = _read_and_decode(samples, decoder)
+    images, label, _ = _read_and_decode(samples, decoder, hw_decoder_load=hw_decoder_load)
     return images, label
 
 
@@ -104,9 +113,10 @@ def _batch_augment_graph(
     augment: str = "imagenet",
     decoder: str = "mixed",
     auto_ops: int = 0,
+    hw_decoder_load: float = DEFAULT_HW_DECODER_LOAD,
 ):
     outputs = param_outputs(augment, auto_ops)
-    images, label, params = _read_and_decode(samples, decoder, outputs)
+    images, label, params = _read_and_decode(samples, decoder, outputs, hw_decoder_load)
     drawn = dict(zip(outputs, params))
     boxes, flips, holes = drawn[0], fn.cast(drawn[1], dtype=types.INT32), drawn.get(2)
     bounds = images.shape(dtype=types.FLOAT)[0:2]
@@ -120,8 +130,8 @@ def _batch_augment_graph(
     return fn.stack(*out), label
 
 
-_views_pipeline = pipeline_def(_batch_augment_graph)
-_auto_views_pipeline = pipeline_def(_batch_augment_graph, enable_conditionals=True)
+_views_pipeline = pipeline_def(_batch_augment_graph, **EXECUTOR)
+_auto_views_pipeline = pipeline_def(_batch_augment_graph, enable_conditionals=True, **EXECUTOR)
 
 
 def batch_augment_pipeline(*, augment: str = "imagenet", auto_ops: int = 0, **kwargs):
@@ -139,9 +149,10 @@ def batch_augment_pipeline(*, augment: str = "imagenet", auto_ops: int = 0, **kw
     return make(augment=augment, auto_ops=auto_ops, **kwargs)
 
 
-@pipeline_def
-def center_crop_pipeline(samples: SampleSource, resize: int, crop: int, decoder: str = "cpu"):
+@pipeline_def(**EXECUTOR)
+def center_crop_pipeline(samples: SampleSource, resize: int, crop: int, decoder: str = "cpu",
+                         hw_decoder_load: float = DEFAULT_HW_DECODER_LOAD):
     """Validation: resize the shorter side to ``resize``, then a centred ``crop`` square; one view."""
-    images, label, _ = _read_and_decode(samples, decoder)
+    images, label, _ = _read_and_decode(samples, decoder, hw_decoder_load=hw_decoder_load)
     images = fn.resize(images, resize_shorter=resize)
     return fn.crop(images, crop=(crop, crop)), label

@@ -15,6 +15,7 @@ from typing import Any, get_type_hints
 
 from dali_ba.augment import AUGMENTATIONS, check_ranges
 from dali_ba.errors import UsageError
+from dali_ba.install_choice import DEFAULT_HW_DECODER_LOAD
 from dali_ba.launcher import ENGINES
 
 
@@ -47,6 +48,9 @@ class DataConfig:
                                   'averaged over ranks (the authors\' --calibrate-bn); 0: off')
     dali_threads: int = option(4, 'DALI CPU threads per rank (and as many torch view threads with the cpu decoder)')
     decoder: str = option("auto", "auto (GPU 'mixed' decoder when a GPU is visible), cpu, mixed")
+    hw_decoder_load: float = option(DEFAULT_HW_DECODER_LOAD, "mixed decoder: the share of each batch for the GPU's "
+                                    "hardware JPEG decoder, the rest decoded with CUDA (0 to 1; given, since DALI's "
+                                    "own default changed between releases); the cpu decoder ignores it")
     view_stage: str = option("auto", "who makes the training views: auto (torch on the cpu decoder, DALI's operators "
                                      "with mixed), torch (decoding on the CPU then), or dali (the GPU path's graph, "
                                      "on DALI's CPU operators with the cpu decoder)")
@@ -67,6 +71,8 @@ class ModelConfig:
     arch: str = option("resnet50", 'torchvision resnet18/34/50/101/152 or CIFAR-style resnet20/32/44/56/110')
     amp: str = option("off", 'off, bf16 (CPU or GPU), fp16 (GPU only)')
     channels_last: bool = option(True, 'NHWC memory format for the model and its input')
+    compile: bool = option(False, 'torch.compile the model for the training forward (the first steps include the '
+                                  'compilation; checkpoints and evaluation use the uncompiled model)')
 
 
 @dataclass
@@ -92,6 +98,9 @@ class OptimConfig:
 class RunConfig:
     output: str = option("runs/default", 'metrics.jsonl, recipe.toml and the final model land here')
     seed: int = option(0, 'seed of the shuffles, the augmentations and the initial weights')
+    deterministic: bool = option(False, 'deterministic GPU kernels: cuDNN benchmark off and deterministic, '
+                                        'torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG=:4096:8 '
+                                        '(slower; an op without a deterministic kernel raises)')
     log_every: int = option(10, 'steps between step records')
     max_steps: int = option(0, 'stop each epoch after this many steps (0: full epochs); for smoke runs')
     torch_threads: int = option(0, 'torch CPU threads per rank (0: cores / local ranks)')
@@ -140,6 +149,8 @@ class Recipe:
             raise UsageError(f"{_key(d, 'val_resize')} ({d.val_resize}) must be >= --val-crop ({d.val_crop})")
         if d.decoder not in ("auto", "cpu", "mixed"):
             raise UsageError(f"{_key(d, 'decoder')} must be auto, cpu or mixed, got {d.decoder!r}")
+        if not 0 <= d.hw_decoder_load <= 1:
+            raise UsageError(f"{_key(d, 'hw_decoder_load')} must be between 0 and 1, got {d.hw_decoder_load}")
         if d.view_stage not in ("auto", "torch", "dali"):
             raise UsageError(f"{_key(d, 'view_stage')} must be auto, torch or dali, got {d.view_stage!r}")
         if m.amp not in ("off", "bf16", "fp16"):

@@ -82,8 +82,9 @@ def train_step(
     return StepOutput(total, correct)
 
 
-def gradient_norm(model: torch.nn.Module) -> float:
-    """L2 norm of all parameter gradients (after the step they hold the allreduced average):
+def gradient_norm(model: torch.nn.Module) -> torch.Tensor | float:
+    """L2 norm of all parameter gradients (after the step they hold the allreduced average), as a 0-d
+    tensor left on the device (read with the step's loss, never in the step):
     ``torch.nn.utils.get_total_norm`` where torch has it (2.6 on), the same norm of norms before."""
     import torch
 
@@ -92,9 +93,35 @@ def gradient_norm(model: torch.nn.Module) -> float:
         return 0.0
     total_norm = getattr(torch.nn.utils, "get_total_norm", None)
     if total_norm is not None:
-        return float(total_norm(grads, norm_type=2.0))
+        return total_norm(grads, norm_type=2.0).detach()
     vector_norm = torch.linalg.vector_norm
-    return float(vector_norm(torch.stack([vector_norm(g.detach(), 2.0) for g in grads]), 2.0))
+    return vector_norm(torch.stack([vector_norm(g.detach(), 2.0) for g in grads]), 2.0)
+
+
+CUBLAS_WORKSPACE = ":4096:8"  # CUBLAS_WORKSPACE_CONFIG for deterministic cuBLAS (CUDA >= 10.2; ":16:8" also works)
+
+
+def apply_determinism(deterministic: bool, device: torch.device | str) -> dict[str, object]:
+    """torch's kernel switches for a run, set before any CUDA work; returns what was set.
+
+    ``deterministic``: cuDNN's benchmark off and its deterministic algorithms on,
+    ``torch.use_deterministic_algorithms(True)`` (an op with no deterministic kernel then raises), and
+    ``CUBLAS_WORKSPACE_CONFIG`` (``:4096:8``, unless the environment sets it) that cuBLAS reads when
+    its first handle is made. Otherwise the fast ones: all off, but ``cudnn.benchmark`` on a GPU
+    (the views are of one size: cuDNN picks its kernels once)."""
+    import torch
+
+    cuda = torch.device(device).type == "cuda"
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    torch.backends.cudnn.benchmark = cuda and not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    torch.use_deterministic_algorithms(deterministic)
+    applied: dict[str, object] = {"cudnn_benchmark": torch.backends.cudnn.benchmark,
+                                  "cudnn_deterministic": deterministic, "deterministic_algorithms": deterministic}
+    if deterministic:
+        applied["CUBLAS_WORKSPACE_CONFIG"] = os.environ["CUBLAS_WORKSPACE_CONFIG"]
+    return applied
 
 
 @dataclass
@@ -141,9 +168,9 @@ def setup_training(recipe: Recipe, world: World, train_set: ImageDataset) -> Tra
     d, m, o, r = recipe.data, recipe.model, recipe.optim, recipe.run
     per_rank = check_world(recipe, world, train_set)
     device = training_device(world.local_rank)  # local rank -> a GPU this process sees (or the CPU)
+    apply_determinism(r.deterministic, device)  # cudnn.benchmark unless --deterministic; before CUDA work
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True  # views are of one fixed size: let cuDNN pick its kernels once
     check_gpu_sharing(world, device, r.share_gpu)  # collective; before DDP's first NCCL call
     if device.type == "cuda":
         check_memory(per_rank, d.views, d.view_size, world.local_size, device)
@@ -156,12 +183,16 @@ def setup_training(recipe: Recipe, world: World, train_set: ImageDataset) -> Tra
     loader = BatchAugmentLoader(
         train_set, per_rank, d.views, d.view_size, **d.augmentation(),
         rank=world.rank, world_size=world.size, seed=r.seed, decoder=d.decoder, num_threads=d.dali_threads,
+        hw_decoder_load=d.hw_decoder_load,
     )
     memory_format = torch.channels_last if m.channels_last else torch.contiguous_format
     model = create_model(m.arch, train_set.num_classes).to(device, memory_format=memory_format)
     peak_lr = o.lr * d.batch_size / o.lr_batch  # unique images per step, never B*M
     optimizer = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=o.momentum, weight_decay=o.weight_decay)
     sync = world.gradient_sync(model, optimizer, o.chunks)
+    if m.compile:  # the training forward only (DDP's wrapper for the torch engine, torch's recommended
+        # order); ``model`` stays the bare module: checkpoints, evaluation and digests see its unprefixed keys
+        sync.model = torch.compile(sync.model)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(m.amp)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     scaler = torch.amp.GradScaler("cuda") if m.amp == "fp16" else None

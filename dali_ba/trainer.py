@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from dali_ba.checks import check_world
 from dali_ba.errors import DivergedError, OutputFullError
 from dali_ba.data.dataset import ImageDataset
+from dali_ba.devices import to_device
 from dali_ba.evaluation import Validation
 from dali_ba.metrics import MetricsLog, Progress, StepClock, StepTimes, emit
 from dali_ba.output import writing
@@ -122,14 +123,15 @@ class Trainer:
             resumed = start.loader_state if epoch == start.epoch else None  # mid-epoch: carry on from there
             done = resumed["batches"] if resumed else 0
             # loss over steps, right views, views: kept on the device, read at checkpoints and the epoch's end
-            sums = torch.tensor(start.sums if resumed else [0.0, 0.0, 0.0], dtype=torch.float64,
-                                device=self.training.device)
+            sums = to_device(torch.tensor(start.sums if resumed else [0.0, 0.0, 0.0], dtype=torch.float64),
+                             self.training.device)
             batches = self.loader.epoch(epoch, resumed)
             epoch_start, epoch_steps = time.perf_counter(), 0
             while done < self.steps_per_epoch:
                 out, samples, row, norm = self.train_one_step(batches, clock)
                 done, self.step, epoch_steps = done + 1, self.step + 1, epoch_steps + 1
-                sums += torch.stack([out.loss.double(), out.correct.double(), sums.new_tensor(samples * d.views)])
+                sums[:2] += torch.stack([out.loss.double(), out.correct.double()])
+                sums[2] += samples * d.views  # a number from the host: an argument of the add, no copy
                 lr = self.schedule.get_last_lr()[0]
                 self.times.add(row, out.loss, epoch_steps - 1, epoch=epoch, step=self.step, lr=lr,
                                wall=round(self.wall_time(), 3), **norm)
@@ -139,7 +141,7 @@ class Trainer:
                 if agree_on_stop(self.step, epoch_steps, last) and self.stop.agreed(self.world):
                     return self.stop_after_step(epoch, sums)
                 if r.checkpoint_every and self.step % r.checkpoint_every == 0 and not last:
-                    self.checkpoint(epoch, sums.tolist())
+                    self.checkpoint(epoch, sums.cpu().tolist())
             clock.sync()
             result = self.end_epoch(epoch, sums, done, epoch_steps, time.perf_counter() - epoch_start)
             self.checkpoint(epoch + 1, None)
@@ -155,7 +157,7 @@ class Trainer:
         with clock.phase("data"):
             images, labels = next(batches)
         with clock.phase("h2d"):
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            images, labels = to_device(images, device), to_device(labels, device)
         out = self.training.step(images, labels, clock)
         with clock.phase("allreduce_step"):
             self.schedule.step()
@@ -228,13 +230,14 @@ class Trainer:
 
         d, m, o, r, world = self.plan.data, self.plan.model, self.plan.optim, self.plan.run, self.world
         device, decoder, peak_lr = self.training.device, self.loader.decoder, self.training.peak_lr
-        environment = environment_summary(world, device, decoder)
+        environment = environment_summary(world, device, decoder, d.hw_decoder_load)
         log = MetricsLog(prepare_output(self.output, self.recipe, environment) if world.is_root else None,
                          append=bool(r.resume), tensorboard=self.output / "tensorboard" if r.tensorboard else None)
         log.write("start", arch=m.arch, ranks=world.size, engine=world.engine, engine_backend=world.backend,
                   engine_reason=world.reason, views=d.views, batch_size=d.batch_size, view_size=d.view_size,
                   device=device.type, decoder=decoder, epochs=o.epochs, steps_per_epoch=self.steps_per_epoch,
-                  lr=peak_lr, regime=o.regime, resumed_from=self.step if self.resumed_from else None)
+                  lr=peak_lr, regime=o.regime, resumed_from=self.step if self.resumed_from else None,
+                  deterministic=r.deterministic, compile=m.compile)
         self.say(f"dali-ba: engine {world.engine}{f' ({world.backend})' if world.backend else ''}: {world.reason}")
         self.say(f"dali-ba: {m.arch}, {world.size} rank(s) on {device.type}, decoder {decoder}, "
                  f"B={d.batch_size} unique x M={d.views} views = {d.batch_size * d.views} images/step, "
@@ -304,7 +307,7 @@ class Trainer:
         stop record naming the signalled ranks. Returns EXIT_RESUMABLE."""
         from dali_ba.preemption import EXIT_RESUMABLE
 
-        self.checkpoint(epoch, sums.tolist())
+        self.checkpoint(epoch, sums.cpu().tolist())
         heard = self.world.gather(self.stop.signal_name)  # which ranks were signalled, and with what
         self.log.write("stop", step=self.step, epoch=epoch, signal=next(name for name in heard if name),
                        signalled_ranks=[rank for rank, name in enumerate(heard) if name])
@@ -319,7 +322,7 @@ class Trainer:
         """Collective: the epoch's training loss and top-1 over all ranks, BatchNorm statistics averaged,
         validation, the epoch record and line. Returns the validation's result."""
         d, world = self.plan.data, self.world
-        loss_sum, right, seen = world.sum(sums.tolist())
+        loss_sum, right, seen = world.sum(sums.cpu().tolist())
         train_loss = loss_sum / (done * world.size)
         world.average_buffers(self.model)
         self.share_bad_files()  # what training found is not looked for again in validation

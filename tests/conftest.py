@@ -11,13 +11,24 @@ import pytest
 import torch
 from PIL import Image
 
+from dali_ba import strict_device
 from dali_ba.data.synth import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 # What the suite runs on: the first GPU and DALI's mixed decoder where one is visible (make gpu-check
-# runs the GPU-relevant tests there), else the CPU.
+# runs the GPU-relevant tests there), else the CPU. With --strict-device (or DALI_BA_STRICT_DEVICE set)
+# and no GPU, the stand-in device of dali_ba.strict_device, in this process and every one it starts.
 GPU = torch.cuda.is_available()
-DEVICE, DECODER = ("cuda", "mixed") if GPU else ("cpu", "cpu")
+STRICT = not GPU and ("--strict-device" in sys.argv or strict_device.enabled())
+if STRICT:
+    os.environ[strict_device.ENV] = os.environ.get(strict_device.ENV) or "1"
+    strict_device.enable()
+DEVICE, DECODER = ("cuda", "mixed") if GPU else (str(strict_device.STANDIN) if STRICT else "cpu", "cpu")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--strict-device", action="store_true",
+                     help="run on dali_ba.strict_device's stand-in device: GPU manners on the CPU (no GPU only)")
 ID_STEP = 10  # red-channel level between identity images
 
 

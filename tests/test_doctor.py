@@ -194,11 +194,11 @@ def test_the_gradient_norm_needs_no_get_total_norm():
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
     model(torch.ones(4, 3)).sum().backward()
-    newest = gradient_norm(model)
+    newest = float(gradient_norm(model))  # a 0-d tensor, left on the device
     with pytest.MonkeyPatch.context() as patch:
         patch.delattr(torch.nn.utils, "get_total_norm", raising=False)
         assert not hasattr(torch.nn.utils, "get_total_norm")
-        assert gradient_norm(model) == pytest.approx(newest, rel=1e-6) and newest > 0
+        assert float(gradient_norm(model)) == pytest.approx(newest, rel=1e-6) and newest > 0
 
 
 def test_builds_for_a_newer_cuda_than_the_driver_fail_with_what_to_install(monkeypatch):
@@ -309,3 +309,28 @@ def test_the_same_problem_on_many_ranks_is_one_line():
     merged = merge([Problem("warn", "cores", "few cores", [1], ["n1"]), Problem("fail", "data", "no data", [2], ["n2"]),
                     Problem("warn", "cores", "few cores", [0], ["n1"]), Problem("warn", "cores", "few cores", [3], ["n2"])])
     assert [(p.level, p.ranks, p.nodes) for p in merged] == [("fail", [2], ["n2"]), ("warn", [0, 1, 3], ["n1", "n2"])]
+
+
+def test_dali_older_than_the_floor_fails(monkeypatch, capsys):
+    """A DALI before 1.44 has no dynamic executor (exec_dynamic) to ask for: a stand-in 1.43 is a FAIL line."""
+    import nvidia.dali
+
+    from dali_ba.install_choice import MIN_DALI, DaliBuild, version_tuple
+
+    assert MIN_DALI == "1.44"
+    assert requirement_floors()["nvidia-dali-cuda120"] == requirement_floors()["nvidia-dali-cuda130"] == (1, 44)
+    assert "nvidia-dali-cuda120>=1.44" in (REPO / "setup.cfg").read_text()
+    found = Findings(0, "n1")
+    doctor.check_dali(found, None, None)
+    assert not found.problems and version_tuple(found.facts["dali"]["version"]) >= (1, 44)  # the DALI installed
+    monkeypatch.setattr(nvidia.dali, "__version__", "1.43.0")
+    monkeypatch.setattr(doctor, "installed_dali", lambda: DaliBuild("nvidia-dali-cuda120", "1.43.0", 12))
+    found = Findings(0, "n1")
+    doctor.check_dali(found, "550.54.15", None)
+    assert [(p.level, p.text) for p in found.problems] == [(
+        "fail", "nvidia-dali-cuda120 1.43.0 is older than 1.44, the oldest dali-ba supports (its graphs need the "
+                "dynamic executor, exec_dynamic) — pip install nvidia-dali-cuda120==2.4.0 (bash launch/install.sh "
+                "picks the build for the driver)")]
+    assert main(["--dali-threads", "1"]) == 1
+    assert (f"FAIL  {socket.gethostname()} (rank 0)  dali: nvidia-dali-cuda120 1.43.0 is older than 1.44"
+            in capsys.readouterr().out)

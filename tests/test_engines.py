@@ -29,7 +29,7 @@ SRUN_ENV = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2
 
 def args(demo_data, output, *extra):
     return ["--train", str(demo_data / "train"), "--val", str(demo_data / "val"), "--output", str(output),
-            "--batch-size", "16", "--views", "2", "--epochs", "2", "--max-steps", "4", "--log-every", "1", *extra]
+            "--batch-size", "16", "--views", "2", "--epochs", "2", "--max-steps", "4", "--log-every", "1", "--deterministic", *extra]
 
 
 def records(output, kind):

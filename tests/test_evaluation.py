@@ -58,7 +58,7 @@ def test_augmented_validation_gives_every_sample_once_as_k_differing_views(ident
         for images, labels in loader:
             assert images.shape[1:] == (3, 3, 24, 24)
             ids = decode_identity(images)  # (b, K): every view shows its own sample
-            assert (ids == labels.numpy()[:, None]).all()
+            assert (ids == labels.cpu().numpy()[:, None]).all()
             assert all(not torch.equal(x[0], x[1]) for x in images)  # independent augmentations
             seen += labels.tolist()
         again = torch.cat([x.clone() for x, _ in loader])  # the same views on every pass

@@ -13,15 +13,16 @@ from conftest import REPO, run_cli
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import gpu_check  # noqa: E402
-from gpu_steps import SMOKE_TESTS, read_outcomes  # noqa: E402
+from gpu_steps import SMOKE_FILES, SMOKE_TESTS, read_outcomes  # noqa: E402
 
-STEPS = ("env", "tests", "demo", "loader", "figure5", "views")
+STEPS = ("env", "doctor", "tests", "demo", "loader", "augment", "figure5", "views", "compile")
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-check") / "out"
-    done = run_cli("make", "-s", "gpu-check", "SMOKE=1", f"OUT={out}", timeout=1200)  # ~1.5 min on 2 idle cores
+    # ~3-4 min on 2 cores; a first torch.compile on the machine (inductor's cache cold) adds ~2 min
+    done = run_cli("make", "-s", "gpu-check", "SMOKE=1", f"OUT={out}", timeout=1800)
     return done, out
 
 
@@ -45,10 +46,20 @@ def test_the_smoke_run_has_the_numbers_of_every_step(smoke):
     hardware = result["env"]["hardware_decoder"]
     assert hardware["in_use"] == "no GPU" and hardware["nvimgcodec_decoded"] == hardware["files"]  # CPU backend
     assert hardware["dali_cpu"]["images_per_s"] > 0
-    # The doctor on this machine: nothing that stops a run; on a 2-core machine a cores warning at most.
-    assert result["env"]["doctor"]["status"] == 0, result["env"]["doctor"]
-    assert all(problem.startswith("warn ") for problem in result["env"]["doctor"]["problems"])
-    assert result["tests"]["counts"] == {"PASSED": len(SMOKE_TESTS)} and result["tests"]["failed"] == []
+    # The doctor, under its own step's limit: it finished (not timed out) with its verdict, nothing that
+    # stops a run; on a 2-core machine a cores warning at most.
+    doctor = result["doctor"]["doctor"]
+    assert doctor["status"] == "finished" and doctor["rc"] == 0, doctor
+    assert doctor["verdict"].startswith("doctor: nothing found that would stop a run") and doctor["ok"] is True
+    assert all(problem.startswith("warn ") for problem in doctor["problems"])
+    # Every test file in its own pytest process: its own outcome; -k leaves nothing of test_odd_files.py.
+    tests = result["tests"]
+    assert tests["counts"] == {"PASSED": len(SMOKE_TESTS)} and tests["failed"] == [] and tests["not_ok"] == []
+    files = [name for name in SMOKE_FILES if name in tests["files"]]
+    assert list(tests["per_file"]) == files and len(files) >= 3
+    assert tests["per_file"]["test_odd_files.py"]["status"] == "nothing selected"
+    assert all(f["status"] == "ok" and f["counts"]["PASSED"] >= 1 and 0 < f["seconds"] < f["limit_s"]
+               for name, f in tests["per_file"].items() if name != "test_odd_files.py")
     runs = result["demo"]["runs"]
     assert {name: run["rc"] for name, run in runs.items()} == {
         "bf16": 0, "fp16_chunks2": 0, "torch_engine": 0, "resume_reference": 0, "resume_reference_again": 0,
@@ -58,10 +69,23 @@ def test_the_smoke_run_has_the_numbers_of_every_step(smoke):
     assert all(run["steps_per_s"] > 0 for name, run in runs.items() if name != "resume_stopped")  # resumed: warm-up only
     resume = result["demo"]["resume"]
     assert resume["exact"] is True and resume["deterministic"] is True and resume["stop"]["mid_epoch"] is True
+    assert result["demo"]["deterministic_flag"] is True and "--deterministic" in runs["resume_stopped"]["flags"]
     assert result["demo"]["accuracy"]["cpu_demo_top1"] == 84.5
     rows = {(r["method"], r["views"]): r for r in result["loader"]["results"]}
     assert set(rows) == {(m, v) for m in "acg" for v in (1, 4, 10)} | {("f", 1)}
     assert all(r["views_per_s"] > 0 and r["running_views_per_s"] > 0 and r["cores_used"] > 0 for r in rows.values())
+    hw = result["loader"]["hw_decoder_load"]  # on the CPU: said to need a GPU, nothing faked
+    assert hw["skipped"].startswith("needs a GPU") and hw["rows"] == [] and len(hw["loads"]) == 3
+    assert hw["default"] == hw["loads"][0] and hw["loader_keyword"] is True
+    augment = {(r["augment"], r["views"]): r for r in result["augment"]["results"]}
+    assert set(augment) == {(a, v) for a in ("trivial", "randaugment") for v in (1, 4)} and not result["augment"]["errors"]
+    assert all(r["decoder"] == "cpu" and r["stage"] == "dali" and r["graph_s"] > r["epoch_start_s"] > 0
+               and r["views_per_s"] > 0 and r["views_per_s"] == pytest.approx(r["samples_per_s"] * r["views"])
+               for r in augment.values())
+    compiled = result["compile"]
+    if "skipped" not in compiled:  # --compile in this checkout: the same profile step, compiled, beside figure5's
+        assert compiled["rc"] == 0 and compiled["compiled"]["steps_per_s"] > 0 and compiled["views"] == 4
+        assert compiled["compile_s"] is not None and compiled["speedup"] > 0
     for name in ("figure5", "views"):
         fig = result[name]["results"]
         assert [r["views"] for r in fig] == [1, 4, 10]
@@ -77,8 +101,9 @@ def test_the_archive_holds_every_steps_log_and_raw_outputs(smoke):
         names = set(tar.getnames())
     assert {f"details/{step}/log.txt" for step in STEPS} <= names
     assert {f"details/{step}/result.json" for step in STEPS} <= names
-    assert {"details/tests/pytest.log", "details/demo/bf16.metrics.jsonl", "details/figure5/m10/profile_step.json",
-            "details/views/views/profile_views.json"} <= names
+    assert {"details/tests/test_loader.log", "details/tests/test_loader.junit.xml", "details/demo/bf16.metrics.jsonl",
+            "details/figure5/m10/profile_step.json", "details/views/views/profile_views.json",
+            "details/doctor/doctor.json", "details/doctor/doctor.txt"} <= names
     assert not any(name.endswith((".pt", ".jpg")) for name in names)
 
 
@@ -120,6 +145,22 @@ def test_a_step_left_without_time_is_skipped(tmp_path, monkeypatch):
     assert gpu_check.main(["--out", str(tmp_path), "--budget", "1", "--smoke"]) == 1
     (step,) = json.loads((tmp_path / "gpu_check.json").read_text())["steps"]
     assert step["status"] == "skipped (no time left)"
+
+
+def test_an_optional_step_runs_on_what_is_left_or_is_skipped_with_a_note(tmp_path, monkeypatch):
+    script = tmp_path / "quick_steps.py"
+    script.write_text("print('done')\n")
+    monkeypatch.setattr(gpu_check, "STEPS_SCRIPT", script)
+    monkeypatch.setattr(gpu_check, "STEPS", (gpu_check.Step("env", "env", 30, 30),
+                                             gpu_check.Step("compile", "compile", 60, 60, needs_s=50)))
+    assert gpu_check.main(["--out", str(tmp_path / "a"), "--budget", "40", "--smoke"]) == 0  # skipped: not a failure
+    env, compiled = json.loads((tmp_path / "a" / "gpu_check.json").read_text())["steps"]
+    assert env["status"] == "ok" and compiled["optional"] is True
+    assert compiled["status"].startswith("skipped (not enough time left: ") and "of the 50 s it needs" in compiled["status"]
+    assert "(optional: on what is left)" in (tmp_path / "a" / "gpu_check.md").read_text()
+    assert gpu_check.main(["--out", str(tmp_path / "b"), "--budget", "100", "--smoke"]) == 0
+    env, compiled = json.loads((tmp_path / "b" / "gpu_check.json").read_text())["steps"]
+    assert compiled["status"] == "ok" and 50 <= compiled["limit_s"] <= 60
 
 
 def test_targets_are_ratios_of_one_run_and_unmeasured_where_a_step_gave_nothing():
@@ -173,7 +214,12 @@ def test_nvidia_smi_is_read_for_the_gpu_and_the_jpeg_engines(tmp_path, monkeypat
 
 
 def test_the_steps_limits_fit_the_eight_minutes_of_a_gpu_machine():
-    assert sum(step.budget_s for step in gpu_check.STEPS) <= gpu_check.BUDGET_S <= 8 * 60
+    required = [step for step in gpu_check.STEPS if not step.needs_s]
+    optional = [step for step in gpu_check.STEPS if step.needs_s]
+    assert sum(step.budget_s for step in required) <= gpu_check.BUDGET_S <= 8 * 60
+    assert [s.name for s in gpu_check.STEPS][: len(required)] == [s.name for s in required]  # the optional ones last
+    assert [s.name for s in optional] == ["compile"] and all(s.needs_s <= s.budget_s for s in optional)
+    assert [s.name for s in gpu_check.STEPS][:2] == ["env", "doctor"]  # the doctor right after env, on its own limit
 
 
 def test_the_markdown_report_shows_what_only_a_gpu_run_has():
@@ -187,13 +233,43 @@ def test_the_markdown_report_shows_what_only_a_gpu_run_has():
                 accuracy=dict(gpu_bf16_top1=83.0, cpu_demo_top1=84.5, difference=-1.5),
                 resume=dict(stop=dict(rc=75, step=5, steps_per_epoch=40, mid_epoch=True), deterministic=False,
                             exact=None, max_abs_difference_resumed=2e-6, max_abs_difference_run_to_run=3e-6))
+    doctor = dict(doctor=dict(status="finished", rc=0, seconds=9.5, verdict="doctor: nothing found that would stop a run",
+                              ok=True, problems=[]))
+    tests = dict(cuda=True, parallel=4, files=["test_loader.py", "test_resume.py"], select="not make_demo",
+                 per_file={"test_loader.py": dict(status="ok", rc=0, seconds=41.0, limit_s=67.5, counts={"PASSED": 13},
+                                                  failed=[]),
+                           "test_resume.py": dict(status="timed out", rc=None, seconds=67.5, limit_s=67.5,
+                                                  counts={"FAILED": 1, "PASSED": 3}, failed=["tests/test_resume.py::x"])},
+                 counts={"FAILED": 1, "PASSED": 16}, failed=["tests/test_resume.py::x"])
+    loader = dict(files=8192, batch=64, view_size=224, workers=16, epoch_seconds=2.0, results=[], hw_decoder_load=dict(
+        default=0.65, loads=[0.65, 0.35, 0.9], loader_keyword=True, views=4, rows=[
+            dict(hw_decoder_load=0.65, default=True, decode=dict(images_per_s=9000.0, cpu_ms_per_image=0.5),
+                 loader=dict(views_per_s=20000.0, running_views_per_s=21000.0, cores_used=6.0)),
+            dict(hw_decoder_load=0.9, default=False, decode=dict(images_per_s=8000.0, cpu_ms_per_image=0.3),
+                 loader=dict(error="RuntimeError: no"))]))
+    augment = dict(files=8192, batch=64, view_size=224, threads=16, seconds_per_case=2.0, errors={}, results=[
+        dict(augment="randaugment", views=4, decoder="mixed", stage="dali", graph_s=12.5, epoch_start_s=0.2,
+             views_per_s=15000.0, samples_per_s=3750.0)])
+    compiled = dict(views=4, arch="resnet50", rc=0, seconds=95.0, uncompiled_seconds=30.0, compile_s=65.0,
+                    inductor_cache="cold (a new folder)", speedup=1.25, compiled=dict(steps_per_s=10.0, data_stall=0.01),
+                    uncompiled=dict(steps_per_s=8.0))
+    steps = [("env", "Environment", env, 30), ("doctor", "Doctor", doctor, 20), ("tests", "Tests", tests, 90),
+             ("demo", "Demo", demo, 80), ("loader", "Loader", loader, 85), ("augment", "Auto-augment", augment, 50),
+             ("compile", "Compiled", compiled, 90)]
     report = dict(smoke=False, note="GPU run", started="now", wall_s=400.0, budget_s=470, command="gpu_check.py",
                   machine=dict(gpu="NVIDIA H100 80GB HBM3", driver="580.159.04", cores=16),
-                  steps=[dict(name="env", title="Environment", status="ok", seconds=20.0, limit_s=30, result=env),
-                         dict(name="demo", title="Demo", status="ok", seconds=60.0, limit_s=80, result=demo)],
+                  steps=[dict(name=name, title=title, status="ok", seconds=20.0, limit_s=limit, budget_s=limit,
+                              optional=name == "compile", result=result) for name, title, result, limit in steps],
                   targets=gpu_check.targets({}))
     md = gpu_check.markdown(report)
-    assert md.startswith("# GPU check: NVIDIA H100 80GB HBM3") and "SMOKE" not in md
+    assert md.startswith("# GPU check: NVIDIA H100 80GB HBM3") and "SMOKE" not in md and "smoke run" not in md
     assert "in use by DALI: **True**" in md and "| dali_mixed_default | default | 3200 | 0.9 | 8 |" in md
     assert "| bf16 | --amp bf16 | 0 | cuda | mixed | none (None) | 83 | 99 | 40 | 30 |" in md
     assert "max |difference| resumed 2e-06, run to run 3e-06" in md and "not measured" in md
+    assert "verdict: **doctor: nothing found that would stop a run**" in md
+    assert "| test_loader.py | ok | 41 | 67.5 | 13 passed | – |" in md
+    assert "| test_resume.py | timed out | 67.5 | 67.5 | 1 failed, 3 passed | 1 |" in md
+    assert "| 0.65 (default) | 9000 | 0.5 | 20000 | 21000 | 6 |" in md and "| 0.9 | 8000 | 0.3 | RuntimeError: no |" in md
+    assert "| randaugment | 4 | mixed / dali | 12.5 | 0.2 | 15000 | 3750 |" in md
+    assert "compile time **65 s** with inductor's cache cold" in md and "(speed-up 1.25)" in md
+    assert "| compile | Compiled | ok | 20 | 90 | 90 (optional: on what is left) |" in md

@@ -103,4 +103,4 @@ def test_gradient_norm_is_the_l2_norm_of_all_gradients():
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
     model(torch.ones(4, 3)).sum().backward()
     expected = torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item()
-    assert gradient_norm(model) == pytest.approx(expected, rel=1e-6) and expected > 0
+    assert float(gradient_norm(model)) == pytest.approx(expected, rel=1e-6) and expected > 0

@@ -70,7 +70,10 @@ def test_int_accepted_for_float(tmp_path):
      (["--randaugment-n", "0"], r"randaugment_n\) must be in \[1, 16\], got 0"),
      (["--amp", "fp8"], "amp"),
      (["--val-crop", "300"], "val_resize"),
-     (["--chunks", "5000"], "more than the B\\*M")],
+     (["--chunks", "5000"], "more than the B\\*M"),
+     (["--hw-decoder-load", "1.5"], r"^--hw-decoder-load \(\[data\] hw_decoder_load\) must be between 0 and 1, got 1.5$"),
+     (["--hw-decoder-load", "-0.1"], "hw_decoder_load.* must be between 0 and 1"),
+     (["--hw-decoder-load", "nan"], "hw_decoder_load.* must be between 0 and 1")],
 )
 def test_out_of_range_values(argv, message):
     with pytest.raises(UsageError, match=message):
@@ -97,3 +100,29 @@ def test_help_shows_every_flag_and_a_literal_percent_sign():
     done = subprocess.run([sys.executable, "-m", "dali_ba.train", "--help"], capture_output=True, text=True,
                           cwd=REPO, timeout=120)
     assert done.returncode == 0 and "--max-bad-files" in done.stdout, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("flag, table, key, default", [
+    ("--deterministic", "run", "deterministic", False),
+    ("--compile", "model", "compile", False),
+])
+def test_the_gpu_contract_switches_are_off_unless_asked(tmp_path, flag, table, key, default):
+    assert getattr(getattr(parse(), table), key) is default
+    assert getattr(getattr(parse(flag), table), key) is True
+    (tmp_path / "r.toml").write_text(f"[{table}]\n{key} = true\n")
+    assert getattr(getattr(load_recipe(tmp_path / "r.toml"), table), key) is True
+    no = "--no-" + flag.removeprefix("--")
+    assert getattr(getattr(parse("--recipe", str(tmp_path / "r.toml"), no), table), key) is False
+    (tmp_path / "bad.toml").write_text(f"[{table}]\n{key} = 1\n")
+    with pytest.raises(UsageError, match=f"{key} must be bool, got int 1"):
+        load_recipe(tmp_path / "bad.toml")
+
+
+def test_the_hardware_decoder_share_is_written_out(tmp_path):
+    """0.65 whatever DALI's own default (0.90 in some releases): the split is the recipe's, not the install's."""
+    from dali_ba.install_choice import DEFAULT_HW_DECODER_LOAD
+
+    assert parse().data.hw_decoder_load == DEFAULT_HW_DECODER_LOAD == 0.65
+    assert parse("--hw-decoder-load", "0.9").data.hw_decoder_load == 0.9
+    (tmp_path / "r.toml").write_text("[data]\nhw_decoder_load = 1\n")  # an int is a float here
+    assert load_recipe(tmp_path / "r.toml").validate().data.hw_decoder_load == 1.0

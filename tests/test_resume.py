@@ -21,7 +21,7 @@ MPIRUN = ["mpirun", "-np", "2", *(["--allow-run-as-root"] if os.geteuid() == 0 e
 
 def args(demo_data, output, *extra):
     return ["--train", str(demo_data / "train"), "--val", str(demo_data / "val"), "--output", str(output),
-            "--batch-size", "16", "--views", "2", "--epochs", "2", "--max-steps", "5", "--log-every", "1", *extra]
+            "--batch-size", "16", "--views", "2", "--epochs", "2", "--max-steps", "5", "--log-every", "1", "--deterministic", *extra]
 
 
 def records(output, kind=None):

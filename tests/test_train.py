@@ -103,10 +103,10 @@ def test_two_ranks_end_with_identical_parameters(demo_data, tmp_path, launcher, 
     else:
         assert "grad_norm" not in steps[0] and not timeline.exists()
     # Validation over 2 ranks equals one process evaluating the saved model on all 60 images.
-    model = create_model("resnet20", 10)
+    model = create_model("resnet20", 10).to(DEVICE)  # where the loader's batches are
     model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
     bf16 = "bf16" in extra
-    autocast = (lambda: torch.autocast(DEVICE, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    autocast = (lambda: torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     val = ValidationLoader(demo_data / "val", batch_size=8, resize=36, crop=32)  # the run's per-rank batch
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each rank ran: same kernels, same sums

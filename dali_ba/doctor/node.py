@@ -10,8 +10,8 @@ import subprocess
 import sys
 
 from dali_ba.doctor.findings import Findings, first_line
-from dali_ba.install_choice import (DRIVER_FLOOR, DriverTooOld, choose, dotted, driver_supports, installed_dali,
-                                    version_tuple)
+from dali_ba.install_choice import (DRIVER_FLOOR, MIN_DALI, DriverTooOld, choose, dotted, driver_supports,
+                                    installed_dali, version_tuple)
 
 SLURM_STEP_VARIABLES = ("SLURM_STEP_ID", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NODELIST", "SLURM_CPUS_ON_NODE",
                         "SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS")
@@ -89,8 +89,8 @@ def check_gpu(found: Findings, driver: str | None, local_rank: int, recipe) -> s
 
 
 def check_dali(found: Findings, driver: str | None, gpu_index: int | None) -> None:
-    """The DALI build installed, whether it imports and runs on this driver, and (on a GPU) whether
-    its decoding library reaches the hardware JPEG decoder."""
+    """The DALI build installed, whether it imports, is not older than :data:`MIN_DALI` and runs on this
+    driver, and (on a GPU) whether its decoding library reaches the hardware JPEG decoder."""
     build = installed_dali()
     facts = found.facts["dali"] = {"package": build and build.package, "version": build and build.version,
                                    "cuda": build and build.cuda_major, "importable": False, "hardware_jpeg": None}
@@ -108,6 +108,10 @@ def check_dali(found: Findings, driver: str | None, gpu_index: int | None) -> No
                            "(bash launch/install.sh picks the build for the driver)")
         return
     facts.update(importable=True, version=nvidia.dali.__version__)
+    if version_tuple(facts["version"]) < version_tuple(MIN_DALI):
+        found.fail("dali", f"{facts['package'] or 'DALI'} {facts['version']} is older than {MIN_DALI}, the oldest "
+                           "dali-ba supports (its graphs need the dynamic executor, exec_dynamic) — pip install "
+                           f"{choice or f'nvidia-dali>={MIN_DALI}'} (bash launch/install.sh picks the build for the driver)")
     if facts["cuda"] is None:  # no package metadata (DALI on PYTHONPATH): the CUDA it was built with
         facts["cuda"] = int(getattr(nvidia.dali.backend, "__cuda_version__", 0)) // 1000 or None
     if driver and facts["cuda"] and choice and not driver_supports(facts["cuda"], driver):

@@ -14,14 +14,15 @@ REPO_SETUP = Path(__file__).resolve().parents[2] / "setup.cfg"  # a source check
 
 
 def requirement_floors() -> dict[str, tuple[int, ...]]:
-    """The oldest Python, torch, torchvision (and Horovod, an extra) dali-ba supports, from the checkout's
-    setup.cfg where this runs from one, else from the installed package's metadata."""
+    """The oldest Python, torch, torchvision (and Horovod and DALI, extras) dali-ba supports, from the
+    checkout's setup.cfg where this runs from one, else from the installed package's metadata."""
     lines: list[str] = []
     config = configparser.ConfigParser(interpolation=None)
     if REPO_SETUP.is_file() and config.read(REPO_SETUP) and config.get("metadata", "name", fallback="") == "dali-ba":
         options = config["options"]
+        extras = config["options.extras_require"]
         lines = [f"python{options.get('python_requires', '')}", *options.get("install_requires", "").split("\n"),
-                 *config["options.extras_require"].get("horovod", "").split("\n")]
+                 *(line for name in extras for line in extras[name].split("\n"))]
     else:
         with contextlib.suppress(metadata.PackageNotFoundError):
             lines = [f"python{metadata.metadata('dali-ba').get('Requires-Python') or ''}",

@@ -1,0 +1,227 @@
+"""The GPU check's loader steps: ``loader`` (dali-ba against torchvision on the CPU and on the GPU and
+against DALI's decode alone; the mixed decoder at several ``hw_decoder_load``) and ``augment`` (the
+auto-augment graphs: their build time and views/s)."""
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable, Iterable, Iterator
+from types import SimpleNamespace
+
+from gpu_common import Ctx, Sizes, ensure_images, gpu
+
+
+# --- 5. the loader alone --------------------------------------------------------------------------------
+
+METHODS = {"a": "dali-ba (decoder auto: mixed on a GPU)", "c": "torchvision DataLoader: decode_jpeg + v2, uint8",
+           "g": "torchvision on the device: decode_jpeg(device) + v2", "f": "DALI decode alone (ceiling)"}
+
+
+def step_loader(ctx: Ctx) -> int:
+    """dali-ba against a tuned torchvision DataLoader, torchvision's own GPU decode + v2 on the GPU, and
+    DALI's decode alone (the ceiling), on the ImageNet-like JPEGs, M = 1, 4, 10 (benchmarks/peers.py's
+    timing: a warm-up epoch per case, then timed epochs round-robin). Each epoch stops after
+    ``epoch_seconds``. Rates are per method's fastest epoch; ``running`` rates leave out each epoch's
+    start (a DALI pipeline built or reset, a prefetch queue refilled), which an ImageNet epoch of
+    20,000 batches amortises."""
+    import torch
+    from peers import run_epoch
+
+    from dali_ba.data.dataset import load_dataset
+
+    dataset = load_dataset(ensure_images(ctx))
+    s = ctx.sizes
+    torch.set_num_threads(s.workers)
+    # The DataLoaders first: their workers fork before this process starts CUDA (DALI, the GPU peer).
+    cases = [("c", v) for v in s.views] + [(m, v) for v in s.views for m in "ag"] + [("f", s.views[0])]
+    ctx.result.update(files=len(dataset), batch=s.batch, view_size=s.view_size, workers=s.workers,
+                      epoch_seconds=s.epoch_seconds, methods=METHODS, results=[])
+    runners, epochs = {}, {case: [] for case in cases}
+    for case in cases:
+        print(f"warm-up {case}", flush=True)
+        runners[case] = make_method(*case, dataset, s)
+        run_epoch(runners[case], 0)
+    ctx.result["cuda"] = gpu()
+    for round_ in range(s.loader_epochs):
+        for case in cases:
+            epochs[case].append(run_epoch(runners[case], 1 + round_))
+            e = epochs[case][-1]
+            print(f"round {round_ + 1} {case}: {e['batches'] * s.batch / e['seconds']:.0f} samples/s, "
+                  f"{e['cpu_seconds'] / e['seconds']:.1f} cores", flush=True)
+        ctx.result["results"] = [summary(*case, epochs[case], s.batch) for case in cases if epochs[case]]
+        ctx.save()
+    del runners  # the DataLoaders' workers and the pipelines go before the runs below
+    gc.collect()
+    ctx.result["hw_decoder_load"] = hw_load_sweep(ctx, dataset)
+    ctx.save()
+    return 0
+
+
+def hw_load_sweep(ctx: Ctx, dataset) -> dict:
+    """The mixed decoder at dali-ba's default ``hw_decoder_load`` and at ``hw_loads`` (the share of each
+    batch for the hardware JPEG decoder, the rest on CUDA): DALI's decode alone in images/s and CPU ms
+    per image, and, where the loader takes the keyword, dali-ba's views/s at M = ``hw_load_views``
+    (a warm-up epoch, then one timed, each cut at ``epoch_seconds``). Needs a GPU: the cpu decoder has
+    no such split, so the smoke run records why it measured nothing."""
+    import inspect
+
+    from gpu_steps_env import dali_decode_rate, default_hw_decoder_load
+    from peers import Runner, run_epoch
+
+    from dali_ba.loader import BatchAugmentLoader
+
+    s = ctx.sizes
+    default = default_hw_decoder_load()
+    loads = (default, *[load for load in s.hw_loads if load != default])
+    keyword = "hw_decoder_load" in inspect.signature(BatchAugmentLoader).parameters
+    out: dict = dict(default=default, loads=list(loads), loader_keyword=keyword, views=s.hw_load_views, rows=[])
+    if not gpu():
+        out["skipped"] = ("needs a GPU: hw_decoder_load splits the mixed decoder's work between the hardware JPEG "
+                          "decoder and CUDA; the cpu decoder has neither, so nothing was measured")
+        return out
+    if not keyword:
+        out["loader_note"] = "BatchAugmentLoader has no hw_decoder_load keyword in this checkout: decode rates only"
+    for load in loads:
+        if ctx.left() < 8:
+            out["cut"] = f"no time left for hw_decoder_load {load} and after"
+            break
+        row = dict(hw_decoder_load=load, default=load == default,
+                   decode=dali_decode_rate(dataset.files[: 8 * s.batch], "mixed", load, s.workers, s.epoch_seconds))
+        if keyword:
+            try:
+                loader = BatchAugmentLoader(dataset, batch_size=s.batch, views=s.hw_load_views, view_size=s.view_size,
+                                            decoder="mixed", num_threads=s.workers, seed=0, hw_decoder_load=load)
+                runner = Runner(time_limited(loader.epoch, s.epoch_seconds))
+                run_epoch(runner, 0)
+                loaded = summary("a", s.hw_load_views, [run_epoch(runner, 1)], s.batch)
+                row["loader"] = {key: loaded[key] for key in ("samples_per_s", "views_per_s", "running_views_per_s",
+                                                              "running_samples_per_s", "cores_used", "first_batch_s")}
+            except Exception as exc:  # a value the installed DALI refuses is a finding, not the end of the step
+                row["loader"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        print(f"hw_decoder_load {load}: {row}", flush=True)
+        out["rows"].append(row)
+        ctx.save()
+    return out
+
+
+def make_method(method: str, views: int, dataset, s: Sizes):
+    """One method at one M as a peers.Runner whose epochs stop after ``s.epoch_seconds``."""
+    import torch
+    from gpu_peers import TorchvisionOnDevice
+    from peers import Runner, decode_only_epochs, torch_loader
+
+    from dali_ba.loader import BatchAugmentLoader
+
+    options = dict(batch_size=s.batch, view_size=s.view_size, decoder="auto", num_threads=s.workers, seed=0)
+    if method == "c":
+        runner = torch_loader("c", dataset, views, SimpleNamespace(threads=s.workers, batch=s.batch, size=s.view_size, seed=0))
+    elif method == "g":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        runner = Runner(TorchvisionOnDevice(dataset, s.batch, views, s.view_size, device).epoch)
+    elif method == "a":
+        runner = Runner(BatchAugmentLoader(dataset, views=views, **options).epoch)
+    else:
+        runner = Runner(decode_only_epochs(BatchAugmentLoader(dataset, views=1, **options)))
+    return Runner(time_limited(runner.epoch, s.epoch_seconds), runner.pids)
+
+
+def time_limited(epoch: Callable[[int], Iterable], seconds: float) -> Callable[[int], Iterator]:
+    """Epochs that stop after ``seconds``, epoch 0 (the warm-up) after half of it, and wait for the GPU's
+    work before they end."""
+    import torch
+
+    def limited(index: int) -> Iterator:
+        start, limit = time.perf_counter(), seconds / 2 if index == 0 else seconds
+        for batch in epoch(index):
+            yield batch
+            if time.perf_counter() - start > limit:
+                break
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # DALI's own outputs (f) are not touched by the consumer
+
+    return limited
+
+
+def summary(method: str, views: int, epochs: list[dict], batch: int) -> dict:
+    """benchmarks/peers.py's summary of one case, named here, with the rates without epoch starts and
+    the CPU cores used (this process with its threads, plus DataLoader workers, over wall time)."""
+    from peers import summarise
+
+    row = summarise("f" if method == "f" else "a", views, epochs, batch)  # the letter only picks M = 1 for f
+    row.update(method=method, name=METHODS[method],
+               running_samples_per_s=row["running_views_per_s"] / row["views"],
+               cores_used=sum(e["cpu_seconds"] for e in epochs) / sum(e["seconds"] for e in epochs))
+    return row
+
+
+# --- 6. the auto-augment graphs -------------------------------------------------------------------------
+
+AUTO_AUGMENTS = ("trivial", "randaugment")
+
+
+def step_augment(ctx: Ctx) -> int:
+    """The auto-augment training views through the loader API (``BatchAugmentLoader(..., augment=...,
+    stage="dali")`` with the recipe's augmentation defaults, decoder auto: mixed and DALI's GPU
+    operators on a GPU, the cpu decoder and DALI's CPU operators in the smoke run) at each M of
+    ``augment_views``: ``graph_s``, the first epoch's first batch (the graph defined, of hundreds to
+    thousands of operators, built, and run once), ``epoch_start_s``, the next epoch's first batch (the
+    same graph, a new plan), and views/s over ``augment_seconds`` of batches after them."""
+    from dali_ba.data.dataset import load_dataset
+    from dali_ba.loader import BatchAugmentLoader
+    from dali_ba.recipe import DataConfig
+
+    dataset, s = load_dataset(ensure_images(ctx)), ctx.sizes
+    cases = [(augment, views) for augment in AUTO_AUGMENTS for views in s.augment_views]
+    ctx.result.update(files=len(dataset), batch=s.batch, view_size=s.view_size, threads=s.workers, cuda=gpu(),
+                      seconds_per_case=s.augment_seconds, results=[], errors={})
+    for at, (augment, views) in enumerate(cases):
+        if ctx.left() < 5:
+            ctx.result["cut"] = f"no time left for {augment} M = {views} and after"
+            break
+        options = dict(DataConfig().augmentation(), augment=augment, stage="dali")
+        try:
+            loader = BatchAugmentLoader(dataset, s.batch, views, s.view_size, decoder="auto", num_threads=s.workers,
+                                        seed=0, **options)
+            row = time_auto_augment(loader, s.augment_seconds)
+        except Exception as exc:  # one graph that fails leaves the others to measure
+            ctx.result["errors"][f"{augment} M={views}"] = f"{type(exc).__name__}: {exc}"[:500]
+            ctx.save()
+            continue
+        row.update(augment=augment, views=views, decoder=loader.decoder, stage=loader.stage, device=str(loader.device),
+                   randaugment_n=options["randaugment_n"], randaugment_m=options["randaugment_m"])
+        print(f"{augment} M={views}: graph {row['graph_s']:.1f} s, {row['views_per_s']:.0f} views/s", flush=True)
+        ctx.result["results"].append(row)
+        ctx.save()
+    return 0 if len(ctx.result["results"]) == len(cases) else 1
+
+
+def time_auto_augment(loader, seconds: float) -> dict:
+    """The loader's first batch ever (graph defined and built), the next epoch's first batch (graph
+    reused), then batches for ``seconds`` across epochs: views/s and samples/s (each batch touched)."""
+    import torch
+
+    def first(epoch: int) -> tuple[Iterator, float]:
+        start = time.perf_counter()
+        batches = loader.epoch(epoch)
+        images, _ = next(batches)
+        images[(0,) * images.dim()].cpu()  # one element read on the host: the batch is ready
+        return batches, time.perf_counter() - start
+
+    _, graph_s = first(0)
+    batches, epoch_start_s = first(1)  # epoch 0 left after a batch: the loader drains what is in flight
+    count, epoch, start = 0, 1, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        try:
+            images, _ = next(batches)
+        except StopIteration:
+            epoch += 1
+            batches = loader.epoch(epoch)
+            continue
+        images[(0,) * images.dim()].cpu()  # one element read on the host: the batch is ready
+        count += 1
+    wall = time.perf_counter() - start
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    samples = count * loader.batch_size
+    return dict(graph_s=graph_s, epoch_start_s=epoch_start_s, batches=count, seconds=wall,
+                samples_per_s=samples / wall, views_per_s=samples * loader.views / wall)
