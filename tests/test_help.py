@@ -6,8 +6,10 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, run_cli
+from dali_ba.__main__ import COMMANDS as ONE_COMMAND, summary
 
 COMMANDS = [
+    ["dali_ba"],
     ["dali_ba.train"],
     ["dali_ba.profile"],
     ["dali_ba.profile", "pipeline"],
@@ -63,3 +65,24 @@ def test_every_console_script_answers_help(name, target):
     if not script.exists():
         pytest.skip(f"{name} is not installed beside {sys.executable} (pip install -e .)")
     assert_help(run_cli(str(script), "--help", timeout=120), name)
+
+
+@pytest.mark.parametrize("command", sorted(ONE_COMMAND))
+def test_dali_ba_command_runs_each_tool(command):
+    """``dali-ba <command> --help`` is that tool's own parser, whose description is the line the table shows."""
+    done = run_cli(sys.executable, "-m", "dali_ba", command, "--help", timeout=120)
+    assert_help(done, f"dali-ba {command}")
+    assert summary(ONE_COMMAND[command]).split(":")[0] in " ".join(done.stdout.split())
+
+
+def test_dali_ba_help_lists_the_table_and_unknown_commands_are_one_line_errors():
+    listing = run_cli(sys.executable, "-m", "dali_ba", "--help")
+    assert listing.returncode == 0
+    listed = [line.split()[0] for line in listing.stdout.split("commands:")[1].strip().splitlines()]
+    assert listed == list(ONE_COMMAND)  # every command, in the table's order
+    assert {"train", "profile", "doctor", "check-data", "shards", "plot", "reproduce", "synth"} <= set(listed)
+    assert {module for module in ONE_COMMAND.values()} <= {command[0] for command in COMMANDS}  # each also runs alone
+    wrong = run_cli(sys.executable, "-m", "dali_ba", "trian")
+    assert wrong.returncode == 2 and wrong.stdout == ""
+    assert wrong.stderr.strip().splitlines() == [
+        "dali-ba: error: unknown command 'trian'; one of: " + ", ".join(ONE_COMMAND) + " (dali-ba --help)"]
