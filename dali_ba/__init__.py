@@ -2,9 +2,8 @@
 
 Each of B samples per step is read and decoded once and trained on as M augmented views.
 """
-__version__ = "0.2.0"
-
 from dali_ba.errors import UsageError
+from dali_ba.version import __version__
 
 __all__ = ["BatchAugmentLoader", "ValidationLoader", "AugmentedValidationLoader", "flatten_views", "normalize", "UsageError", "__version__"]
 

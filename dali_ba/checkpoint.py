@@ -15,16 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dali_ba import __version__
 from dali_ba.errors import UsageError
-from dali_ba.output import writing
+from dali_ba.output import checkpoint_dir, list_checkpoints, writing
+from dali_ba.version import __version__
 
 FORMAT = 1
-FOLDER = "checkpoints"
-
-
-def checkpoint_dir(output: Path) -> Path:
-    return Path(output) / FOLDER
 
 
 def save_checkpoint(output: Path, step: int, state: dict[str, Any], keep: int) -> Path:
@@ -44,12 +39,6 @@ def save_checkpoint(output: Path, step: int, state: dict[str, Any], keep: int) -
     for old in list_checkpoints(output)[keep:]:
         old.unlink(missing_ok=True)
     return path
-
-
-def list_checkpoints(output: Path) -> list[Path]:
-    """Checkpoint files of a run, newest (highest step) first."""
-    folder = checkpoint_dir(output)
-    return sorted(folder.glob("step-*.pt"), reverse=True) if folder.is_dir() else []
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from dali_ba.errors import OutputFullError
 
+FOLDER = "checkpoints"  # a run's checkpoints, in its output folder
 EXIT_NO_SPACE = OutputFullError.exit_code  # 74, EX_IOERR: free space, then --resume auto
 NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 # torch.save reports a short write as a RuntimeError of its zip writer, without an errno.
@@ -42,10 +43,19 @@ def free_space(path: Path) -> str:
     return f"{usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.1f} MiB"
 
 
+def checkpoint_dir(output: Path) -> Path:
+    """Where a run's checkpoints are (:mod:`dali_ba.checkpoint` writes them)."""
+    return Path(output) / FOLDER
+
+
+def list_checkpoints(output: Path) -> list[Path]:
+    """Checkpoint files of a run, newest (highest step) first."""
+    folder = checkpoint_dir(output)
+    return sorted(folder.glob("step-*.pt"), reverse=True) if folder.is_dir() else []
+
+
 def last_checkpoint(output: Path) -> str:
     """The newest checkpoint file of the run, as the one line names it."""
-    from dali_ba.checkpoint import list_checkpoints
-
     found = list_checkpoints(output)
     return str(found[0]) if found else "none yet"
 

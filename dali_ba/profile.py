@@ -29,12 +29,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import socket
 import sys
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -42,16 +38,13 @@ import numpy as np
 from dali_ba.augment import AUGMENTATIONS, MAGNITUDE_BINS, MAX_AUTO_OPS
 from dali_ba.launcher import launcher_rank
 from dali_ba.errors import UnreadableImageError, UsageError
-from dali_ba.metrics import PHASES, StepClock, StepRow
+from dali_ba.metrics import StepClock
 from dali_ba.recipe import Recipe, int_list, OneLineParser, build_parser, resolve
+from dali_ba.step_timing import (TIMING_RULE, YIELD_VARIABLE, endless, load_step_data, measure_step, time_window,
+                                 write_json)
 
 PROG = "python -m dali_ba.profile"
 STEP_FILE = "profile_step.json"
-YIELD_VARIABLE = "OMPI_MCA_mpi_yield_when_idle"
-TIMING_RULE = ("--warmup untimed steps, one synchronisation, --steps N steps with no wait for the device inside "
-               "(as dali_ba.train runs them), one synchronisation: step_time = the seconds between the two "
-               "synchronisations / N (mean over ranks); phases, data_wait and the spread over steps from the step "
-               "clock's rows (CUDA events on a GPU, perf_counter on the CPU), read after the second")
 
 
 def _at_least(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -101,53 +94,6 @@ def _fraction(text: str) -> float:
     if not 0 < value < 10:  # also refuses nan
         raise argparse.ArgumentTypeError(f"must be a fraction > 0 and < 10 (0.1 is 10%), got {text}")
     return value
-
-
-def endless(loader) -> Iterator:
-    """Batches of a BatchAugmentLoader, epoch after epoch (each epoch builds its pipeline, as in training)."""
-    for epoch in itertools.count():
-        yield from loader.epoch(epoch)
-
-
-@dataclass
-class Window:
-    """Steps timed between two synchronisations: the seconds between them, and each step's clock row
-    (the phases' seconds, then the step's: :meth:`dali_ba.metrics.StepRow.seconds`)."""
-
-    seconds: float
-    rows: list[list[float]]
-
-
-def clocked_step(batches: Iterator, work: Callable | None, clock: StepClock) -> StepRow:
-    """One step as dali_ba.train runs it, marked on ``clock`` and waiting for nothing on the device:
-    the next batch (the ``data`` phase), then ``work(images, labels)``, which marks its own phases."""
-    clock.begin()
-    with clock.phase("data"):
-        images, labels = next(batches)
-    if work is not None:
-        work(images, labels)
-    return clock.end()
-
-
-def time_window(batches: Iterator, warmup: int, steps: int, work: Callable | None, clock: StepClock) -> Window:
-    """``warmup`` untimed steps, then ``steps`` steps between two synchronisations (:data:`TIMING_RULE`).
-    The trainer never waits for the GPU inside a step: a wait after each would time a serialised loop,
-    in which the loader's next batch cannot overlap this step's compute, and so not the data stall that
-    training sees. The warm-up adds no synchronisation (the first one also waits for its queued work);
-    the rows are read after the second (reading a CUDA event waits for it)."""
-    for _ in range(warmup):
-        clocked_step(batches, work, clock)
-    clock.sync()
-    start = time.perf_counter()
-    rows = [clocked_step(batches, work, clock) for _ in range(steps)]
-    clock.sync()
-    seconds = time.perf_counter() - start
-    return Window(seconds, [row.seconds() for row in rows])
-
-
-def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 # --- pipeline: the loader alone over a sweep of M ---------------------------------------------------
@@ -221,92 +167,6 @@ def run_pipeline(args: argparse.Namespace) -> int:
 
 
 # --- step: training steps fed by the loader vs from memory ------------------------------------------
-
-
-def _phase(world, window: Window, batch_size: int, views: int) -> dict:
-    """Statistics of one timed window over all ranks. The step time is each rank's seconds between the
-    synchronisations / steps (the mean over ranks; the slowest rank's too); the phases (``data`` is the
-    wait for the batch), the spread and median over steps come from the clock rows of every rank."""
-    gathered = world.gather((window.seconds, window.rows))
-    seconds = np.array([seconds for seconds, _ in gathered])  # (ranks,)
-    rows = np.array([rows for _, rows in gathered])  # (ranks, steps, phases + step)
-    per_rank = seconds / rows.shape[1]
-    totals, waits, means = rows[..., -1], rows[..., 0], rows.mean(axis=(0, 1))
-    step_time = float(per_rank.mean())
-    steps_per_s = 1 / step_time
-    return dict(step_time=step_time, step_time_std=float(totals.std()), step_time_median=float(np.median(totals)),
-                slowest_rank_step_time=float(per_rank.max()), data_wait=float(means[0]),
-                steps_per_s=steps_per_s, images_per_s=steps_per_s * batch_size,
-                views_per_s=steps_per_s * batch_size * views, window_seconds=seconds.tolist(),
-                step_times=totals.tolist(), data_waits=waits.tolist(),
-                phases={name: float(v) for name, v in zip(PHASES, means)})
-
-
-def load_step_data(recipe: Recipe):
-    """The training set of a step profile, after the checks that need no world (every rank alike)."""
-    from dali_ba.data.dataset import load_dataset
-    from dali_ba.models import check_model_name
-
-    check_model_name(recipe.model.arch)
-    return load_dataset(recipe.data.train)
-
-
-def measure_step(world, recipe: Recipe, train_set, steps: int, warmup: int, cache: int) -> dict | None:
-    """Time the loader alone, then training steps fed by the loader, then from cached batches, on an
-    open world (so that a sweep joins the ranks once). Rank 0 gets the statistics over all ranks, the others None."""
-    from dali_ba.step import setup_training
-
-    d, m = recipe.data, recipe.model
-    training = setup_training(recipe, world, train_set)  # exactly as dali_ba.train sets up a rank
-    world.broadcast_from_root(training.model, training.optimizer)
-    device, loader, torch_threads, cores = training.device, training.loader, training.torch_threads, len(os.sched_getaffinity(0))
-    training.model.train()
-    clock = StepClock(device)
-
-    def work(images, labels) -> None:
-        """The rest of a training step on a batch, as dali_ba.train runs it: h2d, then the step's phases."""
-        with clock.phase("h2d"):
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        training.step(images, labels, clock)
-
-    count = warmup + steps
-    batches = endless(loader)
-    cached = [(images.clone(), labels.clone()) for images, labels in itertools.islice(batches, min(cache, steps))]
-    # Loader-fed steps before memory-fed ones: what warm-up is left after `warmup` steps counts against the loader.
-    windows = {
-        "pipeline": time_window(batches, warmup, steps, None, clock),
-        "loader": time_window(batches, warmup, steps, work, clock),
-        "memory": time_window(itertools.cycle(cached), warmup, steps, work, clock),
-    }
-    stats = {name: _phase(world, window, d.batch_size, d.views) for name, window in windows.items()}
-    nodes = sorted(set(world.gather(socket.gethostname())))
-    if not world.is_root:
-        return None
-    pipeline, memory, fed = stats["pipeline"], stats["memory"], stats["loader"]
-    stall = (fed["step_time"] - memory["step_time"]) / fed["step_time"]
-    # Which timed loader-fed steps began an epoch (the loader builds each epoch's pipeline when it starts).
-    first = len(cached) + count + warmup  # position of the first of them in `batches`
-    starts = np.arange(first, first + steps) % len(loader) == 0
-    waits = np.array(fed["data_waits"])  # (ranks, steps): the share of all ranks' timed seconds waited there
-    epoch_start_wait = waits[:, starts].sum() / (waits.size * fed["step_time"])
-    threads = (d.dali_threads + torch_threads) * world.local_size
-    return dict(
-        kind="profile_step", train=d.train, engine=world.engine, engine_backend=world.backend, ranks=world.size, local_ranks=world.local_size, nodes=nodes, views=d.views, batch_size=d.batch_size,
-        per_rank_batch=training.per_rank, view_size=d.view_size, arch=m.arch, amp=m.amp, chunks=recipe.optim.chunks, device=device.type, decoder=loader.decoder,
-        dali_threads=d.dali_threads, torch_threads=torch_threads, cores=cores, oversubscribed=threads > cores,
-        mpi_yield_when_idle=os.environ.get(YIELD_VARIABLE),
-        steps=steps, warmup=warmup, timing=TIMING_RULE, cached_batches=len(cached), steps_per_epoch=len(loader),
-        steps_per_s=fed["steps_per_s"], images_per_s=fed["images_per_s"], views_per_s=fed["views_per_s"],
-        data_stall=min(1.0, max(0.0, stall)), data_stall_raw=stall,
-        data_wait_share=fed["data_wait"] / fed["step_time"], epoch_starts=int(starts.sum()),
-        epoch_start_wait_share=float(epoch_start_wait),
-        data_stall_median=(fed["step_time_median"] - memory["step_time_median"]) / fed["step_time_median"],
-        compute_per_loader_batch=memory["step_time"] / pipeline["step_time"],
-        pipeline=dict(batch_time=pipeline["step_time"], batch_time_std=pipeline["step_time_std"],
-                      samples_per_s=pipeline["images_per_s"], views_per_s=pipeline["views_per_s"],
-                      batch_times=pipeline["step_times"], window_seconds=pipeline["window_seconds"]),
-        memory=memory, loader=fed,
-    )
 
 
 def profile_step(recipe: Recipe, steps: int, warmup: int, cache: int) -> dict | None:

@@ -9,7 +9,7 @@ import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 
-from dali_ba.profile import load_step_data, measure_step, write_json
+from dali_ba.step_timing import load_step_data, measure_step, write_json
 from dali_ba.recipe import Recipe, resolve
 
 VIEWS_FILE, VIEWS_PLOT = "profile_views.json", "profile_views.png"

@@ -78,7 +78,8 @@ case $dali_action in
   replace) say "replacing $dali_first by $dali_second"; "$PY" -m pip uninstall -q -y "$dali_first"; pip_install $dali_second ;;
 esac
 "$PY" -c "import mpi4py" 2>/dev/null || { say "installing mpi4py (built against Open MPI)"; pip_install "mpi4py==4.1.2"; }
-pip_install numpy pillow pytest tqdm tomli-w "setuptools<81" wheel packaging psutil pyyaml cloudpickle cffi matplotlib scikit-image scikit-learn tensorboard
+pip_install numpy pillow pytest tqdm tomli-w "setuptools<81" wheel packaging psutil pyyaml cloudpickle cffi matplotlib scikit-image scikit-learn tensorboard \
+  import-linter  # the import structure check of make test (setup.cfg [importlinter])
 
 # 3. Horovod, built from the 0.28.1 sdist ----------------------------------------------------------
 if ! "$PY" -c "import horovod.torch" 2>/dev/null; then

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from conftest import DECODER, DEVICE, REPO, run_cli
-from dali_ba import profile
+from dali_ba import profile, step_timing
 from dali_ba.metrics import StepClock, StepRow
 from dali_ba.recipe import load_recipe
 
@@ -227,7 +227,7 @@ def stand_in_training() -> types.SimpleNamespace:
 def stand_ins(monkeypatch) -> list[str]:
     """measure_step on stand-ins (world, training, loader) and a counting clock; the clock's log."""
     log: list[str] = []
-    monkeypatch.setattr(profile, "StepClock", lambda device: CountingClock(log))
+    monkeypatch.setattr(step_timing, "StepClock", lambda device: CountingClock(log))
     monkeypatch.setattr("dali_ba.step.setup_training", lambda recipe, world, train_set: stand_in_training())
     return log
 
@@ -244,7 +244,7 @@ def check_window(stats: dict, steps: int = STEPS) -> None:
 
 def test_step_profile_times_its_steps_between_two_syncs(stand_ins):
     recipe = load_recipe(REPO / "pipelines" / "demo.toml")
-    p = profile.measure_step(SoloWorld(), recipe, None, steps=STEPS, warmup=WARMUP, cache=2)
+    p = step_timing.measure_step(SoloWorld(), recipe, None, steps=STEPS, warmup=WARMUP, cache=2)
     assert stand_ins == window_log() * 3  # the loader alone, steps fed by it, steps from memory: 6 syncs, none per step
     assert (p["steps"], p["warmup"], p["timing"]) == (STEPS, WARMUP, profile.TIMING_RULE)
     for name in ("loader", "memory"):

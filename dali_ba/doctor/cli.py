@@ -145,6 +145,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dali_ba_version() -> str:
-    from dali_ba import __version__
+    from dali_ba.version import __version__
 
     return __version__
