@@ -294,7 +294,7 @@ def _demo_md(r: dict) -> list[str]:
     acc, resume = r.get("accuracy", {}), r.get("resume", {})
     stop = resume.get("stop", {})
     lines += [f"Accuracy: bf16 top-1 {acc.get('gpu_bf16_top1')} % here against {acc.get('cpu_demo_top1')} % for the "
-              f"CPU demo (README, Measured; 2 ranks), difference {acc.get('difference')}.", "",
+              f"CPU demo (docs/measured.md; 2 ranks), difference {acc.get('difference')}.", "",
               f"Resume: stopped at step {stop.get('step')} of {stop.get('steps_per_epoch')} per epoch (mid-epoch: "
               f"{stop.get('mid_epoch')}, rc {stop.get('rc')}); resumed bit-identical to the uninterrupted run: "
               f"**{resume.get('exact')}**; two uninterrupted runs identical (deterministic): {resume.get('deterministic')}"

@@ -16,7 +16,7 @@ from pathlib import Path
 from gpu_check import REPO, child_env, kill_tree, run_logged
 from gpu_common import Ctx, ensure_images, gpu, read_json, recipe_flag
 
-CPU_DEMO_TOP1 = 84.5  # README, Measured: make demo (2 ranks, 2 CPU cores) reached top-1 84.5 %
+CPU_DEMO_TOP1 = 84.5  # docs/measured.md: make demo (2 ranks, 2 CPU cores) reached top-1 84.5 %
 
 
 # --- 4. the demo recipe ---------------------------------------------------------------------------------

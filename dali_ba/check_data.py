@@ -8,7 +8,7 @@ decoded in full by Pillow (what a truncated, empty or non-image file fails), ove
 processes (default: the cores this process may use); under a launcher with several ranks each rank
 takes every rank-th file and rank 0 gathers the answers. ``--quick`` only reads each file's header
 and trailer (JPEG SOI/EOI markers, PNG signature and IEND chunk, Pillow's header parse): much faster,
-but it misses damage inside the compressed data (see the README for what it missed, measured). Either
+but it misses damage inside the compressed data (docs/data.md says what it missed, measured). Either
 way an image whose header says it has more than ``--max-image-pixels`` pixels is bad, as in
 training, and is never decoded.
 

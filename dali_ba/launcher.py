@@ -103,7 +103,7 @@ def choose_engine(requested: str, env: Mapping[str, str] | None = None, horovod:
     if requested == "horovod":
         if not horovod:
             raise UsageError("--engine horovod: Horovod is not installed here (import horovod.torch fails); "
-                             "install it (see README) or use --engine torch")
+                             "install it (see docs/installing.md) or use --engine torch")
         if launch.launcher in ("torchrun", "srun"):
             raise UsageError(f"--engine horovod: this process was {started}; Horovod needs horovodrun, mpirun or "
                              "srun --mpi=pmix (or use --engine torch)")

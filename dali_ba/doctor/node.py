@@ -34,7 +34,7 @@ def check_torch(found: Findings, floors: dict[str, tuple[int, ...]]) -> bool:
         except Exception as exc:  # noqa: BLE001 - an ImportError, or a broken build's anything
             facts[name] = None
             found.fail("torch", f"{name} cannot be imported ({first_line(exc)}) — install "
-                                f"{name}>={dotted(floors.get(name, ()))} (see README, Installing on a cluster)")
+                                f"{name}>={dotted(floors.get(name, ()))} (see docs/installing.md)")
             continue
         facts[name] = module.__version__
         floor = floors.get(name)
