@@ -92,9 +92,9 @@ def hardware_decoder(files: list[str], cuda: bool, threads: int) -> dict:
 
 def default_hw_decoder_load() -> float:
     """dali-ba's ``hw_decoder_load`` (0.65 where this checkout does not name it)."""
-    import dali_ba.loader
+    import dali_ba.loading.loader
 
-    return getattr(dali_ba.loader, "DEFAULT_HW_DECODER_LOAD", 0.65)
+    return getattr(dali_ba.loading.loader, "DEFAULT_HW_DECODER_LOAD", 0.65)
 
 
 def nvimgcodec_decodes(files: list[str], hardware: bool) -> int | str:

@@ -68,7 +68,7 @@ def hw_load_sweep(ctx: Ctx, dataset) -> dict:
     from gpu_steps_env import dali_decode_rate, default_hw_decoder_load
     from peers import Runner, run_epoch
 
-    from dali_ba.loader import BatchAugmentLoader
+    from dali_ba.loading.loader import BatchAugmentLoader
 
     s = ctx.sizes
     default = default_hw_decoder_load()
@@ -110,7 +110,7 @@ def make_method(method: str, views: int, dataset, s: Sizes):
     from gpu_peers import TorchvisionOnDevice
     from peers import Runner, decode_only_epochs, torch_loader
 
-    from dali_ba.loader import BatchAugmentLoader
+    from dali_ba.loading.loader import BatchAugmentLoader
 
     options = dict(batch_size=s.batch, view_size=s.view_size, decoder="auto", num_threads=s.workers, seed=0)
     if method == "c":
@@ -167,7 +167,7 @@ def step_augment(ctx: Ctx) -> int:
     thousands of operators, built, and run once), ``epoch_start_s``, the next epoch's first batch (the
     same graph, a new plan), and views/s over ``augment_seconds`` of batches after them."""
     from dali_ba.data.dataset import load_dataset
-    from dali_ba.loader import BatchAugmentLoader
+    from dali_ba.loading.loader import BatchAugmentLoader
     from dali_ba.recipe import DataConfig
 
     dataset, s = load_dataset(ensure_images(ctx)), ctx.sizes

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dali_ba.data.dataset import load_dataset  # noqa: E402
-from dali_ba.loader import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from dali_ba.loading.loader import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 AREA, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
 BATCH = 32
@@ -91,8 +91,8 @@ def stage_costs(files: list[str], views: int, size: int, rounds: int) -> dict[st
     import numpy as np
     from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
-    from dali_ba.augment import Augmentation
-    from dali_ba.views import render_views
+    from dali_ba.loading.augment import Augmentation
+    from dali_ba.loading.views import render_views
 
     torch.set_num_threads(1)
     images = [decode_jpeg(read_file(f), mode=ImageReadMode.RGB).permute(1, 2, 0).contiguous() for f in files[:BATCH]]

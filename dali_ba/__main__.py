@@ -1,8 +1,10 @@
 """One command for every tool: ``dali-ba <command> [options]`` (or ``python -m dali_ba <command>``).
 
 Each command is the ``main(argv)`` of a module that also runs alone (``python -m dali_ba.train``,
-``dali-ba-train``: both keep working); the table below names them, and ``dali-ba --help`` lists it
-with each module's own one-line description. A module is imported only when its command runs.
+``dali-ba-train``, ``python -m dali_ba.tools.plot``; the tools' names from before they moved,
+``python -m dali_ba.plot`` and the like, run :func:`run`); the table below names them, and
+``dali-ba --help`` lists it with each module's own one-line description. A module is imported only
+when its command runs.
 """
 from __future__ import annotations
 
@@ -13,12 +15,12 @@ import sys
 COMMANDS: dict[str, str] = {
     "synth": "dali_ba.data.synth",
     "shards": "dali_ba.data.shards",
-    "check-data": "dali_ba.check_data",
+    "check-data": "dali_ba.tools.check_data",
     "doctor": "dali_ba.doctor",
     "train": "dali_ba.train",
-    "profile": "dali_ba.profile",
-    "plot": "dali_ba.plot",
-    "reproduce": "dali_ba.reproduce",
+    "profile": "dali_ba.tools.profile",
+    "plot": "dali_ba.tools.plot",
+    "reproduce": "dali_ba.tools.reproduce",
 }
 PROG = "dali-ba"
 
@@ -47,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     sys.argv[0] = f"{PROG} {command}"
     return importlib.import_module(COMMANDS[command]).main(rest)
+
+
+def run(command: str) -> None:
+    """``dali-ba <command>`` with this process's arguments: what a module kept under an old name runs."""
+    sys.exit(main([command, *sys.argv[1:]]))
 
 
 if __name__ == "__main__":

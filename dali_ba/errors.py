@@ -1,4 +1,6 @@
-"""The one exception type users see: a bad input, reported as a single line."""
+"""The one exception type users see: a bad input, reported as a single line; and the command-line
+parser every tool shares, whose usage mistakes are one line too."""
+import argparse
 
 
 class UsageError(Exception):
@@ -22,7 +24,7 @@ class RunStopped(Exception):
 
 
 class OutputFullError(RunStopped):
-    """The output's file system is full or over quota (:mod:`dali_ba.output`)."""
+    """The output's file system is full or over quota (:mod:`dali_ba.training.output`)."""
 
     exit_code = 74  # EX_IOERR
 
@@ -35,3 +37,10 @@ class DivergedError(RunStopped):
 
     def __init__(self, message: str = "") -> None:
         super().__init__(message, every_rank=True)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line on stderr (and exit 2), not a usage dump."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")

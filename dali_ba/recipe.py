@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from dali_ba.augment import AUGMENTATIONS, check_ranges
-from dali_ba.errors import UsageError
+from dali_ba.distributed.launcher import ENGINES
+from dali_ba.errors import OneLineParser, UsageError
 from dali_ba.install_choice import DEFAULT_HW_DECODER_LOAD
-from dali_ba.launcher import ENGINES
+from dali_ba.loading.augment import AUGMENTATIONS, check_ranges
 
 
 def option(default: Any, help: str) -> Any:
@@ -32,7 +32,7 @@ class DataConfig:
                                            "or tar shards (a folder of them, a .tar, or a,b.tar; python -m dali_ba.data.shards)")
     val: str = option("data/demo/val", 'validation images: class folders (training class names), a .txt list or tar shards')
     augment: str = option("imagenet", 'per-view augmentation: imagenet, cifar, or the imagenet crop then '
-                                      'trivial (TrivialAugment Wide) or randaugment (see dali_ba.augment)')
+                                      'trivial (TrivialAugment Wide) or randaugment (see dali_ba.loading.augment)')
     batch_size: int = option(256, 'B: unique images per step across all ranks (each rank reads B / ranks)')
     views: int = option(4, 'M: augmented views of every sample')
     view_size: int = option(224, 'training crop side, pixels')
@@ -56,7 +56,7 @@ class DataConfig:
                                      "on DALI's CPU operators with the cpu decoder)")
     max_image_pixels: int = option(89_478_485, 'an image whose header says it has more pixels is a broken file, never '
                                                'decoded (default: Pillow\'s decompression-bomb limit, '
-                                               'dali_ba.reader.DEFAULT_MAX_IMAGE_PIXELS); 0: no limit')
+                                               'dali_ba.loading.reader.DEFAULT_MAX_IMAGE_PIXELS); 0: no limit')
     max_bad_files: int = option(-1, 'broken files skipped (named in the log and <output>/bad_files.txt) before the '
                                     'run stops with an error; -1: 1% of the training files, at least 10')
 
@@ -248,13 +248,6 @@ def effective(recipe: Recipe) -> Recipe:
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, dict[str, Any]]:
     return dataclasses.asdict(recipe)
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one line on stderr (and exit 2), not a usage dump."""
-
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def int_list(text: str) -> list[int]:

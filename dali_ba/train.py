@@ -10,8 +10,8 @@ regime); the loss is the mean cross-entropy over all B*M views. Rank 0 prints an
 <output>/recipe.toml, metrics.jsonl and model.pt.
 
 Here: the command line and the engine's set-up. The run's parts each have a module: the checks of its
-inputs (:mod:`dali_ba.checks`), the step (:mod:`dali_ba.step`), evaluation (:mod:`dali_ba.evaluation`)
-and the training loop (:mod:`dali_ba.trainer`).
+inputs (:mod:`dali_ba.training.checks`), the step (:mod:`dali_ba.training.step`), evaluation (:mod:`dali_ba.training.evaluation`)
+and the training loop (:mod:`dali_ba.training.trainer`).
 """
 from __future__ import annotations
 
@@ -23,12 +23,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dali_ba.checks import check_datasets, check_output
+from dali_ba.distributed.launcher import choose_engine, launcher_rank
 from dali_ba.errors import RunStopped, UnreadableImageError, UsageError
-from dali_ba.launcher import choose_engine, launcher_rank
-from dali_ba.metrics import emit
-from dali_ba.models import check_model_name
 from dali_ba.recipe import Recipe, build_parser, effective, resolve
+from dali_ba.training.checks import check_datasets, check_output
+from dali_ba.training.metrics import emit
+from dali_ba.training.models import check_model_name
 
 if TYPE_CHECKING:
     from dali_ba.data.dataset import ImageDataset
@@ -39,9 +39,9 @@ EXIT_OUT_OF_MEMORY = 3  # the GPU ran out of memory: a smaller step (or --chunks
 
 def run(recipe: Recipe, train_set: ImageDataset, val_set: ImageDataset) -> int:
     """Join the ranks with the engine the launcher calls for, train, leave."""
-    from dali_ba import distributed
-    from dali_ba.preemption import StopRequest
-    from dali_ba.trainer import Trainer
+    from dali_ba.distributed import world as distributed
+    from dali_ba.training.preemption import StopRequest
+    from dali_ba.training.trainer import Trainer
 
     stop = StopRequest()  # first: a signal during set-up stops the run after its first step
     plan = effective(recipe)

@@ -6,7 +6,7 @@
 Reads SLURM_JOB_NODELIST (compressed, e.g. ``gpu[01-03,07],login-a1``) and the slots per host from
 SLURM_TASKS_PER_NODE (``4(x3),2``), or takes them as arguments. Nodes are expanded by
 ``scontrol show hostnames`` when it answers and by the pure-Python ``expand_nodelist`` otherwise (a
-login node without a SLURM config). Standard library only (with dali_ba.launcher, which the torch
+login node without a SLURM config). Standard library only (with dali_ba.distributed.launcher, which the torch
 engine uses for its rendezvous under srun), so any python3 runs it from the repository.
 """
 from __future__ import annotations
@@ -17,8 +17,8 @@ import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # dali_ba.launcher: standard library only
-from dali_ba.launcher import expand_nodelist, hostnames  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # dali_ba.distributed.launcher: standard library only
+from dali_ba.distributed.launcher import expand_nodelist, hostnames  # noqa: E402
 
 __all__ = ["expand_nodelist", "expand_tasks_per_node", "host_list", "hostnames", "main"]
 

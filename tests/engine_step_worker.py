@@ -10,9 +10,9 @@ import sys
 import torch
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from dali_ba.distributed import GradientSync, init_world
-from dali_ba.models import create_model
-from dali_ba.step import train_step
+from dali_ba.distributed.world import GradientSync, init_world
+from dali_ba.training.models import create_model
+from dali_ba.training.step import train_step
 
 allreduces = 0
 _allreduce_hook = default_hooks.allreduce_hook

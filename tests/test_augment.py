@@ -7,8 +7,8 @@ import torch
 import torchvision.transforms as T
 from scipy.stats import chi2_contingency, chisquare, ks_2samp
 
-from dali_ba.augment import CIFAR_PAD, CUTOUT, Augmentation
 from dali_ba.errors import UsageError
+from dali_ba.loading.augment import CIFAR_PAD, CUTOUT, Augmentation
 
 HEIGHT, WIDTH = 349, 399  # the benchmark images' mean size
 DRAWS = 40_000  # enough for the two-sample tests to tell area (0.1, 1) from (0.08, 1)

@@ -10,8 +10,8 @@ from scipy.stats import chisquare
 
 from conftest import identity_image
 from dali_ba import BatchAugmentLoader
-from dali_ba.augment import AUTO_OPS, MAGNITUDE_BINS, Augmentation
 from dali_ba.errors import UsageError
+from dali_ba.loading.augment import AUTO_OPS, MAGNITUDE_BINS, Augmentation
 
 SAMPLES, VIEWS = 1000, 8  # 8000 views: the chi-square tests below see 570 per op, 260 per bin
 
@@ -23,7 +23,7 @@ def drawn(kind: str, **kwargs):
 @pytest.mark.parametrize("kind", list(AUTO_OPS))
 def test_the_op_tables_are_dalis_suites(kind):
     """augment.py's copy of the suite (the one definition both renderers read) is DALI's own."""
-    from dali_ba.pipeline import dali_suite
+    from dali_ba.loading.pipeline import dali_suite
 
     theirs = [(op.name, op.mag_range and tuple(op.mag_range), op.randomly_negate) for op in dali_suite(kind)]
     assert [(op.name, op.magnitudes, op.signed) for op in AUTO_OPS[kind]] == theirs
@@ -97,9 +97,9 @@ def test_torch_and_dali_render_every_op_alike(kind):
     DALI filters it); equalize uses OpenCV's formula on both (0 difference). Measured worst: 1.01."""
     from nvidia.dali import fn, pipeline_def
 
-    from dali_ba.augment import magnitudes
-    from dali_ba.pipeline import auto_augment_view, dali_suite
-    from dali_ba.views import auto_augmented
+    from dali_ba.loading.augment import magnitudes
+    from dali_ba.loading.pipeline import auto_augment_view, dali_suite
+    from dali_ba.loading.views import auto_augmented
 
     suite, image = AUTO_OPS[kind], textured()
     cases = np.array([(op, b, sign) for op in range(len(suite)) for b in (0, 7, 30) for sign in (0, 1)], dtype=np.int32)
@@ -140,7 +140,7 @@ def test_the_loader_views_differ_stay_identifiable_and_match_across_stages(ident
     those stretch the identity images' near-flat red channel (JPEG noise of 1-2 levels) to the
     full range, so the resamplers' 1-level differences become tens of levels there (the ops
     themselves agree on equal inputs: test_torch_and_dali_render_every_op_alike)."""
-    from dali_ba.views import TorchViews
+    from dali_ba.loading.views import TorchViews
 
     file_list, _ = identity_list
     loader = BatchAugmentLoader(file_list, batch_size=5, views=4, view_size=64, augment=kind, num_threads=1, seed=2)

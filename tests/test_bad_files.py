@@ -8,7 +8,7 @@ import pytest
 
 from conftest import decode_identity, identity_image, run_cli
 from dali_ba import BatchAugmentLoader, ValidationLoader
-from dali_ba.checkpoint import list_checkpoints, load_checkpoint
+from dali_ba.training.checkpoint import list_checkpoints, load_checkpoint
 from test_check_data import jpeg_bytes, photo
 from test_odd_files import ODD
 

@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from conftest import identity_image, run_cli
-from dali_ba.check_data import check_files
 from dali_ba.data.dataset import read_file_list
+from dali_ba.loading.probe import check_files
 
 CHECK = [sys.executable, "-m", "dali_ba.check_data"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -153,7 +153,7 @@ def test_a_giant_image_is_bad_by_its_header(tmp_path):
     the loaders skip it; the recipe's default is the reader's (Pillow's limit)."""
     from PIL import Image
 
-    from dali_ba.reader import DEFAULT_MAX_IMAGE_PIXELS
+    from dali_ba.loading.reader import DEFAULT_MAX_IMAGE_PIXELS
     from dali_ba.recipe import DataConfig
 
     assert DataConfig.max_image_pixels == DEFAULT_MAX_IMAGE_PIXELS == Image.MAX_IMAGE_PIXELS

@@ -10,8 +10,8 @@ from PIL import Image
 
 from conftest import run_cli
 from dali_ba.data.cifar10 import convert
-from dali_ba.loader import BatchAugmentLoader
-from dali_ba.augment import CIFAR_PAD, CUTOUT
+from dali_ba.loading.augment import CIFAR_PAD, CUTOUT
+from dali_ba.loading.loader import BatchAugmentLoader
 from dali_ba.recipe import effective, load_recipe
 
 NAMES = [b"cat", b"dog", b"ship"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import run_cli
-from dali_ba.models import create_model
+from dali_ba.training.models import create_model
 
 FLAGS = ["--recipe", "pipelines/demo.toml", "--max-steps", "2", "--epochs", "1", "--batch-size", "16",
          "--views", "2", "--decoder", "cpu", "--torch-threads", "2"]

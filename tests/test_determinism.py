@@ -6,9 +6,9 @@ import os
 import pytest
 import torch
 
-from dali_ba import pipeline
 from dali_ba.install_choice import DEFAULT_HW_DECODER_LOAD
-from dali_ba.step import CUBLAS_WORKSPACE, apply_determinism
+from dali_ba.loading import pipeline
+from dali_ba.training.step import CUBLAS_WORKSPACE, apply_determinism
 
 CUBLAS_AT_START = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
 DETERMINISTIC_AT_START = torch.are_deterministic_algorithms_enabled()
@@ -108,9 +108,9 @@ class Asked(Exception):
 
 
 def test_the_loaders_pass_the_share_to_their_graphs(demo_data, monkeypatch):
-    import dali_ba.loader as loader_module
+    import dali_ba.loading.loader as loader_module
     from dali_ba.errors import UsageError
-    from dali_ba.loader import AugmentedValidationLoader, BatchAugmentLoader, ValidationLoader
+    from dali_ba.loading.loader import AugmentedValidationLoader, BatchAugmentLoader, ValidationLoader
 
     asked = {}
 

@@ -5,8 +5,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dali_ba.devices import GpuPlacement, check_gpu_sharing, gpu_placement, gpu_sharing_error, training_device
-from dali_ba.distributed import World
+from dali_ba.distributed.placement import GpuPlacement, gpu_placement, gpu_sharing_error, training_device
+from dali_ba.distributed.world import World, check_gpu_sharing
 from dali_ba.errors import UsageError
 
 
@@ -91,8 +91,8 @@ def test_every_rank_raises_when_ranks_share_a_gpu_unasked(rank):
 
 @pytest.mark.parametrize("visible, device", [(1, "cuda:0"), (2, "cuda:1")])  # not the missing cuda:1 of one GPU
 def test_the_torch_engine_binds_its_rank_to_the_training_device(fake_cuda, monkeypatch, visible, device):
-    from dali_ba import distributed
-    from dali_ba.launcher import EngineChoice, Launch
+    from dali_ba.distributed import world as distributed
+    from dali_ba.distributed.launcher import EngineChoice, Launch
 
     fake_cuda(visible)
     bound, made = [], []
@@ -105,8 +105,8 @@ def test_the_torch_engine_binds_its_rank_to_the_training_device(fake_cuda, monke
 
 def test_ranks_sharing_a_gpu_average_over_gloo():
     """NCCL refuses two ranks on one GPU; a world of one shows the backend (Gloo runs without a GPU)."""
-    from dali_ba.distributed import TorchWorld
-    from dali_ba.launcher import EngineChoice, Launch
+    from dali_ba.distributed.launcher import EngineChoice, Launch
+    from dali_ba.distributed.world import TorchWorld
 
     world = TorchWorld(EngineChoice("torch", "test", Launch("none")), "cuda", share_gpu=True)
     try:
@@ -116,7 +116,7 @@ def test_ranks_sharing_a_gpu_average_over_gloo():
 
 
 def test_environment_json_names_each_ranks_gpu(fake_cuda, monkeypatch):
-    from dali_ba.environment import environment_summary
+    from dali_ba.training.environment import environment_summary
 
     fields = ("device", "gpu", "gpu_index", "gpu_uuid", "visible_gpus")
     (cpu,) = environment_summary(World(), torch.device("cpu"), "cpu")["per_rank"]

@@ -190,7 +190,7 @@ def test_a_torch_older_than_the_floor_fails(monkeypatch):
 
 def test_the_gradient_norm_needs_no_get_total_norm():
     """torch.nn.utils.get_total_norm is torch 2.6's; the floor is 2.4: the fallback gives the same norm."""
-    from dali_ba.step import gradient_norm
+    from dali_ba.training.step import gradient_norm
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
     model(torch.ones(4, 3)).sum().backward()
@@ -273,7 +273,7 @@ def test_the_engine_this_launcher_gets_and_what_it_needs(monkeypatch, env, horov
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    monkeypatch.setattr("dali_ba.launcher.horovod_importable", lambda: horovod["installed"])
+    monkeypatch.setattr("dali_ba.distributed.launcher.horovod_importable", lambda: horovod["installed"])
     found = Findings(0, "n1")
     found.facts.update(horovod=horovod, torch_backends=backends)
     doctor.check_engine(found, Recipe(), works, device)

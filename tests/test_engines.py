@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from conftest import REPO, run_cli
-from dali_ba.checkpoint import list_checkpoints, load_checkpoint
+from dali_ba.distributed.launcher import choose_engine
 from dali_ba.errors import UsageError
-from dali_ba.launcher import choose_engine
-from dali_ba.preemption import EXIT_RESUMABLE
+from dali_ba.training.checkpoint import list_checkpoints, load_checkpoint
+from dali_ba.training.preemption import EXIT_RESUMABLE
 
 PY = sys.executable
 TRAIN = ["-m", "dali_ba.train", "--recipe", "pipelines/demo.toml"]
@@ -103,7 +103,7 @@ class NewDDP(OldDDP):
 
 @pytest.mark.parametrize("ddp, keyword", [(OldDDP, "broadcast_buffers"), (NewDDP, "forward_sync_buffers")])
 def test_ddp_gets_the_buffer_keyword_its_torch_knows(monkeypatch, ddp, keyword):
-    from dali_ba.distributed import DDPSync, buffer_sync_keyword
+    from dali_ba.distributed.world import DDPSync, buffer_sync_keyword
 
     assert buffer_sync_keyword(["self", "module", keyword]) == keyword
     monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", ddp)
@@ -230,7 +230,7 @@ def without_horovod(tmp_path) -> dict[str, str]:
 
 
 def test_one_process_trains_where_horovod_is_not_installed(demo_data, tmp_path, without_horovod):
-    probe = run_cli(PY, "-c", "import importlib.util, sys, dali_ba.train, dali_ba.profile\n"
+    probe = run_cli(PY, "-c", "import importlib.util, sys, dali_ba.train, dali_ba.tools.profile\n"
                               "assert importlib.util.find_spec('horovod') is None\n"
                               "print(sorted(m for m in sys.modules if m.startswith('horovod')))", env=without_horovod)
     assert probe.returncode == 0 and probe.stdout.strip() == "[]", probe.stderr

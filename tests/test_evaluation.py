@@ -7,9 +7,9 @@ import torch
 
 from conftest import decode_identity
 from dali_ba import AugmentedValidationLoader
-from dali_ba.distributed import World
-from dali_ba.evaluation import calibrate_batchnorm, evaluate
-from dali_ba.loader import normalize
+from dali_ba.distributed.world import World
+from dali_ba.loading.loader import normalize
+from dali_ba.training.evaluation import calibrate_batchnorm, evaluate
 
 
 MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])

@@ -25,6 +25,11 @@ COMMANDS = [
     ["dali_ba.data.synth"],
     ["dali_ba.data.digits"],
     ["dali_ba.data.cifar10"],
+    # the tools' own modules; dali_ba.check_data, .plot, .profile and .reproduce above are their old names
+    ["dali_ba.tools.check_data"],
+    ["dali_ba.tools.plot"],
+    ["dali_ba.tools.profile"],
+    ["dali_ba.tools.reproduce"],
 ]
 
 

@@ -1,10 +1,13 @@
-"""The package's import structure (setup.cfg, [importlinter]), checked with import-linter: no circles."""
+"""The package's import structure (setup.cfg, [importlinter]), checked with import-linter: the stages in
+data-path order, each importing only those below it, and no circles."""
 from __future__ import annotations
 
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from conftest import REPO
 
@@ -24,11 +27,17 @@ def test_the_package_keeps_its_import_contracts():
     assert "0 broken" in done.stdout
 
 
-def test_an_import_that_closes_a_circle_breaks_them(tmp_path):
-    """The circle this contract replaced (output -> checkpoint -> output), put back in a copy: refused."""
+@pytest.mark.parametrize("module, added, named", [
+    # the circle the contracts replaced (output -> checkpoint -> output), put back
+    ("training/output.py", "from dali_ba.training.checkpoint import load_checkpoint", ".output -> .checkpoint"),
+    # the loader reaching up a stage, into training (for the step clock, say)
+    ("loading/loader.py", "from dali_ba.training.metrics import StepClock", "dali_ba.loading.loader -> dali_ba.training.metrics"),
+], ids=["closes a circle", "climbs a stage"])
+def test_an_import_that_breaks_a_contract_is_refused_and_named(tmp_path, module, added, named):
+    """The import added to a copy of the package: lint-imports fails and names it, the import to remove."""
     shutil.copytree(REPO / "dali_ba", tmp_path / "dali_ba", ignore=shutil.ignore_patterns("__pycache__"))
-    output = tmp_path / "dali_ba" / "output.py"
-    output.write_text(output.read_text() + "\n\ndef _circle():\n    from dali_ba.checkpoint import load_checkpoint  # noqa\n")
+    source = tmp_path / "dali_ba" / module
+    source.write_text(source.read_text() + f"\n\ndef _added():\n    {added}  # noqa\n")
     done = lint(tmp_path)
     assert done.returncode == 1 and "BROKEN" in done.stdout, done.stdout[-3000:]
-    assert ".output -> .checkpoint" in done.stdout  # and it names the import to remove
+    assert named in done.stdout

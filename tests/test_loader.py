@@ -10,7 +10,7 @@ from conftest import decode_identity
 from dali_ba import BatchAugmentLoader, ValidationLoader, flatten_views, normalize
 from dali_ba.data.dataset import load_dataset
 from dali_ba.errors import UsageError
-from dali_ba.loader import MIXED_DECODE_TOLERANCE
+from dali_ba.loading.loader import MIXED_DECODE_TOLERANCE
 
 
 def collect(batches):
@@ -216,7 +216,7 @@ def test_one_pipeline_per_stage_for_the_whole_run(demo_data, monkeypatch, stage)
     built at the start, and give exactly the batches of a loader that builds one per pass."""
     import itertools
 
-    import dali_ba.loader as loader_module
+    import dali_ba.loading.loader as loader_module
 
     built = []
     for name in ("batch_augment_pipeline", "decode_pipeline"):
@@ -240,7 +240,7 @@ def test_one_pipeline_per_stage_for_the_whole_run(demo_data, monkeypatch, stage)
 def test_torch_views_decode_on_the_cpu_whatever_the_decoder(demo_data, monkeypatch):
     """A visible GPU picks the mixed decoder; torch's view stage (CPU code) must then still be fed
     CPU-decoded images, and DALI's view graph the mixed decoder's (stand-in GPU, stand-in graphs)."""
-    import dali_ba.loader as loader_module
+    import dali_ba.loading.loader as loader_module
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)

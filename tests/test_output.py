@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from conftest import run_cli
-from dali_ba.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from dali_ba.errors import DivergedError
-from dali_ba.metrics import MetricsLog, first_divergence
-from dali_ba.output import OutputFullError, is_out_of_space, writing
+from dali_ba.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from dali_ba.training.metrics import MetricsLog, first_divergence
+from dali_ba.training.output import OutputFullError, is_out_of_space, writing
 
 
 @pytest.fixture

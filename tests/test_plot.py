@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from conftest import run_cli
-from dali_ba.plot import ema, error_figure, grad_norm_figure, label_runs, load_run, throughput_figure
+from dali_ba.tools.plot import ema, error_figure, grad_norm_figure, label_runs, load_run, throughput_figure
 
 PLOT = [sys.executable, "-m", "dali_ba.plot"]
 PHASES = ("data", "h2d", "forward_backward", "allreduce_step")

@@ -6,10 +6,10 @@ import pytest
 from PIL import Image
 
 from conftest import DECODER, DEVICE, REPO, run_cli
-from dali_ba import profile_views as views_module
-from dali_ba.profile import TIMING_RULE
-from dali_ba.profile_views import free_views
 from dali_ba.recipe import load_recipe
+from dali_ba.tools import profile_views as views_module
+from dali_ba.tools.profile import TIMING_RULE
+from dali_ba.tools.profile_views import free_views
 from test_profile import (DRAIN, PROFILE, STEPS, WARMUP, SoloWorld, on_one_and_two_ranks, stand_ins,  # noqa: F401 (a fixture)
                           window_log)
 
@@ -68,8 +68,8 @@ def test_views_profile_times_each_m_between_two_syncs(stand_ins, monkeypatch):
     """Each M: the loader alone, steps fed by it, steps from memory, each a window of STEPS steps between
     2 synchronisations after WARMUP steps that add none (stand-in world, training and clock)."""
     monkeypatch.setattr(views_module, "load_step_data", lambda recipe: None)
-    monkeypatch.setattr("dali_ba.distributed.init_world", lambda engine, share_gpu=False: SoloWorld())
-    monkeypatch.setattr("dali_ba.checks.check_world", lambda recipe, world, train_set: recipe.data.batch_size)
+    monkeypatch.setattr("dali_ba.distributed.world.init_world", lambda engine, share_gpu=False: SoloWorld())
+    monkeypatch.setattr("dali_ba.training.checks.check_world", lambda recipe, world, train_set: recipe.data.batch_size)
     recipe = load_recipe(REPO / "pipelines" / "demo.toml")
     p = views_module.profile_views(recipe, [1, 2], 0.5, steps=STEPS, warmup=WARMUP, cache=2)
     assert stand_ins == window_log() * 3 * 2

@@ -11,8 +11,8 @@ import torch
 
 from conftest import REPO, run_cli
 from dali_ba import __version__
-from dali_ba.checkpoint import list_checkpoints, load_checkpoint
-from dali_ba.preemption import EXIT_RESUMABLE
+from dali_ba.training.checkpoint import list_checkpoints, load_checkpoint
+from dali_ba.training.preemption import EXIT_RESUMABLE
 
 PY = sys.executable
 TRAIN = [PY, "-m", "dali_ba.train", "--recipe", "pipelines/demo.toml"]

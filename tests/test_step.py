@@ -7,9 +7,9 @@ import horovod.torch as hvd
 import pytest
 import torch
 
-from dali_ba.distributed import GradientSync, HorovodSync
-from dali_ba.models import create_model
-from dali_ba.step import lr_factor, train_step
+from dali_ba.distributed.world import GradientSync, HorovodSync
+from dali_ba.training.models import create_model
+from dali_ba.training.step import lr_factor, train_step
 
 
 @pytest.fixture(scope="module", autouse=True)

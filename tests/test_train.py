@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from conftest import DEVICE, REPO, run_cli
-from dali_ba.distributed import World
-from dali_ba.evaluation import evaluate
-from dali_ba.loader import ValidationLoader
-from dali_ba.metrics import PHASES
-from dali_ba.models import create_model
+from dali_ba.distributed.world import World
+from dali_ba.loading.loader import ValidationLoader
 from dali_ba.recipe import load_recipe
+from dali_ba.training.evaluation import evaluate
+from dali_ba.training.metrics import PHASES
+from dali_ba.training.models import create_model
 
 PY = sys.executable
 TRAIN = [PY, "-m", "dali_ba.train", "--recipe", "pipelines/demo.toml"]
@@ -244,7 +244,7 @@ def test_gpu_out_of_memory_is_one_line_naming_the_step_size(demo_data, tmp_path,
     """A CUDA out-of-memory in a step (raised here by a stand-in step) ends the run with one line
     naming B, M and the view size and suggesting --chunks and --amp; no traceback."""
     import dali_ba.train as train
-    from dali_ba.step import Training
+    from dali_ba.training.step import Training
 
     def out_of_memory(self, images, labels, clock=None):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -262,7 +262,7 @@ def test_gpu_out_of_memory_is_one_line_naming_the_step_size(demo_data, tmp_path,
 def test_batches_that_cannot_fit_on_the_gpu_are_refused(monkeypatch):
     """On a GPU the batches of views are checked against the GPU's free memory (a stand-in here)."""
     from dali_ba.errors import UsageError
-    from dali_ba.checks import check_memory
+    from dali_ba.training.checks import check_memory
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 << 30, 80 << 30))
     check_memory(64, 4, 224, local_ranks=8, device=torch.device("cuda", 0))  # 7 x 38.5 MB fits in 2 GiB

@@ -4,9 +4,9 @@ import ast
 import dataclasses
 
 from conftest import REPO
-from dali_ba.distributed import World
+from dali_ba.distributed.world import World
 from dali_ba.recipe import load_recipe
-from dali_ba.trainer import STOP_EVERY, Start, agree_on_stop, run_identity
+from dali_ba.training.trainer import STOP_EVERY, Start, agree_on_stop, run_identity
 
 
 def test_ranks_agree_on_a_stop_after_an_epochs_first_step_its_last_and_every_few_steps():
@@ -50,7 +50,7 @@ def test_the_data_readers_import_one_way():
 
 def test_the_training_modules_import_one_way():
     """checks <- step <- evaluation <- trainer <- train."""
-    order = ["dali_ba.checks", "dali_ba.step", "dali_ba.evaluation", "dali_ba.trainer", "dali_ba.train"]
+    order = ["dali_ba.training.checks", "dali_ba.training.step", "dali_ba.training.evaluation", "dali_ba.training.trainer", "dali_ba.train"]
     for i, module in enumerate(order):
         assert not imports(module) & set(order[i:]) - {module}, module
 

@@ -35,7 +35,6 @@ from pathlib import Path
 import numpy as np
 
 from dali_ba.data.dataset import load_dataset
-from dali_ba.data.samples import _pread  # noqa: F401 - dali_ba.check_data reads shards with it from here
 from dali_ba.data.shard_index import FORMAT, INDEX_VERSION, LABEL_EXT, MANIFEST
 from dali_ba.errors import UsageError
 
@@ -178,7 +177,7 @@ def write_shards(dataset, out: str | os.PathLike, shard_size: int, workers: int 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dali_ba.recipe import OneLineParser
+    from dali_ba.errors import OneLineParser
 
     parser = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("src", help="folder of class folders, or a '<path> <label>' .txt list")

@@ -24,8 +24,8 @@ PROG = "python -m dali_ba.doctor"
 
 def examine(peers, recipe, wanted: dict[str, bool], hosts: list[str]) -> Findings:
     """All checks of this rank (the data and output ones on the first rank of each node)."""
-    from dali_ba.distributed import World
-    from dali_ba.launcher import detect_launch
+    from dali_ba.distributed.launcher import detect_launch
+    from dali_ba.distributed.world import World
 
     rank, host = peers.rank, hosts[peers.rank]
     local = [r for r, h in enumerate(hosts) if h == host]
@@ -76,10 +76,10 @@ def main(argv: list[str] | None = None) -> int:
               "use Python >= 3.11", file=sys.stderr)
         return 1
     from dali_ba import doctor as package  # its docstring's first line describes the command
+    from dali_ba.distributed.launcher import detect_launch, launcher_rank
     from dali_ba.errors import UsageError
-    from dali_ba.launcher import detect_launch, launcher_rank
-    from dali_ba.metrics import emit
     from dali_ba.recipe import build_parser, resolve
+    from dali_ba.training.metrics import emit
 
     parser = build_parser(PROG, package.__doc__.splitlines()[0])
     doctor = parser.add_argument_group("the doctor")

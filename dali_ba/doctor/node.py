@@ -57,7 +57,7 @@ def check_gpu(found: Findings, driver: str | None, local_rank: int, recipe) -> s
     returns the device ('cuda:1', 'cpu')."""
     import torch
 
-    from dali_ba.devices import gpu_placement, training_device
+    from dali_ba.distributed.placement import gpu_placement, training_device
 
     facts = found.facts
     cuda = torch.version.cuda
@@ -155,7 +155,7 @@ def small_jpeg() -> bytes:
 def check_horovod(found: Findings, floors: dict[str, tuple[int, ...]]) -> bool:
     """Horovod's version and what it was built with (as horovodrun --check-build); returns whether
     ``import horovod.torch`` works."""
-    from dali_ba.launcher import horovod_importable
+    from dali_ba.distributed.launcher import horovod_importable
 
     facts = found.facts["horovod"] = {"installed": horovod_importable()}
     if not facts["installed"]:
@@ -178,8 +178,8 @@ def check_horovod(found: Findings, floors: dict[str, tuple[int, ...]]) -> bool:
 def check_engine(found: Findings, recipe, horovod_works: bool, device: str | None) -> None:
     """The engine ``--engine`` picks under this launcher (as the trainer decides it) and whether what
     it needs is here: Horovod built for this launcher, NCCL for GPUs."""
+    from dali_ba.distributed.launcher import MPI_RANK_VARIABLES, choose_engine
     from dali_ba.errors import UsageError
-    from dali_ba.launcher import MPI_RANK_VARIABLES, choose_engine
 
     horovod = found.facts["horovod"]
     try:
@@ -248,6 +248,6 @@ def check_cores(found: Findings) -> None:
 
 
 def check_slurm(found: Findings) -> None:
-    from dali_ba.environment import SLURM_VARIABLES
+    from dali_ba.training.environment import SLURM_VARIABLES
 
     found.facts["slurm"] = {k: os.environ[k] for k in (*SLURM_VARIABLES, *SLURM_STEP_VARIABLES) if k in os.environ}

@@ -87,7 +87,7 @@ class MpiPeers:
 
 
 class WorldPeers:
-    """The project's own :class:`~dali_ba.distributed.World`: torch.distributed over Gloo (torchrun, plain
+    """The project's own :class:`~dali_ba.distributed.world.World`: torch.distributed over Gloo (torchrun, plain
     srun) or Horovod over Gloo (horovodrun --gloo), each bounded by its own timeout."""
 
     def __init__(self, world) -> None:
@@ -111,17 +111,17 @@ class WorldPeers:
 def join(launch, timeout: float):
     """The gather for this launcher: mpi4py under MPI launchers (Horovod need not work for it),
     Horovod's Gloo under horovodrun --gloo, torch.distributed's Gloo under torchrun and plain srun."""
-    from dali_ba.launcher import MPI_RANK_VARIABLES, EngineChoice
+    from dali_ba.distributed.launcher import MPI_RANK_VARIABLES, EngineChoice
 
     if launch.size <= 1:
         return Alone()
     if launch.launcher == "mpi":
         if any(os.environ.get(name, "").isdigit() for name in MPI_RANK_VARIABLES if name != "HOROVOD_RANK"):
             return MpiPeers(timeout)
-        from dali_ba.distributed import HorovodWorld
+        from dali_ba.distributed.world import HorovodWorld
 
         return WorldPeers(HorovodWorld("horovodrun --gloo"))
-    from dali_ba.distributed import TorchWorld
+    from dali_ba.distributed.world import TorchWorld
 
     choice = EngineChoice("torch", "the doctor's gather", launch)
     return WorldPeers(TorchWorld(choice, "cpu", timeout_s=timeout))

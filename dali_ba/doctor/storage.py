@@ -17,9 +17,9 @@ def check_data(found: Findings, recipe, wanted: dict[str, bool], world) -> None:
     """Each split asked for: indexed as training indexes it, and its first sample decoded as DALI's
     CPU decoder decodes it (Pillow where DALI does not import); then the checks that need the number
     of ranks (the batch per rank, memory for the views on this node)."""
-    from dali_ba.checks import check_labels, check_world
     from dali_ba.errors import UsageError
     from dali_ba.recipe import effective
+    from dali_ba.training.checks import check_labels, check_world
 
     loaded = {}
     for split in ("train", "val"):
@@ -37,9 +37,9 @@ def check_data(found: Findings, recipe, wanted: dict[str, bool], world) -> None:
 
 def check_split(found: Findings, flag: str, path: str, train, max_pixels: int):
     """One split: its dataset, or None after a problem naming the flag."""
-    from dali_ba.check_data import size_problem
     from dali_ba.data.dataset import load_dataset
     from dali_ba.errors import UsageError
+    from dali_ba.loading.probe import size_problem
 
     facts = found.facts.setdefault("data", {})[flag.lstrip("-")] = {"path": path, "readable": False}
     started = time.perf_counter()
@@ -107,8 +107,8 @@ MARKER = ".dali-ba-doctor-{host}-{pid}"
 def check_output(found: Findings, output: str, resume: str) -> None:
     """The output folder: not holding a run (unless resumed), creatable and writable here; a marker
     file written in it tells, after the next gather, which nodes see the same folder."""
-    from dali_ba.checks import check_not_a_run
     from dali_ba.errors import UsageError
+    from dali_ba.training.checks import check_not_a_run
 
     path = Path(output)
     facts = found.facts["output"] = {"path": output, "absolute": str(path.absolute()), "writable": False,

@@ -9,7 +9,7 @@ def judge(ranks: list[dict | None], recipe, hosts: list[str]) -> list[Problem]:
     """Every rank's own problems, and those only the whole job shows: lost ranks, versions that differ,
     a GPU on some ranks only, two ranks on one GPU, too few cores per rank, data or an output folder
     that differs between nodes. Identical problems of many ranks become one."""
-    from dali_ba.devices import GpuPlacement, gpu_sharing_error
+    from dali_ba.distributed.placement import GpuPlacement, gpu_sharing_error
 
     present = [r for r in ranks if r is not None]
     problems: list[Problem] = [Problem(**{**p, "ranks": [r["rank"]], "nodes": [r["host"]]}) for r in present

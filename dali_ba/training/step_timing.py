@@ -1,6 +1,6 @@
 """Training steps timed as the trainer runs them: N steps between two synchronisations of the device.
 
-What ``dali_ba.profile step`` and ``profile views`` measure (:func:`measure_step`): the loader alone,
+What ``dali_ba.tools.profile step`` and ``profile views`` measure (:func:`measure_step`): the loader alone,
 training steps fed by it, and the same steps from batches cached in memory, each a window of N steps
 with no wait for the device inside, so that the loader's next batch overlaps a step's compute as in
 training and the data stall is the one training sees.
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dali_ba.devices import to_device
-from dali_ba.metrics import PHASES, StepClock, StepRow
+from dali_ba.device import to_device
 from dali_ba.recipe import Recipe
+from dali_ba.training.metrics import PHASES, StepClock, StepRow
 
 YIELD_VARIABLE = "OMPI_MCA_mpi_yield_when_idle"
 TIMING_RULE = ("--warmup untimed steps, one synchronisation, --steps N steps with no wait for the device inside "
@@ -38,7 +38,7 @@ def endless(loader) -> Iterator:
 @dataclass
 class Window:
     """Steps timed between two synchronisations: the seconds between them, and each step's clock row
-    (the phases' seconds, then the step's: :meth:`dali_ba.metrics.StepRow.seconds`)."""
+    (the phases' seconds, then the step's: :meth:`dali_ba.training.metrics.StepRow.seconds`)."""
 
     seconds: float
     rows: list[list[float]]
@@ -98,7 +98,7 @@ def window_stats(world, window: Window, batch_size: int, views: int) -> dict:
 def load_step_data(recipe: Recipe):
     """The training set of a step profile, after the checks that need no world (every rank alike)."""
     from dali_ba.data.dataset import load_dataset
-    from dali_ba.models import check_model_name
+    from dali_ba.training.models import check_model_name
 
     check_model_name(recipe.model.arch)
     return load_dataset(recipe.data.train)
@@ -107,7 +107,7 @@ def load_step_data(recipe: Recipe):
 def measure_step(world, recipe: Recipe, train_set, steps: int, warmup: int, cache: int) -> dict | None:
     """Time the loader alone, then training steps fed by the loader, then from cached batches, on an
     open world (so that a sweep joins the ranks once). Rank 0 gets the statistics over all ranks, the others None."""
-    from dali_ba.step import setup_training
+    from dali_ba.training.step import setup_training
 
     d, m = recipe.data, recipe.model
     training = setup_training(recipe, world, train_set)  # exactly as dali_ba.train sets up a rank

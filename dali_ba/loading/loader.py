@@ -21,13 +21,13 @@ import torch
 
 from dali_ba.data.dataset import ImageDataset, load_dataset
 from dali_ba.data.sharding import eval_shard, train_shard
-from dali_ba.devices import default_device, to_device
+from dali_ba.device import default_device, to_device
 from dali_ba.errors import UnreadableImageError, UsageError
-from dali_ba.augment import Augmentation
 from dali_ba.install_choice import DEFAULT_HW_DECODER_LOAD
-from dali_ba.pipeline import batch_augment_pipeline, center_crop_pipeline, decode_pipeline, param_outputs
-from dali_ba.reader import DEFAULT_MAX_IMAGE_PIXELS, Plan, SampleSource, new_size_cache
-from dali_ba.views import TorchViews
+from dali_ba.loading.augment import Augmentation
+from dali_ba.loading.pipeline import batch_augment_pipeline, center_crop_pipeline, decode_pipeline, param_outputs
+from dali_ba.loading.reader import DEFAULT_MAX_IMAGE_PIXELS, Plan, SampleSource, new_size_cache
+from dali_ba.loading.views import TorchViews
 
 DECODERS = ("auto", "cpu", "mixed")
 STAGES = ("torch", "dali")  # who makes the training views (BatchAugmentLoader.epoch)
@@ -63,7 +63,7 @@ def _normalization(device: torch.device, mean: tuple[float, ...], std: tuple[flo
 
 def _undecodable(dataset: ImageDataset, indices: Sequence[int]) -> dict[str, str]:
     """{name: reason} for the samples Pillow cannot fully decode (asked only after DALI has failed)."""
-    from dali_ba.check_data import decode_problem
+    from dali_ba.loading.probe import decode_problem
 
     found = {}
     for index in dict.fromkeys(indices):  # once each, in order
@@ -274,8 +274,8 @@ class BatchAugmentLoader(_ShardedLoader):
     Yields ``images`` (B, M, 3, H, W) uint8 in channels_last memory and ``labels`` (B,) int64. Each
     epoch reshuffles the whole dataset from (seed, epoch) and deals it out to ranks; every rank gets
     the same number of steps (see :func:`dali_ba.data.sharding.train_shard`). The views of sample i
-    in epoch e depend only on (seed, e, i) (:mod:`dali_ba.augment`), whatever the number of ranks.
-    On the "cpu" decoder torch makes the views in ``num_threads`` threads (:mod:`dali_ba.views`);
+    in epoch e depend only on (seed, e, i) (:mod:`dali_ba.loading.augment`), whatever the number of ranks.
+    On the "cpu" decoder torch makes the views in ``num_threads`` threads (:mod:`dali_ba.loading.views`);
     on "mixed" DALI's GPU operators do, from the same parameters. ``stage`` chooses otherwise:
     "torch" with "mixed" decodes on the CPU (torch's view stage is CPU code), "dali" with "cpu"
     runs the GPU path's graph on DALI's CPU operators.
@@ -339,7 +339,7 @@ class BatchAugmentLoader(_ShardedLoader):
                                       hw_decoder_load=self.hw_decoder_load, **self._run_args(self.seed))
 
     def _view_params(self, epoch: int, slots: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
-        """The arrays the view graph takes for a batch (:func:`dali_ba.pipeline.param_outputs`)."""
+        """The arrays the view graph takes for a batch (:func:`dali_ba.loading.pipeline.param_outputs`)."""
         drawn = self.augmentation.draw(epoch, slots, sizes, self.views)
         arrays = (drawn.boxes, drawn.flips, drawn.holes, drawn.ops, drawn.magnitude_bins, drawn.signs.astype(np.int32))
         return [arrays[i] for i in param_outputs(self.augment, self.augmentation.auto_ops)]

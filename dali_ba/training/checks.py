@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dali_ba.data.dataset import ImageDataset, load_dataset
+from dali_ba.distributed.launcher import launcher_rank
 from dali_ba.errors import UsageError
-from dali_ba.launcher import launcher_rank
 
 if TYPE_CHECKING:
     import torch
 
-    from dali_ba.distributed import World
+    from dali_ba.distributed.world import World
     from dali_ba.recipe import Recipe
 
 

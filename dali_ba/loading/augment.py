@@ -4,7 +4,7 @@ The draws come from a counter-based generator (Philox) keyed by the seed, with t
 (epoch, dataset index): view m takes a fixed slice of that sample's stream. So the augmentations of a
 sample depend on (seed, epoch, index, view) only: not on the rank, the number of ranks, the batch
 or the position in an epoch, and a resumed run needs no RNG state. Both implementations of the
-views, torch on CPU (:mod:`dali_ba.views`) and DALI on GPU (:mod:`dali_ba.pipeline`), render the
+views, torch on CPU (:mod:`dali_ba.loading.views`) and DALI on GPU (:mod:`dali_ba.loading.pipeline`), render the
 parameters drawn here, so they draw from one distribution by construction.
 
 ``imagenet``: torchvision's ``RandomResizedCrop.get_params`` (area uniform in (crop_area_min, 1) of

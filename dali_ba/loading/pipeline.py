@@ -1,10 +1,10 @@
 """Decode once, then M views: the DALI graphs behind the loaders.
 
 Each training graph reads B encoded samples and decodes each one exactly once. The samples come
-from the reader stage (:class:`dali_ba.reader.SampleSource`, an external source), in the order the
-loader planned, with the view parameters of their batch (drawn by :mod:`dali_ba.augment`): a graph
+from the reader stage (:class:`dali_ba.loading.reader.SampleSource`, an external source), in the order the
+loader planned, with the view parameters of their batch (drawn by :mod:`dali_ba.loading.augment`): a graph
 is built once per run and each pass is a new plan for its source. On the CPU path the graph stops
-after decoding (:func:`decode_pipeline`) and torch makes the views (:mod:`dali_ba.views`); on the
+after decoding (:func:`decode_pipeline`) and torch makes the views (:mod:`dali_ba.loading.views`); on the
 GPU path (:func:`batch_augment_pipeline`, "mixed" decoder) DALI's GPU operators make them. Both
 render the same parameters; for ``trivial`` and ``randaugment`` those include each view's ops,
 magnitude bins and signs, which DALI's own ``auto_aug`` augmentations apply (:func:`auto_augment_view`).
@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 
-from dali_ba.augment import AUTO_OPS, MAGNITUDE_BINS
 from dali_ba.install_choice import DEFAULT_HW_DECODER_LOAD
+from dali_ba.loading.augment import AUTO_OPS, MAGNITUDE_BINS
 
 if TYPE_CHECKING:
-    from dali_ba.reader import SampleSource
+    from dali_ba.loading.reader import SampleSource
 
 FILL = 128  # what DALI's warps bring in from outside a view (its auto_aug default)
 # Every graph runs on DALI's dynamic executor, asked for outright (the default only where the
@@ -53,7 +53,7 @@ def cifar_view(images, bounds, box, flip, hole, view_size: int):
 
 
 def dali_suite(augment: str) -> list:
-    """DALI's op suite for an auto-augmentation, the one :data:`dali_ba.augment.AUTO_OPS` copies."""
+    """DALI's op suite for an auto-augmentation, the one :data:`dali_ba.loading.augment.AUTO_OPS` copies."""
     from nvidia.dali.auto_aug import rand_augment, trivial_augment
 
     return {"trivial": trivial_augment.get_trivial_augment_wide_suite, "randaugment": rand_augment.get_rand_augment_suite}[augment]()
@@ -85,7 +85,7 @@ def param_outputs(augment: str, auto_ops: int) -> list[int]:
 
 def read_samples(samples: SampleSource, params: Sequence[int] = ()):
     """The planned samples' encoded bytes and labels (and the ``params`` of :data:`PARAM_TYPES`
-    the source also serves), from the reader stage (:mod:`dali_ba.reader`)."""
+    the source also serves), from the reader stage (:mod:`dali_ba.loading.reader`)."""
     dtypes = [types.UINT8, types.INT32] + [PARAM_TYPES[i] for i in params]
     return fn.external_source(samples, num_outputs=len(dtypes), batch_info=True, dtype=dtypes)
 
@@ -140,7 +140,7 @@ def batch_augment_pipeline(*, augment: str = "imagenet", auto_ops: int = 0, **kw
     ``samples`` serves, after the bytes and labels, the batch's view parameters of
     :func:`param_outputs`: boxes (B, M, 4), flips (B, M), holes (B, M, 4), then for ``auto_ops``
     n > 0 ops (B, M, n), magnitude bins (B, M, n) and signs (B, M, n) as int32 (see
-    :class:`dali_ba.augment.ViewParams`). Conditionals (for the auto-augment op selection) are
+    :class:`dali_ba.loading.augment.ViewParams`). Conditionals (for the auto-augment op selection) are
     enabled only when there are ops to select.
     """
     if augment in AUTO_OPS and not auto_ops:

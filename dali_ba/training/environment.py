@@ -7,14 +7,14 @@ import sys
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
-from dali_ba.devices import gpu_placement
+from dali_ba.distributed.launcher import detect_launch
+from dali_ba.distributed.placement import gpu_placement
 from dali_ba.install_choice import DEFAULT_HW_DECODER_LOAD, installed_dali
-from dali_ba.launcher import detect_launch
 
 if TYPE_CHECKING:
     import torch
 
-    from dali_ba.distributed import World
+    from dali_ba.distributed.world import World
 
 PACKAGES = ("torch", "torchvision", "nvidia-dali", "horovod", "mpi4py", "numpy", "dali-ba")  # nvidia-dali: the build installed
 SLURM_VARIABLES = ("SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_JOB_NODELIST", "SLURM_JOB_NUM_NODES", "SLURM_NTASKS",

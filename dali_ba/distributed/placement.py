@@ -13,12 +13,11 @@ import socket
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
-from dali_ba.errors import UsageError
+from dali_ba.device import default_device
 
 if TYPE_CHECKING:
     import torch
 
-    from dali_ba.distributed import World
 
 
 class GpuPlacement(NamedTuple):
@@ -37,24 +36,6 @@ def training_device(local_rank: int) -> torch.device:
     if not torch.cuda.is_available():
         return default_device()
     return torch.device("cuda", local_rank % torch.cuda.device_count())
-
-
-def default_device() -> torch.device:
-    """Where tensors go without a GPU: the CPU, or under the strict device mode
-    (:mod:`dali_ba.strict_device`) the stand-in device that keeps the GPU's contract."""
-    import torch
-
-    from dali_ba import strict_device
-
-    return strict_device.enable() if strict_device.enabled() else torch.device("cpu")
-
-
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``tensor`` on ``device`` without a wait: host memory is pinned first for a GPU (a copy from
-    pageable memory is not asynchronous), then copied with ``non_blocking``."""
-    if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
 
 
 def gpu_placement(device: torch.device) -> GpuPlacement:
@@ -87,15 +68,6 @@ def gpu_sharing_error(placements: Sequence[GpuPlacement], share_gpu: bool) -> st
                     f"rank{'' if counts[0] == 1 else 's'} per node, give each task its own GPU "
                     "(srun --gpus-per-task=1), or pass --share-gpu to let them share it (slow)")
     return None
-
-
-def check_gpu_sharing(world: World, device: torch.device, share_gpu: bool) -> None:
-    """Collective: UsageError on every rank if two ranks of a node would train on one GPU and
-    ``share_gpu`` is off. Before the first NCCL collective, which would fail less clearly."""
-    placements = [GpuPlacement(*place) for place in world.gather(tuple(gpu_placement(device)))]
-    error = gpu_sharing_error(placements, share_gpu)
-    if error:
-        raise UsageError(error)
 
 
 def _listed(items: Sequence[object], last: str = "and") -> str:

@@ -91,7 +91,7 @@ class SampleSource:
     and label; with ``params`` also the view parameters of the batch's slots (each slot keeps its
     own sample's views, drawn at the size of what was read into it), as extra outputs.
 
-    ``params(epoch, slots, sizes)`` returns a tuple of arrays (see :mod:`dali_ba.pipeline`).
+    ``params(epoch, slots, sizes)`` returns a tuple of arrays (see :mod:`dali_ba.loading.pipeline`).
     ``sizes`` is the run's (N, 2) cache of decoded sizes (-1: not read yet), shareable between
     loaders of one dataset. ``on_broken({name: reason})`` is told of each new broken sample.
     """

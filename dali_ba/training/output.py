@@ -44,7 +44,7 @@ def free_space(path: Path) -> str:
 
 
 def checkpoint_dir(output: Path) -> Path:
-    """Where a run's checkpoints are (:mod:`dali_ba.checkpoint` writes them)."""
+    """Where a run's checkpoints are (:mod:`dali_ba.training.checkpoint` writes them)."""
     return Path(output) / FOLDER
 
 

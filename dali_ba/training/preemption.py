@@ -10,7 +10,7 @@ import signal
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from dali_ba.distributed import World
+    from dali_ba.distributed.world import World
 
 EXIT_RESUMABLE = 75  # EX_TEMPFAIL: stopped on a signal after a checkpoint; run again with --resume auto
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)

@@ -16,10 +16,10 @@ if TYPE_CHECKING:
     import torch
 
     from dali_ba.data.dataset import ImageDataset
-    from dali_ba.distributed import World
-    from dali_ba.loader import AugmentedValidationLoader, BatchAugmentLoader, ValidationLoader
+    from dali_ba.distributed.world import World
+    from dali_ba.loading.loader import AugmentedValidationLoader, BatchAugmentLoader, ValidationLoader
     from dali_ba.recipe import Recipe
-    from dali_ba.step import Training
+    from dali_ba.training.step import Training
 
 
 def evaluate(
@@ -38,7 +38,7 @@ def evaluate(
     import torch
     import torch.nn.functional as F
 
-    from dali_ba.loader import normalize
+    from dali_ba.loading.loader import normalize
 
     memory_format = memory_format or torch.channels_last
     was_training = model.training
@@ -80,7 +80,7 @@ def calibrate_batchnorm(
     the host: torch would read ``num_batches_tracked`` off the device in every BatchNorm layer."""
     import torch
 
-    from dali_ba.loader import flatten_views, normalize
+    from dali_ba.loading.loader import flatten_views, normalize
 
     memory_format = memory_format or torch.channels_last
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
@@ -123,7 +123,7 @@ class Validation:
     def build(cls, recipe: Recipe, world: World, training: Training, train_set: ImageDataset,
               val_set: ImageDataset) -> Validation:
         """The loaders of the run's evaluation, on ``training``'s device and per-rank batch."""
-        from dali_ba.loader import AugmentedValidationLoader, BatchAugmentLoader, ValidationLoader
+        from dali_ba.loading.loader import AugmentedValidationLoader, BatchAugmentLoader, ValidationLoader
 
         d, r, t = recipe.data, recipe.run, training
         plain = ValidationLoader(
@@ -150,7 +150,7 @@ class Validation:
 
     def run(self, epoch: int) -> dict[str, float]:
         """Collective: the evaluation after ``epoch`` (``calibrated_*`` from that epoch's calibration batches)."""
-        from dali_ba.devices import to_device
+        from dali_ba.device import to_device
 
         t, world = self.training, self.world
         model, device = t.model, t.device

@@ -1,9 +1,9 @@
 """One training step on B*M views, and a rank's set-up for it: what ``dali_ba.train`` runs each step
-and ``dali_ba.profile step`` times.
+and ``dali_ba.tools.profile step`` times.
 
 The learning rate follows the unique global batch B (the baseline's regime), never B*M; the loss is
 the mean cross-entropy over all B*M views, its gradient averaged over ranks by the engine's
-:class:`~dali_ba.distributed.GradientSync`.
+:class:`~dali_ba.distributed.world.GradientSync`.
 """
 from __future__ import annotations
 
@@ -13,17 +13,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
-from dali_ba.checks import check_memory, check_world
 from dali_ba.data.dataset import ImageDataset
 from dali_ba.errors import UsageError
 from dali_ba.recipe import Recipe
+from dali_ba.training.checks import check_memory, check_world
 
 if TYPE_CHECKING:
     import torch
 
-    from dali_ba.distributed import GradientSync, World
-    from dali_ba.loader import BatchAugmentLoader
-    from dali_ba.metrics import StepClock
+    from dali_ba.distributed.world import GradientSync, World
+    from dali_ba.loading.loader import BatchAugmentLoader
+    from dali_ba.training.metrics import StepClock
 
 
 def lr_factor(step: int, steps_per_epoch: int, warmup_epochs: float, decay_epochs: list[int], decay_factor: float) -> float:
@@ -56,12 +56,12 @@ def train_step(
     With ``chunks`` K > 1 the views go through the model in K micro-batches whose losses are
     weighted by their share of the batch, so the summed gradient is that of the mean over all B*M
     views, allreduced once (``sync`` built for K chunks). ``phase`` (a
-    :class:`dali_ba.metrics.StepClock`'s) times "forward_backward" and "allreduce_step".
+    :class:`dali_ba.training.metrics.StepClock`'s) times "forward_backward" and "allreduce_step".
     """
     import torch
     import torch.nn.functional as F
 
-    from dali_ba.loader import flatten_views, normalize
+    from dali_ba.loading.loader import flatten_views, normalize
 
     with phase("forward_backward"):
         x, y = flatten_views(images, labels)
@@ -126,7 +126,7 @@ def apply_determinism(deterministic: bool, device: torch.device | str) -> dict[s
 
 @dataclass
 class Training:
-    """A rank's training set-up: what ``dali_ba.train`` and ``dali_ba.profile step`` both run."""
+    """A rank's training set-up: what ``dali_ba.train`` and ``dali_ba.tools.profile step`` both run."""
 
     recipe: Recipe
     device: torch.device
@@ -161,9 +161,10 @@ def setup_training(recipe: Recipe, world: World, train_set: ImageDataset) -> Tra
     moving them is the caller's, so that it can be timed."""
     import torch
 
-    from dali_ba.devices import check_gpu_sharing, training_device
-    from dali_ba.loader import BatchAugmentLoader
-    from dali_ba.models import create_model
+    from dali_ba.distributed.placement import training_device
+    from dali_ba.distributed.world import check_gpu_sharing
+    from dali_ba.loading.loader import BatchAugmentLoader
+    from dali_ba.training.models import create_model
 
     d, m, o, r = recipe.data, recipe.model, recipe.optim, recipe.run
     per_rank = check_world(recipe, world, train_set)

@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dali_ba.devices import training_device
-from dali_ba.launcher import EngineChoice, choose_engine
-from dali_ba.metrics import timestamp
+from dali_ba.device import timestamp
+from dali_ba.distributed.launcher import EngineChoice, choose_engine
+from dali_ba.distributed.placement import GpuPlacement, gpu_placement, gpu_sharing_error, training_device
+from dali_ba.errors import UsageError
 
 if TYPE_CHECKING:
     import torch
@@ -39,7 +40,7 @@ class GradientSync:
     steps (Horovod's wrapper for the Horovod engine). ``micro_batch(last)`` wraps each chunk's
     forward + backward; ``step(scaler)`` ends the step; ``backward_wait()`` is the part of the last
     backward pass spent waiting for allreduces (DDP waits inside backward): a span of two
-    :func:`dali_ba.metrics.timestamp` values, or None.
+    :func:`dali_ba.device.timestamp` values, or None.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -406,6 +407,15 @@ def init_world(engine: EngineChoice | str = "auto", device_type: str | None = No
             torch.cuda.set_device(training_device(choice.launch.local_rank))  # NCCL binds to the current device
         return TorchWorld(choice, device_type, share_gpu=share_gpu)
     return World(reason=choice.reason)
+
+
+def check_gpu_sharing(world: World, device: torch.device, share_gpu: bool) -> None:
+    """Collective: UsageError on every rank if two ranks of a node would train on one GPU and
+    ``share_gpu`` is off. Before the first NCCL collective, which would fail less clearly."""
+    placements = [GpuPlacement(*place) for place in world.gather(tuple(gpu_placement(device)))]
+    error = gpu_sharing_error(placements, share_gpu)
+    if error:
+        raise UsageError(error)
 
 
 def parameter_digest(model: torch.nn.Module) -> str:

@@ -1,6 +1,6 @@
 """``python -m dali_ba.profile views``: the same training steps at each M, and the views that come
-(almost) free — the paper's Figure 5 claim measured on this hardware (see :mod:`dali_ba.profile`). Each M's
-steps are timed as training runs them, N steps between two synchronisations (:data:`dali_ba.profile.TIMING_RULE`):
+(almost) free — the paper's Figure 5 claim measured on this hardware (see :mod:`dali_ba.tools.profile`). Each M's
+steps are timed as training runs them, N steps between two synchronisations (:data:`dali_ba.tools.profile.TIMING_RULE`):
 a wait for the device after every step would hide the overlap that makes views free where compute is to spare."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 
-from dali_ba.step_timing import load_step_data, measure_step, write_json
 from dali_ba.recipe import Recipe, resolve
+from dali_ba.training.step_timing import load_step_data, measure_step, write_json
 
 VIEWS_FILE, VIEWS_PLOT = "profile_views.json", "profile_views.png"
 
@@ -49,8 +49,8 @@ def profile_views(recipe: Recipe, view_counts: list[int], tolerance: float, step
                   cache: int) -> dict | None:
     """:func:`measure_step` at each M of ``view_counts`` (the recipe otherwise as given), the ranks joined
     once for the whole sweep. Rank 0 gets the sweep, the others None."""
-    from dali_ba import distributed
-    from dali_ba.checks import check_world
+    from dali_ba.distributed import world as distributed
+    from dali_ba.training.checks import check_world
 
     sweep = [dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, views=m)).validate() for m in view_counts]
     train_set = load_step_data(recipe)
@@ -75,7 +75,7 @@ def profile_views(recipe: Recipe, view_counts: list[int], tolerance: float, step
 
 def views_figure(result: dict):
     """Step time (with the tolerance band over M = 1's) and views/s against M."""
-    from dali_ba.plot import new_figure
+    from dali_ba.tools.plot import new_figure
 
     fig, ax = new_figure(height=5.5)
     rows = result["results"]
@@ -117,7 +117,7 @@ def views_table(result: dict) -> str:
 
 
 def run_views(args: argparse.Namespace) -> int:
-    from dali_ba.plot import save
+    from dali_ba.tools.plot import save
 
     result = profile_views(resolve(args), args.view_counts, args.tolerance, args.steps, args.warmup, args.cache_batches)
     if result is None:

@@ -1,7 +1,7 @@
 """The CPU view stage: torch's vectorised uint8 kernels make the M views of each decoded sample.
 
 DALI reads and decodes (once per sample); a pool of threads then renders each sample's views from
-their :class:`~dali_ba.augment.ViewParams` (``torchvision.transforms.v2.functional`` crop with zero
+their :class:`~dali_ba.loading.augment.ViewParams` (``torchvision.transforms.v2.functional`` crop with zero
 padding and mirror; torch's bilinear antialiased uint8 resize, the kernel v2's ``resize`` calls)
 straight into one preallocated (B, M, H, W, 3) uint8 batch; the auto-augment ops of ``trivial`` and
 ``randaugment`` follow with v2's functional ops (:data:`AUTO_OP_RENDERERS`). Each pool thread runs torch
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as F
 
-from dali_ba.augment import AutoOp, ViewParams
+from dali_ba.loading.augment import AutoOp, ViewParams
 
 TASKS_PER_THREAD = 4
 FILL = [128.0]  # DALI's fill for the pixels a warp brings in from outside the view

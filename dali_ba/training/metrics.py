@@ -22,10 +22,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from dali_ba.device import seconds_between, timestamp
+
 if TYPE_CHECKING:
     import torch
 
-    from dali_ba.distributed import World
+    from dali_ba.distributed.world import World
 
 PHASES = ("data", "h2d", "forward_backward", "allreduce_step")
 COLUMNS = (*PHASES, "step")  # what one rank records per step, in seconds
@@ -50,8 +52,8 @@ class MetricsLog:
         self._scalars = TensorBoardScalars(tensorboard) if path is not None and tensorboard is not None else None
 
     def write(self, kind: str, **fields) -> None:
-        """One record (a full disk: :class:`dali_ba.output.OutputFullError` naming the file)."""
-        from dali_ba.output import writing
+        """One record (a full disk: :class:`dali_ba.training.output.OutputFullError` naming the file)."""
+        from dali_ba.training.output import writing
 
         if self._file:
             with writing(self._path, self._path.parent):
@@ -62,7 +64,7 @@ class MetricsLog:
                 self._scalars.add(kind, fields)
 
     def close(self) -> None:
-        from dali_ba.output import writing
+        from dali_ba.training.output import writing
 
         if self._file:
             self._file.close()
@@ -126,26 +128,6 @@ def stream_sync(device: torch.device) -> Callable[[], None]:
     if device.type != "cuda":
         return (lambda: strict_device.record("the step clock's stream sync")) if strict_device.is_device(device) else (lambda: None)
     return lambda: torch.cuda.current_stream(device).synchronize()
-
-
-def timestamp(device: torch.device):
-    """A point in time that costs no synchronisation: a CUDA event recorded on torch's current
-    stream (it completes when the stream reaches it), or ``perf_counter()`` on the CPU."""
-    import torch
-
-    if device.type != "cuda":
-        return time.perf_counter()
-    event = torch.cuda.Event(enable_timing=True)
-    event.record()
-    return event
-
-
-def seconds_between(start, end) -> float:
-    """Seconds from one :func:`timestamp` to a later one (waits for CUDA events to complete)."""
-    if isinstance(start, float):
-        return end - start
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3
 
 
 @dataclass

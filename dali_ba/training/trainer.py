@@ -17,22 +17,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dali_ba.checks import check_world
-from dali_ba.errors import DivergedError, OutputFullError
 from dali_ba.data.dataset import ImageDataset
-from dali_ba.devices import to_device
-from dali_ba.evaluation import Validation
-from dali_ba.metrics import MetricsLog, Progress, StepClock, StepTimes, emit
-from dali_ba.output import writing
+from dali_ba.device import to_device
+from dali_ba.errors import DivergedError, OutputFullError
 from dali_ba.recipe import Recipe, recipe_to_dict
-from dali_ba.step import StepOutput, gradient_norm, lr_factor, setup_training
+from dali_ba.training.checks import check_world
+from dali_ba.training.evaluation import Validation
+from dali_ba.training.metrics import MetricsLog, Progress, StepClock, StepTimes, emit
+from dali_ba.training.output import writing
+from dali_ba.training.step import StepOutput, gradient_norm, lr_factor, setup_training
 
 if TYPE_CHECKING:
     import torch
 
-    from dali_ba.distributed import World
-    from dali_ba.metrics import StepRow
-    from dali_ba.preemption import StopRequest
+    from dali_ba.distributed.world import World
+    from dali_ba.training.metrics import StepRow
+    from dali_ba.training.preemption import StopRequest
 
 STOP_EVERY = 5  # steps between the ranks' agreements on a stop signal
 
@@ -199,7 +199,7 @@ class Trainer:
         so nothing needs sending); without one, rank 0's initial weights go to all ranks."""
         import torch
 
-        from dali_ba.checkpoint import check_compatible, find_resume_point
+        from dali_ba.training.checkpoint import check_compatible, find_resume_point
 
         t = self.training
         self.resumed_from = find_resume_point(self.plan.run.resume, self.output,
@@ -226,7 +226,7 @@ class Trainer:
     def open_log(self, start: Start) -> MetricsLog:
         """The metrics log (rank 0 writes it, after the run folder's recipe and environment), its start
         record, and the lines that say what runs."""
-        from dali_ba.environment import environment_summary
+        from dali_ba.training.environment import environment_summary
 
         d, m, o, r, world = self.plan.data, self.plan.model, self.plan.optim, self.plan.run, self.world
         device, decoder, peak_lr = self.training.device, self.loader.decoder, self.training.peak_lr
@@ -261,7 +261,7 @@ class Trainer:
 
     def stop_diverged(self, step: dict) -> None:
         """End the run at the first diverged step: a record, one line from rank 0, DivergedError."""
-        from dali_ba.output import last_checkpoint
+        from dali_ba.training.output import last_checkpoint
 
         last = last_checkpoint(self.output)
         self.log.write("diverged", step=step["step"], epoch=step["epoch"], loss=step["loss"], lr=step["lr"],
@@ -278,7 +278,7 @@ class Trainer:
         """Collective. ``sums`` given: stopped mid-epoch, so every rank's loader position goes in too."""
         import torch
 
-        from dali_ba.checkpoint import save_checkpoint
+        from dali_ba.training.checkpoint import save_checkpoint
 
         world, t, full = self.world, self.training, None
         self.log_steps(epoch)  # reads the buffered losses: never a checkpoint of diverged weights
@@ -305,7 +305,7 @@ class Trainer:
     def stop_after_step(self, epoch: int, sums: torch.Tensor) -> int:
         """The stop protocol, on every rank after the same step: the steps' records, a checkpoint, a
         stop record naming the signalled ranks. Returns EXIT_RESUMABLE."""
-        from dali_ba.preemption import EXIT_RESUMABLE
+        from dali_ba.training.preemption import EXIT_RESUMABLE
 
         self.checkpoint(epoch, sums.cpu().tolist())
         heard = self.world.gather(self.stop.signal_name)  # which ranks were signalled, and with what
@@ -347,8 +347,8 @@ class Trainer:
         if the parameters are identical on all ranks, else 1."""
         import torch
 
-        from dali_ba import distributed
-        from dali_ba.metrics import summary_table
+        from dali_ba.distributed import world as distributed
+        from dali_ba.training.metrics import summary_table
 
         d, o, world = self.plan.data, self.plan.optim, self.world
         digests = world.gather(distributed.parameter_digest(self.model))

@@ -5,7 +5,7 @@ torch RNG states, the running epoch sums and every rank's loader position (epoch
 done), so a resumed run reads the same remaining samples under the same augmentations and, on
 CPU, reaches bit-identical parameters. Only rank 0 writes: to a temporary file, then an atomic
 rename, keeping the newest ``keep`` (on a full disk the temporary file is removed and the run stops:
-:mod:`dali_ba.output`). Files load with ``torch.load(weights_only=True)``: tensors and
+:mod:`dali_ba.training.output`). Files load with ``torch.load(weights_only=True)``: tensors and
 plain Python values only, no code.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dali_ba.errors import UsageError
-from dali_ba.output import checkpoint_dir, list_checkpoints, writing
+from dali_ba.training.output import checkpoint_dir, list_checkpoints, writing
 from dali_ba.version import __version__
 
 FORMAT = 1
