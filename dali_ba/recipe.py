@@ -117,6 +117,10 @@ class RunConfig:
     resume: str = option("", "'auto': newest loadable checkpoint in --output (none: start afresh); or a checkpoint file")
     stop_on_divergence: bool = option(True, 'stop at the first diverged step (see max_loss), writing no checkpoint of '
                                             'its weights; --no-stop-on-divergence trains on whatever the loss')
+    stall_timeout: float = option(120.0, 'seconds without a finished step on some rank (from the end of each epoch\'s '
+                                         'first step; evaluation and checkpoints not counted), or a sample read that '
+                                         'has not returned, before every rank ends the job naming the stalled rank '
+                                         '(exit 76); 0: never')
 
 
 @dataclass
@@ -138,7 +142,7 @@ class Recipe:
         for section, name, low in at_least:
             if getattr(section, name) < low:
                 raise UsageError(f"{_key(section, name)} must be >= {low}, got {getattr(section, name)}")
-        for section, name in [(o, "lr"), (o, "momentum"), (o, "weight_decay"), (o, "warmup_epochs"), (o, "max_loss"),
+        for section, name in [(r, "stall_timeout"), (o, "lr"), (o, "momentum"), (o, "weight_decay"), (o, "warmup_epochs"), (o, "max_loss"),
                               (o, "label_smoothing"), (o, "decay_factor")]:
             if getattr(section, name) < 0:
                 raise UsageError(f"{_key(section, name)} must be >= 0, got {getattr(section, name)}")

@@ -15,6 +15,8 @@ and the training loop (:mod:`dali_ba.training.trainer`).
 """
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import importlib.util
 import os
 import re
@@ -40,7 +42,9 @@ EXIT_OUT_OF_MEMORY = 3  # the GPU ran out of memory: a smaller step (or --chunks
 def run(recipe: Recipe, train_set: ImageDataset, val_set: ImageDataset) -> int:
     """Join the ranks with the engine the launcher calls for, train, leave."""
     from dali_ba.distributed import world as distributed
+    from dali_ba.training.output import last_checkpoint
     from dali_ba.training.preemption import StopRequest
+    from dali_ba.training.stall import StallWatch
     from dali_ba.training.trainer import Trainer
 
     stop = StopRequest()  # first: a signal during set-up stops the run after its first step
@@ -57,6 +61,9 @@ def run(recipe: Recipe, train_set: ImageDataset, val_set: ImageDataset) -> int:
             raise UsageError(f"--horovod-timeline {r.horovod_timeline}: its folder does not exist")
         os.environ["HOROVOD_TIMELINE"] = str(Path(r.horovod_timeline).resolve())
     world = distributed.init_world(engine, share_gpu=r.share_gpu)
+    # A rank that hangs: every rank that can still act leaves with EXIT_STALLED, naming it (training/stall.py).
+    watch = StallWatch(world, r.stall_timeout, lambda: last_checkpoint(Path(r.output)),
+                       lambda line: emit(f"{PROG}: {line}", sys.stderr)).start()
     # srun --kill-on-bad-exit (slurm/lib.sh) ends the job at the first rank that exits non-zero: ranks
     # that stop together (exit 1, 4, 74, 75) meet once more, after rank 0 has written and said its last.
     try:
@@ -66,6 +73,8 @@ def run(recipe: Recipe, train_set: ImageDataset, val_set: ImageDataset) -> int:
             raise
         say_stopped(stopped)
         status = stopped.exit_code
+    finally:
+        watch.stop()
     world.barrier()
     world.close()  # not on another exception: a peer may be gone, and the launcher ends the job anyway
     return status
@@ -73,8 +82,13 @@ def run(recipe: Recipe, train_set: ImageDataset, val_set: ImageDataset) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """The command: 0 when done, 2 on a usage error, EXIT_OUT_OF_MEMORY (3), DivergedError's 4, an
-    output file system full (74), EXIT_RESUMABLE (75) on a stop signal, 1 when a peer rank failed or
-    the ranks' parameters differ."""
+    output file system full (74), EXIT_RESUMABLE (75) on a stop signal, EXIT_STALLED (76) when a rank
+    hung for --stall-timeout, 1 when a peer rank failed or the ranks' parameters differ."""
+    # Before hvd.init's MPI_Init: a rank killed by SIGSEGV, SIGBUS, SIGILL, SIGFPE or SIGABRT prints every
+    # thread's Python stack, and Open MPI (which sets its handler only where none is set) leaves those alone:
+    # its own report of a crash is one frame of libc.
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # a stderr without a file descriptor
+        faulthandler.is_enabled() or faulthandler.enable(all_threads=True)
     parser = build_parser(PROG, __doc__.splitlines()[0])
     recipe = None
     try:

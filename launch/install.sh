@@ -47,7 +47,7 @@ fi
 
 # 1. Debian packages -----------------------------------------------------------------------------
 missing=()
-for pkg in libopenmpi-dev openmpi-bin cmake g++ make slurm-wlm munge libpmix-dev; do
+for pkg in libopenmpi-dev openmpi-bin cmake g++ make slurm-wlm munge libpmix-dev fuse3; do  # fuse3: the stall tests' hung file system
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if ((${#missing[@]})); then
@@ -79,7 +79,7 @@ case $dali_action in
 esac
 "$PY" -c "import mpi4py" 2>/dev/null || { say "installing mpi4py (built against Open MPI)"; pip_install "mpi4py==4.1.2"; }
 pip_install numpy pillow pytest tqdm tomli-w "setuptools<81" wheel packaging psutil pyyaml cloudpickle cffi matplotlib scikit-image scikit-learn tensorboard \
-  import-linter  # the import structure check of make test (setup.cfg [importlinter])
+  import-linter mfusepy  # make test's import structure check (setup.cfg [importlinter]); its hung FUSE file system
 
 # 3. Horovod, built from the 0.28.1 sdist ----------------------------------------------------------
 if ! "$PY" -c "import horovod.torch" 2>/dev/null; then

@@ -8,9 +8,13 @@
 #     ENGINE=torch: srun --mpi=none, torch.distributed with its rendezvous from the SLURM variables);
 #   - runs one srun step in the background so that the batch shell can pass SLURM's warning signal
 #     (--signal=B:USR1@<grace>) or a SIGTERM sent to it on to the step, and requeues the job when training exits 75
-#     ("stopped on a signal after a checkpoint"); the requeued job resumes with --resume auto.
+#     ("stopped on a signal after a checkpoint"); the requeued job resumes with --resume auto;
+#   - requeues it too when training exits 76 (a rank stalled for --stall-timeout: dali_ba/training/stall.py),
+#     without the node(s) the stall line names (ExcNodeList), at most MAX_STALL_REQUEUES times (default 2):
+#     a stall that follows the job to other nodes (a file the file system never returns) then ends it.
 
 EXIT_RESUMABLE=75
+EXIT_STALLED=76
 
 die() { echo "$(basename "${SLURM_JOB_NAME:-dali-ba}"): error: $*" >&2; exit 2; }
 
@@ -74,6 +78,11 @@ _dali_ba_first_failure() {
   local pattern='^srun: error: [^ :]+: tasks? [0-9][-0-9,]*: ' line node tasks how
   STEP_RC=$1
   { [ "$1" -eq 0 ] || [ "$1" -eq "$EXIT_RESUMABLE" ]; } && return 0
+  # A stall: the ranks that could still act left with 76, srun killed the stalled one; the cause is the stall.
+  if grep -q -E "${pattern}Exited with exit code $EXIT_STALLED\$" "$2" 2>/dev/null; then
+    STEP_RC=$EXIT_STALLED
+    return 0
+  fi
   line=$(grep -E "$pattern" "$2" 2>/dev/null | grep -v -m1 -E ': (Exited with exit code [0-9]+|Terminated)$') ||
     line=$(grep -m1 -E "$pattern" "$2" 2>/dev/null) || return 0
   node=${line#srun: error: }; node=${node%%:*}
@@ -84,8 +93,30 @@ _dali_ba_first_failure() {
        "ended the other ranks" >&2
 }
 
+# _dali_ba_requeue_after_stall NODES: requeue this job without NODES (comma-separated; ExcNodeList keeps the
+# nodes excluded before), unless it has stalled MAX_STALL_REQUEUES times already (counted in job.txt).
+_dali_ba_requeue_after_stall() {
+  local before excluded
+  before=$(grep -c '^=== .* stalled with exit' "$JOB_DIR/job.txt" 2>/dev/null)
+  if [ "${before:-0}" -ge "${MAX_STALL_REQUEUES:-2}" ]; then
+    echo "batch: a rank stalled again (exit $EXIT_STALLED, $((before + 1)) stalls): not requeued (MAX_STALL_REQUEUES=${MAX_STALL_REQUEUES:-2});" \
+         "the stall line above names what it waited for" >&2
+    echo "=== $(date -Is) stalled with exit $EXIT_STALLED on ${1:-?}; not requeued" >> "$JOB_DIR/job.txt"
+    return
+  fi
+  excluded=$(scontrol show job "$SLURM_JOB_ID" | grep -o -E 'ExcNodeList=[^ ]+' | cut -d= -f2)
+  [ "$excluded" = "(null)" ] && excluded=""
+  excluded=$(printf '%s\n' ${excluded//,/ } ${1//,/ } | sort -u | paste -sd, -)
+  echo "batch: a rank stalled (exit $EXIT_STALLED) on ${1:-?}; requeueing job $SLURM_JOB_ID without node(s) ${excluded:-none}"
+  echo "=== $(date -Is) stalled with exit $EXIT_STALLED on ${1:-?}; requeued without ${excluded:-no node}" >> "$JOB_DIR/job.txt"
+  scontrol requeue "$SLURM_JOB_ID" || { echo "batch: scontrol requeue $SLURM_JOB_ID failed; resubmit to resume" >&2; return; }
+  [ -z "$excluded" ] || scontrol update JobId="$SLURM_JOB_ID" ExcNodeList="$excluded" ||
+    echo "batch: could not exclude $excluded from job $SLURM_JOB_ID (its --nodelist may name it): it may run there again" >&2
+}
+
 # dali_ba_srun ARGS...: srun --mpi=$SRUN_MPI ARGS (ENGINE=torch: --mpi=none) in the background,
-# forwarding USR1/TERM; returns its exit status. On 75 it requeues this job (same id, SLURM_RESTART_COUNT+1) unless NO_REQUEUE is set.
+# forwarding USR1/TERM; returns its exit status. On 75 it requeues this job (same id, SLURM_RESTART_COUNT+1), on 76
+# without the stalled node(s), unless NO_REQUEUE is set.
 dali_ba_srun() {
   trap '_dali_ba_forward USR1' USR1
   trap '_dali_ba_forward TERM' TERM
@@ -107,7 +138,14 @@ dali_ba_srun() {
   trap - USR1 TERM
   _dali_ba_first_failure "$rc" "$log"
   rc=$STEP_RC
+  local stalled_nodes=""
+  # the nodes of the stalled ranks: "rank R (node N) ..." in training's one line (the ranks that wait are named without)
+  [ "$rc" -eq "$EXIT_STALLED" ] && stalled_nodes=$(grep -m1 'stalled (--stall-timeout' "$log" 2>/dev/null |
+    grep -o -E 'rank [0-9]+ \(node [^)]+\)' | sed -E 's/.*\(node (.*)\)/\1/' | sort -u | paste -sd, -)
   [ "$log" = /dev/null ] || rm -f "$log"
+  if [ "$rc" -eq "$EXIT_STALLED" ] && [ -z "${NO_REQUEUE:-}" ]; then
+    _dali_ba_requeue_after_stall "$stalled_nodes"
+  fi
   if [ "$rc" -eq "$EXIT_RESUMABLE" ] && [ -z "${NO_REQUEUE:-}" ]; then
     echo "batch: training stopped after a checkpoint (exit $rc); requeueing job $SLURM_JOB_ID"
     echo "=== $(date -Is) stopped with exit $rc; requeued" >> "$JOB_DIR/job.txt"

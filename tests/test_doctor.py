@@ -5,6 +5,7 @@ import json
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -145,6 +146,20 @@ def test_a_rank_that_never_reports_is_named_and_the_job_ends(tmp_path):
     done = run_cli(*MPIRUN, "-np", "1", *DOCTOR, "--timeout", "3", "--json", str(report), ":", "-np", "1", *sleeper,
                    timeout=120)
     assert done.returncode != 0
+    found = problems(report, "fail")
+    assert found["ranks"].ranks == [1] and "did not report within --timeout" in found["ranks"].text
+    assert "rank 1 did not report" in done.stdout
+
+
+def test_under_torchrun_a_rank_that_never_reports_is_named_too(tmp_path):
+    """torchrun's second worker sleeps instead of starting the doctor: rank 0 names it after --timeout
+    (through torchrun's own store), fails, and torchrun ends the sleeper."""
+    report = tmp_path / "doctor.json"
+    worker = (f'if [ "$RANK" = 1 ]; then exec sleep 120; else exec {PY} -m dali_ba.doctor --timeout 5 '
+              f'--json {report}; fi')
+    started = time.monotonic()
+    done = run_cli(*TORCHRUN, "--no-python", "sh", "-c", worker, timeout=180)
+    assert done.returncode != 0 and time.monotonic() - started < 120
     found = problems(report, "fail")
     assert found["ranks"].ranks == [1] and "did not report within --timeout" in found["ranks"].text
     assert "rank 1 did not report" in done.stdout

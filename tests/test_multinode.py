@@ -262,3 +262,43 @@ def test_a_killed_rank_ends_every_rank_within_a_minute(cluster, long_runs, engin
     assert task["JobState"] == "FAILED", output[-2000:]
     assert "batch: the training step failed (exit 137): rank 1 on node n2 failed (Killed)" in output, output[-3000:]
     assert "Traceback" not in output  # the survivor's one line, not a traceback
+
+
+def test_a_stalled_rank_on_the_second_node_ends_the_job_which_resumes_elsewhere(cluster, job_env, long_runs, one_node):
+    """SIGSTOP of the rank on the second node after the first checkpoint (--stall-timeout 15): the job
+    ends within 45 s with the stall line naming rank 1 and its node, slurm/lib.sh requeues it without
+    that node, and the job resumes on the other two to the model of the uninterrupted run."""
+    for job_id in long_runs.values():  # the nodes to this job alone
+        cluster.wait(job_id, timeout=120)
+    job_id = submit(cluster, "resnet50_ba.sh", "--nodes=2", "--ntasks-per-node=1", *CPU,
+                    **{**job_env, "ENGINE": "horovod", "EPOCHS": str(EPOCHS), "CHECKPOINT_EVERY": "2",
+                       "EXTRA_ARGS": f"{SMALL} --max-steps {MAX_STEPS} --stall-timeout 15"})
+    folder = job_dir(cluster, job_id)
+    first_checkpoint, deadline = folder / "checkpoints" / f"step-{2:09d}.pt", time.monotonic() + 180
+    while not first_checkpoint.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ranks = cluster.task_processes(job_id, "dali_ba.train")
+    batch_host = cluster.job(job_id)[0]["BatchHost"]  # rank 0's node
+    second = [(pid, n) for pid, n in ranks.items() if n != batch_host]
+    assert len(ranks) == 2 and len(second) == 1 and not records(folder, "summary"), (ranks, batch_host)
+    ((stalled, node),) = second
+    subprocess.run(["kill", "-STOP", str(stalled)], check=True)
+    stopped = time.monotonic()
+    (task,) = cluster.wait(job_id, timeout=120, until=lambda tasks: tasks[0]["JobState"] != "RUNNING")
+    ended = time.monotonic() - stopped
+    print(f"rank 1 stopped on {node}: the job left RUNNING {ended:.1f} s later ({task['JobState']})")
+    (task,) = cluster.wait(job_id, timeout=300)
+    output = slurm_output(cluster, "resnet50_ba", job_id)
+    assert ended < 45, output[-3000:]
+    assert_completed(cluster, task, "resnet50_ba", job_id)
+    assert re.search(rf"stalled \(--stall-timeout 15\): rank 1 \(node {node}\) silent for \d+ s", output), output[-3000:]
+    assert f"requeueing job {job_id} without node(s) {node}" in output
+    job_txt = (folder / "job.txt").read_text()
+    assert re.search(rf"stalled with exit 76 on {node}; requeued without {node}", job_txt)
+    nodes_second_start = job_txt.split("start 1 of job")[1].split("nodes: ")[1].splitlines()[0].split()
+    assert node not in nodes_second_start and len(nodes_second_start) == 2
+    first, second = records(folder, "start")
+    assert second["resumed_from"] >= 2
+    (summary,) = records(folder, "summary")
+    reference = finished(cluster, one_node["horovod", 2])
+    assert summary["param_digests"] == records(reference, "summary")[0]["param_digests"]

@@ -191,6 +191,22 @@ def test_host_list_inside_an_allocation(slurm):
         assert done.stdout.strip() == ",".join(f"{host}:4" for host in expected), done.stderr
 
 
+def test_the_doctor_under_a_plain_srun_names_a_task_that_never_reports(slurm):
+    """Two tasks of srun --mpi=none (the torch engine's launcher), the second never starting the doctor:
+    rank 0 names it after --timeout through its own store, and the step ends."""
+    report = slurm.root / "doctor-lost.json"
+    task = (f'if [ "$SLURM_PROCID" = 1 ]; then exec sleep 120; else exec {sys.executable} -m dali_ba.doctor '
+            f'--timeout 5 --json {report}; fi')
+    job_id = slurm.sbatch(*CPU, "--ntasks-per-node=2", f"--output={slurm.root}/doctor-lost-%j.out", "--wrap",
+                          f"srun --mpi=none --kill-on-bad-exit=1 sh -c '{task}'", cwd=REPO)
+    (done,) = slurm.wait(job_id, timeout=150)
+    output = (slurm.root / f"doctor-lost-{job_id}.out").read_text()
+    assert done["JobState"] == "FAILED", output[-3000:]
+    assert "rank 1 did not report" in output, output[-3000:]
+    (lost,) = [p for p in json.loads(report.read_text())["problems"] if p["check"] == "ranks"]
+    assert lost["ranks"] == [1] and "did not report within --timeout" in lost["text"]
+
+
 @pytest.mark.parametrize("srun_said, srun_status, status, blamed", [
     # kill -9 of rank 1; rank 0's collectives failed and it exited 1 before srun heard of the kill
     ("n1: task 0: Exited with exit code 1\nn2: task 1: Killed", 137, 137, "rank 1 on node n2 failed (Killed)"),
@@ -199,13 +215,15 @@ def test_host_list_inside_an_allocation(slurm):
      "rank 0 on node n1 failed (Exited with exit code 2)"),
     # ranks stopping together after a checkpoint: a resumable stop, nothing to blame
     ("n2: task 1: Exited with exit code 75\nn1: task 0: Terminated", 143, 75, None),
+    # a stall: rank 0 named the stalled rank and left with 76, srun killed the stopped one; the stall is the cause
+    ("n1: task 0: Exited with exit code 76\nn2: task 1: Killed", 137, 76, None),
 ])
 def test_the_batch_log_names_the_rank_that_failed_first(tmp_path, srun_said, srun_status, status, blamed):
     """slurm/lib.sh reads srun's error lines after a failed step: the rank and node that caused it,
     and the status the job ends with."""
     log = tmp_path / "srun.err"
     log.write_text("".join(f"srun: error: {line}\n" for line in srun_said.splitlines()))
-    script = (f'EXIT_RESUMABLE=75; source <(sed -n "/^_dali_ba_first_failure()/,/^}}/p" {REPO}/slurm/lib.sh); '
+    script = (f'EXIT_RESUMABLE=75; EXIT_STALLED=76; source <(sed -n "/^_dali_ba_first_failure()/,/^}}/p" {REPO}/slurm/lib.sh); '
               f'_dali_ba_first_failure {srun_status} {log}; echo "status $STEP_RC"')
     done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
     assert done.stdout.split() == ["status", str(status)], done.stderr

@@ -14,7 +14,7 @@ then what to do. ``--json PATH`` also writes every rank's findings (rank 0).
 Exit status: 0 when nothing found would stop a run (warnings, such as no hardware JPEG decoder, do
 not), 1 when something would, 2 on bad flags. Every check's own failure is reported as a problem, so
 every rank reaches the gather; a rank that never does (a hung file system) is named after
-``--timeout`` seconds (under MPI launchers; torch.distributed then gives up without names).
+``--timeout`` seconds (under every launcher but horovodrun --gloo: doctor/peers.py).
 """
 from dali_ba.doctor.cli import main
 

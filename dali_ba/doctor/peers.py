@@ -1,5 +1,5 @@
 """The ranks' gather, which cannot hang on a lost rank: a rank that never reports is named after
-``--timeout`` (under MPI launchers), not waited for."""
+``--timeout``, not waited for (under every launcher but horovodrun --gloo, whose own timeout names none)."""
 from __future__ import annotations
 
 import contextlib
@@ -86,6 +86,56 @@ class MpiPeers:
             self.comm.Abort(status or 1)
 
 
+class StorePeers:
+    """torch.distributed's TCPStore with a deadline (torchrun, plain srun): each rank posts its value
+    under a key of its own, rank 0 waits for the keys until ``--timeout`` and names the ranks whose key
+    never came, then posts the answer. Under torchrun the agent's store serves; under srun rank 0's."""
+
+    def __init__(self, launch, timeout: float) -> None:
+        import datetime
+
+        from torch.distributed import TCPStore
+
+        self.rank, self.size, self.timeout, self.tag = launch.rank, launch.size, timeout, 0
+        agent = launch.launcher == "torchrun"  # torchrun's agent serves MASTER_ADDR:MASTER_PORT
+        port = launch.master_port or 29500
+        self.store = TCPStore(launch.master_addr or "127.0.0.1", port, None, self.rank == 0 and not agent,
+                              timeout=datetime.timedelta(seconds=timeout), wait_for_workers=False)
+        self.lost: set[int] = set()
+
+    def allgather(self, value: Any) -> list[Any]:
+        return self._collect(value, everyone=True)
+
+    def gather(self, value: Any) -> list[Any] | None:
+        result = self._collect(value, everyone=False)
+        return result if self.rank == 0 else None
+
+    def _collect(self, value: Any, everyone: bool) -> list[Any]:
+        import pickle
+
+        self.tag += 1
+        key = f"dali_ba/doctor/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{self.tag}"
+        if self.rank != 0:
+            self.store.set(f"{key}/{self.rank}", pickle.dumps(value))
+            try:
+                self.store.wait([f"{key}/answer"])
+            except Exception:  # noqa: BLE001 - the store's own timeout: rank 0 is gone or stuck
+                raise PeersLost(f"rank 0 did not answer within --timeout {self.timeout:g} s") from None
+            return pickle.loads(self.store.get(f"{key}/answer"))
+        waiting, deadline = [r for r in range(1, self.size) if r not in self.lost], time.monotonic() + self.timeout
+        while waiting and time.monotonic() < deadline:
+            waiting = [r for r in waiting if not self.store.check([f"{key}/{r}"])]
+            time.sleep(0.05)
+        self.lost |= set(waiting)
+        result = [value] + [None if r in self.lost else pickle.loads(self.store.get(f"{key}/{r}"))
+                            for r in range(1, self.size)]
+        self.store.set(f"{key}/answer", pickle.dumps(result if everyone else True))
+        return result
+
+    def end(self, status: int, missing: bool) -> None:
+        """Leave; a lost rank is the launcher's to end (torchrun and srun end the job when rank 0 fails)."""
+
+
 class WorldPeers:
     """The project's own :class:`~dali_ba.distributed.world.World`: torch.distributed over Gloo (torchrun, plain
     srun) or Horovod over Gloo (horovodrun --gloo), each bounded by its own timeout."""
@@ -110,8 +160,8 @@ class WorldPeers:
 
 def join(launch, timeout: float):
     """The gather for this launcher: mpi4py under MPI launchers (Horovod need not work for it),
-    Horovod's Gloo under horovodrun --gloo, torch.distributed's Gloo under torchrun and plain srun."""
-    from dali_ba.distributed.launcher import MPI_RANK_VARIABLES, EngineChoice
+    Horovod's Gloo under horovodrun --gloo, torch.distributed's store under torchrun and plain srun."""
+    from dali_ba.distributed.launcher import MPI_RANK_VARIABLES
 
     if launch.size <= 1:
         return Alone()
@@ -121,7 +171,4 @@ def join(launch, timeout: float):
         from dali_ba.distributed.world import HorovodWorld
 
         return WorldPeers(HorovodWorld("horovodrun --gloo"))
-    from dali_ba.distributed.world import TorchWorld
-
-    choice = EngineChoice("torch", "the doctor's gather", launch)
-    return WorldPeers(TorchWorld(choice, "cpu", timeout_s=timeout))
+    return StorePeers(launch, timeout)

@@ -21,6 +21,7 @@ from typing import IO, TYPE_CHECKING
 
 import numpy as np
 
+from dali_ba.activity import ACTIVITY
 from dali_ba.errors import UnreadableImageError
 
 if TYPE_CHECKING:
@@ -122,7 +123,8 @@ class SampleSource:
     def _read(self, index: int) -> tuple[bytes, str | None]:
         """A sample's bytes, and why it is broken (None: it is not); fills in its size."""
         try:
-            data = self.dataset.read(int(index))
+            with ACTIVITY.reading(self.dataset.files[index]):  # a read that never returns is a stall
+                data = self.dataset.read(int(index))
         except OSError as exc:
             return b"", f"cannot read ({exc.strerror or exc})"
         if self.sizes[index, 0] < 0:

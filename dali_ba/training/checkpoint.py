@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dali_ba.activity import ACTIVITY
 from dali_ba.errors import UsageError
 from dali_ba.training.output import checkpoint_dir, list_checkpoints, writing
 from dali_ba.version import __version__
@@ -30,7 +31,7 @@ def save_checkpoint(output: Path, step: int, state: dict[str, Any], keep: int) -
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{step:09d}.pt"
     temporary = path.with_name(f".{path.name}.tmp")
-    with writing(path, output, partial=temporary):  # a full disk: one line, no temporary file left
+    with writing(path, output, partial=temporary), ACTIVITY.writing_file():  # a full disk, a stall: no temporary file left
         with open(temporary, "wb") as file:
             torch.save({"format": FORMAT, "version": __version__, **state}, file)
             file.flush()

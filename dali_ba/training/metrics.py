@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from dali_ba.activity import ACTIVITY
 from dali_ba.device import seconds_between, timestamp
 
 if TYPE_CHECKING:
@@ -182,6 +183,7 @@ class StepClock:
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
+        ACTIVITY.set_phase(name)  # what the stall watch names when a step never ends
         if self._nvtx:
             self._nvtx.range_push(name)
         try:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dali_ba.activity import ACTIVITY
 from dali_ba.data.dataset import ImageDataset
 from dali_ba.device import to_device
 from dali_ba.errors import DivergedError, OutputFullError
@@ -130,6 +131,9 @@ class Trainer:
             while done < self.steps_per_epoch:
                 out, samples, row, norm = self.train_one_step(batches, clock)
                 done, self.step, epoch_steps = done + 1, self.step + 1, epoch_steps + 1
+                ACTIVITY.step_done(self.step)
+                if epoch_steps == 1:  # the stall clock runs from the end of each epoch's (or resume's) first step
+                    ACTIVITY.arm()
                 sums[:2] += torch.stack([out.loss.double(), out.correct.double()])
                 sums[2] += samples * d.views  # a number from the host: an argument of the add, no copy
                 lr = self.schedule.get_last_lr()[0]
@@ -143,9 +147,11 @@ class Trainer:
                 if r.checkpoint_every and self.step % r.checkpoint_every == 0 and not last:
                     self.checkpoint(epoch, sums.cpu().tolist())
             clock.sync()
+            ACTIVITY.disarm("evaluation")
             result = self.end_epoch(epoch, sums, done, epoch_steps, time.perf_counter() - epoch_start)
             self.checkpoint(epoch + 1, None)
         self.progress.close()
+        ACTIVITY.disarm("finish")
         return self.finish(result)
 
     def train_one_step(self, batches: Iterator, clock: StepClock) -> tuple[StepOutput, int, StepRow, dict]:
@@ -276,6 +282,10 @@ class Trainer:
 
     def checkpoint(self, epoch: int, sums: list[float] | None) -> None:
         """Collective. ``sums`` given: stopped mid-epoch, so every rank's loader position goes in too."""
+        with ACTIVITY.paused("checkpoint"):  # a checkpoint's time is not a step's: the stall clock stops
+            self._checkpoint(epoch, sums)
+
+    def _checkpoint(self, epoch: int, sums: list[float] | None) -> None:
         import torch
 
         from dali_ba.training.checkpoint import save_checkpoint
