@@ -68,7 +68,11 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = option("resnet50", 'torchvision resnet18/34/50/101/152 or CIFAR-style resnet20/32/44/56/110')
+    arch: str = option("resnet50", "the paper's CIFAR resnet20/32/44/56/110, vgg16_cifar, wrn28_10, densenet_bc_100_12; "
+                                   "any torchvision classification model (resnet50, alexnet, vit_b_16, ...); "
+                                   "timm:<name>; or package.module:function, called with num_classes (--list-archs)")
+    dropout: float = option(0.0, "dropout between the convolutions of wrn28_10's blocks (the WRN paper's 0.3); "
+                                 "other models keep their own")
     amp: str = option("off", 'off, bf16 (CPU or GPU), fp16 (GPU only)')
     channels_last: bool = option(True, 'NHWC memory format for the model and its input')
     compile: bool = option(False, 'torch.compile the model for the training forward (the first steps include the '
@@ -142,7 +146,7 @@ class Recipe:
         for section, name, low in at_least:
             if getattr(section, name) < low:
                 raise UsageError(f"{_key(section, name)} must be >= {low}, got {getattr(section, name)}")
-        for section, name in [(r, "stall_timeout"), (o, "lr"), (o, "momentum"), (o, "weight_decay"), (o, "warmup_epochs"), (o, "max_loss"),
+        for section, name in [(r, "stall_timeout"), (m, "dropout"), (o, "lr"), (o, "momentum"), (o, "weight_decay"), (o, "warmup_epochs"), (o, "max_loss"),
                               (o, "label_smoothing"), (o, "decay_factor")]:
             if getattr(section, name) < 0:
                 raise UsageError(f"{_key(section, name)} must be >= 0, got {getattr(section, name)}")
@@ -157,6 +161,8 @@ class Recipe:
             raise UsageError(f"{_key(d, 'hw_decoder_load')} must be between 0 and 1, got {d.hw_decoder_load}")
         if d.view_stage not in ("auto", "torch", "dali"):
             raise UsageError(f"{_key(d, 'view_stage')} must be auto, torch or dali, got {d.view_stage!r}")
+        if m.dropout >= 1:
+            raise UsageError(f"{_key(m, 'dropout')} must be below 1, got {m.dropout}")
         if m.amp not in ("off", "bf16", "fp16"):
             raise UsageError(f"{_key(m, 'amp')} must be off, bf16 or fp16, got {m.amp!r}")
         if r.engine not in ENGINES:

@@ -30,7 +30,7 @@ from dali_ba.errors import RunStopped, UnreadableImageError, UsageError
 from dali_ba.recipe import Recipe, build_parser, effective, resolve
 from dali_ba.training.checks import check_datasets, check_output
 from dali_ba.training.metrics import emit
-from dali_ba.training.models import check_model_name
+from dali_ba.training.models import check_model_name, list_archs
 
 if TYPE_CHECKING:
     from dali_ba.data.dataset import ImageDataset
@@ -90,9 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.suppress(OSError, ValueError, AttributeError):  # a stderr without a file descriptor
         faulthandler.is_enabled() or faulthandler.enable(all_threads=True)
     parser = build_parser(PROG, __doc__.splitlines()[0])
+    parser.add_argument("--list-archs", action="store_true", help="list the models --arch takes, then exit")
     recipe = None
     try:
-        recipe = resolve(parser.parse_args(argv))
+        args = parser.parse_args(argv)
+        if args.list_archs:
+            print("\n".join(list_archs()))
+            return 0
+        recipe = resolve(args)
         check_model_name(recipe.model.arch)
         check_output(Path(recipe.run.output), recipe.run.resume)
         train_set, val_set = check_datasets(recipe)

@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from dali_ba.errors import UsageError
+
 if TYPE_CHECKING:
     import torch
 
@@ -125,7 +127,12 @@ class Validation:
         """The loaders of the run's evaluation, on ``training``'s device and per-rank batch."""
         from dali_ba.loading.loader import AugmentedValidationLoader, BatchAugmentLoader, ValidationLoader
 
+        import torch
+
         d, r, t = recipe.data, recipe.run, training
+        if d.calibrate_bn and not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in t.model.modules()):
+            raise UsageError(f"--calibrate-bn {d.calibrate_bn}: --arch {recipe.model.arch} has no BatchNorm layer "
+                             "whose statistics could be recomputed; leave --calibrate-bn out")
         plain = ValidationLoader(
             val_set, d.val_batch_size or t.per_rank, d.val_resize, d.val_crop,
             rank=world.rank, world_size=world.size, decoder=d.decoder, device=t.device, num_threads=d.dali_threads,

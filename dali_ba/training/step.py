@@ -164,7 +164,7 @@ def setup_training(recipe: Recipe, world: World, train_set: ImageDataset) -> Tra
     from dali_ba.distributed.placement import training_device
     from dali_ba.distributed.world import check_gpu_sharing
     from dali_ba.loading.loader import BatchAugmentLoader
-    from dali_ba.training.models import create_model
+    from dali_ba.training.models import PAPER_CIFAR, check_input_size, create_model
 
     d, m, o, r = recipe.data, recipe.model, recipe.optim, recipe.run
     per_rank = check_world(recipe, world, train_set)
@@ -187,7 +187,9 @@ def setup_training(recipe: Recipe, world: World, train_set: ImageDataset) -> Tra
         hw_decoder_load=d.hw_decoder_load,
     )
     memory_format = torch.channels_last if m.channels_last else torch.contiguous_format
-    model = create_model(m.arch, train_set.num_classes).to(device, memory_format=memory_format)
+    model = create_model(m.arch, train_set.num_classes, m.dropout).to(device, memory_format=memory_format)
+    if m.arch not in PAPER_CIFAR:  # built elsewhere, perhaps for one input size (a ViT): try one view first
+        check_input_size(model, m.arch, d.view_size, device)
     peak_lr = o.lr * d.batch_size / o.lr_batch  # unique images per step, never B*M
     optimizer = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=o.momentum, weight_decay=o.weight_decay)
     sync = world.gradient_sync(model, optimizer, o.chunks)
