@@ -10,8 +10,8 @@
 #     (--signal=B:USR1@<grace>) or a SIGTERM sent to it on to the step, and requeues the job when training exits 75
 #     ("stopped on a signal after a checkpoint"); the requeued job resumes with --resume auto;
 #   - requeues it too when training exits 76 (a rank stalled for --stall-timeout: dali_ba/training/stall.py),
-#     without the node(s) the stall line names (ExcNodeList), at most MAX_STALL_REQUEUES times (default 2):
-#     a stall that follows the job to other nodes (a file the file system never returns) then ends it.
+#     at most MAX_STALL_REQUEUES times (default 2): a stall that comes back (a node that hangs every time,
+#     a file the file system never returns) then ends the job.
 
 EXIT_RESUMABLE=75
 EXIT_STALLED=76
@@ -93,30 +93,30 @@ _dali_ba_first_failure() {
        "ended the other ranks" >&2
 }
 
-# _dali_ba_requeue_after_stall NODES: requeue this job without NODES (comma-separated; ExcNodeList keeps the
-# nodes excluded before), unless it has stalled MAX_STALL_REQUEUES times already (counted in job.txt).
+# _dali_ba_requeue_after_stall NODES: requeue this job after a stall on NODES (as after a node failure), unless it
+# has stalled MAX_STALL_REQUEUES times already (counted in job.txt). The node is not excluded: SLURM refuses to
+# change a running job's ExcNodeList ("Job is no longer pending execution") and ends the batch script at
+# the requeue, so the next start may land on the same node; a node that hangs every time, or a file that
+# never returns, ends the job after MAX_STALL_REQUEUES stalls (then --exclude the node the line names).
 _dali_ba_requeue_after_stall() {
-  local before excluded
+  local before
   before=$(grep -c '^=== .* stalled with exit' "$JOB_DIR/job.txt" 2>/dev/null)
-  if [ "${before:-0}" -ge "${MAX_STALL_REQUEUES:-2}" ]; then
-    echo "batch: a rank stalled again (exit $EXIT_STALLED, $((before + 1)) stalls): not requeued (MAX_STALL_REQUEUES=${MAX_STALL_REQUEUES:-2});" \
-         "the stall line above names what it waited for" >&2
+  before=${before:-0}
+  if [ "$before" -ge "${MAX_STALL_REQUEUES:-2}" ]; then
+    echo "batch: a rank stalled again on ${1:-?} (exit $EXIT_STALLED, stall $((before + 1))): not requeued" \
+         "(MAX_STALL_REQUEUES=${MAX_STALL_REQUEUES:-2}); the stall line above names what it waited for" >&2
     echo "=== $(date -Is) stalled with exit $EXIT_STALLED on ${1:-?}; not requeued" >> "$JOB_DIR/job.txt"
     return
   fi
-  excluded=$(scontrol show job "$SLURM_JOB_ID" | grep -o -E 'ExcNodeList=[^ ]+' | cut -d= -f2)
-  [ "$excluded" = "(null)" ] && excluded=""
-  excluded=$(printf '%s\n' ${excluded//,/ } ${1//,/ } | sort -u | paste -sd, -)
-  echo "batch: a rank stalled (exit $EXIT_STALLED) on ${1:-?}; requeueing job $SLURM_JOB_ID without node(s) ${excluded:-none}"
-  echo "=== $(date -Is) stalled with exit $EXIT_STALLED on ${1:-?}; requeued without ${excluded:-no node}" >> "$JOB_DIR/job.txt"
-  scontrol requeue "$SLURM_JOB_ID" || { echo "batch: scontrol requeue $SLURM_JOB_ID failed; resubmit to resume" >&2; return; }
-  [ -z "$excluded" ] || scontrol update JobId="$SLURM_JOB_ID" ExcNodeList="$excluded" ||
-    echo "batch: could not exclude $excluded from job $SLURM_JOB_ID (its --nodelist may name it): it may run there again" >&2
+  echo "batch: a rank stalled (exit $EXIT_STALLED) on ${1:-?}; requeueing job $SLURM_JOB_ID" \
+       "(stall $((before + 1)) of at most ${MAX_STALL_REQUEUES:-2} requeued)"
+  echo "=== $(date -Is) stalled with exit $EXIT_STALLED on ${1:-?}; requeued" >> "$JOB_DIR/job.txt"
+  scontrol requeue "$SLURM_JOB_ID" || echo "batch: scontrol requeue $SLURM_JOB_ID failed; resubmit to resume" >&2
 }
 
 # dali_ba_srun ARGS...: srun --mpi=$SRUN_MPI ARGS (ENGINE=torch: --mpi=none) in the background,
 # forwarding USR1/TERM; returns its exit status. On 75 it requeues this job (same id, SLURM_RESTART_COUNT+1), on 76
-# without the stalled node(s), unless NO_REQUEUE is set.
+# up to MAX_STALL_REQUEUES times, unless NO_REQUEUE is set.
 dali_ba_srun() {
   trap '_dali_ba_forward USR1' USR1
   trap '_dali_ba_forward TERM' TERM

@@ -207,6 +207,27 @@ def test_the_doctor_under_a_plain_srun_names_a_task_that_never_reports(slurm):
     assert lost["ranks"] == [1] and "did not report within --timeout" in lost["text"]
 
 
+@pytest.mark.parametrize("stalls_before, requeued", [(0, True), (1, True), (2, False)])
+def test_a_stall_requeues_the_job_up_to_max_stall_requeues_times(tmp_path, stalls_before, requeued):
+    """slurm/lib.sh after exit 76: scontrol requeue (a stand-in on PATH records it) and a job.txt line,
+    until MAX_STALL_REQUEUES (2) stalls are on record; then one line and no requeue."""
+    (tmp_path / "job.txt").write_text("".join(f"=== 2026 stalled with exit 76 on n2; requeued\n" for _ in range(stalls_before)))
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/scontrol.calls\n')
+    (tmp_path / "bin" / "scontrol").chmod(0o755)
+    script = (f'EXIT_STALLED=76; JOB_DIR={tmp_path}; SLURM_JOB_ID=7; PATH={tmp_path}/bin:$PATH; '
+              f'source <(sed -n "/^_dali_ba_requeue_after_stall()/,/^}}/p" {REPO}/slurm/lib.sh); _dali_ba_requeue_after_stall n2')
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
+    calls = (tmp_path / "scontrol.calls").read_text() if (tmp_path / "scontrol.calls").exists() else ""
+    last = (tmp_path / "job.txt").read_text().splitlines()[-1]
+    if requeued:
+        assert calls == "requeue 7\n" and last.endswith("stalled with exit 76 on n2; requeued"), done.stderr
+        assert f"(stall {stalls_before + 1} of at most 2 requeued)" in done.stdout
+    else:
+        assert calls == "" and last.endswith("stalled with exit 76 on n2; not requeued")
+        assert "not requeued (MAX_STALL_REQUEUES=2)" in done.stderr
+
+
 @pytest.mark.parametrize("srun_said, srun_status, status, blamed", [
     # kill -9 of rank 1; rank 0's collectives failed and it exited 1 before srun heard of the kill
     ("n1: task 0: Exited with exit code 1\nn2: task 1: Killed", 137, 137, "rank 1 on node n2 failed (Killed)"),

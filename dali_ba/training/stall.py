@@ -122,7 +122,7 @@ class StallWatch:
         self.world, self.timeout, self.last_checkpoint, self.say, self.activity = world, timeout, last_checkpoint, say, activity
         self.interval = max(0.5, min(5.0, timeout / 6))
         self.host = socket.gethostname()
-        self._store = None
+        self._server = self._store = None  # rank 0 serves the store for as long as it lives; every rank is a client
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dali-ba-stall-watch", daemon=True)
 
@@ -136,7 +136,7 @@ class StallWatch:
             wait = datetime.timedelta(seconds=max(5.0, 2 * self.interval))
             server = TCPStore("0.0.0.0", 0, None, True, timeout=wait, wait_for_workers=False) if self.world.rank == 0 else None
             host, port = self.world.gather((self.host, server.port) if server else None)[0]
-            self._server = server  # rank 0 serves for as long as it lives
+            self._server = server
             self._store = server or TCPStore(host, port, None, False, timeout=wait)
             self._post(0)
             self.world.barrier()  # every rank has posted once: the judge reads no missing key
