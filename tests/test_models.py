@@ -94,7 +94,7 @@ def test_any_model_trains_under_both_launchers_and_resumes_exactly(arch, demo_da
 
 
 @pytest.mark.parametrize("arch, message", [
-    ("vgg17", "unknown --arch 'vgg17': not one of the paper's CIFAR networks"),
+    ("vgg17", "unknown model 'vgg17' (--arch): not one of the paper's CIFAR networks"),
     ("timm:no_such_net", "--arch timm:no_such_net: timm "),
     ("no_such_module:build", "--arch no_such_module:build: cannot import no_such_module (ModuleNotFoundError"),
     ("user_nets:missing", "--arch user_nets:missing: user_nets has no function 'missing'"),

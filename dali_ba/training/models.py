@@ -47,7 +47,7 @@ def check_model_name(name: str) -> None:
     elif ":" in name:
         _factory(name)
     elif name not in torchvision_names():
-        raise UsageError(f"unknown --arch {name!r}: not one of the paper's CIFAR networks ({', '.join(PAPER_CIFAR)}), "
+        raise UsageError(f"unknown model {name!r} (--arch): not one of the paper's CIFAR networks ({', '.join(PAPER_CIFAR)}), "
                          "nor a torchvision classification model, nor timm:<name> or module:function "
                          "(python -m dali_ba.train --list-archs)")
 
