@@ -13,6 +13,7 @@ from conftest import REPO, run_cli
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import gpu_check  # noqa: E402
+import gpu_report  # noqa: E402
 from gpu_steps import SMOKE_FILES, SMOKE_TESTS, read_outcomes  # noqa: E402
 
 STEPS = ("env", "doctor", "tests", "demo", "loader", "augment", "figure5", "views", "compile")
@@ -169,7 +170,7 @@ def test_targets_are_ratios_of_one_run_and_unmeasured_where_a_step_gave_nothing(
               for m, v, rate in (("a", 4, 900), ("c", 4, 300), ("a", 10, 500), ("c", 10, 200), ("a", 1, 700), ("f", 1, 1000))]
     figure5 = [dict(views=1, data_stall=0.01, images_per_s=97, memory_images_per_s=100),
                dict(views=4, data_stall=0.05, images_per_s=90, memory_images_per_s=100)]
-    found = {(t["target"].split()[0] + " " + t["target"].split()[1], t["views"]): t for t in gpu_check.targets(
+    found = {(t["target"].split()[0] + " " + t["target"].split()[1], t["views"]): t for t in gpu_report.targets(
         {"loader": {"result": {"results": loader}}, "figure5": {"result": {"results": figure5}}})}
     assert found["dali-ba views/s", 4]["value"] == pytest.approx(3.0) and found["dali-ba views/s", 4]["met"]
     assert found["dali-ba views/s", 10]["value"] == pytest.approx(2.5) and not found["dali-ba views/s", 10]["met"]
@@ -177,7 +178,7 @@ def test_targets_are_ratios_of_one_run_and_unmeasured_where_a_step_gave_nothing(
     assert found["data stall", 1]["met"] and not found["data stall", 4]["met"]
     assert found["training images/s", 1]["met"] and not found["training images/s", 4]["met"]
     assert found["dali-ba views/s", 4]["detail"] == "a 3600 / c 1200 views/s (whole epochs: 3.00)"
-    unmeasured = gpu_check.targets({})
+    unmeasured = gpu_report.targets({})
     assert len(unmeasured) == 9 and all(t["met"] is None and t["value"] is None for t in unmeasured)
 
 
@@ -260,8 +261,8 @@ def test_the_markdown_report_shows_what_only_a_gpu_run_has():
                   machine=dict(gpu="NVIDIA H100 80GB HBM3", driver="580.159.04", cores=16),
                   steps=[dict(name=name, title=title, status="ok", seconds=20.0, limit_s=limit, budget_s=limit,
                               optional=name == "compile", result=result) for name, title, result, limit in steps],
-                  targets=gpu_check.targets({}))
-    md = gpu_check.markdown(report)
+                  targets=gpu_report.targets({}))
+    md = gpu_report.markdown(report)
     assert md.startswith("# GPU check: NVIDIA H100 80GB HBM3") and "SMOKE" not in md and "smoke run" not in md
     assert "in use by DALI: **True**" in md and "| dali_mixed_default | default | 3200 | 0.9 | 8 |" in md
     assert "| bf16 | --amp bf16 | 0 | cuda | mixed | none (None) | 83 | 99 | 40 | 30 |" in md
