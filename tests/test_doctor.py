@@ -86,6 +86,24 @@ def test_alone_names_missing_data_an_unwritable_output_and_a_run_in_the_way(demo
     assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]  # its marker file removed
 
 
+def test_the_memory_check_counts_the_models_own_parameters(demo_data, tmp_path, monkeypatch, capsys):
+    """Memory that holds the demo's batches of views and resnet20 (0.27 M parameters) but not vgg16_cifar
+    (33.6 M): the count comes from the model the flag names, built on torch's meta device."""
+    from dali_ba.recipe import load_recipe
+    from dali_ba.training import checks
+
+    d = load_recipe(REPO / "pipelines" / "demo.toml").data
+    views = d.batch_size * d.views * d.view_size**2 * 3 * checks.BATCH_COPIES
+    monkeypatch.setattr(checks, "_available_memory", lambda: views + (100 << 20))
+    report = tmp_path / "doctor.json"
+    assert main(flags(demo_data, tmp_path / "run", report, "--arch", "resnet20")) == 0
+    assert main(flags(demo_data, tmp_path / "run", report, "--arch", "vgg16_cifar")) == 1
+    text = problems(report, "fail")["data"].text
+    assert "the model's 33.6 M parameters (513.4 MiB with gradients, momentum and the all-reduce buffer)" in text
+    assert "more than the" in text and "\n" not in text
+    capsys.readouterr()
+
+
 def test_bad_flags_and_a_missing_recipe_are_one_line(tmp_path, capsys):
     assert main(["--recipe", "no-such-recipe"]) == 2
     err = capsys.readouterr().err.strip()

@@ -260,7 +260,8 @@ def test_gpu_out_of_memory_is_one_line_naming_the_step_size(demo_data, tmp_path,
 
 
 def test_batches_that_cannot_fit_on_the_gpu_are_refused(monkeypatch):
-    """On a GPU the batches of views are checked against the GPU's free memory (a stand-in here)."""
+    """On a GPU the batches of views and the model's parameters are checked against the GPU's free memory (a
+    stand-in here)."""
     from dali_ba.errors import UsageError
     from dali_ba.training.checks import check_memory
 
@@ -268,3 +269,6 @@ def test_batches_that_cannot_fit_on_the_gpu_are_refused(monkeypatch):
     check_memory(64, 4, 224, local_ranks=8, device=torch.device("cuda", 0))  # 7 x 38.5 MB fits in 2 GiB
     with pytest.raises(UsageError, match=r"one rank on GPU cuda:0 .* more than the 2\.0 GiB available"):
         check_memory(256, 16, 224, local_ranks=1, device=torch.device("cuda", 0))
+    check_memory(64, 4, 224, local_ranks=8, device=torch.device("cuda", 0), parameters=100_000_000)  # + 1.49 GiB
+    with pytest.raises(UsageError, match=r"the model's 120\.0 M parameters \(1\.8 GiB with gradients"):
+        check_memory(64, 4, 224, local_ranks=8, device=torch.device("cuda", 0), parameters=120_000_000)

@@ -50,25 +50,34 @@ def check_output(output: Path, resume: str) -> None:
 
 
 BATCH_COPIES = 7  # uint8 batches a rank holds at once (DALI's prefetch + the one in use) + its float copy (x4)
+PARAMETER_BYTES = 16  # fp32 weights, gradients, SGD momentum and the all-reduce buffer: 4 copies of 4 bytes
 
 
-def check_memory(per_rank: int, views: int, view_size: int, local_ranks: int, device: torch.device | None = None) -> None:
-    """Refuse a batch of views that cannot fit: B*M*S^2*3 bytes per uint8 batch, about BATCH_COPIES
-    of them per rank, against the memory available on this node, and, given a GPU ``device``, against
-    the GPU memory free there (one rank's; what the model itself needs comes on top)."""
+def check_memory(per_rank: int, views: int, view_size: int, local_ranks: int, device: torch.device | None = None,
+                 parameters: int | None = None) -> None:
+    """Refuse a run that cannot fit: B*M*S^2*3 bytes per uint8 batch of views, about BATCH_COPIES of
+    them per rank, plus PARAMETER_BYTES per model parameter (counted from the model), against the
+    memory available on this node, and, given a GPU ``device``, against the GPU memory free there
+    (one rank's). Activations come on top: they depend on the network, and an out-of-memory step is
+    its own one-line error."""
     batch = per_rank * views * view_size**2 * 3
+    model = (parameters or 0) * PARAMETER_BYTES
     if device is None:
-        need, available, where = batch * BATCH_COPIES * local_ranks, _available_memory(), f"{local_ranks} rank(s) on this node"
+        need, available = (batch * BATCH_COPIES + model) * local_ranks, _available_memory()
+        where = f"{local_ranks} rank(s) on this node"
         advice = "lower --view-size, --batch-size or --views, or use more nodes"
     else:
         import torch
 
-        need, available, where = batch * BATCH_COPIES, torch.cuda.mem_get_info(device)[0], f"one rank on GPU {device}"
+        need, available, where = batch * BATCH_COPIES + model, torch.cuda.mem_get_info(device)[0], f"one rank on GPU {device}"
         advice = "lower --view-size, --batch-size or --views, or use more GPUs"
     if available is not None and need > available:
+        weights = (f" and the model's {parameters / 1e6:.1f} M parameters ({_bytes(model)} with gradients, momentum "
+                   "and the all-reduce buffer)") if model else ""
+        advice += ", or pick a smaller --arch" if model else ""
         raise UsageError(f"--view-size {view_size} with {per_rank} samples x M={views} views per rank: one batch of "
-                         f"views is {_bytes(batch)} (B*M*S^2*3), about {_bytes(need)} for {where} with prefetching "
-                         f"and the float copy, more than the {_bytes(available)} available; {advice}")
+                         f"views is {_bytes(batch)} (B*M*S^2*3), about {_bytes(need)} for {where} with prefetching, "
+                         f"the float copy{weights}, more than the {_bytes(available)} available; {advice}")
 
 
 def _available_memory() -> int | None:
@@ -115,5 +124,14 @@ def check_world(recipe: Recipe, world: World, *datasets: ImageDataset) -> int:
     for dataset in datasets:
         if len(dataset) < world.size:
             raise UsageError(f"data {dataset.source} has {len(dataset)} samples but there are {world.size} ranks")
-    check_memory(per_rank, d.views, d.view_size, world.local_size)
+    check_memory(per_rank, d.views, d.view_size, world.local_size, parameters=model_parameters(recipe, *datasets))
     return per_rank
+
+
+def model_parameters(recipe: Recipe, train_set: ImageDataset | None = None, *others: ImageDataset) -> int | None:
+    """The parameter count of the recipe's model for the training classes (None without a training set)."""
+    from dali_ba.training.models import count_parameters
+
+    if train_set is None:
+        return None
+    return count_parameters(recipe.model.arch, train_set.num_classes, recipe.model.dropout)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import functools
 import os
 import sys
 from collections.abc import Callable
@@ -70,6 +71,25 @@ def create_model(name: str, num_classes: int, dropout: float = 0.0) -> nn.Module
     import torchvision
 
     return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+
+
+@functools.lru_cache(maxsize=8)
+def count_parameters(name: str, num_classes: int, dropout: float = 0.0) -> int | None:
+    """The model's parameter count, from the model itself: built on torch's meta device (shapes only, no
+    memory, no initialisation cost), or on the CPU where a builder reads tensor values (timm's drop-path
+    rates); None where neither builds (the run's own build then names the problem)."""
+    import torch
+
+    for device in ("meta", "cpu"):
+        try:
+            with torch.device(device):
+                model = create_model(name, num_classes, dropout)
+        except UsageError:
+            raise
+        except Exception:
+            continue
+        return sum(p.numel() for p in model.parameters())
+    return None
 
 
 def check_input_size(model: nn.Module, name: str, view_size: int, device) -> None:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from dali_ba.data.dataset import ImageDataset
 from dali_ba.errors import UsageError
 from dali_ba.recipe import Recipe
-from dali_ba.training.checks import check_memory, check_world
+from dali_ba.training.checks import check_memory, check_world, model_parameters
 
 if TYPE_CHECKING:
     import torch
@@ -174,7 +174,7 @@ def setup_training(recipe: Recipe, world: World, train_set: ImageDataset) -> Tra
         torch.cuda.set_device(device)
     check_gpu_sharing(world, device, r.share_gpu)  # collective; before DDP's first NCCL call
     if device.type == "cuda":
-        check_memory(per_rank, d.views, d.view_size, world.local_size, device)
+        check_memory(per_rank, d.views, d.view_size, world.local_size, device, model_parameters(recipe, train_set))
     if m.amp == "fp16" and device.type != "cuda":
         raise UsageError("--amp fp16 needs a GPU; use --amp bf16 on CPU")
     cores = len(os.sched_getaffinity(0))
