@@ -1,6 +1,7 @@
 """Shared fixtures: small real JPEG datasets written once per test session."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -71,3 +72,13 @@ def run_cli(*args: str, timeout: int = 300, env: dict | None = None) -> subproce
     full_env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
                 "OMPI_MCA_mpi_yield_when_idle": "1", **(env or {})}
     return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, cwd=REPO, env=full_env)
+
+
+def last_logged_step(output: Path) -> int:
+    """The last step rank 0 has logged in ``output``'s metrics.jsonl (0 before the first); a line still
+    being written is not read. Once step N is logged, every rank has left step N-1's checkpoint: N's
+    gradients were averaged over all of them."""
+    path = output / "metrics.jsonl"
+    text = path.read_text() if path.exists() else ""
+    rows = [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
+    return max((r["step"] for r in rows if r["kind"] == "step"), default=0)
