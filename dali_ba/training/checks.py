@@ -124,14 +124,13 @@ def check_world(recipe: Recipe, world: World, *datasets: ImageDataset) -> int:
     for dataset in datasets:
         if len(dataset) < world.size:
             raise UsageError(f"data {dataset.source} has {len(dataset)} samples but there are {world.size} ranks")
-    check_memory(per_rank, d.views, d.view_size, world.local_size, parameters=model_parameters(recipe, *datasets))
+    parameters = model_parameters(recipe, datasets[0]) if datasets else None
+    check_memory(per_rank, d.views, d.view_size, world.local_size, parameters=parameters)
     return per_rank
 
 
-def model_parameters(recipe: Recipe, train_set: ImageDataset | None = None, *others: ImageDataset) -> int | None:
-    """The parameter count of the recipe's model for the training classes (None without a training set)."""
+def model_parameters(recipe: Recipe, train_set: ImageDataset) -> int | None:
+    """The parameter count of the recipe's model for the training classes (see ``count_parameters``)."""
     from dali_ba.training.models import count_parameters
 
-    if train_set is None:
-        return None
     return count_parameters(recipe.model.arch, train_set.num_classes, recipe.model.dropout)

@@ -18,9 +18,9 @@ run's views is a one-line error at set-up (:func:`check_input_size`), not a shap
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
-import functools
 import os
 import sys
 from collections.abc import Callable
