@@ -80,6 +80,8 @@ esac
 "$PY" -c "import mpi4py" 2>/dev/null || { say "installing mpi4py (built against Open MPI)"; pip_install "mpi4py==4.1.2"; }
 pip_install numpy pillow pytest tqdm tomli-w "setuptools<81" wheel packaging psutil pyyaml cloudpickle cffi matplotlib scikit-image scikit-learn tensorboard \
   import-linter mfusepy timm  # make test: the import structure check (setup.cfg [importlinter]), its hung FUSE file system; --arch timm:<name>
+# make lint (the first step of make test, and .pre-commit-config.yaml): pinned, so a new release's rules cannot fail CI.
+pip_install ruff==0.17.5 mypy==2.4.1
 
 # 3. Horovod, built from the 0.28.1 sdist ----------------------------------------------------------
 if ! "$PY" -c "import horovod.torch" 2>/dev/null; then
