@@ -1,6 +1,6 @@
 """The paper at small scale: Figures 2-5 of Hoffer et al. in direction, with seeds and a report.
 
-    python -m dali_ba.reproduce [--out runs/paper] [--seeds 0,1] [--epochs 10] [--quick]
+    dali-ba reproduce [--out runs/paper] [--seeds 0,1] [--epochs 10] [--quick]
     make paper
 
 Two data sets are made on the spot under <out>/data: the embedded synthetic demo data (10 classes of
@@ -35,7 +35,7 @@ from dali_ba.errors import OneLineParser, UsageError
 from dali_ba.recipe import int_list
 from dali_ba.tools.plot import Run, ema, load_run, new_figure, save
 
-PROG = "python -m dali_ba.reproduce"
+PROG = "dali-ba reproduce"
 VIEWS = (1, 2, 4, 8)
 RA_FACTOR = 4
 EVAL_VIEWS, CALIBRATE_BN = 4, 4
