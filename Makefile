@@ -31,7 +31,7 @@ demo: install demo-data
 
 # The paper's Figures 2-5 at small scale (two data sets, 2 seeds): runs/paper/REPORT.md, under 20 min on 2 cores.
 paper: install
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" python -m dali_ba.reproduce --out runs/paper
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dali-ba reproduce --out runs/paper
 
 # Two passes: the suite on the CPU, then the GPU check's test files and its smoke run on the strict
 # device mode's stand-in device (dali_ba/strict_device.py: GPU manners on the CPU, host syncs counted).

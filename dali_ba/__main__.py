@@ -1,10 +1,10 @@
 """One command for every tool: ``dali-ba <command> [options]`` (or ``python -m dali_ba <command>``).
 
 Each command is the ``main(argv)`` of a module that also runs alone (``python -m dali_ba.train``,
-``dali-ba-train``, ``python -m dali_ba.tools.plot``; the tools' names from before they moved,
-``python -m dali_ba.plot`` and the like, run :func:`run`); the table below names them, and
-``dali-ba --help`` lists it with each module's own one-line description. A module is imported only
-when its command runs.
+``dali-ba-train``, ``python -m dali_ba.tools.plot``); the table below names them, and ``dali-ba --help``
+lists it with each module's own one-line description. A module is imported only when its command runs.
+The tools' ``python -m`` names from before ``dali-ba <command>`` (dali_ba/check_data.py, plot.py,
+profile.py, reproduce.py) are kept for one release: each runs :func:`run_deprecated`.
 """
 from __future__ import annotations
 
@@ -51,8 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     return importlib.import_module(COMMANDS[command]).main(rest)
 
 
-def run(command: str) -> None:
-    """``dali-ba <command>`` with this process's arguments: what a module kept under an old name runs."""
+def run_deprecated(old: str, command: str) -> None:
+    """``python -m <old>``, a tool's name before ``dali-ba <command>``: a one-line note on stderr, then
+    ``dali-ba <command>`` with this process's arguments, exiting with its status."""
+    print(f"note: python -m {old} is deprecated and will be removed in the next release; use: {PROG} {command}",
+          file=sys.stderr, flush=True)
     sys.exit(main([command, *sys.argv[1:]]))
 
 

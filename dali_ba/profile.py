@@ -1,5 +1,10 @@
-"""``python -m dali_ba.profile``, the name before ``dali-ba profile`` (:mod:`dali_ba.tools.profile`): kept working."""
-if __name__ == "__main__":
-    from dali_ba.__main__ import run
+"""``python -m dali_ba.profile``, deprecated: the name before ``dali-ba profile``.
 
-    run("profile")
+Kept for one release (CHANGELOG.md, Deprecated): a note on stderr, then ``dali-ba profile``
+(:mod:`dali_ba.tools.profile`) with the same arguments and exit status. Then this module goes, with its
+entry in tests/test_deprecated_names.py and the top layer in setup.cfg's import contract.
+"""
+if __name__ == "__main__":
+    from dali_ba.__main__ import run_deprecated
+
+    run_deprecated("dali_ba.profile", "profile")

@@ -1,5 +1,10 @@
-"""``python -m dali_ba.reproduce``, the name before ``dali-ba reproduce`` (:mod:`dali_ba.tools.reproduce`): kept working."""
-if __name__ == "__main__":
-    from dali_ba.__main__ import run
+"""``python -m dali_ba.reproduce``, deprecated: the name before ``dali-ba reproduce``.
 
-    run("reproduce")
+Kept for one release (CHANGELOG.md, Deprecated): a note on stderr, then ``dali-ba reproduce``
+(:mod:`dali_ba.tools.reproduce`) with the same arguments and exit status. Then this module goes, with its
+entry in tests/test_deprecated_names.py and the top layer in setup.cfg's import contract.
+"""
+if __name__ == "__main__":
+    from dali_ba.__main__ import run_deprecated
+
+    run_deprecated("dali_ba.reproduce", "reproduce")

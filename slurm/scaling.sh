@@ -1,7 +1,7 @@
 #!/bin/bash
 # Step-throughput sweep: ranks x M, no full training. For every pair, one srun step runs
-# `python -m dali_ba.profile step` (STEPS timed steps after WARMUP, rank 0 writes profile_step.json
-# into <job folder>/r<ranks>_m<M>/), then `python -m dali_ba.profile collect` gathers every pair into
+# `dali-ba profile step` (STEPS timed steps after WARMUP, rank 0 writes profile_step.json
+# into <job folder>/r<ranks>_m<M>/), then `dali-ba profile collect` gathers every pair into
 # one table, <job folder>/scaling.md (+ JSON beside it). The paper's Figure 5 point: the time per step
 # barely changes with M when the GPUs have compute to spare.
 #
@@ -52,7 +52,7 @@ for ranks in $RANKS_LIST; do
     out=$JOB_DIR/r${ranks}_m${views}
     echo "=== $ranks rank(s) on $nodes node(s), M=$views -> $out"
     if dali_ba_srun --nodes="$nodes" --ntasks="$ranks" --ntasks-per-node=$((ranks < per_node ? ranks : per_node)) \
-        "$PYTHON" -m dali_ba.profile step "${RECIPE_ARGS[@]}" --views "$views" \
+        "$PYTHON" -m dali_ba profile step "${RECIPE_ARGS[@]}" --views "$views" \
         --steps "${STEPS:-50}" --warmup "${WARMUP:-10}" --out "$out"; then
       points+=("$out")
     else
@@ -61,7 +61,7 @@ for ranks in $RANKS_LIST; do
   done
 done
 ((${#points[@]})) || die "every sweep point failed: ${failed[*]}"
-"$PYTHON" -m dali_ba.profile collect "${points[@]}" --out "$JOB_DIR/scaling.md" || exit 1
+"$PYTHON" -m dali_ba profile collect "${points[@]}" --out "$JOB_DIR/scaling.md" || exit 1
 cat "$JOB_DIR/scaling.md"
 if ((${#failed[@]})); then
   echo "scaling: these points failed (see above): ${failed[*]}" >&2

@@ -1,4 +1,4 @@
-"""python -m dali_ba.check_data: every file decoded once, the bad ones listed with a reason, a clean list."""
+"""dali-ba check-data: every file decoded once, the bad ones listed with a reason, a clean list."""
 import io
 import sys
 
@@ -10,7 +10,7 @@ from conftest import identity_image, run_cli
 from dali_ba.data.dataset import read_file_list
 from dali_ba.loading.probe import check_files
 
-CHECK = [sys.executable, "-m", "dali_ba.check_data"]
+CHECK = [sys.executable, "-m", "dali_ba", "check-data"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 
 
@@ -84,7 +84,8 @@ def test_full_decode_names_every_broken_file_and_writes_a_clean_list(folder, tmp
 def test_two_ranks_split_the_files_and_agree(folder, tmp_path):
     root, broken = folder
     out = tmp_path / "bad.txt"
-    done = run_cli(*TORCHRUN, "-m", "dali_ba.check_data", str(root), "--out", str(out), "--workers", "1", timeout=180)
+    done = run_cli(*TORCHRUN, "-m", "dali_ba", "check-data", str(root), "--out", str(out), "--workers", "1",
+                   timeout=180)
     assert done.returncode != 0  # bad files found (torchrun reports rank 0's exit 1)
     listed = {line.split("\t")[0] for line in out.read_text().splitlines()}
     assert listed == {path for path, is_bad in broken.items() if is_bad}
@@ -145,7 +146,7 @@ def test_clean_data_exits_zero(demo_data, tmp_path):
 ])
 def test_check_data_bad_input_is_one_line(demo_data, args, message):
     done = run_cli(*CHECK, *[str(demo_data / "val") if a == "DEMO" else a for a in args], timeout=60)
-    assert done.returncode == 2 and done.stderr.strip() == f"python -m dali_ba.check_data: error: {message}"
+    assert done.returncode == 2 and done.stderr.strip() == f"dali-ba check-data: error: {message}"
 
 
 def test_a_giant_image_is_bad_by_its_header(tmp_path):

@@ -11,19 +11,20 @@ PAGES = [README, *DOCS]
 MAX_README_LINES = 200
 
 # The headings of README.md when it was the whole manual (git show c8116c0:README.md), generated once.
-# Each must live on as a heading, at any level, in README.md or a page of docs/.
+# Each must live on as a heading, at any level, in README.md or a page of docs/ (the tools' headings name
+# them as dali-ba <command> since the old python -m names were deprecated).
 OLD_README_HEADINGS = [
     "dali-ba",
     "Two commands on a fresh machine",
     "Training: `python -m dali_ba.train`",
     "Where the time goes: per-step timing",
-    "Profiling step throughput: `python -m dali_ba.profile`",
+    "Profiling step throughput: `dali-ba profile`",
     "TensorBoard",
-    "Plots: `python -m dali_ba.plot`",
+    "Plots: `dali-ba plot`",
     "The paper at small scale: `make paper`",
     "Checkpoints, preemption and resume",
     "Broken files",
-    "Checking the data first: `python -m dali_ba.check_data`",
+    "Checking the data first: `dali-ba check-data`",
     "Tar shards for parallel file systems: `python -m dali_ba.data.shards`",
     "Recipes",
     "Augmentations",

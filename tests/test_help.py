@@ -7,25 +7,22 @@ import pytest
 
 from conftest import REPO, run_cli
 from dali_ba.__main__ import COMMANDS as ONE_COMMAND, summary
+from test_deprecated_names import OLD_NAMES  # the tools' old python -m names: tested there
 
 COMMANDS = [
     ["dali_ba"],
     ["dali_ba.train"],
-    ["dali_ba.profile"],
-    ["dali_ba.profile", "pipeline"],
-    ["dali_ba.profile", "step"],
-    ["dali_ba.profile", "views"],
-    ["dali_ba.profile", "collect"],
-    ["dali_ba.plot"],
-    ["dali_ba.check_data"],
+    ["dali_ba.tools.profile", "pipeline"],
+    ["dali_ba.tools.profile", "step"],
+    ["dali_ba.tools.profile", "views"],
+    ["dali_ba.tools.profile", "collect"],
     ["dali_ba.doctor"],
     ["dali_ba.install_choice"],
-    ["dali_ba.reproduce"],
     ["dali_ba.data.shards"],
     ["dali_ba.data.synth"],
     ["dali_ba.data.digits"],
     ["dali_ba.data.cifar10"],
-    # the tools' own modules; dali_ba.check_data, .plot, .profile and .reproduce above are their old names
+    # the tools' own modules; their old names (dali_ba.check_data, ...): tests/test_deprecated_names.py
     ["dali_ba.tools.check_data"],
     ["dali_ba.tools.plot"],
     ["dali_ba.tools.profile"],
@@ -54,10 +51,10 @@ def test_every_module_command_answers_help(command):
 
 
 def test_every_module_with_a_command_line_is_listed():
-    """A new ``python -m`` entry point gets its --help test too."""
+    """A new ``python -m`` entry point gets its --help test too (here, or as a deprecated name)."""
     found = {".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__main__")  # a package's: -m package
              for path in (REPO / "dali_ba").rglob("*.py") if 'if __name__ == "__main__":' in path.read_text()}
-    assert found == {command[0] for command in COMMANDS}
+    assert found == {command[0] for command in COMMANDS} | set(OLD_NAMES)
 
 
 @pytest.mark.parametrize("name, target", sorted(console_scripts().items()))

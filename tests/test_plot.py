@@ -1,4 +1,4 @@
-"""python -m dali_ba.plot: figures from metrics.jsonl files written as train_spec.md describes them."""
+"""dali-ba plot: figures from metrics.jsonl files written as train_spec.md describes them."""
 import json
 import math
 import sys
@@ -9,7 +9,7 @@ from PIL import Image
 from conftest import run_cli
 from dali_ba.tools.plot import ema, error_figure, grad_norm_figure, label_runs, load_run, throughput_figure
 
-PLOT = [sys.executable, "-m", "dali_ba.plot"]
+PLOT = [sys.executable, "-m", "dali_ba", "plot"]
 PHASES = ("data", "h2d", "forward_backward", "allreduce_step")
 
 
@@ -169,7 +169,7 @@ def test_bad_metrics_file_is_one_line_naming_it(tmp_path, case):
     done = run_cli(*PLOT, str(write_run(tmp_path / "good", 1, 8)), str(folder), timeout=120)
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1, done.stderr
-    assert lines[0].startswith("python -m dali_ba.plot: error: ")
+    assert lines[0].startswith("dali-ba plot: error: ")
     assert __import__("re").search(message, lines[0]), lines[0]
     assert not list((tmp_path / "good").glob("*.png"))  # nothing drawn when one run is bad
 

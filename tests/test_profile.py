@@ -1,4 +1,4 @@
-"""python -m dali_ba.profile: the loader sweep, the data-stall step profile (1 and 2 ranks), collect."""
+"""dali-ba profile: the loader sweep, the data-stall step profile (1 and 2 ranks), collect."""
 import json
 import os
 import re
@@ -19,7 +19,7 @@ from dali_ba.tools import profile
 from dali_ba.training import step_timing
 from dali_ba.training.metrics import StepClock, StepRow
 
-PROFILE = [sys.executable, "-m", "dali_ba.profile"]
+PROFILE = [sys.executable, "-m", "dali_ba", "profile"]
 MPIRUN = ["mpirun", "-np", "2", *(["--allow-run-as-root"] if os.geteuid() == 0 else [])]
 B, M = 30, 2  # 240 training images: 8 steps per epoch, on 1 or 2 ranks
 
@@ -135,7 +135,7 @@ def test_bad_input_is_one_line(tmp_path, case):
     done = run_cli(*PROFILE, *[a.format(tmp=tmp_path) for a in args], timeout=60)
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1, done.stderr
-    assert lines[0].startswith("python -m dali_ba.profile") and "error:" in lines[0]
+    assert lines[0].startswith("dali-ba profile") and "error:" in lines[0]
     assert re.search(message, lines[0]), lines[0]
 
 

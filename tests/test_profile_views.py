@@ -1,4 +1,4 @@
-"""python -m dali_ba.profile views: training steps at each M, and the free views (1 and 2 ranks)."""
+"""dali-ba profile views: training steps at each M, and the free views (1 and 2 ranks)."""
 import json
 import re
 
@@ -119,8 +119,8 @@ def test_bad_input_is_one_line(tmp_path, case):
                    *[a.format(tmp=tmp_path) for a in args], timeout=60)
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1, done.stderr
-    assert lines[0].startswith("python -m dali_ba.profile views: error:") or \
-        lines[0].startswith("python -m dali_ba.profile: error:"), lines[0]
+    assert lines[0].startswith("dali-ba profile views: error:") or \
+        lines[0].startswith("dali-ba profile: error:"), lines[0]
     assert re.search(message, lines[0]), lines[0]
     assert not (tmp_path / "profile_views.json").exists()
 

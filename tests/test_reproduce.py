@@ -1,4 +1,4 @@
-"""python -m dali_ba.reproduce in its quick mode (tiny data, a few steps), and the digits data set."""
+"""dali-ba reproduce in its quick mode (tiny data, a few steps), and the digits data set."""
 import json
 import sys
 
@@ -10,7 +10,7 @@ from dali_ba.data.dataset import load_dataset
 from dali_ba.data.digits import write_digits
 from dali_ba.training.metrics import PHASES
 
-REPRODUCE = [sys.executable, "-m", "dali_ba.reproduce"]
+REPRODUCE = [sys.executable, "-m", "dali_ba", "reproduce"]
 
 
 def test_digits_are_real_scans_as_stratified_jpeg_folders(tmp_path):
@@ -56,5 +56,5 @@ def test_quick_reproduction_writes_figures_numbers_and_report(tmp_path):
 
 def test_reproduce_bad_input_is_one_line(tmp_path):
     done = run_cli(*REPRODUCE, "--epochs", "1", "--out", str(tmp_path / "x"), timeout=60)
-    assert done.returncode == 2 and done.stderr.strip() == "python -m dali_ba.reproduce: error: --epochs must be >= 2, got 1"
+    assert done.returncode == 2 and done.stderr.strip() == "dali-ba reproduce: error: --epochs must be >= 2, got 1"
     assert not (tmp_path / "x").exists()

@@ -123,7 +123,7 @@ def test_a_broken_sample_in_a_shard_is_skipped_and_named(messy, tmp_path):  # no
     assert batches == len(loader)
     named = {name.split(":", 1)[1] for name in loader.bad_files}
     assert named == {f"ring_cool/{name}" for name in BROKEN}
-    check = run_cli(sys.executable, "-m", "dali_ba.check_data", str(tmp_path / "shards"), "--out",
+    check = run_cli(sys.executable, "-m", "dali_ba", "check-data", str(tmp_path / "shards"), "--out",
                     str(tmp_path / "bad.txt"))
     assert check.returncode == 1, check.stderr
     assert {line.split("\t")[0] for line in (tmp_path / "bad.txt").read_text().splitlines()} == set(loader.bad_files)

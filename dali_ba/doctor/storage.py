@@ -65,7 +65,7 @@ def check_split(found: Findings, flag: str, path: str, train, max_pixels: int):
     facts.update(decoded_by=decoder, shape=shape, decode_error=error)
     if error:
         found.warn("data", f"{flag} {path}: its first sample {dataset.files[0]} does not decode ({error}) — list every "
-                           f"broken file with python -m dali_ba.check_data {path}")
+                           f"broken file with dali-ba check-data {path}")
     return dataset
 
 

@@ -1,7 +1,7 @@
 """Check a data set before a long job: decode every file once, list the ones that fail, and why.
 
-    python -m dali_ba.check_data DIR|LIST [--out bad_files.txt] [--fix-list good.txt] [--workers N] [--quick]
-    srun -n 8 python -m dali_ba.check_data /data/imagenet/train --fix-list train_ok.txt
+    dali-ba check-data DIR|LIST [--out bad_files.txt] [--fix-list good.txt] [--workers N] [--quick]
+    srun -n 8 dali-ba check-data /data/imagenet/train --fix-list train_ok.txt
 
 DIR is a folder of class folders or of tar shards, LIST a ``<path> <label>`` file (as --train takes). Each file is
 decoded in full by Pillow (what a truncated, empty or non-image file fails), over ``--workers``
@@ -27,7 +27,7 @@ from dali_ba.errors import OneLineParser, UsageError
 from dali_ba.loading.probe import check_samples
 from dali_ba.recipe import DataConfig
 
-PROG = "python -m dali_ba.check_data"
+PROG = "dali-ba check-data"
 
 
 def main(argv: list[str] | None = None) -> int:

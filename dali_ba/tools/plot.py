@@ -1,6 +1,6 @@
 """Figures of one or several training runs (e.g. an M sweep), from their metrics.jsonl.
 
-    python -m dali_ba.plot runs/m1 runs/m4 runs/m8 [--out runs/figures]
+    dali-ba plot runs/m1 runs/m4 runs/m8 [--out runs/figures]
 
 Writes PNGs (default: into the first run folder):
 - error_vs_epoch.png, error_vs_time.png: training (dashed) and validation (solid) error, as the
@@ -25,7 +25,7 @@ from dali_ba.errors import OneLineParser, UsageError
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-PROG = "python -m dali_ba.plot"
+PROG = "dali-ba plot"
 
 
 def new_figure(width: float = 7.0, height: float = 4.5):

@@ -1,11 +1,11 @@
 """Where the time goes: the loader alone, and training steps fed by it or from memory.
 
-    python -m dali_ba.profile pipeline --train data/demo/train --views 1,2,4,8,16
-    python -m dali_ba.profile pipeline --views 1,4 --augment imagenet,trivial,randaugment
-    python -m dali_ba.profile step --recipe pipelines/demo.toml --steps 30 --out runs/profile/r1
-    horovodrun -np 2 python -m dali_ba.profile step --recipe pipelines/demo.toml --out runs/profile/r2
-    python -m dali_ba.profile views --recipe pipelines/demo.toml --views 1,2,4,8,16 --tolerance 0.1 --out runs/profile/views
-    python -m dali_ba.profile collect runs/profile/r1 runs/profile/r2 --out runs/profile/summary.md
+    dali-ba profile pipeline --train data/demo/train --views 1,2,4,8,16
+    dali-ba profile pipeline --views 1,4 --augment imagenet,trivial,randaugment
+    dali-ba profile step --recipe pipelines/demo.toml --steps 30 --out runs/profile/r1
+    horovodrun -np 2 dali-ba profile step --recipe pipelines/demo.toml --out runs/profile/r2
+    dali-ba profile views --recipe pipelines/demo.toml --views 1,2,4,8,16 --tolerance 0.1 --out runs/profile/views
+    dali-ba profile collect runs/profile/r1 runs/profile/r2 --out runs/profile/summary.md
 
 ``pipeline`` times the DALI loader with no consumer, for each augmentation and M: samples/s,
 views/s, and what each view costs beyond the first augmentation listed (auto-augmentation's price).
@@ -43,7 +43,7 @@ from dali_ba.training.metrics import StepClock
 from dali_ba.training.step_timing import (TIMING_RULE, YIELD_VARIABLE, endless, load_step_data, measure_step, time_window,
                                  write_json)
 
-PROG = "python -m dali_ba.profile"
+PROG = "dali-ba profile"
 STEP_FILE = "profile_step.json"
 
 

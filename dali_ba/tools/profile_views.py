@@ -1,4 +1,4 @@
-"""``python -m dali_ba.profile views``: the same training steps at each M, and the views that come
+"""``dali-ba profile views``: the same training steps at each M, and the views that come
 (almost) free — the paper's Figure 5 claim measured on this hardware (see :mod:`dali_ba.tools.profile`). Each M's
 steps are timed as training runs them, N steps between two synchronisations (:data:`dali_ba.tools.profile.TIMING_RULE`):
 a wait for the device after every step would hide the overlap that makes views free where compute is to spare."""
