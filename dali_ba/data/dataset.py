@@ -2,7 +2,7 @@
 
 Pure Python and cheap, so every data problem is reported before a DALI pipeline or a model exists.
 Each reader returns an :class:`~dali_ba.data.samples.ImageDataset` (importable from here too); tar
-shards are indexed by :mod:`dali_ba.data.shard_index`.
+shards are indexed by :mod:`dali_ba.data.shard_reader`.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dali_ba.data.samples import ImageDataset
-from dali_ba.data.shard_index import is_shard_source, read_shards
+from dali_ba.data.shard_reader import is_shard_source, read_shards
 from dali_ba.errors import UsageError
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageDataset", "load_dataset", "read_file_list", "scan_folder"]

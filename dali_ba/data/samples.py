@@ -19,7 +19,7 @@ class ImageDataset:
     """Absolute file paths, integer labels and class names, in a fixed (sorted) order.
 
     For tar shards, ``files`` are the samples' names (``<tar>:<member>``) and ``members`` says where
-    their bytes are (:class:`ShardMembers`, :mod:`dali_ba.data.shard_index`); ``None`` for files on disk.
+    their bytes are (:class:`ShardMembers`, :mod:`dali_ba.data.shard_reader`); ``None`` for files on disk.
     """
 
     files: tuple[str, ...]

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from dali_ba.data.dataset import ImageDataset, load_dataset
-from dali_ba.data.sharding import eval_shard, train_shard
+from dali_ba.data.partition import eval_shard, train_shard
 from dali_ba.device import default_device, to_device
 from dali_ba.errors import UnreadableImageError, UsageError
 from dali_ba.install_choice import DEFAULT_HW_DECODER_LOAD
@@ -273,7 +273,7 @@ class BatchAugmentLoader(_ShardedLoader):
 
     Yields ``images`` (B, M, 3, H, W) uint8 in channels_last memory and ``labels`` (B,) int64. Each
     epoch reshuffles the whole dataset from (seed, epoch) and deals it out to ranks; every rank gets
-    the same number of steps (see :func:`dali_ba.data.sharding.train_shard`). The views of sample i
+    the same number of steps (see :func:`dali_ba.data.partition.train_shard`). The views of sample i
     in epoch e depend only on (seed, e, i) (:mod:`dali_ba.loading.augment`), whatever the number of ranks.
     On the "cpu" decoder torch makes the views in ``num_threads`` threads (:mod:`dali_ba.loading.views`);
     on "mixed" DALI's GPU operators do, from the same parameters. ``stage`` chooses otherwise:

@@ -12,7 +12,7 @@ tar), written last: a folder with a manifest is complete. Shards are written by 
 processes, each to a ``.partial`` name, read back and compared (names, offsets, SHA-256 of every
 member) before it takes its final name.
 
-Reading them is :mod:`dali_ba.data.shard_index`'s (``load_dataset`` calls it): every sample is indexed
+Reading them is :mod:`dali_ba.data.shard_reader`'s (``load_dataset`` calls it): every sample is indexed
 as (tar, offset, size), so the loaders keep their random access by dataset index and a run on shards
 reshuffles, shards over ranks, resumes and skips broken samples exactly as on the folder it was
 written from (and, in the default order, gives the same model bit for bit). Samples are read with
@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from dali_ba.data.dataset import load_dataset
-from dali_ba.data.shard_index import FORMAT, INDEX_VERSION, LABEL_EXT, MANIFEST
+from dali_ba.data.shard_reader import FORMAT, INDEX_VERSION, LABEL_EXT, MANIFEST
 from dali_ba.errors import UsageError
 
 PROG = "python -m dali_ba.data.shards"
