@@ -48,7 +48,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dali_ba.data.dataset import ImageDataset, load_dataset  # noqa: E402
-from dali_ba.loading.loader import IMAGENET_MEAN, IMAGENET_STD, BatchAugmentLoader  # noqa: E402
+from dali_ba.loading.loader import BatchAugmentLoader  # noqa: E402
+from dali_ba.loading.tensors import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from dali_ba.loading.pipeline import read_samples  # noqa: E402
 
 AREA, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)

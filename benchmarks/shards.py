@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from dali_ba.data.dataset import load_dataset  # noqa: E402
-from dali_ba.data.shards import parse_size, write_shards  # noqa: E402
+from dali_ba.data.shard_writer import parse_size, write_shards  # noqa: E402
 from dali_ba.loading.loader import BatchAugmentLoader  # noqa: E402
 
 SOURCES = ("folder", "shards")

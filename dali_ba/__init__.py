@@ -11,8 +11,12 @@ __all__ = ["BatchAugmentLoader", "ValidationLoader", "AugmentedValidationLoader"
 def __getattr__(name: str):
     # The loader pulls in torch and DALI; import it only when asked, so the CLI can reject bad
     # input before paying for those imports.
-    if name in ("BatchAugmentLoader", "ValidationLoader", "AugmentedValidationLoader", "flatten_views", "normalize"):
+    if name in ("BatchAugmentLoader", "ValidationLoader", "AugmentedValidationLoader"):
         from dali_ba.loading import loader
 
         return getattr(loader, name)
+    if name in ("flatten_views", "normalize"):
+        from dali_ba.loading import tensors
+
+        return getattr(tensors, name)
     raise AttributeError(f"module 'dali_ba' has no attribute {name!r}")

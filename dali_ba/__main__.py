@@ -14,7 +14,7 @@ import sys
 # command -> the module whose main(argv) runs it, in data-path order
 COMMANDS: dict[str, str] = {
     "synth": "dali_ba.data.synth",
-    "shards": "dali_ba.data.shards",
+    "shards": "dali_ba.data.shard_writer",
     "check-data": "dali_ba.tools.check_data",
     "doctor": "dali_ba.doctor",
     "train": "dali_ba.train",

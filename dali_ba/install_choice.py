@@ -32,10 +32,6 @@ DALI_VERSION = "2.4.0"
 # ``experimental_exec_dynamic``, 1.43 added ``DataNode.shape()``); the auto_aug suites (1.24) and
 # the decoder's ``hw_decoder_load`` are older. ``python -m dali_ba.doctor`` fails on an older DALI.
 MIN_DALI = "1.44"
-# The mixed decoder's share of each batch for the hardware JPEG decoder (the rest: CUDA), written
-# out because DALI's own default changed between releases (0.90 with the nvImageCodec decoder, 0.65
-# again from DALI PR #6366): without it the split would be whatever the installed DALI picks.
-DEFAULT_HW_DECODER_LOAD = 0.65
 DRIVER_FLOOR = {13: (580,), 12: (525, 60), 11: (450, 80, 2)}  # CUDA major -> oldest Linux driver
 BUILDS = {"120": 12, "130": 13}  # --dali-cuda / DALI_CUDA values -> CUDA major
 NO_DRIVER_BUILD = "130"  # CPU-only machines: the build the tests run with here

@@ -15,8 +15,8 @@ from typing import Any, get_type_hints
 
 from dali_ba.distributed.launcher import ENGINES
 from dali_ba.errors import OneLineParser, UsageError
-from dali_ba.install_choice import DEFAULT_HW_DECODER_LOAD
 from dali_ba.loading.augment import AUGMENTATIONS, check_ranges
+from dali_ba.loading.feed import DEFAULT_HW_DECODER_LOAD
 
 
 def option(default: Any, help: str) -> Any:

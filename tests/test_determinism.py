@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 
-from dali_ba.install_choice import DEFAULT_HW_DECODER_LOAD
 from dali_ba.loading import pipeline
+from dali_ba.loading.feed import DEFAULT_HW_DECODER_LOAD
 from dali_ba.training.step import CUBLAS_WORKSPACE, apply_determinism
 
 CUBLAS_AT_START = os.environ.get("CUBLAS_WORKSPACE_CONFIG")

@@ -8,7 +8,7 @@ import torch
 from conftest import decode_identity
 from dali_ba import AugmentedValidationLoader
 from dali_ba.distributed.world import World
-from dali_ba.loading.loader import normalize
+from dali_ba.loading.tensors import normalize
 from dali_ba.training.evaluation import calibrate_batchnorm, evaluate
 
 

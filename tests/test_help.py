@@ -19,6 +19,7 @@ COMMANDS = [
     ["dali_ba.doctor"],
     ["dali_ba.install_choice"],
     ["dali_ba.data.shards"],
+    ["dali_ba.data.shard_writer"],  # the shard writer's own module; dali_ba.data.shards is its command's old name
     ["dali_ba.data.synth"],
     ["dali_ba.data.digits"],
     ["dali_ba.data.cifar10"],

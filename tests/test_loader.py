@@ -10,7 +10,7 @@ from conftest import decode_identity
 from dali_ba import BatchAugmentLoader, ValidationLoader, flatten_views, normalize
 from dali_ba.data.dataset import load_dataset
 from dali_ba.errors import UsageError
-from dali_ba.loading.loader import MIXED_DECODE_TOLERANCE
+from dali_ba.loading.feed import MIXED_DECODE_TOLERANCE
 
 
 def collect(batches):

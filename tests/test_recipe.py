@@ -120,7 +120,7 @@ def test_the_gpu_contract_switches_are_off_unless_asked(tmp_path, flag, table, k
 
 def test_the_hardware_decoder_share_is_written_out(tmp_path):
     """0.65 whatever DALI's own default (0.90 in some releases): the split is the recipe's, not the install's."""
-    from dali_ba.install_choice import DEFAULT_HW_DECODER_LOAD
+    from dali_ba.loading.feed import DEFAULT_HW_DECODER_LOAD
 
     assert parse().data.hw_decoder_load == DEFAULT_HW_DECODER_LOAD == 0.65
     assert parse("--hw-decoder-load", "0.9").data.hw_decoder_load == 0.9

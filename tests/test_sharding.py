@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from dali_ba.data.sharding import eval_shard, train_shard
+from dali_ba.data.partition import eval_shard, train_shard
 from dali_ba.errors import UsageError
 
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import run_cli
 from dali_ba import BatchAugmentLoader
 from dali_ba.data.dataset import load_dataset
-from dali_ba.data.shards import MANIFEST, main as shards_main, parse_size, plan_shards
+from dali_ba.data.shard_writer import MANIFEST, main as shards_main, parse_size, plan_shards
 from dali_ba.errors import UsageError
 from dali_ba.training.checkpoint import list_checkpoints
 from test_bad_files import BROKEN, messy  # noqa: F401 - the fixture, shared

@@ -1,8 +1,11 @@
-"""Reader stage: turn an ImageNet-style folder, a file list or tar shards into (files, labels).
+"""The sample index: an ImageNet-style folder, a file list or tar shards turned into the data set's
+list of files and labels, once, before anything is read for training (that is the loaders' reader,
+:mod:`dali_ba.loading.reader`).
 
 Pure Python and cheap, so every data problem is reported before a DALI pipeline or a model exists.
-Each reader returns an :class:`~dali_ba.data.samples.ImageDataset` (importable from here too); tar
-shards are indexed by :mod:`dali_ba.data.shard_index`.
+Each indexing function (``scan_folder``, ``read_file_list``, ``load_dataset`` for any of them) returns
+an :class:`~dali_ba.data.samples.ImageDataset` (importable from here too); tar shards are indexed by
+:mod:`dali_ba.data.shard_reader`.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dali_ba.data.samples import ImageDataset
-from dali_ba.data.shard_index import is_shard_source, read_shards
+from dali_ba.data.shard_reader import is_shard_source, read_shards
 from dali_ba.errors import UsageError
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageDataset", "load_dataset", "read_file_list", "scan_folder"]

@@ -4,7 +4,7 @@
 
 Each 8x8 image (16 grey levels) is scaled to 0-255, upscaled to ``size`` px (bicubic), written as an
 RGB JPEG (quality 95) into train/<digit>/ or val/<digit>/; the split is stratified by digit and fixed
-by ``seed``. A small real data set for the paper reproduction (``python -m dali_ba.reproduce``).
+by ``seed``. A small real data set for the paper reproduction (``dali-ba reproduce``).
 """
 from __future__ import annotations
 

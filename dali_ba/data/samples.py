@@ -1,5 +1,5 @@
 """Where a dataset's samples are, and how their encoded bytes are read: files on disk, or byte ranges
-of tar shards. The record every reader of :mod:`dali_ba.data.dataset` returns and the loaders read.
+of tar shards. The record every indexing function of :mod:`dali_ba.data.dataset` returns and the loaders read.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ class ImageDataset:
     """Absolute file paths, integer labels and class names, in a fixed (sorted) order.
 
     For tar shards, ``files`` are the samples' names (``<tar>:<member>``) and ``members`` says where
-    their bytes are (:class:`ShardMembers`, :mod:`dali_ba.data.shard_index`); ``None`` for files on disk.
+    their bytes are (:class:`ShardMembers`, :mod:`dali_ba.data.shard_reader`); ``None`` for files on disk.
     """
 
     files: tuple[str, ...]

@@ -1,13 +1,14 @@
 """Decode once, then M views: the DALI graphs behind the loaders.
 
 Each training graph reads B encoded samples and decodes each one exactly once. The samples come
-from the reader stage (:class:`dali_ba.loading.reader.SampleSource`, an external source), in the order the
-loader planned, with the view parameters of their batch (drawn by :mod:`dali_ba.loading.augment`): a graph
-is built once per run and each pass is a new plan for its source. On the CPU path the graph stops
-after decoding (:func:`decode_pipeline`) and torch makes the views (:mod:`dali_ba.loading.views`); on the
-GPU path (:func:`batch_augment_pipeline`, "mixed" decoder) DALI's GPU operators make them. Both
-render the same parameters; for ``trivial`` and ``randaugment`` those include each view's ops,
-magnitude bins and signs, which DALI's own ``auto_aug`` augmentations apply (:func:`auto_augment_view`).
+from the reader stage (:class:`dali_ba.loading.reader.SampleSource`, an external source), in the order
+of the loader's pass, with the view parameters of their batch (drawn by :mod:`dali_ba.loading.augment`):
+a graph is built once per run and each pass is a new :class:`~dali_ba.loading.reader.DataPass` for its
+source. On the CPU path the graph stops after decoding (:func:`decode_pipeline`) and torch makes the
+views (:mod:`dali_ba.loading.views`); on the GPU path (:func:`batch_augment_pipeline`, "mixed" decoder)
+DALI's GPU operators make them. Both render the same parameters; for ``trivial`` and ``randaugment``
+those include each view's ops, magnitude bins and signs, which DALI's own ``auto_aug`` augmentations
+apply (:func:`auto_augment_view`).
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from typing import TYPE_CHECKING
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 
-from dali_ba.install_choice import DEFAULT_HW_DECODER_LOAD
 from dali_ba.loading.augment import AUTO_OPS, MAGNITUDE_BINS
+from dali_ba.loading.feed import DEFAULT_HW_DECODER_LOAD
 
 if TYPE_CHECKING:
     from dali_ba.loading.reader import SampleSource
@@ -84,7 +85,7 @@ def param_outputs(augment: str, auto_ops: int) -> list[int]:
 
 
 def read_samples(samples: SampleSource, params: Sequence[int] = ()):
-    """The planned samples' encoded bytes and labels (and the ``params`` of :data:`PARAM_TYPES`
+    """The pass's samples' encoded bytes and labels (and the ``params`` of :data:`PARAM_TYPES`
     the source also serves), from the reader stage (:mod:`dali_ba.loading.reader`)."""
     dtypes = [types.UINT8, types.INT32] + [PARAM_TYPES[i] for i in params]
     return fn.external_source(samples, num_outputs=len(dtypes), batch_info=True, dtype=dtypes)

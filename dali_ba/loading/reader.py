@@ -1,13 +1,15 @@
-"""The reader stage: each planned sample's encoded bytes, fed to a DALI graph by an external source.
+"""The reader stage: threads reading the encoded bytes of each sample of a pass over data, fed to a
+DALI graph by an external source. (Which files and labels a data set has is decided before, once:
+:mod:`dali_ba.data.dataset`.)
 
 A loader builds its DALI graph once per run and keeps it; every pass over data (an epoch, an epoch
-resumed mid-way, an evaluation) is a new :class:`Plan` handed to the same :class:`SampleSource`.
+resumed mid-way, an evaluation) is a new :class:`DataPass` handed to the same :class:`SampleSource`.
 The source reads a few batches ahead in a thread pool while DALI decodes (reads wait on the file
 system, not the CPU), and parses each sample's header as it reads it: the decoded size that the
 view parameters are drawn from (kept for the rest of the run), and the problems that make a
 sample a broken file before any decoder sees it (an unreadable file or header, an image larger
 than ``max_pixels``). A broken sample is reported (``on_broken``) and its slot refilled with the
-first good sample of its batch: the same batch as a plan that knew of the file from the start.
+first good sample of its batch: the same batch as a pass that knew of the file from the start.
 """
 from __future__ import annotations
 
@@ -34,8 +36,8 @@ DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's decompression-bomb limit (PIL.
 
 
 @dataclass
-class Plan:
-    """One pass: ``slots`` are the samples whose views fill each slot (whole batches, in order),
+class DataPass:
+    """One pass over data: ``slots`` are the samples whose views fill each slot (whole batches, in order),
     ``reads`` what is read into each slot (known broken samples already refilled)."""
 
     epoch: int
@@ -88,7 +90,7 @@ def pixels_problem(height: int, width: int, max_pixels: int) -> str | None:
 
 
 class SampleSource:
-    """DALI external source (``batch_info=True``) of a plan's batches: per sample its encoded bytes
+    """DALI external source (``batch_info=True``) of a pass's batches: per sample its encoded bytes
     and label; with ``params`` also the view parameters of the batch's slots (each slot keeps its
     own sample's views, drawn at the size of what was read into it), as extra outputs.
 
@@ -108,17 +110,17 @@ class SampleSource:
         self.dataset, self.sizes, self.on_broken, self.params = dataset, sizes, on_broken, params
         self.max_pixels = max_pixels
         self._labels = np.asarray(dataset.labels, dtype=np.int32)
-        self.plan: Plan | None = None
+        self.data_pass: DataPass | None = None
         self._reads: dict[int, list[Future]] = {}
 
-    def start(self, plan: Plan) -> None:
-        """Serve ``plan`` from its first batch (DALI's iteration counter restarts with each pass)."""
-        self.plan, self._reads = plan, {}
+    def start(self, data_pass: DataPass) -> None:
+        """Serve ``data_pass`` from its first batch (DALI's iteration counter restarts with each pass)."""
+        self.data_pass, self._reads = data_pass, {}
 
     def stop(self) -> None:
         """End the current pass after the batches already asked for (to drain an abandoned pass):
         until the next :meth:`start`, every request ends the pass."""
-        self.plan = None
+        self.data_pass = None
 
     def _read(self, index: int) -> tuple[bytes, str | None]:
         """A sample's bytes, and why it is broken (None: it is not); fills in its size."""
@@ -139,22 +141,22 @@ class SampleSource:
         return data, pixels_problem(*self.sizes[index], self.max_pixels)
 
     def _read_ahead(self, batch: int) -> None:
-        if batch < self.plan.batches and batch not in self._reads:
+        if batch < self.data_pass.batches and batch not in self._reads:
             pool = _read_pool()
-            self._reads[batch] = [pool.submit(self._read, index) for index in self.plan.batch(batch)[1]]
+            self._reads[batch] = [pool.submit(self._read, index) for index in self.data_pass.batch(batch)[1]]
 
     def __call__(self, info) -> list:
-        plan, batch = self.plan, info.iteration
-        if plan is None or batch >= plan.batches:
+        data_pass, batch = self.data_pass, info.iteration
+        if data_pass is None or batch >= data_pass.batches:
             raise StopIteration
         for ahead in range(batch, batch + READ_AHEAD + 1):
             self._read_ahead(ahead)
-        slots, reads = plan.batch(batch)
+        slots, reads = data_pass.batch(batch)
         results = [read.result() for read in self._reads.pop(batch)]
         encoded = self._refill(reads, results)
         outputs = [encoded, [self._labels[i : i + 1] for i in reads]]
         if self.params is not None:
-            outputs += list(self.params(plan.epoch, slots, self.sizes[reads]))
+            outputs += list(self.params(data_pass.epoch, slots, self.sizes[reads]))
         return outputs
 
     def _refill(self, reads: np.ndarray, results: list[tuple[bytes, str | None]]) -> list[np.ndarray]:
@@ -166,7 +168,7 @@ class SampleSource:
             good = [k for k, (_, reason) in enumerate(results) if not reason]
             if not good:
                 raise UnreadableImageError(f"every sample of a batch is broken (e.g. {next(iter(broken))}: "
-                                           f"{next(iter(broken.values()))}); check the data with python -m dali_ba.check_data")
+                                           f"{next(iter(broken.values()))}); check the data with dali-ba check-data")
             for k, (_, reason) in enumerate(results):
                 if reason:
                     reads[k], results[k] = reads[good[0]], results[good[0]]

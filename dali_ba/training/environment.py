@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 from dali_ba.distributed.launcher import detect_launch
 from dali_ba.distributed.placement import gpu_placement
-from dali_ba.install_choice import DEFAULT_HW_DECODER_LOAD, installed_dali
+from dali_ba.install_choice import installed_dali
+from dali_ba.loading.feed import DEFAULT_HW_DECODER_LOAD
 
 if TYPE_CHECKING:
     import torch

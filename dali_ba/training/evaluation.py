@@ -40,7 +40,7 @@ def evaluate(
     import torch
     import torch.nn.functional as F
 
-    from dali_ba.loading.loader import normalize
+    from dali_ba.loading.tensors import normalize
 
     memory_format = memory_format or torch.channels_last
     was_training = model.training
@@ -82,7 +82,7 @@ def calibrate_batchnorm(
     the host: torch would read ``num_batches_tracked`` off the device in every BatchNorm layer."""
     import torch
 
-    from dali_ba.loading.loader import flatten_views, normalize
+    from dali_ba.loading.tensors import flatten_views, normalize
 
     memory_format = memory_format or torch.channels_last
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]

@@ -61,7 +61,7 @@ def train_step(
     import torch
     import torch.nn.functional as F
 
-    from dali_ba.loading.loader import flatten_views, normalize
+    from dali_ba.loading.tensors import flatten_views, normalize
 
     with phase("forward_backward"):
         x, y = flatten_views(images, labels)

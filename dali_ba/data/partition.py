@@ -1,7 +1,9 @@
-"""Which samples each rank reads in each epoch, decided up front from (seed, epoch, rank, world).
+"""The partition of a data set between ranks: which samples each rank reads in each epoch, decided up
+front from (seed, epoch, rank, world). (Tar shards on disk are :mod:`dali_ba.data.shard_writer`'s.)
 
-Deterministic plans, not reader state: every rank computes the same global permutation, so shards
-are disjoint without communication, and a run can resume at any (epoch, step).
+Computed, not kept as reader state: every rank computes the same global permutation, so its share
+(``train_shard``, ``eval_shard``) is disjoint from the others' without communication, and a run can
+resume at any (epoch, step).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Read tar shards (WebDataset format, as :mod:`dali_ba.data.shards` writes them): index every sample
+"""Read tar shards (WebDataset format, as :mod:`dali_ba.data.shard_writer` writes them): index every sample
 as (tar, offset, size), from DALI's ``.idx`` files or the tars themselves, labels from the folder's
 manifest or each sample's ``.cls`` member.
 
