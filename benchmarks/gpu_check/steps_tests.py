@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from gpu_check import REPO, child_env, kill_tree
-from gpu_common import Ctx, gpu
+from benchmarks.gpu_check.context import Ctx, gpu
+from benchmarks.gpu_check.processes import REPO, child_env, kill_tree
 
 TESTS = ("test_loader.py", "test_resume.py", "test_train.py", "test_bad_files.py", "test_evaluation.py",
          "test_odd_files.py", "test_step.py")  # the GPU-relevant ones: most telling, then the longest, first
