@@ -12,8 +12,10 @@ import pytest
 from benchmarks.gpu_check import driver
 from benchmarks.gpu_check import report as gpu_report
 from benchmarks.gpu_check.steps_env import JpgUtilisation, nvidia_smi
-from benchmarks.gpu_check.steps_tests import SMOKE_FILES, SMOKE_TESTS, read_outcomes
+from benchmarks.gpu_check.steps_tests import OWN_TEST, SMOKE_FILES, SMOKE_TESTS, marked_files, read_outcomes
 from conftest import run_cli
+
+pytestmark = pytest.mark.strict_device  # the smoke run belongs to make test's strict-device pass
 
 STEPS = ("env", "doctor", "tests", "demo", "loader", "augment", "figure5", "views", "compile")
 
@@ -55,8 +57,8 @@ def test_the_smoke_run_has_the_numbers_of_every_step(smoke):
     # Every test file in its own pytest process: its own outcome; -k leaves nothing of test_odd_files.py.
     tests = result["tests"]
     assert tests["counts"] == {"PASSED": len(SMOKE_TESTS)} and tests["failed"] == [] and tests["not_ok"] == []
-    files = [name for name in SMOKE_FILES if name in tests["files"]]
-    assert list(tests["per_file"]) == files and len(files) >= 3
+    files = tests["files"]  # the files marked strict_device that hold the smoke tests, in the order they started
+    assert set(files) <= set(SMOKE_FILES) and list(tests["per_file"]) == files and len(files) >= 3
     assert tests["per_file"]["test_odd_files.py"]["status"] == "nothing selected"
     assert all(f["status"] == "ok" and f["counts"]["PASSED"] >= 1 and 0 < f["seconds"] < f["limit_s"]
                for name, f in tests["per_file"].items() if name != "test_odd_files.py")
@@ -189,6 +191,17 @@ def test_test_outcomes_are_read_from_a_verbose_log_even_when_cut_short():
                      "tests/test_b.py::test_four "])
     assert read_outcomes(log) == {"tests/test_a.py::test_one": "PASSED", "tests/test_a.py::test_two[x-1]": "ERROR",
                                   "tests/test_b.py::test_three": "SKIPPED"}
+
+
+def test_the_tests_step_runs_the_files_of_make_tests_strict_device_pass():
+    """The step reads the strict_device marker from the test files' code; pytest's own selection (make test's
+    second pass, -m strict_device) finds the same files, and besides them only this one, never run by the step."""
+    done = run_cli(sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                   "-m", "strict_device", "tests")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    collected = {line.split("::")[0].removeprefix("tests/") for line in done.stdout.splitlines() if "::" in line}
+    assert collected == {*marked_files(), OWN_TEST} and {"test_loader.py", "test_train.py"} <= collected
+    assert set(SMOKE_FILES) <= set(marked_files())
 
 
 FAKE_NVIDIA_SMI = """#!/bin/sh
