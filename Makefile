@@ -33,18 +33,17 @@ demo: install demo-data
 paper: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dali-ba reproduce --out runs/paper
 
-# Two passes: the suite on the CPU, then the GPU check's test files and its smoke run on the strict
-# device mode's stand-in device (dali_ba/strict_device.py: GPU manners on the CPU, host syncs counted).
-STRICT_TESTS = $(shell $(PY) -c 'import sys; sys.path.insert(0, "benchmarks"); from gpu_steps_tests import TESTS; \
-                 print(*("tests/" + name for name in TESTS))') tests/test_gpu_check.py
+# Two passes: the suite on the CPU, then the tests marked strict_device (the GPU check's test files and
+# its smoke run, tests/test_gpu_check.py) on the strict device mode's stand-in device
+# (dali_ba/strict_device.py: GPU manners on the CPU, host syncs counted).
 test: install
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" python -m pytest -q tests $(addprefix --ignore=,$(STRICT_TESTS))
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" python -m pytest -q --strict-device $(STRICT_TESTS)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" python -m pytest -q -m "not strict_device" tests
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" python -m pytest -q --strict-device -m strict_device tests
 
 clean:
 	rm -rf runs data .pytest_cache
 
-# The GPU check (benchmarks/gpu_check.py): environment, the GPU-relevant tests, the demo trainings, the
+# The GPU check (benchmarks/gpu_check/): environment, the GPU-relevant tests, the demo trainings, the
 # loader against its peers and Figure 5, in at most 8 minutes on a GPU machine; gpu_check.json, .md and
 # details.tar.gz in OUT. SMOKE=1 runs the same steps on the CPU at tiny sizes (tests/test_gpu_check.py, so
 # part of make test). Needs no install: the venv's python where there is one, else python3 (GPU machines).
@@ -52,4 +51,4 @@ clean:
 OUT   ?= runs/gpu-check
 SMOKE ?=
 gpu-check:
-	$(if $(wildcard $(PY)),$(PY),python3) benchmarks/gpu_check.py --out $(OUT) $(if $(filter-out 0,$(SMOKE)),--smoke)
+	$(if $(wildcard $(PY)),$(PY),python3) -m benchmarks.gpu_check --out $(OUT) $(if $(filter-out 0,$(SMOKE)),--smoke)

@@ -1,7 +1,7 @@
 """The two engines side by side: the same training run under horovodrun (Horovod) and torchrun
 (torch.distributed + DDP), on the same data, cores and recipe.
 
-    python benchmarks/engines.py [--recipe pipelines/demo.toml] [--ranks 2] [--epochs 3] [--repeats 2]
+    python -m benchmarks.engines [--recipe pipelines/demo.toml] [--ranks 2] [--epochs 3] [--repeats 2]
                                  [--out benchmarks/results]
 
 Runs are interleaved (horovod, torch, horovod, torch, ...) so that a change in machine load hits both
@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+PROG = "python -m benchmarks.engines"
 PHASES = ("data", "h2d", "forward_backward", "allreduce_step", "step")
 
 
@@ -43,7 +44,7 @@ def run_once(engine: str, ranks: int, recipe: str, epochs: int, extra: list[str]
     started = time.perf_counter()
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     if done.returncode != 0:
-        sys.exit(f"engines.py: {engine} run failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+        sys.exit(f"{PROG}: {engine} run failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     (summary,) = [r for r in records if r["kind"] == "summary"]
     (start,) = [r for r in records if r["kind"] == "start"]
@@ -70,7 +71,7 @@ def table(runs: list[dict]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="pipelines/demo.toml")
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=3)

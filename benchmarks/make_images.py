@@ -1,6 +1,6 @@
 """Benchmark JPEGs that resemble ImageNet: ~400x350, quality 90, cut from real photographs.
 
-    python benchmarks/make_images.py [--out data/bench] [--count 1024] [--seed 0] [--imagenet-like]
+    python -m benchmarks.make_images [--out data/bench] [--count 1024] [--seed 0] [--imagenet-like]
 
 Synthetic shapes compress far better than photographs and so decode faster; a loader benchmark
 needs real image statistics. The sources are the colour photographs shipped inside scikit-image
@@ -84,7 +84,7 @@ def write_images(out: Path, count: int, seed: int = 0, *, width: tuple[int, int]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="make_images.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.make_images", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("data/bench"), help="output folder (default data/bench)")
     parser.add_argument("--count", type=int, default=1024, help="number of JPEGs (default 1024)")
     parser.add_argument("--seed", type=int, default=0)

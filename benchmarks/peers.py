@@ -1,6 +1,6 @@
 """Peers side by side: six ways to feed B samples x M views, on the same files, cores and view size.
 
-    python benchmarks/peers.py [--data data/bench] [--views 1,4,10] [--batch 32] [--epochs 4]
+    python -m benchmarks.peers [--data data/bench] [--views 1,4,10] [--batch 32] [--epochs 4]
                                [--threads 2] [--size 224] [--out benchmarks/results]
 
 (a) dali-ba            BatchAugmentLoader, cpu decoder: DALI decodes once, torch makes the M random-resized-crop
@@ -45,7 +45,7 @@ import psutil
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+PROG = "python -m benchmarks.peers"
 
 from dali_ba.data.dataset import ImageDataset, load_dataset  # noqa: E402
 from dali_ba.loading.loader import BatchAugmentLoader  # noqa: E402
@@ -385,7 +385,7 @@ def plot(results: list[dict], path: Path, title: str) -> None:
 
 
 def parse_args(argv: list[str] | None):
-    parser = argparse.ArgumentParser(prog="peers.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=REPO / "data" / "bench",
                         help="folder of class folders of JPEGs; made by make_images.py when missing (default data/bench)")
     parser.add_argument("--count", type=int, default=1024, help="images to make when --data is missing (default 1024)")
@@ -430,19 +430,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.replot:
         source = args.out / "peers.json"
         if not source.is_file():
-            print(f"peers.py: error: --replot needs {source}", file=sys.stderr)
+            print(f"{PROG}: error: --replot needs {source}", file=sys.stderr)
             return 2
         report(json.loads(source.read_text()), args.out)
         return 0
     if not args.data.exists():
-        sys.path.insert(0, str(Path(__file__).parent))
-        from make_images import write_images
+        from benchmarks.make_images import write_images
 
         print(f"making {args.count} benchmark JPEGs in {args.data}", flush=True)
         write_images(args.data, args.count)
     dataset = load_dataset(args.data)
     if len(dataset) < args.batch:
-        print(f"peers.py: error: {args.data} has {len(dataset)} images, fewer than --batch {args.batch}", file=sys.stderr)
+        print(f"{PROG}: error: {args.data} has {len(dataset)} images, fewer than --batch {args.batch}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
     info = dict(machine=machine(), data=data_summary(dataset), batch=args.batch, view_size=args.size,

@@ -1,9 +1,9 @@
 """Folder vs tar shards: the same JPEGs through the same loader, read from files or from shards.
 
-    python benchmarks/shards.py [--data data/bench] [--views 1,4] [--batch 32] [--size 224]
+    python -m benchmarks.shards [--data data/bench] [--views 1,4] [--batch 32] [--size 224]
                                 [--threads 2] [--epochs 3] [--shard-size 8MB] [--no-cold] [--out benchmarks/results]
 
-Makes the benchmark JPEGs when ``--data`` is missing (``make_images.py``), writes them as shards
+Makes the benchmark JPEGs when ``--data`` is missing (``benchmarks.make_images``), writes them as shards
 (timed) into a temporary folder, then times ``BatchAugmentLoader`` epochs (cpu decoder, torch
 views) on both. Warm: the files are in the page cache (a warm-up epoch each first). Cold: the page
 cache is dropped before each such epoch (needs root; skipped otherwise), so every byte comes from
@@ -27,8 +27,6 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
 from dali_ba.data.dataset import load_dataset  # noqa: E402
 from dali_ba.data.shard_writer import parse_size, write_shards  # noqa: E402
@@ -58,7 +56,7 @@ def timed_epoch(loader: BatchAugmentLoader, epoch: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.shards", description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(REPO / "data" / "bench"))
     parser.add_argument("--views", default="1,4", help="M values, comma-separated")
     parser.add_argument("--batch", type=int, default=32)
@@ -72,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     views = [int(v) for v in args.views.split(",")]
     if not Path(args.data).is_dir():
-        from make_images import write_images
+        from benchmarks.make_images import write_images
 
         write_images(Path(args.data), 1024)
     folder = load_dataset(args.data)

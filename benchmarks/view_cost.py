@@ -1,6 +1,6 @@
 """Where the per-view time goes: CPU milliseconds of each step, DALI and dali-ba's torch views against torchvision and PIL.
 
-    python benchmarks/view_cost.py [--data data/bench] [--views 10] [--rounds 5] [--out benchmarks/results]
+    python -m benchmarks.view_cost [--data data/bench] [--views 10] [--rounds 5] [--out benchmarks/results]
 
 Everything runs on one thread. Each number is the fastest of ``--rounds`` interleaved repetitions,
 so that other work on a shared machine inflates it as little as possible. DALI pipelines run
@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from dali_ba.data.dataset import load_dataset  # noqa: E402
 from dali_ba.loading.tensors import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
@@ -147,15 +146,15 @@ def torch_costs(files: list[str], size: int, rounds: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="view_cost.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=REPO / "data" / "bench", help="made by make_images.py")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.view_cost", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=REPO / "data" / "bench", help="made by benchmarks.make_images")
     parser.add_argument("--views", type=int, default=10, help="views per sample in the DALI graphs (default 10)")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=25, help="repetitions; the fastest counts (default 25)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args(argv)
     if not args.data.is_dir():
-        parser.error(f"--data {args.data} not found (make it: python benchmarks/make_images.py --out {args.data})")
+        parser.error(f"--data {args.data} not found (make it: python -m benchmarks.make_images --out {args.data})")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     files = list(load_dataset(args.data).files)
     dali = dali_costs(files, args.views, args.size, args.rounds)

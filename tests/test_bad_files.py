@@ -12,6 +12,8 @@ from dali_ba.training.checkpoint import list_checkpoints, load_checkpoint
 from test_check_data import jpeg_bytes, photo
 from test_odd_files import ODD
 
+pytestmark = pytest.mark.strict_device  # GPU-relevant: make test's strict-device pass and the GPU check run it
+
 TRAIN = [sys.executable, "-m", "dali_ba.train", "--recipe", "pipelines/demo.toml"]
 HOROVODRUN = ["horovodrun", "-np", "2"]
 BROKEN = {"truncated.jpg": lambda: jpeg_bytes(photo())[:600], "empty.jpg": lambda: b"",

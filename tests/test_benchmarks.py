@@ -5,11 +5,9 @@ import sys
 import pytest
 from PIL import Image, JpegImagePlugin
 
-from conftest import REPO, run_cli
+from benchmarks.make_images import HEIGHT, WIDTH, write_images
+from conftest import run_cli
 from dali_ba.data.dataset import load_dataset
-
-sys.path.insert(0, str(REPO / "benchmarks"))
-from make_images import HEIGHT, WIDTH, write_images  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +32,7 @@ def test_images_are_imagenet_like_jpegs_in_class_folders(bench_images):
 def test_peers_times_every_method_and_reports_the_ratios(bench_images, tmp_path):
     root, _ = bench_images
     out = tmp_path / "out"
-    done = run_cli(sys.executable, "benchmarks/peers.py", "--data", str(root), "--views", "1,2", "--epochs", "1",
+    done = run_cli(sys.executable, "-m", "benchmarks.peers", "--data", str(root), "--views", "1,2", "--epochs", "1",
                    "--batch", "4", "--methods", "acf", "--out", str(out))
     assert done.returncode == 0, done.stderr[-2000:]
     record = json.loads((out / "peers.json").read_text())
@@ -59,14 +57,14 @@ def test_peers_times_every_method_and_reports_the_ratios(bench_images, tmp_path)
     ("--methods", "az", "--methods must be letters from abcdef"),
 ])
 def test_peers_rejects_bad_flags(flag, value, message):
-    done = run_cli(sys.executable, "benchmarks/peers.py", flag, value, "--out", "/nonexistent")
+    done = run_cli(sys.executable, "-m", "benchmarks.peers", flag, value, "--out", "/nonexistent")
     assert done.returncode == 2 and message in done.stderr
 
 
 def test_shards_benchmark_times_folder_and_shards_on_the_same_files(bench_images, tmp_path):
     root, _ = bench_images
     out = tmp_path / "out"
-    done = run_cli(sys.executable, "benchmarks/shards.py", "--data", str(root), "--views", "1,2", "--epochs", "1",
+    done = run_cli(sys.executable, "-m", "benchmarks.shards", "--data", str(root), "--views", "1,2", "--epochs", "1",
                    "--batch", "4", "--size", "64", "--shard-size", "200KB", "--no-cold", "--out", str(out))
     assert done.returncode == 0, done.stderr[-2000:]
     record = json.loads((out / "shards.json").read_text())

@@ -11,6 +11,8 @@ from dali_ba.distributed.world import World
 from dali_ba.loading.tensors import normalize
 from dali_ba.training.evaluation import calibrate_batchnorm, evaluate
 
+pytestmark = pytest.mark.strict_device  # GPU-relevant: make test's strict-device pass and the GPU check run it
+
 
 MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
 

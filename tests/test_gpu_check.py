@@ -9,12 +9,13 @@ import textwrap
 import psutil
 import pytest
 
-from conftest import REPO, run_cli
+from benchmarks.gpu_check import driver
+from benchmarks.gpu_check import report as gpu_report
+from benchmarks.gpu_check.steps_env import JpgUtilisation, nvidia_smi
+from benchmarks.gpu_check.steps_tests import OWN_TEST, SMOKE_FILES, SMOKE_TESTS, marked_files, read_outcomes
+from conftest import run_cli
 
-sys.path.insert(0, str(REPO / "benchmarks"))
-import gpu_check  # noqa: E402
-import gpu_report  # noqa: E402
-from gpu_steps import SMOKE_FILES, SMOKE_TESTS, read_outcomes  # noqa: E402
+pytestmark = pytest.mark.strict_device  # the smoke run belongs to make test's strict-device pass
 
 STEPS = ("env", "doctor", "tests", "demo", "loader", "augment", "figure5", "views", "compile")
 
@@ -56,8 +57,8 @@ def test_the_smoke_run_has_the_numbers_of_every_step(smoke):
     # Every test file in its own pytest process: its own outcome; -k leaves nothing of test_odd_files.py.
     tests = result["tests"]
     assert tests["counts"] == {"PASSED": len(SMOKE_TESTS)} and tests["failed"] == [] and tests["not_ok"] == []
-    files = [name for name in SMOKE_FILES if name in tests["files"]]
-    assert list(tests["per_file"]) == files and len(files) >= 3
+    files = tests["files"]  # the files marked strict_device that hold the smoke tests, in the order they started
+    assert set(files) <= set(SMOKE_FILES) and list(tests["per_file"]) == files and len(files) >= 3
     assert tests["per_file"]["test_odd_files.py"]["status"] == "nothing selected"
     assert all(f["status"] == "ok" and f["counts"]["PASSED"] >= 1 and 0 < f["seconds"] < f["limit_s"]
                for name, f in tests["per_file"].items() if name != "test_odd_files.py")
@@ -125,10 +126,10 @@ FAKE_STEPS = textwrap.dedent("""
 def test_a_failing_or_hanging_step_never_stops_the_next(tmp_path, monkeypatch):
     script = tmp_path / "fake_steps.py"
     script.write_text(FAKE_STEPS)
-    monkeypatch.setattr(gpu_check, "STEPS_SCRIPT", script)
-    monkeypatch.setattr(gpu_check, "STEPS", tuple(gpu_check.Step(name, name, 3, 3) for name in ("env", "tests", "demo")))
+    monkeypatch.setattr(driver, "STEPS_COMMAND", (sys.executable, str(script)))
+    monkeypatch.setattr(driver, "STEPS", tuple(driver.Step(name, name, 3, 3) for name in ("env", "tests", "demo")))
     work, out = tmp_path / "work", tmp_path / "out"
-    assert gpu_check.main(["--out", str(out), "--work", str(work), "--smoke"]) == 1
+    assert driver.main(["--out", str(out), "--work", str(work), "--smoke"]) == 1
     report = json.loads((out / "gpu_check.json").read_text())
     assert [(s["name"], s["status"]) for s in report["steps"]] == [
         ("env", "failed (rc 3)"), ("tests", "timed out"), ("demo", "ok")]
@@ -142,8 +143,8 @@ def test_a_failing_or_hanging_step_never_stops_the_next(tmp_path, monkeypatch):
 
 
 def test_a_step_left_without_time_is_skipped(tmp_path, monkeypatch):
-    monkeypatch.setattr(gpu_check, "STEPS", (gpu_check.Step("env", "env", 3, 3),))
-    assert gpu_check.main(["--out", str(tmp_path), "--budget", "1", "--smoke"]) == 1
+    monkeypatch.setattr(driver, "STEPS", (driver.Step("env", "env", 3, 3),))
+    assert driver.main(["--out", str(tmp_path), "--budget", "1", "--smoke"]) == 1
     (step,) = json.loads((tmp_path / "gpu_check.json").read_text())["steps"]
     assert step["status"] == "skipped (no time left)"
 
@@ -151,15 +152,15 @@ def test_a_step_left_without_time_is_skipped(tmp_path, monkeypatch):
 def test_an_optional_step_runs_on_what_is_left_or_is_skipped_with_a_note(tmp_path, monkeypatch):
     script = tmp_path / "quick_steps.py"
     script.write_text("print('done')\n")
-    monkeypatch.setattr(gpu_check, "STEPS_SCRIPT", script)
-    monkeypatch.setattr(gpu_check, "STEPS", (gpu_check.Step("env", "env", 30, 30),
-                                             gpu_check.Step("compile", "compile", 60, 60, needs_s=50)))
-    assert gpu_check.main(["--out", str(tmp_path / "a"), "--budget", "40", "--smoke"]) == 0  # skipped: not a failure
+    monkeypatch.setattr(driver, "STEPS_COMMAND", (sys.executable, str(script)))
+    monkeypatch.setattr(driver, "STEPS", (driver.Step("env", "env", 30, 30),
+                                          driver.Step("compile", "compile", 60, 60, needs_s=50)))
+    assert driver.main(["--out", str(tmp_path / "a"), "--budget", "40", "--smoke"]) == 0  # skipped: not a failure
     env, compiled = json.loads((tmp_path / "a" / "gpu_check.json").read_text())["steps"]
     assert env["status"] == "ok" and compiled["optional"] is True
     assert compiled["status"].startswith("skipped (not enough time left: ") and "of the 50 s it needs" in compiled["status"]
     assert "(optional: on what is left)" in (tmp_path / "a" / "gpu_check.md").read_text()
-    assert gpu_check.main(["--out", str(tmp_path / "b"), "--budget", "100", "--smoke"]) == 0
+    assert driver.main(["--out", str(tmp_path / "b"), "--budget", "100", "--smoke"]) == 0
     env, compiled = json.loads((tmp_path / "b" / "gpu_check.json").read_text())["steps"]
     assert compiled["status"] == "ok" and 50 <= compiled["limit_s"] <= 60
 
@@ -192,6 +193,17 @@ def test_test_outcomes_are_read_from_a_verbose_log_even_when_cut_short():
                                   "tests/test_b.py::test_three": "SKIPPED"}
 
 
+def test_the_tests_step_runs_the_files_of_make_tests_strict_device_pass():
+    """The step reads the strict_device marker from the test files' code; pytest's own selection (make test's
+    second pass, -m strict_device) finds the same files, and besides them only this one, never run by the step."""
+    done = run_cli(sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                   "-m", "strict_device", "tests")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    collected = {line.split("::")[0].removeprefix("tests/") for line in done.stdout.splitlines() if "::" in line}
+    assert collected == {*marked_files(), OWN_TEST} and {"test_loader.py", "test_train.py"} <= collected
+    assert set(SMOKE_FILES) <= set(marked_files())
+
+
 FAKE_NVIDIA_SMI = """#!/bin/sh
 case "$1" in
   dmon) printf '# gpu     sm    mem    enc    dec    jpg    ofa\\n# Idx      %%      %%      %%      %%      %%      %%\\n'
@@ -202,8 +214,6 @@ esac
 
 
 def test_nvidia_smi_is_read_for_the_gpu_and_the_jpeg_engines(tmp_path, monkeypatch):
-    from gpu_steps import JpgUtilisation, nvidia_smi
-
     (tmp_path / "nvidia-smi").write_text(FAKE_NVIDIA_SMI)
     (tmp_path / "nvidia-smi").chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
@@ -215,12 +225,12 @@ def test_nvidia_smi_is_read_for_the_gpu_and_the_jpeg_engines(tmp_path, monkeypat
 
 
 def test_the_steps_limits_fit_the_eight_minutes_of_a_gpu_machine():
-    required = [step for step in gpu_check.STEPS if not step.needs_s]
-    optional = [step for step in gpu_check.STEPS if step.needs_s]
-    assert sum(step.budget_s for step in required) <= gpu_check.BUDGET_S <= 8 * 60
-    assert [s.name for s in gpu_check.STEPS][: len(required)] == [s.name for s in required]  # the optional ones last
+    required = [step for step in driver.STEPS if not step.needs_s]
+    optional = [step for step in driver.STEPS if step.needs_s]
+    assert sum(step.budget_s for step in required) <= driver.BUDGET_S <= 8 * 60
+    assert [s.name for s in driver.STEPS][: len(required)] == [s.name for s in required]  # the optional ones last
     assert [s.name for s in optional] == ["compile"] and all(s.needs_s <= s.budget_s for s in optional)
-    assert [s.name for s in gpu_check.STEPS][:2] == ["env", "doctor"]  # the doctor right after env, on its own limit
+    assert [s.name for s in driver.STEPS][:2] == ["env", "doctor"]  # the doctor right after env, on its own limit
 
 
 def test_the_markdown_report_shows_what_only_a_gpu_run_has():

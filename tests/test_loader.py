@@ -12,6 +12,8 @@ from dali_ba.data.dataset import load_dataset
 from dali_ba.errors import UsageError
 from dali_ba.loading.feed import MIXED_DECODE_TOLERANCE
 
+pytestmark = pytest.mark.strict_device  # GPU-relevant: make test's strict-device pass and the GPU check run it
+
 
 def collect(batches):
     """Materialise an epoch (yielded tensors are only valid until the next batch)."""

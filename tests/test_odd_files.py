@@ -11,6 +11,8 @@ from conftest import run_cli
 from dali_ba import BatchAugmentLoader
 from test_check_data import jpeg_bytes, photo
 
+pytestmark = pytest.mark.strict_device  # GPU-relevant: make test's strict-device pass and the GPU check run it
+
 ODD = {
     "cmyk": lambda: jpeg_bytes(photo().convert("CMYK")),
     "grey": lambda: jpeg_bytes(photo().convert("L")),

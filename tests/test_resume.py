@@ -14,6 +14,8 @@ from dali_ba import __version__
 from dali_ba.training.checkpoint import list_checkpoints, load_checkpoint
 from dali_ba.training.preemption import EXIT_RESUMABLE
 
+pytestmark = pytest.mark.strict_device  # GPU-relevant: make test's strict-device pass and the GPU check run it
+
 PY = sys.executable
 TRAIN = [PY, "-m", "dali_ba.train", "--recipe", "pipelines/demo.toml"]
 MPIRUN = ["mpirun", "-np", "2", *(["--allow-run-as-root"] if os.geteuid() == 0 else [])]

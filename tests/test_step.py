@@ -11,6 +11,8 @@ from dali_ba.distributed.world import GradientSync, HorovodSync
 from dali_ba.training.models import create_model
 from dali_ba.training.step import lr_factor, train_step
 
+pytestmark = pytest.mark.strict_device  # GPU-relevant: make test's strict-device pass and the GPU check run it
+
 
 @pytest.fixture(scope="module", autouse=True)
 def horovod():

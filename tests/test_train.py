@@ -17,6 +17,8 @@ from dali_ba.training.evaluation import evaluate
 from dali_ba.training.metrics import PHASES
 from dali_ba.training.models import create_model
 
+pytestmark = pytest.mark.strict_device  # GPU-relevant: make test's strict-device pass and the GPU check run it
+
 PY = sys.executable
 TRAIN = [PY, "-m", "dali_ba.train", "--recipe", "pipelines/demo.toml"]
 

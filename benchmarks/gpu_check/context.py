@@ -1,4 +1,4 @@
-"""What the steps of the GPU check share (benchmarks/gpu_steps.py runs them): the sizes of the GPU
+"""What the steps of the GPU check share (benchmarks/gpu_check/steps.py runs them): the sizes of the GPU
 run and of the CPU smoke run, a step's context (folder, scratch folder, deadline, result), and the
 ImageNet-like JPEGs the steps read."""
 from __future__ import annotations
@@ -112,7 +112,7 @@ def ensure_images(ctx: Ctx) -> Path:
 
 
 def _make_part(job: tuple[Path, int, int]) -> None:
-    from make_images import IMAGENET_LIKE, write_images
+    from benchmarks.make_images import IMAGENET_LIKE, write_images
 
     folder, count, seed = job
     write_images(folder, count, seed, **IMAGENET_LIKE)

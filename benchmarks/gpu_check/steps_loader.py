@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from types import SimpleNamespace
 
-from gpu_common import Ctx, Sizes, ensure_images, gpu
+from benchmarks.gpu_check.context import Ctx, Sizes, ensure_images, gpu
 
 
 # --- 5. the loader alone --------------------------------------------------------------------------------
@@ -25,8 +25,8 @@ def step_loader(ctx: Ctx) -> int:
     start (a DALI pipeline built or reset, a prefetch queue refilled), which an ImageNet epoch of
     20,000 batches amortises."""
     import torch
-    from peers import run_epoch
 
+    from benchmarks.peers import run_epoch
     from dali_ba.data.dataset import load_dataset
 
     dataset = load_dataset(ensure_images(ctx))
@@ -65,9 +65,8 @@ def hw_load_sweep(ctx: Ctx, dataset) -> dict:
     no such split, so the smoke run records why it measured nothing."""
     import inspect
 
-    from gpu_steps_env import dali_decode_rate, default_hw_decoder_load
-    from peers import Runner, run_epoch
-
+    from benchmarks.gpu_check.steps_env import dali_decode_rate, default_hw_decoder_load
+    from benchmarks.peers import Runner, run_epoch
     from dali_ba.loading.loader import BatchAugmentLoader
 
     s = ctx.sizes
@@ -107,9 +106,9 @@ def hw_load_sweep(ctx: Ctx, dataset) -> dict:
 def make_method(method: str, views: int, dataset, s: Sizes):
     """One method at one M as a peers.Runner whose epochs stop after ``s.epoch_seconds``."""
     import torch
-    from gpu_peers import TorchvisionOnDevice
-    from peers import Runner, decode_only_epochs, torch_loader
 
+    from benchmarks.gpu_check.torchvision_on_device import TorchvisionOnDevice
+    from benchmarks.peers import Runner, decode_only_epochs, torch_loader
     from dali_ba.loading.loader import BatchAugmentLoader
 
     options = dict(batch_size=s.batch, view_size=s.view_size, decoder="auto", num_threads=s.workers, seed=0)
@@ -145,7 +144,7 @@ def time_limited(epoch: Callable[[int], Iterable], seconds: float) -> Callable[[
 def summary(method: str, views: int, epochs: list[dict], batch: int) -> dict:
     """benchmarks/peers.py's summary of one case, named here, with the rates without epoch starts and
     the CPU cores used (this process with its threads, plus DataLoader workers, over wall time)."""
-    from peers import summarise
+    from benchmarks.peers import summarise
 
     row = summarise("f" if method == "f" else "a", views, epochs, batch)  # the letter only picks M = 1 for f
     row.update(method=method, name=METHODS[method],

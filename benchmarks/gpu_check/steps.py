@@ -1,17 +1,17 @@
-"""The steps of the GPU check (benchmarks/gpu_check.py), one per process:
+"""The steps of the GPU check (benchmarks/gpu_check/driver.py runs them), one per process:
 
-    python benchmarks/gpu_steps.py STEP --dir DIR --work WORK [--limit SECONDS] [--smoke]
+    python -m benchmarks.gpu_check.steps STEP --dir DIR --work WORK [--limit SECONDS] [--smoke]
 
 Each step writes DIR/result.json as it goes (a step killed at its limit still leaves what it had)
 and exits 0 only when everything it ran worked; a missed performance target is not a failure (the
 driver judges targets). ``--smoke`` runs the same code on the CPU at the sizes of
-:data:`gpu_common.SMOKE`. The steps live beside this file, one module per kind:
+:data:`benchmarks.gpu_check.context.SMOKE`. The steps live beside this module, one module per kind:
 
-- ``gpu_steps_env.py``: ``env`` (machine, versions, DALI's hardware JPEG decoder), ``doctor``;
-- ``gpu_steps_tests.py``: ``tests`` (the GPU-relevant test files, a pytest process each);
-- ``gpu_steps_train.py``: ``demo``, ``figure5``, ``views``, ``compile`` (trainings and profiles);
-- ``gpu_steps_loader.py``: ``loader`` (against its peers; ``hw_decoder_load``), ``augment`` (auto-augment graphs);
-- ``gpu_common.py``: what they share (the sizes, a step's context, the ImageNet-like JPEGs).
+- ``steps_env``: ``env`` (machine, versions, DALI's hardware JPEG decoder), ``doctor``;
+- ``steps_tests``: ``tests`` (the GPU-relevant test files, a pytest process each);
+- ``steps_train``: ``demo``, ``figure5``, ``views``, ``compile`` (trainings and profiles);
+- ``steps_loader``: ``loader`` (against its peers; ``hw_decoder_load``), ``augment`` (auto-augment graphs);
+- ``context``: what they share (the sizes, a step's context, the ImageNet-like JPEGs).
 """
 from __future__ import annotations
 
@@ -21,11 +21,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from gpu_common import FULL, SMOKE, Ctx, Sizes, ensure_images, gpu, read_json  # noqa: F401 (the steps' shared names)
-from gpu_steps_env import JpgUtilisation, dali_decode_rate, hardware_decoder, nvidia_smi, step_doctor, step_env  # noqa: F401
-from gpu_steps_loader import step_augment, step_loader
-from gpu_steps_tests import SMOKE_FILES, SMOKE_TESTS, TESTS, read_outcomes, step_tests  # noqa: F401
-from gpu_steps_train import CPU_DEMO_TOP1, step_compile, step_demo, step_figure5, step_views  # noqa: F401
+from benchmarks.gpu_check.context import Ctx
+from benchmarks.gpu_check.steps_env import step_doctor, step_env
+from benchmarks.gpu_check.steps_loader import step_augment, step_loader
+from benchmarks.gpu_check.steps_tests import step_tests
+from benchmarks.gpu_check.steps_train import step_compile, step_demo, step_figure5, step_views
 
 STEPS: dict[str, Callable[[Ctx], int]] = {
     "env": step_env, "doctor": step_doctor, "tests": step_tests, "demo": step_demo, "loader": step_loader,
@@ -34,7 +34,7 @@ STEPS: dict[str, Callable[[Ctx], int]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="gpu_steps.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check.steps", description=__doc__.split("\n\n")[0])
     parser.add_argument("step", choices=list(STEPS))
     parser.add_argument("--dir", type=Path, required=True, help="this step's folder (log, result.json, raw outputs)")
     parser.add_argument("--work", type=Path, required=True, help="scratch folder shared by the steps")

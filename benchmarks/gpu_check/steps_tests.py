@@ -1,7 +1,12 @@
 """The GPU check's ``tests`` step: the GPU-relevant test files, each in its own pytest process under its
-own limit, so that one file's failures, crash or hang never hide another's outcomes."""
+own limit, so that one file's failures, crash or hang never hide another's outcomes.
+
+The GPU-relevant tests are those marked ``strict_device`` (``pytestmark = pytest.mark.strict_device`` at
+the top of their file; setup.cfg registers the marker), the tests that ``make test``'s second pass runs
+on the strict device's stand-in (``pytest --strict-device -m strict_device``): one list for both."""
 from __future__ import annotations
 
+import ast
 import importlib.util
 import shutil
 import subprocess
@@ -9,11 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-from gpu_check import REPO, child_env, kill_tree
-from gpu_common import Ctx, gpu
+from benchmarks.gpu_check.context import Ctx, gpu
+from benchmarks.gpu_check.processes import REPO, child_env, kill_tree
 
-TESTS = ("test_loader.py", "test_resume.py", "test_train.py", "test_bad_files.py", "test_evaluation.py",
-         "test_odd_files.py", "test_step.py")  # the GPU-relevant ones: most telling, then the longest, first
+MARKER = "strict_device"
+OWN_TEST = "test_gpu_check.py"  # marked too (make test's strict pass runs the smoke run), never run by the check
 SMOKE_TESTS = ("test_train_batch_shapes_dtypes_and_layout", "test_bad_loader_arguments",
                "test_eval_views_average_the_softmax_over_the_views", "test_lr_schedule_warms_up_then_decays")
 # The smoke run's files: those holding SMOKE_TESTS, and one where -k selects nothing (its own outcome).
@@ -23,14 +28,30 @@ FILE_SHARE = 0.75  # a file's limit: this share of the step's, so that a hung fi
 OUTCOMES = ("PASSED", "FAILED", "ERROR", "SKIPPED", "XFAIL", "XPASS")
 
 
+def marked_files(tests: Path = REPO / "tests") -> list[str]:
+    """The test files that mark tests ``strict_device``, less this check's own; the largest first (a rough
+    stand-in for the longest), so that the long ones start first."""
+    found = [path for path in tests.glob("test_*.py") if path.name != OWN_TEST and marks(path)]
+    return [path.name for path in sorted(found, key=lambda path: (-path.stat().st_size, path.name))]
+
+
+def marks(path: Path) -> bool:
+    """Whether a test file marks tests ``strict_device``: ``pytest.mark.strict_device`` anywhere in its code
+    (``pytestmark`` for the whole file, or a decorator), read without importing it."""
+    tree = ast.parse(path.read_text(), str(path))
+    return any(isinstance(node, ast.Attribute) and node.attr == MARKER and isinstance(node.value, ast.Attribute)
+               and node.value.attr == "mark" for node in ast.walk(tree))
+
+
 def step_tests(ctx: Ctx) -> int:
     """The GPU-relevant test files on CUDA where a GPU is visible (the loaders pick the mixed decoder),
-    each in its own pytest process (``test_parallel`` at once) under its own limit; per file: exit
-    status, time, counts, failed tests. Tests whose launchers are not installed are deselected, and named."""
-    files = list(TESTS)
+    each in its own pytest process (``test_parallel`` at once) under its own limit, its tests marked
+    ``strict_device``; per file: exit status, time, counts, failed tests. Tests whose launchers are not
+    installed are deselected, and named."""
+    files = marked_files()
     deselected = {"make_demo": "runs make demo (installs a virtualenv, 2 Horovod ranks)"}
     if importlib.util.find_spec("horovod") is None:
-        files.remove("test_step.py")  # imports Horovod at the top
+        files = [name for name in files if name != "test_step.py"]  # imports Horovod at the top
         deselected.update(horovodrun="Horovod is not installed", more_ranks_than_samples="uses horovodrun",
                           **{"test_step.py": "imports Horovod"})
     if shutil.which("mpirun") is None:
@@ -66,14 +87,14 @@ def step_tests(ctx: Ctx) -> int:
 
 
 class PytestFile:
-    """``pytest -v`` on one test file in the background, its output to ``<file>.log``, its JUnit report
-    beside it; its whole process tree killed at ``limit`` seconds."""
+    """``pytest -v -m strict_device`` on one test file in the background, its output to ``<file>.log``, its
+    JUnit report beside it; its whole process tree killed at ``limit`` seconds."""
 
     def __init__(self, name: str, select: str, folder: Path, limit: float) -> None:
         stem = name.removesuffix(".py")
         self.name, self.limit, self.log = name, limit, folder / f"{stem}.log"
         cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-o", "addopts=", "-rfE",
-               f"--junitxml={folder / f'{stem}.junit.xml'}", "-k", select, f"tests/{name}"]
+               f"--junitxml={folder / f'{stem}.junit.xml'}", "-m", MARKER, "-k", select, f"tests/{name}"]
         self.start, self.rc, self.timed_out = time.perf_counter(), None, False
         with open(self.log, "wb") as out:
             self.process = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=child_env())

@@ -13,8 +13,8 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from gpu_check import REPO, child_env, kill_tree, run_logged
-from gpu_common import Ctx, ensure_images, gpu, read_json, recipe_flag
+from benchmarks.gpu_check.context import Ctx, ensure_images, gpu, read_json, recipe_flag
+from benchmarks.gpu_check.processes import REPO, child_env, kill_tree, run_logged
 
 CPU_DEMO_TOP1 = 84.5  # docs/measured.md: make demo (2 ranks, 2 CPU cores) reached top-1 84.5 %
 

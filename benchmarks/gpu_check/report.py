@@ -1,5 +1,5 @@
 """The GPU check's report: the targets met or missed (ratios measured in one run), and the three
-files of ``--out`` rewritten after every step (benchmarks/gpu_check.py runs the steps).
+files of ``--out`` rewritten after every step (benchmarks/gpu_check/driver.py runs the steps).
 
 - ``gpu_check.json`` — the machine, every step's status, time and result, the targets;
 - ``gpu_check.md`` — the same as Markdown tables, a section per step;

@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from gpu_check import child_env, run_logged
-from gpu_common import Ctx, ensure_images, module_version, read_json
+from benchmarks.gpu_check.context import Ctx, ensure_images, module_version, read_json
+from benchmarks.gpu_check.processes import child_env, run_logged
 
 
 # --- 1. environment -----------------------------------------------------------------------------------

@@ -1,16 +1,16 @@
 """The GPU check: one command runs everything a lent GPU machine should show, under a time limit.
 
-    python3 benchmarks/gpu_check.py --out DIR            # on the GPU machine: at most 8 minutes
-    python3 benchmarks/gpu_check.py --out DIR --smoke    # the same steps on the CPU at tiny sizes
+    python3 -m benchmarks.gpu_check --out DIR            # on the GPU machine: at most 8 minutes
+    python3 -m benchmarks.gpu_check --out DIR --smoke    # the same steps on the CPU at tiny sizes
     make gpu-check OUT=DIR [SMOKE=1]                     # the same, through make
 
-A GPU is lent rarely and briefly, so the script must work the first time: the smoke run (part of
+A GPU is lent rarely and briefly, so the check must work the first time: the smoke run (part of
 ``make test``) goes through every step on the CPU first. Each step of :data:`STEPS` runs as its own
-process (``benchmarks/gpu_steps.py STEP``) under its own time limit; a failing or timed-out step never
-stops the next, and the whole run keeps inside ``--budget`` seconds. The required steps' limits add
-up to :data:`BUDGET_S`; an optional step (``compile``) runs last on the time they left, and is skipped
-with a note where too little is left. After every step the three files in ``--out`` are rewritten,
-so a run killed from outside still leaves what it had:
+process (``python -m benchmarks.gpu_check.steps STEP``) under its own time limit; a failing or
+timed-out step never stops the next, and the whole run keeps inside ``--budget`` seconds. The
+required steps' limits add up to :data:`BUDGET_S`; an optional step (``compile``) runs last on the
+time they left, and is skipped with a note where too little is left. After every step the three
+files in ``--out`` are rewritten, so a run killed from outside still leaves what it had:
 
 - ``gpu_check.json`` — the machine, every step's status, time and result, the targets met or missed;
 - ``gpu_check.md`` — the same as Markdown tables;
@@ -23,18 +23,17 @@ import json
 import os
 import platform
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpu_report import targets, write_report
+from benchmarks.gpu_check.processes import child_env, run_logged
+from benchmarks.gpu_check.report import targets, write_report
 
-REPO = Path(__file__).resolve().parents[1]
-STEPS_SCRIPT = Path(__file__).with_name("gpu_steps.py")
+PROG = "python -m benchmarks.gpu_check"
+STEPS_COMMAND = (sys.executable, "-m", "benchmarks.gpu_check.steps")  # + STEP and its flags, from the repository root
 SMOKE_NOTE = ("SMOKE RUN on the CPU at tiny sizes: it proves the script, its numbers are not GPU numbers "
               "and its targets say nothing about a GPU")
 
@@ -70,46 +69,6 @@ BUDGET_S = 470  # the whole GPU run, under the 8 minutes a lent machine gives it
 # --- running a step ---------------------------------------------------------------------------------
 
 
-def kill_tree(pid: int) -> None:
-    """SIGKILL ``pid`` and every process below it (trainers, DataLoader workers, even in their own sessions)."""
-    import psutil
-
-    try:
-        parent = psutil.Process(pid)
-        family = [*parent.children(recursive=True), parent]
-    except psutil.NoSuchProcess:
-        return
-    for process in family:
-        try:
-            process.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(family, timeout=10)
-
-
-def run_logged(cmd: list[str], log: Path, timeout: float, env: dict | None = None) -> tuple[int | None, float]:
-    """Run ``cmd`` from the repository root with stdout and stderr to ``log``; kill its whole tree at
-    ``timeout`` seconds. Returns (exit code, or None when it timed out; seconds)."""
-    start = time.perf_counter()
-    with open(log, "ab") as out:
-        process = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
-        try:
-            rc = process.wait(timeout=max(1.0, timeout))
-        except subprocess.TimeoutExpired:
-            kill_tree(process.pid)
-            process.wait()
-            rc = None
-            out.write(f"\n[gpu_check: killed after {timeout:.0f} s]\n".encode())
-    return rc, time.perf_counter() - start
-
-
-def child_env() -> dict:
-    """The environment of every step and its runs: dali_ba importable from this checkout, output unbuffered
-    (a step finds benchmarks/' modules beside its script)."""
-    path = [str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(path)), "PYTHONUNBUFFERED": "1"}
-
-
 def run_step(step: Step, details: Path, work: Path, smoke: bool, remaining: float) -> dict:
     """One step in its own process under min(its budget, the time left); its record for the report."""
     folder = details / step.name
@@ -122,7 +81,7 @@ def run_step(step: Step, details: Path, work: Path, smoke: bool, remaining: floa
             else "no time left"
         print(f"gpu_check: {step.name}: skipped ({note})", flush=True)
         return dict(record, status=f"skipped ({note})", seconds=0.0, result={})
-    cmd = [sys.executable, str(STEPS_SCRIPT), step.name, "--dir", str(folder), "--work", str(work), "--limit", str(limit)]
+    cmd = [*STEPS_COMMAND, step.name, "--dir", str(folder), "--work", str(work), "--limit", str(limit)]
     print(f"gpu_check: {step.name}: {step.title} (limit {limit:.0f} s)", flush=True)
     rc, seconds = run_logged(cmd + (["--smoke"] if smoke else []), folder / "log.txt", limit, child_env())
     result_file = folder / "result.json"
@@ -140,7 +99,7 @@ def not_ok(record: dict) -> bool:
     return record["status"] != "ok" and not (record.get("optional") and record["status"].startswith("skipped"))
 
 
-# --- the machine (the targets and the report: gpu_report.py) ------------------------------------------
+# --- the machine (the targets and the report: report.py) ----------------------------------------------
 
 
 def machine() -> dict:
@@ -152,7 +111,7 @@ def machine() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="gpu_check.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="gpu_check.json, gpu_check.md, details.tar.gz land here")
     parser.add_argument("--smoke", action="store_true", help="the same steps on the CPU at tiny sizes")
     parser.add_argument("--work", type=Path, default=None,
@@ -162,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"seconds for the whole run (default {BUDGET_S}; smoke: the sum of its step limits)")
     parser.add_argument("--steps", default=",".join(s.name for s in STEPS), help="comma-separated steps to run")
     args = parser.parse_args(argv)
-    args.command = " ".join(["benchmarks/gpu_check.py", *(sys.argv[1:] if argv is None else argv)])
+    args.command = " ".join([PROG, *(sys.argv[1:] if argv is None else argv)])
     chosen = [s for s in STEPS if s.name in args.steps.split(",")]
     unknown = set(args.steps.split(",")) - {s.name for s in STEPS}
     if unknown:
@@ -199,7 +158,3 @@ def run_all(args: argparse.Namespace, chosen: list[Step], budget: float, work: P
           + (f" (not ok: {', '.join(failed)})" if failed else "") + f" in {report['wall_s']:.0f} s; "
           f"wrote {args.out / 'gpu_check.json'}, gpu_check.md, details.tar.gz", flush=True)
     return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,7 +5,7 @@
 + flip M times per sample on the GPU, stacked into (B, M, 3, S, S) uint8 like dali-ba's batch. No
 DataLoader: the GPU does the work, so there is nothing to spread over worker processes (each would
 need its own CUDA context). On a machine without a GPU it runs the same code on the CPU (the
-smoke run of benchmarks/gpu_check.py). The views follow benchmarks/peers.py's semantics (area
+smoke run of the GPU check). The views follow benchmarks/peers.py's semantics (area
 (0.08, 1), aspect (3/4, 4/3), bilinear with antialiasing).
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import torch
 
-from peers import AREA, RATIO
+from benchmarks.peers import AREA, RATIO
 
 
 class TorchvisionOnDevice:
