@@ -60,7 +60,7 @@ STEPS = (
                    "DALI decode alone; the mixed decoder at three hw_decoder_load", 85, 180),
     Step("augment", "Auto-augment graphs (trivial, randaugment), M = 1, 4: graph build time, views/s", 50, 180),
     Step("figure5", "Figure 5: ResNet-50, bf16, channels_last, B = 64, M = 1, 4, 10 (profile step)", 85, 240),
-    Step("views", "python -m dali_ba.profile views, M = 1, 4, 10", 40, 180),
+    Step("views", "dali-ba profile views, M = 1, 4, 10", 40, 180),
     Step("compile", "Figure 5 at M = 4 with --compile: compile time apart, steps/s compiled", 90, 420, needs_s=60),
 )
 BUDGET_S = 470  # the whole GPU run, under the 8 minutes a lent machine gives it

@@ -1,5 +1,5 @@
 """The GPU check's training steps: ``demo`` (the demo recipe: AMP, chunks, the torch engine, exact
-mid-epoch resume), ``figure5`` and ``views`` (``python -m dali_ba.profile``), and ``compile`` (Figure 5
+mid-epoch resume), ``figure5`` and ``views`` (``dali-ba profile``), and ``compile`` (Figure 5
 at one M with ``--compile``)."""
 from __future__ import annotations
 
@@ -188,13 +188,13 @@ def profile_env() -> dict:
 
 
 def step_figure5(ctx: Ctx) -> int:
-    """python -m dali_ba.profile step at each M: steps/s, the phases of a step, and the data stall
+    """dali-ba profile step at each M: steps/s, the phases of a step, and the data stall
     against the same steps fed from batches in memory."""
     recipe, s = figure5_recipe(ctx), ctx.sizes
     ctx.result.update(recipe=recipe.read_text(), runs={}, results=[])
     for position, m in enumerate(s.views):
         out = ctx.dir / f"m{m}"
-        command = [sys.executable, "-m", "dali_ba.profile", "step", "--recipe", str(recipe), "--views", str(m),
+        command = [sys.executable, "-m", "dali_ba", "profile", "step", "--recipe", str(recipe), "--views", str(m),
                    "--steps", str(s.steps), "--warmup", str(s.warmup), "--cache-batches", str(s.cache), "--out", str(out)]
         later = len(s.views) - position - 1  # keep 20 s for each M still to come
         rc, seconds = run_logged(command, ctx.dir / f"m{m}.log", ctx.left(3 + 20 * later), profile_env())
@@ -218,10 +218,10 @@ def figure5_row(p: dict) -> dict:
 
 
 def step_views(ctx: Ctx) -> int:
-    """python -m dali_ba.profile views over the same M (shorter): the sweep in one process, and the free views."""
+    """dali-ba profile views over the same M (shorter): the sweep in one process, and the free views."""
     recipe, s = figure5_recipe(ctx), ctx.sizes
     out = ctx.dir / "views"
-    command = [sys.executable, "-m", "dali_ba.profile", "views", "--recipe", str(recipe),
+    command = [sys.executable, "-m", "dali_ba", "profile", "views", "--recipe", str(recipe),
                "--views", ",".join(map(str, s.views)), "--steps", str(s.views_steps), "--warmup", str(min(s.warmup, 5)),
                "--cache-batches", str(s.cache), "--tolerance", "0.1", "--out", str(out)]
     rc, seconds = run_logged(command, ctx.dir / "views.log", ctx.left(), profile_env())
@@ -251,7 +251,7 @@ def step_compile(ctx: Ctx) -> int:
         return 0
     recipe = figure5_recipe(ctx)
     out = ctx.dir / f"m{m}"
-    command = [sys.executable, "-m", "dali_ba.profile", "step", "--recipe", str(recipe), "--views", str(m), "--compile",
+    command = [sys.executable, "-m", "dali_ba", "profile", "step", "--recipe", str(recipe), "--views", str(m), "--compile",
                "--steps", str(s.steps), "--warmup", str(s.warmup), "--cache-batches", str(s.cache), "--out", str(out)]
     env = profile_env()
     if not ctx.smoke:  # a cold cache, always: the compile time measured is a first run's on any machine
