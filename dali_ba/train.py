@@ -41,7 +41,7 @@ EXIT_OUT_OF_MEMORY = 3  # the GPU ran out of memory: a smaller step (or --chunks
 
 def run(recipe: Recipe, train_set: ImageDataset, val_set: ImageDataset) -> int:
     """Join the ranks with the engine the launcher calls for, train, leave."""
-    from dali_ba.distributed import world as distributed
+    from dali_ba.distributed import join as distributed
     from dali_ba.training.output import last_checkpoint
     from dali_ba.training.preemption import StopRequest
     from dali_ba.training.stall import StallWatch

@@ -7,7 +7,8 @@ import horovod.torch as hvd
 import pytest
 import torch
 
-from dali_ba.distributed.world import GradientSync, HorovodSync
+from dali_ba.distributed.horovod_engine import HorovodSync
+from dali_ba.distributed.world import GradientSync
 from dali_ba.training.models import create_model
 from dali_ba.training.step import lr_factor, train_step
 

@@ -171,7 +171,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
 
 def profile_step(recipe: Recipe, steps: int, warmup: int, cache: int) -> dict | None:
     """Join the ranks, time one recipe's steps (:func:`measure_step`), leave. Rank 0 gets the result, the others None."""
-    from dali_ba.distributed import world as distributed
+    from dali_ba.distributed import join as distributed
 
     train_set = load_step_data(recipe)
     world = distributed.init_world(recipe.run.engine, share_gpu=recipe.run.share_gpu)

@@ -49,7 +49,7 @@ def profile_views(recipe: Recipe, view_counts: list[int], tolerance: float, step
                   cache: int) -> dict | None:
     """:func:`measure_step` at each M of ``view_counts`` (the recipe otherwise as given), the ranks joined
     once for the whole sweep. Rank 0 gets the sweep, the others None."""
-    from dali_ba.distributed import world as distributed
+    from dali_ba.distributed import join as distributed
     from dali_ba.training.checks import check_world
 
     sweep = [dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, views=m)).validate() for m in view_counts]
