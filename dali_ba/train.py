@@ -29,7 +29,7 @@ from dali_ba.distributed.launcher import choose_engine, launcher_rank
 from dali_ba.errors import RunStopped, UnreadableImageError, UsageError
 from dali_ba.recipe import Recipe, build_parser, effective, resolve
 from dali_ba.training.checks import check_datasets, check_output
-from dali_ba.training.metrics import emit
+from dali_ba.training.console import emit
 from dali_ba.training.models import check_model_name, list_archs
 
 if TYPE_CHECKING:

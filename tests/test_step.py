@@ -9,8 +9,9 @@ import torch
 
 from dali_ba.distributed.horovod_engine import HorovodSync
 from dali_ba.distributed.world import GradientSync
+from dali_ba.training.lr_schedule import lr_factor
 from dali_ba.training.models import create_model
-from dali_ba.training.step import lr_factor, train_step
+from dali_ba.training.step import train_step
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -39,9 +39,9 @@ from dali_ba.distributed.launcher import launcher_rank
 from dali_ba.errors import OneLineParser, UnreadableImageError, UsageError
 from dali_ba.loading.augment import AUGMENTATIONS, MAGNITUDE_BINS, MAX_AUTO_OPS
 from dali_ba.recipe import Recipe, build_parser, int_list, resolve
-from dali_ba.training.metrics import StepClock
-from dali_ba.training.step_timing import (TIMING_RULE, YIELD_VARIABLE, endless, load_step_data, measure_step, time_window,
-                                 write_json)
+from dali_ba.tools.step_timing import (TIMING_RULE, YIELD_VARIABLE, endless, load_step_data, measure_step, time_window,
+                                       write_json)
+from dali_ba.training.step_clock import StepClock
 
 PROG = "python -m dali_ba.profile"
 STEP_FILE = "profile_step.json"

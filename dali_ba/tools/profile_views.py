@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from dali_ba.recipe import Recipe, resolve
-from dali_ba.training.step_timing import load_step_data, measure_step, write_json
+from dali_ba.tools.step_timing import load_step_data, measure_step, write_json
 
 VIEWS_FILE, VIEWS_PLOT = "profile_views.json", "profile_views.png"
 
