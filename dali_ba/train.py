@@ -29,7 +29,7 @@ from dali_ba.distributed.launcher import choose_engine, launcher_rank
 from dali_ba.errors import RunStopped, UnreadableImageError, UsageError
 from dali_ba.recipe import Recipe, build_parser, effective, resolve
 from dali_ba.training.checks import check_datasets, check_output
-from dali_ba.training.metrics import emit
+from dali_ba.training.console import emit
 from dali_ba.training.models import check_model_name, list_archs
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ EXIT_OUT_OF_MEMORY = 3  # the GPU ran out of memory: a smaller step (or --chunks
 
 def run(recipe: Recipe, train_set: ImageDataset, val_set: ImageDataset) -> int:
     """Join the ranks with the engine the launcher calls for, train, leave."""
-    from dali_ba.distributed import world as distributed
+    from dali_ba.distributed import join as distributed
     from dali_ba.training.output import last_checkpoint
     from dali_ba.training.preemption import StopRequest
     from dali_ba.training.stall import StallWatch

@@ -10,7 +10,8 @@ import sys
 import torch
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from dali_ba.distributed.world import GradientSync, init_world
+from dali_ba.distributed.join import init_world
+from dali_ba.distributed.world import GradientSync
 from dali_ba.training.models import create_model
 from dali_ba.training.step import train_step
 

@@ -8,7 +8,7 @@ import torch
 
 from dali_ba.loading import pipeline
 from dali_ba.loading.feed import DEFAULT_HW_DECODER_LOAD
-from dali_ba.training.step import CUBLAS_WORKSPACE, apply_determinism
+from dali_ba.training.determinism import CUBLAS_WORKSPACE, apply_determinism
 
 CUBLAS_AT_START = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
 DETERMINISTIC_AT_START = torch.are_deterministic_algorithms_enabled()

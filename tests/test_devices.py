@@ -91,7 +91,7 @@ def test_every_rank_raises_when_ranks_share_a_gpu_unasked(rank):
 
 @pytest.mark.parametrize("visible, device", [(1, "cuda:0"), (2, "cuda:1")])  # not the missing cuda:1 of one GPU
 def test_the_torch_engine_binds_its_rank_to_the_training_device(fake_cuda, monkeypatch, visible, device):
-    from dali_ba.distributed import world as distributed
+    from dali_ba.distributed import join as distributed
     from dali_ba.distributed.launcher import EngineChoice, Launch
 
     fake_cuda(visible)
@@ -106,7 +106,7 @@ def test_the_torch_engine_binds_its_rank_to_the_training_device(fake_cuda, monke
 def test_ranks_sharing_a_gpu_average_over_gloo():
     """NCCL refuses two ranks on one GPU; a world of one shows the backend (Gloo runs without a GPU)."""
     from dali_ba.distributed.launcher import EngineChoice, Launch
-    from dali_ba.distributed.world import TorchWorld
+    from dali_ba.distributed.torch_engine import TorchWorld
 
     world = TorchWorld(EngineChoice("torch", "test", Launch("none")), "cuda", share_gpu=True)
     try:

@@ -103,7 +103,7 @@ class NewDDP(OldDDP):
 
 @pytest.mark.parametrize("ddp, keyword", [(OldDDP, "broadcast_buffers"), (NewDDP, "forward_sync_buffers")])
 def test_ddp_gets_the_buffer_keyword_its_torch_knows(monkeypatch, ddp, keyword):
-    from dali_ba.distributed.world import DDPSync, buffer_sync_keyword
+    from dali_ba.distributed.torch_engine import DDPSync, buffer_sync_keyword
 
     assert buffer_sync_keyword(["self", "module", keyword]) == keyword
     monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", ddp)

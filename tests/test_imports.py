@@ -31,7 +31,7 @@ def test_the_package_keeps_its_import_contracts():
     # the circle the contracts replaced (output -> checkpoint -> output), put back
     ("training/output.py", "from dali_ba.training.checkpoint import load_checkpoint", ".output -> .checkpoint"),
     # the loader reaching up a stage, into training (for the step clock, say)
-    ("loading/loader.py", "from dali_ba.training.metrics import StepClock", "dali_ba.loading.loader -> dali_ba.training.metrics"),
+    ("loading/loader.py", "from dali_ba.training.step_clock import StepClock", "dali_ba.loading.loader -> dali_ba.training.step_clock"),
 ], ids=["closes a circle", "climbs a stage"])
 def test_an_import_that_breaks_a_contract_is_refused_and_named(tmp_path, module, added, named):
     """The import added to a copy of the package: lint-imports fails and names it, the import to remove."""

@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from dali_ba.training.metrics import COLUMNS, PHASES, Progress, StepClock, StepTimes, summary_table
+from dali_ba.training.console import Progress
 from dali_ba.training.step import gradient_norm
+from dali_ba.training.step_clock import COLUMNS, PHASES, StepClock
+from dali_ba.training.step_times import StepTimes, summary_table
 
 
 class FakeWorld:
@@ -48,7 +50,7 @@ class FakeEvent:
 def test_a_gpu_step_waits_for_nothing_until_its_row_is_logged(monkeypatch):
     """On a GPU the phase marks are events: logging reads them (one wait per row), a step never
     waits; phases still add up to the step, and DDP's wait inside backward moves to allreduce_step."""
-    import dali_ba.training.metrics as metrics
+    import dali_ba.training.step_clock as metrics
 
     monkeypatch.setattr(metrics, "timestamp", lambda device: FakeEvent())
     monkeypatch.setattr(torch.cuda, "nvtx", type("NoNvtx", (), {"range_push": staticmethod(lambda name: None),

@@ -14,8 +14,9 @@ import torch
 from conftest import run_cli
 from dali_ba.errors import DivergedError
 from dali_ba.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from dali_ba.training.metrics import MetricsLog, first_divergence
 from dali_ba.training.output import OutputFullError, is_out_of_space, writing
+from dali_ba.training.records import MetricsLog
+from dali_ba.training.step_times import first_divergence
 
 
 @pytest.fixture

@@ -15,9 +15,8 @@ from PIL import Image
 
 from conftest import DECODER, DEVICE, REPO, run_cli
 from dali_ba.recipe import load_recipe
-from dali_ba.tools import profile
-from dali_ba.training import step_timing
-from dali_ba.training.metrics import StepClock, StepRow
+from dali_ba.tools import profile, step_timing
+from dali_ba.training.step_clock import StepClock, StepRow
 
 PROFILE = [sys.executable, "-m", "dali_ba", "profile"]
 MPIRUN = ["mpirun", "-np", "2", *(["--allow-run-as-root"] if os.geteuid() == 0 else [])]
@@ -213,7 +212,8 @@ class StandInLoader:
 
 
 def stand_in_training() -> types.SimpleNamespace:
-    """What measure_step asks of dali_ba.training.step.setup_training: a loader and a 2 ms step that marks its phases."""
+    """What measure_step asks of dali_ba.training.rank_setup.setup_training: a loader and a 2 ms step that
+    marks its phases."""
     def step(images, labels, clock):
         with clock.phase("forward_backward"):
             time.sleep(0.002)
@@ -229,7 +229,8 @@ def stand_ins(monkeypatch) -> list[str]:
     """measure_step on stand-ins (world, training, loader) and a counting clock; the clock's log."""
     log: list[str] = []
     monkeypatch.setattr(step_timing, "StepClock", lambda device: CountingClock(log))
-    monkeypatch.setattr("dali_ba.training.step.setup_training", lambda recipe, world, train_set: stand_in_training())
+    monkeypatch.setattr("dali_ba.training.rank_setup.setup_training",
+                        lambda recipe, world, train_set: stand_in_training())
     return log
 
 

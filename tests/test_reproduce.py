@@ -8,7 +8,7 @@ from PIL import Image
 from conftest import run_cli
 from dali_ba.data.dataset import load_dataset
 from dali_ba.data.digits import write_digits
-from dali_ba.training.metrics import PHASES
+from dali_ba.training.step_clock import PHASES
 
 REPRODUCE = [sys.executable, "-m", "dali_ba", "reproduce"]
 

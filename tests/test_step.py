@@ -7,9 +7,11 @@ import horovod.torch as hvd
 import pytest
 import torch
 
-from dali_ba.distributed.world import GradientSync, HorovodSync
+from dali_ba.distributed.horovod_engine import HorovodSync
+from dali_ba.distributed.world import GradientSync
+from dali_ba.training.lr_schedule import lr_factor
 from dali_ba.training.models import create_model
-from dali_ba.training.step import lr_factor, train_step
+from dali_ba.training.step import train_step
 
 pytestmark = pytest.mark.strict_device  # GPU-relevant: make test's strict-device pass and the GPU check run it
 

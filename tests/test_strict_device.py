@@ -115,6 +115,6 @@ def test_a_steady_step_makes_no_host_sync(demo_data, tmp_path, launcher, engine)
         # steps 2, 3, 5, 6, 7: neither the first (normalisation constants made once), a logging one, nor the last
         assert [per_step[i] for i in (1, 2, 4, 5, 6)] == [0] * 5, detail
         in_step = {s["step"]: s for s in report["syncs"]}
-        assert per_step[3] == 1 and "metrics.py" in in_step[3]["site"], detail  # step 4 logs: the one read of its losses
+        assert per_step[3] == 1 and "step_times.py" in in_step[3]["site"], detail  # step 4 logs: the one read of its losses
         evaluation = [s for s in report["syncs"] if "evaluation.py" in s["site"]]
         assert len(evaluation) == 1, detail  # one read for the whole evaluation pass, none per batch

@@ -14,8 +14,8 @@ from dali_ba.distributed.world import World
 from dali_ba.loading.loader import ValidationLoader
 from dali_ba.recipe import load_recipe
 from dali_ba.training.evaluation import evaluate
-from dali_ba.training.metrics import PHASES
 from dali_ba.training.models import create_model
+from dali_ba.training.step_clock import PHASES
 
 pytestmark = pytest.mark.strict_device  # GPU-relevant: make test's strict-device pass and the GPU check run it
 
@@ -246,7 +246,7 @@ def test_gpu_out_of_memory_is_one_line_naming_the_step_size(demo_data, tmp_path,
     """A CUDA out-of-memory in a step (raised here by a stand-in step) ends the run with one line
     naming B, M and the view size and suggesting --chunks and --amp; no traceback."""
     import dali_ba.train as train
-    from dali_ba.training.step import Training
+    from dali_ba.training.rank_setup import Training
 
     def out_of_memory(self, images, labels, clock=None):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

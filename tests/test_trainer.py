@@ -6,7 +6,8 @@ import dataclasses
 from conftest import REPO
 from dali_ba.distributed.world import World
 from dali_ba.recipe import load_recipe
-from dali_ba.training.trainer import STOP_EVERY, Start, agree_on_stop, run_identity
+from dali_ba.training.checkpoint_state import Start, run_identity
+from dali_ba.training.trainer import STOP_EVERY, agree_on_stop
 
 
 def test_ranks_agree_on_a_stop_after_an_epochs_first_step_its_last_and_every_few_steps():

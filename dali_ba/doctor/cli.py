@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     from dali_ba.distributed.launcher import detect_launch, launcher_rank
     from dali_ba.errors import UsageError
     from dali_ba.recipe import build_parser, resolve
-    from dali_ba.training.metrics import emit
+    from dali_ba.training.console import emit
 
     parser = build_parser(PROG, package.__doc__.splitlines()[0])
     doctor = parser.add_argument_group("the doctor")

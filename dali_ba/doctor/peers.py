@@ -168,7 +168,7 @@ def join(launch, timeout: float):
     if launch.launcher == "mpi":
         if any(os.environ.get(name, "").isdigit() for name in MPI_RANK_VARIABLES if name != "HOROVOD_RANK"):
             return MpiPeers(timeout)
-        from dali_ba.distributed.world import HorovodWorld
+        from dali_ba.distributed.horovod_engine import HorovodWorld
 
         return WorldPeers(HorovodWorld("horovodrun --gloo"))
     return StorePeers(launch, timeout)

@@ -94,7 +94,7 @@ def _world():
         from dali_ba.distributed.world import World
 
         return World()
-    from dali_ba.distributed.world import init_world
+    from dali_ba.distributed.join import init_world
 
     return init_world("auto", device_type="cpu")
 

@@ -39,9 +39,9 @@ from dali_ba.distributed.launcher import launcher_rank
 from dali_ba.errors import OneLineParser, UnreadableImageError, UsageError
 from dali_ba.loading.augment import AUGMENTATIONS, MAGNITUDE_BINS, MAX_AUTO_OPS
 from dali_ba.recipe import Recipe, build_parser, int_list, resolve
-from dali_ba.training.metrics import StepClock
-from dali_ba.training.step_timing import (TIMING_RULE, YIELD_VARIABLE, endless, load_step_data, measure_step, time_window,
-                                 write_json)
+from dali_ba.tools.step_timing import (TIMING_RULE, YIELD_VARIABLE, endless, load_step_data, measure_step, time_window,
+                                       write_json)
+from dali_ba.training.step_clock import StepClock
 
 PROG = "dali-ba profile"
 STEP_FILE = "profile_step.json"
@@ -171,7 +171,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
 
 def profile_step(recipe: Recipe, steps: int, warmup: int, cache: int) -> dict | None:
     """Join the ranks, time one recipe's steps (:func:`measure_step`), leave. Rank 0 gets the result, the others None."""
-    from dali_ba.distributed import world as distributed
+    from dali_ba.distributed import join as distributed
 
     train_set = load_step_data(recipe)
     world = distributed.init_world(recipe.run.engine, share_gpu=recipe.run.share_gpu)

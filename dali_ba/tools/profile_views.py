@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from dali_ba.recipe import Recipe, resolve
-from dali_ba.training.step_timing import load_step_data, measure_step, write_json
+from dali_ba.tools.step_timing import load_step_data, measure_step, write_json
 
 VIEWS_FILE, VIEWS_PLOT = "profile_views.json", "profile_views.png"
 
@@ -49,7 +49,7 @@ def profile_views(recipe: Recipe, view_counts: list[int], tolerance: float, step
                   cache: int) -> dict | None:
     """:func:`measure_step` at each M of ``view_counts`` (the recipe otherwise as given), the ranks joined
     once for the whole sweep. Rank 0 gets the sweep, the others None."""
-    from dali_ba.distributed import world as distributed
+    from dali_ba.distributed import join as distributed
     from dali_ba.training.checks import check_world
 
     sweep = [dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, views=m)).validate() for m in view_counts]

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from dali_ba.distributed.world import World
     from dali_ba.loading.loader import AugmentedValidationLoader, BatchAugmentLoader, ValidationLoader
     from dali_ba.recipe import Recipe
-    from dali_ba.training.step import Training
+    from dali_ba.training.rank_setup import Training
 
 
 def evaluate(

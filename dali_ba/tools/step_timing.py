@@ -3,7 +3,8 @@
 What ``dali_ba.tools.profile step`` and ``profile views`` measure (:func:`measure_step`): the loader alone,
 training steps fed by it, and the same steps from batches cached in memory, each a window of N steps
 with no wait for the device inside, so that the loader's next batch overlaps a step's compute as in
-training and the data stall is the one training sees.
+training and the data stall is the one training sees. In :mod:`dali_ba.tools`, beside the profiler:
+nothing else uses it.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import numpy as np
 
 from dali_ba.device import to_device
 from dali_ba.recipe import Recipe
-from dali_ba.training.metrics import PHASES, StepClock, StepRow
+from dali_ba.training.step_clock import PHASES, StepClock, StepRow
 
 YIELD_VARIABLE = "OMPI_MCA_mpi_yield_when_idle"
 TIMING_RULE = ("--warmup untimed steps, one synchronisation, --steps N steps with no wait for the device inside "
@@ -38,7 +39,7 @@ def endless(loader) -> Iterator:
 @dataclass
 class Window:
     """Steps timed between two synchronisations: the seconds between them, and each step's clock row
-    (the phases' seconds, then the step's: :meth:`dali_ba.training.metrics.StepRow.seconds`)."""
+    (the phases' seconds, then the step's: :meth:`dali_ba.training.step_clock.StepRow.seconds`)."""
 
     seconds: float
     rows: list[list[float]]
@@ -107,7 +108,7 @@ def load_step_data(recipe: Recipe):
 def measure_step(world, recipe: Recipe, train_set, steps: int, warmup: int, cache: int) -> dict | None:
     """Time the loader alone, then training steps fed by the loader, then from cached batches, on an
     open world (so that a sweep joins the ranks once). Rank 0 gets the statistics over all ranks, the others None."""
-    from dali_ba.training.step import setup_training
+    from dali_ba.training.rank_setup import setup_training
 
     d, m = recipe.data, recipe.model
     training = setup_training(recipe, world, train_set)  # exactly as dali_ba.train sets up a rank

@@ -1,0 +1,119 @@
+"""The Horovod engine (horovodrun, mpirun, srun --mpi=pmix): ``hvd.DistributedOptimizer`` averages
+gradients; metric sums and gathers go through mpi4py when Horovod runs over MPI, through Horovod's
+collectives over Gloo.
+
+Its own module, away from :mod:`dali_ba.distributed.world`: Horovod is imported only here (and only
+when this engine runs), so the other engines run where it is not installed.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from dali_ba.distributed.world import GradientSync, World
+
+if TYPE_CHECKING:
+    import torch
+
+
+class _ContiguousGradients:
+    """Horovod compressor that only makes gradients contiguous (channels_last weights give NHWC-strided
+    gradients, and Horovod's collectives take contiguous tensors only)."""
+
+    @staticmethod
+    def compress(tensor):
+        return tensor.contiguous(), None
+
+    @staticmethod
+    def decompress(tensor, ctx):
+        return tensor
+
+
+class HorovodSync(GradientSync):
+    """``hvd.DistributedOptimizer``: allreduces start in backward, ``step`` waits for them; gradients of
+    ``chunks`` micro-batches are summed first (``backward_passes_per_step``)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, chunks: int) -> None:
+        import horovod.torch as hvd
+
+        super().__init__(model, hvd.DistributedOptimizer(
+            optimizer, named_parameters=model.named_parameters(), backward_passes_per_step=chunks,
+            compression=_ContiguousGradients,
+        ))
+
+    def step(self, scaler: torch.amp.GradScaler | None) -> None:
+        if not scaler:
+            self.optimizer.step()
+            return
+        # fp16: unscale the allreduced gradients before the step (Horovod + GradScaler recipe)
+        self.optimizer.synchronize()
+        scaler.unscale_(self.optimizer)
+        with self.optimizer.skip_synchronize():
+            scaler.step(self.optimizer)
+        scaler.update()
+
+
+class HorovodWorld(World):
+    engine = "horovod"
+
+    def __init__(self, reason: str) -> None:
+        import horovod.torch as hvd
+
+        hvd.init()
+        super().__init__(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), reason)
+        self._comm = None  # mpi4py's world when Horovod runs over MPI; Horovod's collectives over Gloo
+        if hvd.mpi_enabled():
+            from mpi4py import MPI
+
+            self._comm = MPI.COMM_WORLD
+        self.backend = "mpi" if hvd.mpi_enabled() else "gloo"
+
+    def topology(self) -> dict[str, int]:
+        import horovod.torch as hvd
+
+        return {**super().topology(), "cross_rank": hvd.cross_rank(), "cross_size": hvd.cross_size()}
+
+    def sum(self, values: Sequence[float]) -> np.ndarray:
+        local = np.asarray(values, dtype=np.float64)
+        if self.size == 1:
+            return local
+        if self._comm is not None:
+            total = np.empty_like(local)
+            self._comm.Allreduce(local, total)
+            return total
+        import horovod.torch as hvd
+        import torch
+
+        return hvd.allreduce(torch.from_numpy(local), op=hvd.Sum, name="dali_ba.sum").numpy()
+
+    def gather(self, value: Any) -> list[Any]:
+        if self.size == 1:
+            return [value]
+        if self._comm is not None:
+            return self._comm.allgather(value)
+        import horovod.torch as hvd
+
+        return hvd.allgather_object(value, name="dali_ba.gather")
+
+    def _broadcast_inplace(self, tensor: torch.Tensor, name: str) -> None:
+        import horovod.torch as hvd
+
+        buffer = tensor.contiguous()
+        hvd.broadcast_(buffer, root_rank=0, name=name)
+        if buffer.data_ptr() != tensor.data_ptr():
+            tensor.copy_(buffer)
+
+    def _average_inplace(self, tensor: torch.Tensor, name: str) -> None:
+        import horovod.torch as hvd
+
+        tensor.copy_(hvd.allreduce(tensor, op=hvd.Average, name=name))
+
+    def gradient_sync(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, chunks: int) -> GradientSync:
+        return HorovodSync(model, optimizer, chunks)
+
+    def close(self) -> None:
+        import horovod.torch as hvd
+
+        hvd.shutdown()
