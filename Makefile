@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 RANKS  ?= 2
 DEMO_DATA := data/demo
 
-.PHONY: install demo demo-data test paper clean
+.PHONY: install demo demo-data lint test paper clean
 
 install: $(VENV)/.installed
 
@@ -33,10 +33,18 @@ demo: install demo-data
 paper: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dali-ba reproduce --out runs/paper
 
+# Style, types and import layers, in seconds, before any test runs (pyproject.toml [tool.ruff] and
+# [tool.mypy], setup.cfg [importlinter]; .pre-commit-config.yaml runs the same). `ruff format .` and
+# `ruff check --fix .` mend most of what the first two report.
+lint: install
+	$(VENV)/bin/ruff format --check --quiet .
+	$(VENV)/bin/ruff check --quiet .
+	$(VENV)/bin/lint-imports --no-cache
+
 # Two passes: the suite on the CPU, then the tests marked strict_device (the GPU check's test files and
 # its smoke run, tests/test_gpu_check.py) on the strict device mode's stand-in device
 # (dali_ba/strict_device.py: GPU manners on the CPU, host syncs counted).
-test: install
+test: lint
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" python -m pytest -q -m "not strict_device" tests
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" python -m pytest -q --strict-device -m strict_device tests
 

@@ -12,6 +12,7 @@ Class folder = source photo, so the tree reads as an ImageNet-style dataset.
 about 110 KB (quality 95 plus a little Gaussian luminance noise, as a camera's sensor leaves: the
 sources, upscaled, are smoother than ImageNet's photographs and would compress to half the bytes).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,12 @@ def source_photos() -> dict[str, np.ndarray]:
     return photos
 
 
-def cut(photo: np.ndarray, rng: np.random.Generator, width_range: tuple[int, int] = WIDTH,
-        height_range: tuple[int, int] = HEIGHT) -> Image.Image:
+def cut(
+    photo: np.ndarray,
+    rng: np.random.Generator,
+    width_range: tuple[int, int] = WIDTH,
+    height_range: tuple[int, int] = HEIGHT,
+) -> Image.Image:
     """A random crop of ``photo`` (35-100 % of its area, the output's aspect) resized to a random size in the ranges."""
     width, height = int(rng.integers(*width_range, endpoint=True)), int(rng.integers(*height_range, endpoint=True))
     src_h, src_w = photo.shape[:2]
@@ -63,8 +68,16 @@ def add_noise(image: Image.Image, sigma: float, rng: np.random.Generator) -> Ima
     return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
 
 
-def write_images(out: Path, count: int, seed: int = 0, *, width: tuple[int, int] = WIDTH,
-                 height: tuple[int, int] = HEIGHT, quality: int = QUALITY, noise: float = 0.0) -> list[Path]:
+def write_images(
+    out: Path,
+    count: int,
+    seed: int = 0,
+    *,
+    width: tuple[int, int] = WIDTH,
+    height: tuple[int, int] = HEIGHT,
+    quality: int = QUALITY,
+    noise: float = 0.0,
+) -> list[Path]:
     """Write ``count`` JPEGs to ``out/<photo>/<n>.jpg``, dealt round-robin over the source photos
     (sizes drawn from ``width`` x ``height``; ``noise`` > 0 adds :func:`add_noise`)."""
     rng = np.random.default_rng(seed)
@@ -88,8 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("data/bench"), help="output folder (default data/bench)")
     parser.add_argument("--count", type=int, default=1024, help="number of JPEGs (default 1024)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--imagenet-like", action="store_true",
-                        help="ImageNet's typical training-file size: ~500x375, ~110 KB (default: ~400x350, ~37 KiB)")
+    parser.add_argument(
+        "--imagenet-like",
+        action="store_true",
+        help="ImageNet's typical training-file size: ~500x375, ~110 KB (default: ~400x350, ~37 KiB)",
+    )
     args = parser.parse_args(argv)
     if args.count < 1:
         parser.error(f"--count must be >= 1, got {args.count}")

@@ -28,6 +28,7 @@ other work, the least disturbed one; "mean" is over all timed epochs). CPU ms/vi
 the method used (this process with its DALI threads, plus its DataLoader workers) per view, median
 over epochs: it varies much less with other load than wall time does.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,8 @@ PROG = "python -m benchmarks.peers"
 
 from dali_ba.data.dataset import ImageDataset, load_dataset  # noqa: E402
 from dali_ba.loading.loader import BatchAugmentLoader  # noqa: E402
-from dali_ba.loading.tensors import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from dali_ba.loading.pipeline import read_samples  # noqa: E402
+from dali_ba.loading.tensors import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 AREA, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
 METHODS = {
@@ -77,10 +78,14 @@ class PaperViews(torch.utils.data.Dataset):
         import torchvision.transforms as T
 
         self.files, self.labels, self.views = dataset.files, dataset.labels, views
-        self.transform = T.Compose([
-            T.RandomResizedCrop(size, scale=AREA, ratio=RATIO), T.RandomHorizontalFlip(), T.ToTensor(),
-            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ])
+        self.transform = T.Compose(
+            [
+                T.RandomResizedCrop(size, scale=AREA, ratio=RATIO),
+                T.RandomHorizontalFlip(),
+                T.ToTensor(),
+                T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            ]
+        )
 
     def __len__(self) -> int:
         return len(self.files)
@@ -100,9 +105,12 @@ class TunedViews(torch.utils.data.Dataset):
         from torchvision.transforms import v2
 
         self.files, self.labels, self.views = dataset.files, dataset.labels, views
-        self.transform = v2.Compose([
-            v2.RandomResizedCrop(size, scale=AREA, ratio=RATIO, antialias=True), v2.RandomHorizontalFlip(),
-        ])
+        self.transform = v2.Compose(
+            [
+                v2.RandomResizedCrop(size, scale=AREA, ratio=RATIO, antialias=True),
+                v2.RandomHorizontalFlip(),
+            ]
+        )
 
     def __len__(self) -> int:
         return len(self.files)
@@ -143,13 +151,19 @@ def torch_loader(method: str, dataset: ImageDataset, views: int, args) -> Runner
     common = dict(num_workers=args.threads, persistent_workers=True, drop_last=True, prefetch_factor=2)
     if method == "d":
         loader = torch.utils.data.DataLoader(
-            TunedViews(dataset, 1, args.size), batch_size=args.batch * views,
-            sampler=RepeatSampler(len(dataset), views, args.seed), **common,
+            TunedViews(dataset, 1, args.size),
+            batch_size=args.batch * views,
+            sampler=RepeatSampler(len(dataset), views, args.seed),
+            **common,
         )
     else:
         data = (PaperViews if method == "b" else TunedViews)(dataset, views, args.size)
         loader = torch.utils.data.DataLoader(
-            data, batch_size=args.batch, shuffle=True, generator=torch.Generator().manual_seed(args.seed), **common,
+            data,
+            batch_size=args.batch,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(args.seed),
+            **common,
         )
     # The workers live in the persistent iterator (torch keeps it on the loader, a private attribute).
     return Runner(lambda epoch: loader, lambda: [w.pid for w in getattr(loader._iterator, "_workers", [])])
@@ -188,7 +202,8 @@ def decode_only_pipeline(samples, decoder: str, **kwargs):
 
 
 class DecodePerViewLoader(BatchAugmentLoader):
-    """(e) through dali-ba's own plumbing (sharding, one pipeline per run, copy into torch), so only the graph differs."""
+    """(e) through dali-ba's own plumbing (sharding, one pipeline per run, copy into torch), so that only the
+    graph differs."""
 
     _view_params = None  # its graph draws the views itself (DALI's random operators): no parameters to feed
 
@@ -196,8 +211,9 @@ class DecodePerViewLoader(BatchAugmentLoader):
         return "dali"  # DALI makes the views in this graph
 
     def _graph(self, source, stage: str | None):
-        return decode_per_view_pipeline(source, views=self.views, view_size=self.view_size, decoder=self.decoder,
-                                        **self._run_args(self.seed))
+        return decode_per_view_pipeline(
+            source, views=self.views, view_size=self.view_size, decoder=self.decoder, **self._run_args(self.seed)
+        )
 
 
 def decode_only_epochs(loader: BatchAugmentLoader) -> Callable[[int], Iterable]:
@@ -216,8 +232,9 @@ def make_method(method: str, dataset: ImageDataset, views: int, args) -> Runner:
     """One method at one M (DALI threads run inside this process: no worker processes)."""
     if method in "bcd":
         return torch_loader(method, dataset, views, args)
-    options = dict(batch_size=args.batch, views=views, view_size=args.size, decoder="cpu", num_threads=args.threads,
-                   seed=args.seed)
+    options = dict(
+        batch_size=args.batch, views=views, view_size=args.size, decoder="cpu", num_threads=args.threads, seed=args.seed
+    )
     if method == "a":
         return Runner(BatchAugmentLoader(dataset, **options).epoch)
     if method == "e":
@@ -241,8 +258,9 @@ def run_epoch(runner: Runner, epoch: int) -> dict:
         first = first if first is not None else time.perf_counter() - start
         batches += 1
     seconds = time.perf_counter() - start
-    return dict(seconds=seconds, cpu_seconds=cpu_seconds(runner.pids()) - cpu, first_batch_s=first or 0.0,
-                batches=batches)
+    return dict(
+        seconds=seconds, cpu_seconds=cpu_seconds(runner.pids()) - cpu, first_batch_s=first or 0.0, batches=batches
+    )
 
 
 def summarise(method: str, views: int, epochs: list[dict], batch: int) -> dict:
@@ -254,7 +272,11 @@ def summarise(method: str, views: int, epochs: list[dict], batch: int) -> dict:
     # Without each epoch's start (pipeline build / prefetch refill, first batch): the rate once running.
     running = (samples - len(epochs) * batch) / (seconds - sum(e["first_batch_s"] for e in epochs))
     return dict(
-        method=method, name=METHODS[method], views=views, samples=samples, seconds=round(seconds, 3),
+        method=method,
+        name=METHODS[method],
+        views=views,
+        samples=samples,
+        seconds=round(seconds, 3),
         samples_per_s=best["batches"] * batch / best["seconds"],
         views_per_s=best["batches"] * batch * views / best["seconds"],
         mean_views_per_s=samples * views / seconds,
@@ -278,9 +300,12 @@ def benchmark(dataset: ImageDataset, args) -> list[dict]:
         for method, views in cases:
             record = run_epoch(runners[method, views], 1 + rnd)
             records[method, views].append(record)
-            print(f"round {rnd + 1}/{args.epochs} {method} M={views}: "
-                  f"{record['batches'] * args.batch / record['seconds']:8.1f} samples/s, "
-                  f"{record['cpu_seconds'] / record['seconds']:4.2f} cores busy, load {os.getloadavg()[0]:.1f}", flush=True)
+            print(
+                f"round {rnd + 1}/{args.epochs} {method} M={views}: "
+                f"{record['batches'] * args.batch / record['seconds']:8.1f} samples/s, "
+                f"{record['cpu_seconds'] / record['seconds']:4.2f} cores busy, load {os.getloadavg()[0]:.1f}",
+                flush=True,
+            )
     return [summarise(method, views, records[method, views], args.batch) for method, views in cases]
 
 
@@ -299,8 +324,16 @@ def ratios(results: list[dict], views: list[int]) -> list[dict]:
             key = "samples_per_s" if peer == "f" else "views_per_s"
             value = ours[key] / theirs[key]
             cpu = theirs["cpu_ms_per_view"] * theirs["views"] / m / ours["cpu_ms_per_view"]
-            out.append(dict(ratio=f"a/{peer} {key.replace('_per_s', '/s')}", views=m, value=value,
-                            cpu_value=cpu, target=target, met=value >= target))
+            out.append(
+                dict(
+                    ratio=f"a/{peer} {key.replace('_per_s', '/s')}",
+                    views=m,
+                    value=value,
+                    cpu_value=cpu,
+                    target=target,
+                    met=value >= target,
+                )
+            )
     return out
 
 
@@ -314,10 +347,18 @@ def machine() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     memory = next((int(line.split()[1]) // 1024**2 for line in open("/proc/meminfo") if line.startswith("MemTotal")), 0)
     return dict(
-        cpu=cpu, cores=len(os.sched_getaffinity(0)), memory_gib=memory, gpu=torch.cuda.is_available(),
-        os=platform.platform(), python=platform.python_version(), torch=torch.__version__,
-        torchvision=torchvision.__version__, dali=nvidia.dali.__version__, pillow=PIL.__version__,
-        numpy=np.__version__, load_average=os.getloadavg(),
+        cpu=cpu,
+        cores=len(os.sched_getaffinity(0)),
+        memory_gib=memory,
+        gpu=torch.cuda.is_available(),
+        os=platform.platform(),
+        python=platform.python_version(),
+        torch=torch.__version__,
+        torchvision=torchvision.__version__,
+        dali=nvidia.dali.__version__,
+        pillow=PIL.__version__,
+        numpy=np.__version__,
+        load_average=os.getloadavg(),
     )
 
 
@@ -326,35 +367,52 @@ def data_summary(dataset: ImageDataset) -> dict:
 
     sizes = [Image.open(path).size for path in dataset.files]
     nbytes = [os.path.getsize(path) for path in dataset.files]
-    return dict(files=len(dataset), classes=dataset.num_classes, mean_width=float(np.mean([s[0] for s in sizes])),
-                mean_height=float(np.mean([s[1] for s in sizes])), mean_kib=float(np.mean(nbytes)) / 1024)
+    return dict(
+        files=len(dataset),
+        classes=dataset.num_classes,
+        mean_width=float(np.mean([s[0] for s in sizes])),
+        mean_height=float(np.mean([s[1] for s in sizes])),
+        mean_kib=float(np.mean(nbytes)) / 1024,
+    )
 
 
 def table(results: list[dict], rows: list[dict]) -> str:
-    lines = [f"{'method':40s} {'M':>3s} {'samples/s':>9s} {'views/s':>8s} {'mean':>8s} {'CPU ms/view':>11s} "
-             f"{'1st batch s':>11s}"]
+    lines = [
+        f"{'method':40s} {'M':>3s} {'samples/s':>9s} {'views/s':>8s} {'mean':>8s} {'CPU ms/view':>11s} "
+        f"{'1st batch s':>11s}"
+    ]
     for r in results:
-        lines.append(f"({r['method']}) {r['name']:36s} {r['views']:3d} {r['samples_per_s']:9.1f} {r['views_per_s']:8.1f} "
-                     f"{r['mean_views_per_s']:8.1f} {r['cpu_ms_per_view']:11.3f} {r['first_batch_s']:11.3f}")
+        lines.append(
+            f"({r['method']}) {r['name']:36s} {r['views']:3d} {r['samples_per_s']:9.1f} {r['views_per_s']:8.1f} "
+            f"{r['mean_views_per_s']:8.1f} {r['cpu_ms_per_view']:11.3f} {r['first_batch_s']:11.3f}"
+        )
     lines.append("")
     lines.append(f"{'ratio':16s} {'M':>3s} {'value':>6s} {'by CPU':>7s} {'target':>7s}")
     for row in rows:
-        lines.append(f"{row['ratio']:16s} {row['views']:3d} {row['value']:6.2f} {row['cpu_value']:7.2f} "
-                     f"{'>= ' + str(row['target']):>7s} {'met' if row['met'] else 'MISSED'}")
+        lines.append(
+            f"{row['ratio']:16s} {row['views']:3d} {row['value']:6.2f} {row['cpu_value']:7.2f} "
+            f"{'>= ' + str(row['target']):>7s} {'met' if row['met'] else 'MISSED'}"
+        )
     return "\n".join(lines)
 
 
 def markdown(results: list[dict], rows: list[dict]) -> str:
     """The README tables: throughput per method and M, then the ratios against their targets."""
-    lines = ["| method | M | samples/s | views/s | views/s, mean of epochs | CPU ms per view | first batch s |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| method | M | samples/s | views/s | views/s, mean of epochs | CPU ms per view | first batch s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in results:
-        lines.append(f"| ({r['method']}) {r['name']} | {r['views']} | {r['samples_per_s']:.0f} | {r['views_per_s']:.0f} | "
-                     f"{r['mean_views_per_s']:.0f} | {r['cpu_ms_per_view']:.2f} | {r['first_batch_s']:.3f} |")
+        lines.append(
+            f"| ({r['method']}) {r['name']} | {r['views']} | {r['samples_per_s']:.0f} | {r['views_per_s']:.0f} | "
+            f"{r['mean_views_per_s']:.0f} | {r['cpu_ms_per_view']:.2f} | {r['first_batch_s']:.3f} |"
+        )
     lines += ["", "| ratio | M | this run | by CPU time | target | |", "| --- | ---: | ---: | ---: | ---: | --- |"]
     for row in rows:
-        lines.append(f"| {row['ratio']} | {row['views']} | {row['value']:.2f} | {row['cpu_value']:.2f} | "
-                     f"≥ {row['target']} | {'met' if row['met'] else '**missed**'} |")
+        lines.append(
+            f"| {row['ratio']} | {row['views']} | {row['value']:.2f} | {row['cpu_value']:.2f} | "
+            f"≥ {row['target']} | {'met' if row['met'] else '**missed**'} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -386,20 +444,29 @@ def plot(results: list[dict], path: Path, title: str) -> None:
 
 def parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=REPO / "data" / "bench",
-                        help="folder of class folders of JPEGs; made by make_images.py when missing (default data/bench)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=REPO / "data" / "bench",
+        help="folder of class folders of JPEGs; made by make_images.py when missing (default data/bench)",
+    )
     parser.add_argument("--count", type=int, default=1024, help="images to make when --data is missing (default 1024)")
     parser.add_argument("--views", default="1,4,10", help="comma-separated M values (default 1,4,10)")
-    parser.add_argument("--methods", default="abcdef",
-                        help="which of a-f to run (default abcdef)")
+    parser.add_argument("--methods", default="abcdef", help="which of a-f to run (default abcdef)")
     parser.add_argument("--batch", type=int, default=32, help="samples per batch B (default 32)")
     parser.add_argument("--size", type=int, default=224, help="view size (default 224)")
     parser.add_argument("--threads", type=int, default=2, help="DataLoader workers / DALI threads (default 2)")
     parser.add_argument("--epochs", type=int, default=4, help="timed epochs per (method, M) (default 4)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--replot", action="store_true", help="only redraw peers.png and peers.md from --out/peers.json")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results",
-                        help="where peers.json, peers.md (tables) and peers.png go (default benchmarks/results)")
+    parser.add_argument(
+        "--replot", action="store_true", help="only redraw peers.png and peers.md from --out/peers.json"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=REPO / "benchmarks" / "results",
+        help="where peers.json, peers.md (tables) and peers.png go (default benchmarks/results)",
+    )
     args = parser.parse_args(argv)
     try:
         args.views = [int(v) for v in args.views.split(",")]
@@ -420,9 +487,12 @@ def report(record: dict, out: Path) -> None:
     """peers.md and peers.png from a run's record (the content of peers.json)."""
     (out / "peers.md").write_text(markdown(record["results"], record["ratios"]))
     m, data = record["machine"], record["data"]
-    plot(record["results"], out / "peers.png",
-         f"B={record['batch']}, {record['view_size']}px views, {record['threads']} cores ({m['cpu']}), "
-         f"{data['files']} JPEGs ~{data['mean_width']:.0f}x{data['mean_height']:.0f}")
+    plot(
+        record["results"],
+        out / "peers.png",
+        f"B={record['batch']}, {record['view_size']}px views, {record['threads']} cores ({m['cpu']}), "
+        f"{data['files']} JPEGs ~{data['mean_width']:.0f}x{data['mean_height']:.0f}",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -444,8 +514,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {args.data} has {len(dataset)} images, fewer than --batch {args.batch}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    info = dict(machine=machine(), data=data_summary(dataset), batch=args.batch, view_size=args.size,
-                threads=args.threads, epochs=args.epochs, views=args.views)
+    info = dict(
+        machine=machine(),
+        data=data_summary(dataset),
+        batch=args.batch,
+        view_size=args.size,
+        threads=args.threads,
+        epochs=args.epochs,
+        views=args.views,
+    )
     started = time.time()
     results = benchmark(dataset, args)
     info["machine"]["load_average_after"] = os.getloadavg()

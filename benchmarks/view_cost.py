@@ -1,4 +1,5 @@
-"""Where the per-view time goes: CPU milliseconds of each step, DALI and dali-ba's torch views against torchvision and PIL.
+"""Where the per-view time goes: CPU milliseconds of each step, DALI and dali-ba's torch views against
+torchvision and PIL.
 
     python -m benchmarks.view_cost [--data data/bench] [--views 10] [--rounds 5] [--out benchmarks/results]
 
@@ -8,6 +9,7 @@ synchronously (no prefetching: one ``run()`` is one batch of work) and DALI step
 the difference between two graphs (decode + M views minus decode alone) divided by M, with M
 distinct operators (a DALI graph merges identical operators, so each view has its own random seed).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -127,8 +129,14 @@ def torch_costs(files: list[str], size: int, rounds: int) -> dict[str, float]:
 
     torch.set_num_threads(1)
     tuned = v2.Compose([v2.RandomResizedCrop(size, scale=AREA, ratio=RATIO, antialias=True), v2.RandomHorizontalFlip()])
-    paper = T.Compose([T.RandomResizedCrop(size, scale=AREA, ratio=RATIO), T.RandomHorizontalFlip(), T.ToTensor(),
-                       T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    paper = T.Compose(
+        [
+            T.RandomResizedCrop(size, scale=AREA, ratio=RATIO),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
     paper_crop = T.Compose([T.RandomResizedCrop(size, scale=AREA, ratio=RATIO), T.RandomHorizontalFlip()])
     sample = files[:BATCH]
     tensors = [decode_jpeg(read_file(f), mode=ImageReadMode.RGB) for f in sample]
@@ -141,7 +149,9 @@ def torch_costs(files: list[str], size: int, rounds: int) -> dict[str, float]:
         "PIL crop+resize+flip+ToTensor+Normalize": paper,
     }
     inputs = {name: sample if "decode" in name else tensors if "v2" in name else pils for name in steps}
-    batches = {name: (lambda step=step, items=inputs[name]: [step(item) for item in items]) for name, step in steps.items()}
+    batches = {
+        name: (lambda step=step, items=inputs[name]: [step(item) for item in items]) for name, step in steps.items()
+    }
     return best_of(rounds, batches, BATCH)
 
 
@@ -163,15 +173,25 @@ def main(argv: list[str] | None = None) -> int:
     decode = dali["decode"]
     rows = [("DALI decode (per sample)", decode)]
     rows += [(f"DALI {name} (per view)", (ms - decode) / args.views) for name, ms in dali.items() if name != "decode"]
-    rows += [("dali-ba parameter draws (per view)", stage["draw"]),
-             ("dali-ba torch view: crop + resize + flip into the batch (per view)", stage["render"])]
+    rows += [
+        ("dali-ba parameter draws (per view)", stage["draw"]),
+        ("dali-ba torch view: crop + resize + flip into the batch (per view)", stage["render"]),
+    ]
     rows += [(f"{name} (per call)", ms) for name, ms in tv.items()]
     width = max(len(name) for name, _ in rows)
     for name, ms in rows:
         print(f"{name:{width}s} {ms:7.3f} ms")
     args.out.mkdir(parents=True, exist_ok=True)
-    record = dict(views=args.views, size=args.size, rounds=args.rounds, unit="ms, one thread, fastest of rounds",
-                  dali_pipeline_ms_per_sample=dali, torch_ms_per_call=tv, stage_ms_per_view=stage, rows={name: round(ms, 4) for name, ms in rows})
+    record = dict(
+        views=args.views,
+        size=args.size,
+        rounds=args.rounds,
+        unit="ms, one thread, fastest of rounds",
+        dali_pipeline_ms_per_sample=dali,
+        torch_ms_per_call=tv,
+        stage_ms_per_view=stage,
+        rows={name: round(ms, 4) for name, ms in rows},
+    )
     (args.out / "view_cost.json").write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {args.out / 'view_cost.json'}")
     return 0

@@ -2,10 +2,19 @@
 
 Each of B samples per step is read and decoded once and trained on as M augmented views.
 """
+
 from dali_ba.errors import UsageError
 from dali_ba.version import __version__
 
-__all__ = ["BatchAugmentLoader", "ValidationLoader", "AugmentedValidationLoader", "flatten_views", "normalize", "UsageError", "__version__"]
+__all__ = [
+    "BatchAugmentLoader",
+    "ValidationLoader",
+    "AugmentedValidationLoader",
+    "flatten_views",
+    "normalize",
+    "UsageError",
+    "__version__",
+]
 
 
 def __getattr__(name: str):

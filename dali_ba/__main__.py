@@ -6,6 +6,7 @@ lists it with each module's own one-line description. A module is imported only 
 The tools' ``python -m`` names from before ``dali-ba <command>`` (dali_ba/check_data.py, plot.py,
 profile.py, reproduce.py) are kept for one release: each runs :func:`run_deprecated`.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -44,8 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = args[0], args[1:]
     if command not in COMMANDS:
-        print(f"{PROG}: error: unknown command {command!r}; one of: {', '.join(COMMANDS)} ({PROG} --help)",
-              file=sys.stderr)
+        print(
+            f"{PROG}: error: unknown command {command!r}; one of: {', '.join(COMMANDS)} ({PROG} --help)",
+            file=sys.stderr,
+        )
         return 2
     sys.argv[0] = f"{PROG} {command}"
     return importlib.import_module(COMMANDS[command]).main(rest)
@@ -54,8 +57,11 @@ def main(argv: list[str] | None = None) -> int:
 def run_deprecated(old: str, command: str) -> None:
     """``python -m <old>``, a tool's name before ``dali-ba <command>``: a one-line note on stderr, then
     ``dali-ba <command>`` with this process's arguments, exiting with its status."""
-    print(f"note: python -m {old} is deprecated and will be removed in the next release; use: {PROG} {command}",
-          file=sys.stderr, flush=True)
+    print(
+        f"note: python -m {old} is deprecated and will be removed in the next release; use: {PROG} {command}",
+        file=sys.stderr,
+        flush=True,
+    )
     sys.exit(main([command, *sys.argv[1:]]))
 
 

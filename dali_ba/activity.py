@@ -6,6 +6,7 @@ epochs) and read by another thread; every update is one assignment, so it costs 
 The stall clock runs only while armed: from the end of the first step of each epoch or resume, and
 paused for evaluation and checkpoints, whose time has nothing to do with a step's.
 """
+
 from __future__ import annotations
 
 import contextlib

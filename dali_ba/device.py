@@ -2,6 +2,7 @@
 (the CPU, or the strict device mode's stand-in), a copy there that does not wait, and timestamps on
 its stream that cost no synchronisation. Which GPU a rank takes is :mod:`dali_ba.distributed.placement`'s.
 """
+
 from __future__ import annotations
 
 import time

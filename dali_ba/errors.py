@@ -1,5 +1,6 @@
 """The one exception type users see: a bad input, reported as a single line; and the command-line
 parser every tool shares, whose usage mistakes are one line too."""
+
 import argparse
 
 

@@ -15,6 +15,7 @@ wheels follow the same rule by their CUDA major (``torch.version.cuda``). A mach
 ``DALI_SPEC`` (a full pip requirement) overrides everything. Standard library only: install.sh runs
 it before anything else is installed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,12 @@ def read_driver() -> str | None:
     """The NVIDIA driver version as ``nvidia-smi`` reports it (first GPU), or None where there is no
     nvidia-smi or it finds no GPU or driver."""
     try:
-        done = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                              capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     lines = done.stdout.split()
@@ -81,12 +86,16 @@ def build_for_driver(driver: str | None) -> tuple[str, str]:
     for build in sorted(BUILDS, reverse=True):  # the newest build this driver runs
         if driver_supports(BUILDS[build], driver):
             newer = [b for b in BUILDS if b > build]
-            why = f" ({dali_package(newer[0])} needs driver >= {dotted(DRIVER_FLOOR[BUILDS[newer[0]]])})" if newer else ""
+            why = (
+                f" ({dali_package(newer[0])} needs driver >= {dotted(DRIVER_FLOOR[BUILDS[newer[0]]])})" if newer else ""
+            )
             return build, f"driver {driver}: {dali_package(build)}{why}"
     oldest = min(BUILDS, key=lambda b: DRIVER_FLOOR[BUILDS[b]])
-    raise DriverTooOld(f"NVIDIA driver {driver} is older than {dotted(DRIVER_FLOOR[BUILDS[oldest]])}, the oldest "
-                       f"any DALI build supports ({dali_package(oldest)}): update the driver, or name an older DALI "
-                       "with DALI_SPEC")
+    raise DriverTooOld(
+        f"NVIDIA driver {driver} is older than {dotted(DRIVER_FLOOR[BUILDS[oldest]])}, the oldest "
+        f"any DALI build supports ({dali_package(oldest)}): update the driver, or name an older DALI "
+        "with DALI_SPEC"
+    )
 
 
 @dataclass(frozen=True)
@@ -111,8 +120,10 @@ def choose(driver: str | None, dali_cuda: str | None = None, spec: str | None = 
             raise ValueError(f"--dali-cuda / DALI_CUDA must be {' or '.join(BUILDS)}, got {dali_cuda!r}")
         reason = f"--dali-cuda {dali_cuda}"
         if driver is not None and not driver_supports(BUILDS[dali_cuda], driver):
-            reason += (f" (it needs driver >= {dotted(DRIVER_FLOOR[BUILDS[dali_cuda]])}; this machine has {driver}, "
-                       "so it runs only on other nodes)")
+            reason += (
+                f" (it needs driver >= {dotted(DRIVER_FLOOR[BUILDS[dali_cuda]])}; this machine has {driver}, "
+                "so it runs only on other nodes)"
+            )
         return Choice(f"{dali_package(dali_cuda)}=={DALI_VERSION}", reason, True)
     build, reason = build_for_driver(driver)
     return Choice(f"{dali_package(build)}=={DALI_VERSION}", reason, driver is not None)
@@ -148,12 +159,23 @@ def plan(choice: Choice, installed: DaliBuild | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    parser.add_argument("--dali-cuda", default=os.environ.get("DALI_CUDA") or None, metavar="|".join(BUILDS),
-                        help="name the build outright (default: $DALI_CUDA, else by the driver)")
-    parser.add_argument("--driver", metavar="VERSION", help="choose for this driver version instead of asking nvidia-smi "
-                                                            "(e.g. for the GPU nodes, from a login node)")
-    parser.add_argument("--plan", action="store_true", help="print what to do with the DALI installed in this Python: "
-                                                            "'install SPEC', 'keep PACKAGE==VERSION' or 'replace OLD SPEC'")
+    parser.add_argument(
+        "--dali-cuda",
+        default=os.environ.get("DALI_CUDA") or None,
+        metavar="|".join(BUILDS),
+        help="name the build outright (default: $DALI_CUDA, else by the driver)",
+    )
+    parser.add_argument(
+        "--driver",
+        metavar="VERSION",
+        help="choose for this driver version instead of asking nvidia-smi (e.g. for the GPU nodes, from a login node)",
+    )
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="print what to do with the DALI installed in this Python: "
+        "'install SPEC', 'keep PACKAGE==VERSION' or 'replace OLD SPEC'",
+    )
     args = parser.parse_args(argv)
     driver = args.driver if args.driver is not None else read_driver()
     try:

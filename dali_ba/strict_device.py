@@ -25,6 +25,7 @@ clock) splits the count into steps; with a folder given, each process writes
 ``syncs-<pid>.json`` there at exit. What it cannot see: the speed of anything, pinned memory
 (pinning needs a GPU), CUDA streams and events, and syncs inside C++ extensions.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -66,14 +67,20 @@ class SyncLog:
         return [b - a for a, b in zip(bounds, bounds[1:])]
 
     def report(self) -> dict:
-        rank = next((os.environ[k] for k in ("OMPI_COMM_WORLD_RANK", "RANK", "PMI_RANK", "SLURM_PROCID")
-                     if k in os.environ), None)
+        rank = next(
+            (os.environ[k] for k in ("OMPI_COMM_WORLD_RANK", "RANK", "PMI_RANK", "SLURM_PROCID") if k in os.environ),
+            None,
+        )
         starts = self.step_starts
         step_of = [sum(1 for s in starts if s <= i) - 1 for i in range(len(self.events))]
-        return {"rank": None if rank is None else int(rank), "pid": os.getpid(), "steps": len(starts),
-                "per_step": self.per_step(), "total": len(self.events),
-                "syncs": [{"kind": kind, "site": site, "step": step}
-                          for (kind, site), step in zip(self.events, step_of)]}
+        return {
+            "rank": None if rank is None else int(rank),
+            "pid": os.getpid(),
+            "steps": len(starts),
+            "per_step": self.per_step(),
+            "total": len(self.events),
+            "syncs": [{"kind": kind, "site": site, "step": step} for (kind, site), step in zip(self.events, step_of)],
+        }
 
 
 LOG = SyncLog()
@@ -143,7 +150,9 @@ def is_device(device: Any) -> bool:
 
 def is_host(device: Any) -> bool:
     try:
-        return device is not None and not isinstance(device, torch.dtype) and torch.device(device) == torch.device("cpu")
+        return (
+            device is not None and not isinstance(device, torch.dtype) and torch.device(device) == torch.device("cpu")
+        )
     except (RuntimeError, TypeError):
         return False
 
@@ -158,7 +167,8 @@ def _frames() -> list[traceback.FrameSummary]:
 
 
 def _site() -> str:
-    """'file:line (function)' of the innermost frame outside torch, and the project's frame below it when that differs."""
+    """'file:line (function)' of the innermost frame outside torch, and the project's frame below it when
+    that differs."""
     frames = _frames()
     if not frames:
         return "?"
@@ -205,14 +215,42 @@ def _name(func) -> str:
 
 
 T = torch.Tensor
-_READS = {T.item: ".item()", T.tolist: ".tolist()", T.__bool__: "bool()", T.__float__: "float()", T.__int__: "int()",
-          T.__index__: "int()/index", T.__complex__: "complex()", T.__contains__: "in",
-          T.__format__: "format()"}
-_SYNCING = {torch.nonzero: "nonzero", T.nonzero: "nonzero", torch.masked_select: "masked_select",
-            T.masked_select: "masked_select", torch.unique: "unique", T.unique: "unique",
-            torch.argwhere: "argwhere", T.argwhere: "argwhere"}
-_MIXABLE = {T.to, T.copy_, T.__getitem__, T.__setitem__, T.index_select, torch.index_select, T.new_tensor,
-            T.type_as, T.__reduce_ex__, T.__deepcopy__, T.__repr__, T.__format__, T.__str__}
+_READS = {
+    T.item: ".item()",
+    T.tolist: ".tolist()",
+    T.__bool__: "bool()",
+    T.__float__: "float()",
+    T.__int__: "int()",
+    T.__index__: "int()/index",
+    T.__complex__: "complex()",
+    T.__contains__: "in",
+    T.__format__: "format()",
+}
+_SYNCING = {
+    torch.nonzero: "nonzero",
+    T.nonzero: "nonzero",
+    torch.masked_select: "masked_select",
+    T.masked_select: "masked_select",
+    torch.unique: "unique",
+    T.unique: "unique",
+    torch.argwhere: "argwhere",
+    T.argwhere: "argwhere",
+}
+_MIXABLE = {
+    T.to,
+    T.copy_,
+    T.__getitem__,
+    T.__setitem__,
+    T.index_select,
+    torch.index_select,
+    T.new_tensor,
+    T.type_as,
+    T.__reduce_ex__,
+    T.__deepcopy__,
+    T.__repr__,
+    T.__format__,
+    T.__str__,
+}
 _STACKING = {torch.cat, torch.stack, torch.concat, torch.concatenate, torch.hstack, torch.vstack}
 
 
@@ -225,8 +263,9 @@ class DeviceTensor(torch.Tensor):
         if _getter(func) is T.device:
             return STANDIN
         if func in (T.numpy, T.__array__):
-            raise StrictDeviceError(f"can't convert a device tensor to numpy ({_name(func)} at {_site()}): "
-                                    "take .cpu() first, as on a GPU")
+            raise StrictDeviceError(
+                f"can't convert a device tensor to numpy ({_name(func)} at {_site()}): take .cpu() first, as on a GPU"
+            )
         if func in _READS:
             return _read(func, args, kwargs)
         if func is T.cpu or (func is T.to and _to_host(args, kwargs)):
@@ -242,8 +281,12 @@ class DeviceTensor(torch.Tensor):
             record("boolean-mask indexing")
         elif func is T.new_tensor:
             record("new_tensor of host data onto the device")
-        elif (func is T.copy_ and len(args) > 1 and isinstance(args[0], DeviceTensor) != isinstance(args[1], DeviceTensor)
-              and not kwargs.get("non_blocking", args[2] if len(args) > 2 else False)):
+        elif (
+            func is T.copy_
+            and len(args) > 1
+            and isinstance(args[0], DeviceTensor) != isinstance(args[1], DeviceTensor)
+            and not kwargs.get("non_blocking", args[2] if len(args) > 2 else False)
+        ):
             record("blocking copy_ between host and device")
         if func not in _MIXABLE:
             _check_mixing(func, args, kwargs)
@@ -285,8 +328,10 @@ def _getter(func):
 def _read(func, args, kwargs):
     what = _READS[func]
     if _called_from_package():
-        raise StrictDeviceError(f"{what} of a device tensor at {_site()} reads it on the host, which waits for the "
-                                "GPU; take .cpu() where the read is meant (and keep it out of the step)")
+        raise StrictDeviceError(
+            f"{what} of a device tensor at {_site()} reads it on the host, which waits for the "
+            "GPU; take .cpu() where the read is meant (and keep it out of the step)"
+        )
     record(what)
     result = func(_host(args[0]), *args[1:], **kwargs)
     return result
@@ -316,17 +361,43 @@ def _check_mixing(func, args: tuple, kwargs: dict) -> None:
         if not isinstance(x, DeviceTensor) and (x.dim() > 0 or func in _STACKING):
             raise StrictDeviceError(
                 f"{_name(func)} at {_site()} mixes a device tensor with a host tensor of shape {tuple(x.shape)}: "
-                "on a GPU, 'Expected all tensors to be on the same device'; move it with .to(device) first")
+                "on a GPU, 'Expected all tensors to be on the same device'; move it with .to(device) first"
+            )
 
 
 # --- onto the device: .to(STANDIN), factories with device=STANDIN ----------------------------------------------
 
-_FACTORIES = {torch.tensor, torch.as_tensor, torch.zeros, torch.ones, torch.empty, torch.full, torch.arange,
-              torch.linspace, torch.rand, torch.randn, torch.randint, torch.randperm, torch.eye, torch.zeros_like,
-              torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like, torch.randn_like,
-              T.new_zeros, T.new_ones, T.new_empty, T.new_full, T.new_tensor}
+_FACTORIES = {
+    torch.tensor,
+    torch.as_tensor,
+    torch.zeros,
+    torch.ones,
+    torch.empty,
+    torch.full,
+    torch.arange,
+    torch.linspace,
+    torch.rand,
+    torch.randn,
+    torch.randint,
+    torch.randperm,
+    torch.eye,
+    torch.zeros_like,
+    torch.ones_like,
+    torch.empty_like,
+    torch.full_like,
+    torch.rand_like,
+    torch.randn_like,
+    T.new_zeros,
+    T.new_ones,
+    T.new_empty,
+    T.new_full,
+    T.new_tensor,
+}
 _FROM_DATA = {torch.tensor, torch.as_tensor, torch.asarray}
-_COPYING = {torch.tensor: "torch.tensor of host data onto the device", T.new_tensor: "new_tensor of host data onto the device"}
+_COPYING = {
+    torch.tensor: "torch.tensor of host data onto the device",
+    T.new_tensor: "new_tensor of host data onto the device",
+}
 
 
 class _HostMode(TorchFunctionMode):
@@ -369,4 +440,3 @@ def _onto_device(func, args: tuple, kwargs: dict):
         source.__class__ = DeviceParameter
         return source if result is source else _device(result)
     return _device(result)
-

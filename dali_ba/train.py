@@ -10,9 +10,10 @@ regime); the loss is the mean cross-entropy over all B*M views. Rank 0 prints an
 <output>/recipe.toml, metrics.jsonl and model.pt.
 
 Here: the command line and the engine's set-up. The run's parts each have a module: the checks of its
-inputs (:mod:`dali_ba.training.checks`), the step (:mod:`dali_ba.training.step`), evaluation (:mod:`dali_ba.training.evaluation`)
-and the training loop (:mod:`dali_ba.training.trainer`).
+inputs (:mod:`dali_ba.training.checks`), the step (:mod:`dali_ba.training.step`), evaluation
+(:mod:`dali_ba.training.evaluation`) and the training loop (:mod:`dali_ba.training.trainer`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -55,15 +56,20 @@ def run(recipe: Recipe, train_set: ImageDataset, val_set: ImageDataset) -> int:
         raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard")
     if r.horovod_timeline:  # Horovod reads it at init; its coordinator (rank 0) writes the file
         if engine.engine != "horovod":
-            raise UsageError(f"--horovod-timeline needs the Horovod engine; this run uses {engine.engine} "
-                             f"({engine.reason})")
+            raise UsageError(
+                f"--horovod-timeline needs the Horovod engine; this run uses {engine.engine} ({engine.reason})"
+            )
         if not Path(r.horovod_timeline).parent.is_dir():
             raise UsageError(f"--horovod-timeline {r.horovod_timeline}: its folder does not exist")
         os.environ["HOROVOD_TIMELINE"] = str(Path(r.horovod_timeline).resolve())
     world = distributed.init_world(engine, share_gpu=r.share_gpu)
     # A rank that hangs: every rank that can still act leaves with EXIT_STALLED, naming it (training/stall.py).
-    watch = StallWatch(world, r.stall_timeout, lambda: last_checkpoint(Path(r.output)),
-                       lambda line: emit(f"{PROG}: {line}", sys.stderr)).start()
+    watch = StallWatch(
+        world,
+        r.stall_timeout,
+        lambda: last_checkpoint(Path(r.output)),
+        lambda line: emit(f"{PROG}: {line}", sys.stderr),
+    ).start()
     # srun --kill-on-bad-exit (slurm/lib.sh) ends the job at the first rank that exits non-zero: ranks
     # that stop together (exit 1, 4, 74, 75) meet once more, after rank 0 has written and said its last.
     try:
@@ -118,18 +124,24 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if _out_of_memory(exc) and recipe is not None:
             d = recipe.data
-            emit(f"{PROG}: rank {launcher_rank()}: error: out of GPU memory with --batch-size {d.batch_size} (global) x "
-                 f"--views {d.views} of {d.view_size}x{d.view_size} px (--chunks {recipe.optim.chunks}, --amp "
-                 f"{recipe.model.amp}); split each step into micro-batches with a larger --chunks, use --amp bf16 "
-                 "(or fp16), or lower --batch-size, --views or --view-size", sys.stderr)
+            emit(
+                f"{PROG}: rank {launcher_rank()}: error: out of GPU memory with --batch-size {d.batch_size} (global) x "
+                f"--views {d.views} of {d.view_size}x{d.view_size} px (--chunks {recipe.optim.chunks}, --amp "
+                f"{recipe.model.amp}); split each step into micro-batches with a larger --chunks, use --amp bf16 "
+                "(or fp16), or lower --batch-size, --views or --view-size",
+                sys.stderr,
+            )
             return EXIT_OUT_OF_MEMORY
         if not _peer_gone(exc):
             # Launchers need not tag output with ranks (make demo's mpirun does not): say whose it is.
             emit(f"{PROG}: rank {launcher_rank()}: unexpected error, traceback follows", sys.stderr)
             raise
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        emit(f"{PROG}: rank {launcher_rank()} stopped: its collectives failed because another rank failed "
-             f"(its error is above): {reason[:200]}", sys.stderr)
+        emit(
+            f"{PROG}: rank {launcher_rank()} stopped: its collectives failed because another rank failed "
+            f"(its error is above): {reason[:200]}",
+            sys.stderr,
+        )
         return 1
 
 

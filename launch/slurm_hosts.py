@@ -9,6 +9,7 @@ SLURM_TASKS_PER_NODE (``4(x3),2``), or takes them as arguments. Nodes are expand
 login node without a SLURM config). Standard library only (with dali_ba.distributed.launcher, which the torch
 engine uses for its rendezvous under srun), so any python3 runs it from the repository.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # dali_ba.distributed.launcher: standard library only
-from dali_ba.distributed.launcher import expand_nodelist, hostnames  # noqa: E402
+from dali_ba.distributed.launcher import expand_nodelist, hostnames
 
 __all__ = ["expand_nodelist", "expand_tasks_per_node", "host_list", "hostnames", "main"]
 
@@ -47,8 +48,12 @@ def host_list(nodelist: str, slots: int | str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    parser.add_argument("nodelist", nargs="?", default=os.environ.get("SLURM_JOB_NODELIST"),
-                        help="compressed node list (default: $SLURM_JOB_NODELIST)")
+    parser.add_argument(
+        "nodelist",
+        nargs="?",
+        default=os.environ.get("SLURM_JOB_NODELIST"),
+        help="compressed node list (default: $SLURM_JOB_NODELIST)",
+    )
     parser.add_argument("--slots", type=int, help="slots per host (default: $SLURM_TASKS_PER_NODE, else 1)")
     args = parser.parse_args(argv)
     if not args.nodelist:

@@ -1,4 +1,5 @@
 """Shared fixtures: small real JPEG datasets written once per test session."""
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,13 @@ DEVICE, DECODER = ("cuda", "mixed") if GPU else (str(strict_device.STANDIN) if S
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--strict-device", action="store_true",
-                     help="run on dali_ba.strict_device's stand-in device: GPU manners on the CPU (no GPU only)")
+    parser.addoption(
+        "--strict-device",
+        action="store_true",
+        help="run on dali_ba.strict_device's stand-in device: GPU manners on the CPU (no GPU only)",
+    )
+
+
 ID_STEP = 10  # red-channel level between identity images
 
 
@@ -69,8 +75,12 @@ def demo_data(tmp_path_factory) -> Path:
 
 def run_cli(*args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a command with the venv's bin on PATH; returns the finished process (text output)."""
-    full_env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-                "OMPI_MCA_mpi_yield_when_idle": "1", **(env or {})}
+    full_env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "OMPI_MCA_mpi_yield_when_idle": "1",
+        **(env or {}),
+    }
     return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, cwd=REPO, env=full_env)
 
 

@@ -4,6 +4,7 @@ unchunked and in 3 chunks, each rank on its own batch, against one process stepp
 Rank 0 saves {"reference", "chunks1", "chunks3": parameters, "allreduces1", "allreduces3": DDP bucket
 allreduces in the step} to the file named by the first argument.
 """
+
 import copy
 import sys
 

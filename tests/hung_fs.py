@@ -6,6 +6,7 @@ as a file on a hung parallel file system: stat and open still answer, the read w
 The (HANG_AFTER + 1)-th distinct file read is the one that hangs, whichever it is (a run reads in an
 order of its own); its path under MOUNTPOINT is written to the file NAMED as the read starts.
 """
+
 from __future__ import annotations
 
 import errno
@@ -31,8 +32,10 @@ class HungReads(fuse.Operations):
             st = os.lstat(self._real(path))
         except OSError as exc:
             raise fuse.FuseOSError(exc.errno) from None
-        return {key: getattr(st, key) for key in ("st_mode", "st_nlink", "st_size", "st_uid", "st_gid",
-                                                  "st_atime", "st_mtime", "st_ctime")}
+        return {
+            key: getattr(st, key)
+            for key in ("st_mode", "st_nlink", "st_size", "st_uid", "st_gid", "st_atime", "st_mtime", "st_ctime")
+        }
 
     def readdir(self, path, fh):
         return [".", "..", *os.listdir(self._real(path))]
@@ -61,8 +64,9 @@ class HungReads(fuse.Operations):
 
 def main() -> None:
     source, mountpoint, hang_after, named = sys.argv[1:5]
-    fuse.FUSE(HungReads(source, mountpoint, int(hang_after), named), mountpoint, foreground=True, ro=True,
-              nothreads=False)
+    fuse.FUSE(
+        HungReads(source, mountpoint, int(hang_after), named), mountpoint, foreground=True, ro=True, nothreads=False
+    )
 
 
 if __name__ == "__main__":

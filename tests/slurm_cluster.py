@@ -15,6 +15,7 @@ on the loopback interface. Nothing leaves loopback: no address, interface or rou
 ``kill_node`` ends every process of a node at once (a node crash) and ``restart_node`` brings it
 back cleaned like a rebooted node.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,10 +28,23 @@ import subprocess
 import time
 from pathlib import Path
 
-FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY", "BOOT_FAIL",
-            "DEADLINE"}
-LOOPBACK_VARIABLES = ("OMPI_MCA_btl_tcp_if_include", "OMPI_MCA_oob_tcp_if_include", "GLOO_SOCKET_IFNAME",
-                      "NCCL_SOCKET_IFNAME")
+FINISHED = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+}
+LOOPBACK_VARIABLES = (
+    "OMPI_MCA_btl_tcp_if_include",
+    "OMPI_MCA_oob_tcp_if_include",
+    "GLOO_SOCKET_IFNAME",
+    "NCCL_SOCKET_IFNAME",
+)
 PROGRAMS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "sinfo", "scontrol", "scancel", "srun")
 
 
@@ -54,13 +68,23 @@ def _program(name: str) -> str:
         path = Path(folder) / name
         if path.is_file() and os.access(path, os.X_OK):
             return str(path)
-    raise ClusterError(f"SLURM test cluster: '{name}' not found; install slurm-wlm and munge "
-                       "(make install / launch/install.sh does, as root)")
+    raise ClusterError(
+        f"SLURM test cluster: '{name}' not found; install slurm-wlm and munge "
+        "(make install / launch/install.sh does, as root)"
+    )
 
 
 class SlurmCluster:
-    def __init__(self, root: Path, cpus: int | None = None, nodes: int = 1, slurmd_timeout: int = 10,
-                 kill_wait: int = 10, cred_expire: int = 10, message_timeout: int = 10):
+    def __init__(
+        self,
+        root: Path,
+        cpus: int | None = None,
+        nodes: int = 1,
+        slurmd_timeout: int = 10,
+        kill_wait: int = 10,
+        cred_expire: int = 10,
+        message_timeout: int = 10,
+    ):
         self.root = Path(root)
         self.cpus = cpus or os.cpu_count() or 1
         self.host = subprocess.run(["hostname", "-s"], capture_output=True, text=True, check=True).stdout.strip()
@@ -94,7 +118,9 @@ class SlurmCluster:
     # -- start / stop ---------------------------------------------------------------------------
     def start(self, timeout: float = 30) -> None:
         if os.geteuid() != 0:
-            raise ClusterError("SLURM test cluster: needs root (slurmd starts jobs as their user; munged runs as munge)")
+            raise ClusterError(
+                "SLURM test cluster: needs root (slurmd starts jobs as their user; munged runs as munge)"
+            )
         self._programs = {name: _program(name) for name in PROGRAMS}
         for folder in ("munge", "log", "run", "spool/ctld", "tmp"):
             (self.root / folder).mkdir(parents=True, exist_ok=True)
@@ -129,10 +155,25 @@ class SlurmCluster:
         setup = [f"hostname {node}", f"mount --bind {r}/hosts /etc/hosts", f"mount --bind {tmp} {r}/tmp"]
         # Name lookups stay in the hosts file: without this, torch's c10d store asks the machine's DNS
         # server for the names of ::ffff:127.0.0.x peers (../shared/multinode.md).
-        setup += [f"mount --bind {r}/{name} /etc/{name}" for name in ("nsswitch.conf", "resolv.conf")
-                  if Path("/etc", name).exists()]
-        self._run_daemon(node, ["unshare", "--uts", "--mount", "--propagation", "private", "--", "sh", "-c",
-                                " && ".join([*setup, "exec " + " ".join(slurmd)])])
+        setup += [
+            f"mount --bind {r}/{name} /etc/{name}"
+            for name in ("nsswitch.conf", "resolv.conf")
+            if Path("/etc", name).exists()
+        ]
+        self._run_daemon(
+            node,
+            [
+                "unshare",
+                "--uts",
+                "--mount",
+                "--propagation",
+                "private",
+                "--",
+                "sh",
+                "-c",
+                " && ".join([*setup, "exec " + " ".join(slurmd)]),
+            ],
+        )
         self._namespaces[node] = os.readlink(f"/proc/{self._pid(node)}/ns/uts")
 
     def _start_munged(self, programs: dict[str, str]) -> None:
@@ -145,14 +186,28 @@ class SlurmCluster:
         folder = self.munge_socket.parent
         shutil.chown(folder, "munge", "munge")
         folder.chmod(0o755)
-        self._run_daemon("munged", ["runuser", "-u", "munge", "--", programs["munged"], f"--socket={self.munge_socket}",
-                                    f"--key-file={key}", f"--log-file={self.logs['munged']}",
-                                    f"--pid-file={self._pid_files['munged']}", f"--seed-file={folder / 'seed'}"])
+        self._run_daemon(
+            "munged",
+            [
+                "runuser",
+                "-u",
+                "munge",
+                "--",
+                programs["munged"],
+                f"--socket={self.munge_socket}",
+                f"--key-file={key}",
+                f"--log-file={self.logs['munged']}",
+                f"--pid-file={self._pid_files['munged']}",
+                f"--seed-file={folder / 'seed'}",
+            ],
+        )
         deadline = time.monotonic() + 10
         while not self.munge_socket.exists():
             if time.monotonic() > deadline:
-                raise ClusterError(f"SLURM test cluster: munged did not open {self.munge_socket}; "
-                                   f"see {self.logs['munged']}:\n{self._tail('munged')}")
+                raise ClusterError(
+                    f"SLURM test cluster: munged did not open {self.munge_socket}; "
+                    f"see {self.logs['munged']}:\n{self._tail('munged')}"
+                )
             time.sleep(0.1)
 
     def _write_conf(self) -> None:
@@ -160,21 +215,27 @@ class SlurmCluster:
         r = self.root
         if self.multinode:
             addresses = {node: f"127.0.0.{i + 2}" for i, node in enumerate(self.nodes)}
-            (r / "hosts").write_text(Path("/etc/hosts").read_text() + "".join(f"{a} {n}\n" for n, a in addresses.items()))
+            (r / "hosts").write_text(
+                Path("/etc/hosts").read_text() + "".join(f"{a} {n}\n" for n, a in addresses.items())
+            )
             nsswitch = [line for line in _read("/etc/nsswitch.conf").splitlines() if not line.startswith("hosts:")]
             (r / "nsswitch.conf").write_text("\n".join([*nsswitch, "hosts: files"]) + "\n")
             (r / "resolv.conf").write_text("nameserver 127.0.0.1\n")
             # "export X=Y" lines a TaskProlog prints land in every task's environment. Open MPI's TCP
             # transport leaves out 127.0.0.0/8 by default and would take the machine's own interface.
             prolog = r / "taskprolog.sh"
-            prolog.write_text("#!/bin/sh\n" + "".join(
-                f'[ -n "${{{name}:-}}" ] || echo "export {name}=lo"\n' for name in LOOPBACK_VARIABLES))
+            prolog.write_text(
+                "#!/bin/sh\n"
+                + "".join(f'[ -n "${{{name}:-}}" ] || echo "export {name}=lo"\n' for name in LOOPBACK_VARIABLES)
+            )
             prolog.chmod(0o755)
             per_node = f"TmpFS={r}/tmp\nTaskProlog={prolog}\n"
         else:
             addresses, per_node = {self.node: "127.0.0.1"}, ""
-        nodes = "".join(f"NodeName={node} NodeAddr={addresses[node]} Port={port} CPUs={self.cpus} State=UNKNOWN\n"
-                        for node, port in zip(self.nodes, node_ports))
+        nodes = "".join(
+            f"NodeName={node} NodeAddr={addresses[node]} Port={port} CPUs={self.cpus} State=UNKNOWN\n"
+            for node, port in zip(self.nodes, node_ports)
+        )
         self.conf.write_text(f"""\
 ClusterName=dali-ba-test
 SlurmctldHost={self.host}(127.0.0.1)
@@ -189,7 +250,7 @@ StateSaveLocation={r}/spool/ctld
 SlurmdSpoolDir={r}/spool/%n
 SlurmctldPidFile={r}/run/slurmctld.pid
 SlurmdPidFile={r}/run/slurmd-%n.pid
-SlurmctldLogFile={self.logs['slurmctld']}
+SlurmctldLogFile={self.logs["slurmctld"]}
 SlurmdLogFile={r}/log/slurmd-%n.log
 {per_node}ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -208,19 +269,23 @@ KillWait={self.kill_wait}
 MessageTimeout={self.message_timeout}
 InactiveLimit=0
 {nodes}PartitionName=test Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE State=UP OverSubscribe={"YES" if self.multinode else "NO"}
-""")
+""")  # noqa: E501 - slurm.conf takes one setting a line
 
     def _run_daemon(self, name: str, command: list[str]) -> None:
         """Start a daemon (it forks itself) and check that it is alive and wrote its pid file."""
         env = {**os.environ, "SLURM_CONF": str(self.conf)}
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=30)
         if done.returncode != 0:
-            raise ClusterError(f"SLURM test cluster: {name} failed to start (exit {done.returncode}): "
-                               f"{(done.stderr or done.stdout).strip()[-500:]}; see {self.logs[name]}:\n{self._tail(name)}")
+            raise ClusterError(
+                f"SLURM test cluster: {name} failed to start (exit {done.returncode}): "
+                f"{(done.stderr or done.stdout).strip()[-500:]}; see {self.logs[name]}:\n{self._tail(name)}"
+            )
         deadline = time.monotonic() + 10
         while self._pid(name) is None:
             if time.monotonic() > deadline:
-                raise ClusterError(f"SLURM test cluster: {name} did not stay up; see {self.logs[name]}:\n{self._tail(name)}")
+                raise ClusterError(
+                    f"SLURM test cluster: {name} did not stay up; see {self.logs[name]}:\n{self._tail(name)}"
+                )
             time.sleep(0.1)
 
     def _wait_idle(self, timeout: float, nodes: list[str] | None = None) -> None:
@@ -230,8 +295,12 @@ InactiveLimit=0
         while time.monotonic() < deadline:
             for name in ("slurmctld", *nodes):
                 if self._pid(name) is None:
-                    raise ClusterError(f"SLURM test cluster: {_daemon(name)} stopped; see {self.logs[name]}:\n{self._tail(name)}")
-            done = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T %E"], capture_output=True, text=True, env=self.env, timeout=10)
+                    raise ClusterError(
+                        f"SLURM test cluster: {_daemon(name)} stopped; see {self.logs[name]}:\n{self._tail(name)}"
+                    )
+            done = subprocess.run(
+                ["sinfo", "-h", "-N", "-o", "%N %T %E"], capture_output=True, text=True, env=self.env, timeout=10
+            )
             states = {line.split()[0]: " ".join(line.split()[1:]) for line in done.stdout.splitlines() if line.strip()}
             if all(states.get(node, "").split()[:1] == ["idle"] for node in nodes):
                 return
@@ -239,8 +308,10 @@ InactiveLimit=0
                 break  # slurmctld refused the node: waiting will not help
             time.sleep(0.3)
         logs = "\n".join(f"and {self.logs[n]}:\n{self._tail(n, 6)}" for n in nodes)
-        raise ClusterError(f"SLURM test cluster: nodes {', '.join(nodes)} not idle (sinfo state and reason: "
-                           f"{states!r}); see {self.logs['slurmctld']}:\n{self._tail('slurmctld', 6)}\n{logs}")
+        raise ClusterError(
+            f"SLURM test cluster: nodes {', '.join(nodes)} not idle (sinfo state and reason: "
+            f"{states!r}); see {self.logs['slurmctld']}:\n{self._tail('slurmctld', 6)}\n{logs}"
+        )
 
     def stop(self) -> None:
         """Cancel every job and wait (briefly) for it to go, end slurmd, slurmctld and munged, then end any
@@ -249,7 +320,9 @@ InactiveLimit=0
             subprocess.run(["scancel", "--full", "-u", "root"], capture_output=True, env=self.env, timeout=10)
             deadline = time.monotonic() + 15
             while time.monotonic() < deadline:
-                done = subprocess.run(["squeue", "-h", "-t", "all"], capture_output=True, text=True, env=self.env, timeout=10)
+                done = subprocess.run(
+                    ["squeue", "-h", "-t", "all"], capture_output=True, text=True, env=self.env, timeout=10
+                )
                 if done.returncode or not any(state in done.stdout for state in (" R ", " CG ", " PD ")):
                     break
                 time.sleep(0.3)
@@ -276,8 +349,13 @@ InactiveLimit=0
 
     def on_node(self, node: str, *command: str, **kwargs) -> subprocess.CompletedProcess:
         """Run ``command`` inside ``node``'s namespaces (its hostname, mounts and hosts file)."""
-        return subprocess.run(["nsenter", "-t", str(self._pid(node)), "--uts", "--mount", "--", *command],
-                              capture_output=True, text=True, timeout=60, **kwargs)
+        return subprocess.run(
+            ["nsenter", "-t", str(self._pid(node)), "--uts", "--mount", "--", *command],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            **kwargs,
+        )
 
     def task_processes(self, job_id: str, command: str = "") -> dict[int, str]:
         """Live processes started by job ``job_id``'s steps (SLURM_JOB_ID and SLURM_STEP_ID in their
@@ -290,7 +368,12 @@ InactiveLimit=0
                 with contextlib.suppress(OSError):
                     environ = b"\0" + (entry / "environ").read_bytes()
                     cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                    if job in environ and b"\0SLURM_STEP_ID=" in environ and command in cmdline and _alive(int(entry.name)):
+                    if (
+                        job in environ
+                        and b"\0SLURM_STEP_ID=" in environ
+                        and command in cmdline
+                        and _alive(int(entry.name))
+                    ):
                         found[int(entry.name)] = nodes.get(os.readlink(entry / "ns" / "uts"), self.node)
         return found
 
@@ -343,22 +426,31 @@ InactiveLimit=0
     def _check(self, command: list[str], what: str) -> subprocess.CompletedProcess:
         done = subprocess.run(command, capture_output=True, text=True, env=self.env, timeout=60)
         if done.returncode != 0:
-            raise ClusterError(f"SLURM test cluster: {what} failed (exit {done.returncode}): {(done.stderr or done.stdout).strip()}")
+            raise ClusterError(
+                f"SLURM test cluster: {what} failed (exit {done.returncode}): {(done.stderr or done.stdout).strip()}"
+            )
         return done
 
     # -- jobs -----------------------------------------------------------------------------------
     def sbatch(self, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> str:
         """Submit; returns the job id (for an array, the array job id)."""
-        done = subprocess.run(["sbatch", "--parsable", *args], capture_output=True, text=True,
-                              env={**self.env, **(env or {})}, cwd=cwd, timeout=60)
+        done = subprocess.run(
+            ["sbatch", "--parsable", *args],
+            capture_output=True,
+            text=True,
+            env={**self.env, **(env or {})},
+            cwd=cwd,
+            timeout=60,
+        )
         if done.returncode != 0:
             raise ClusterError(f"sbatch {' '.join(args)} failed (exit {done.returncode}): {done.stderr.strip()}")
         return done.stdout.strip().split(";")[0]
 
     def job(self, job_id: str) -> list[dict[str, str]]:
         """``scontrol show job`` fields of the job (one dict per array task); [] once forgotten."""
-        done = subprocess.run(["scontrol", "show", "job", "--oneliner", job_id], capture_output=True, text=True,
-                              env=self.env, timeout=30)
+        done = subprocess.run(
+            ["scontrol", "show", "job", "--oneliner", job_id], capture_output=True, text=True, env=self.env, timeout=30
+        )
         if done.returncode != 0:
             return []
         return [dict(re.findall(r"(\w+(?:/\w+)?)=(\S*)", line)) for line in done.stdout.splitlines() if line.strip()]
@@ -373,8 +465,10 @@ InactiveLimit=0
                 return tasks
             time.sleep(0.5)
         states = ", ".join(f"{t.get('JobId')}={t.get('JobState')} ({t.get('Reason')})" for t in tasks) or "unknown"
-        raise ClusterError(f"job {job_id} not done after {timeout:.0f}s: {states}; slurmd log {self.logs[self.node]}:\n"
-                           f"{self._tail(self.node)}")
+        raise ClusterError(
+            f"job {job_id} not done after {timeout:.0f}s: {states}; slurmd log {self.logs[self.node]}:\n"
+            f"{self._tail(self.node)}"
+        )
 
 
 def _daemon(name: str) -> str:

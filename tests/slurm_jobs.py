@@ -1,5 +1,6 @@
 """What the SLURM test modules share: a module's cluster (started, kept logs on failure, stopped),
 submitting a template from slurm/, and reading a job's records and output."""
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 from slurm_cluster import ClusterError, SlurmCluster
 
@@ -40,16 +40,25 @@ def running_cluster(request, **options):
         cluster.stop()
         if request.session.testsfailed > failed_before:  # keep what explains the failure
             kept = cluster.keep_logs(REPO / "runs" / "slurm-test-logs" / root.name)
-            sys.__stderr__.write(f"\n{request.module.__name__}: a test failed; SLURM daemon logs and job outputs "
-                                 f"kept in {kept}\n")
+            sys.__stderr__.write(
+                f"\n{request.module.__name__}: a test failed; SLURM daemon logs and job outputs kept in {kept}\n"
+            )
         shutil.rmtree(root, ignore_errors=True)
 
 
 def job_environment(cluster: SlurmCluster, data: Path) -> dict[str, str]:
     """Overrides every job gets: the data, this Python, outputs under the cluster's folder."""
-    return {"DATA": str(data / "train"), "VAL": str(data / "val"), "OUTPUT_ROOT": str(cluster.root / "runs"),
-            "PYTHON": sys.executable, "DALI_BA_ROOT": str(REPO), "OMPI_MCA_mpi_yield_when_idle": "1",
-            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "BATCH": "16", "VIEWS": "2"}
+    return {
+        "DATA": str(data / "train"),
+        "VAL": str(data / "val"),
+        "OUTPUT_ROOT": str(cluster.root / "runs"),
+        "PYTHON": sys.executable,
+        "DALI_BA_ROOT": str(REPO),
+        "OMPI_MCA_mpi_yield_when_idle": "1",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "BATCH": "16",
+        "VIEWS": "2",
+    }
 
 
 def submit(slurm, template: str, *options: str, **env: str) -> str:
@@ -71,4 +80,5 @@ def slurm_output(slurm, job_name: str, job_id: str) -> str:
 def assert_completed(slurm, task: dict, name: str, job_id: str) -> None:
     assert (task["JobState"], task["ExitCode"]) == ("COMPLETED", "0:0"), (
         f"{slurm_output(slurm, name, job_id)[-3000:]}\n--- slurmctld:\n{slurm._tail('slurmctld', 20)}\n"
-        + "".join(f"--- slurmd of {node}:\n{slurm._tail(node, 30)}\n" for node in slurm.nodes))
+        + "".join(f"--- slurmd of {node}:\n{slurm._tail(node, 30)}\n" for node in slurm.nodes)
+    )

@@ -1,4 +1,5 @@
 """Augmentation parameters: a pure function of (seed, epoch, sample, view), distributed as torchvision's."""
+
 import math
 
 import numpy as np
@@ -32,8 +33,12 @@ def features(boxes, size=(HEIGHT, WIDTH)):
     """What RandomResizedCrop decides: area share, log aspect, and where the box sits in its free range."""
     top, left, h, w = boxes.T.astype(float)
     H, W = size
-    return {"area": h * w / (H * W), "log_aspect": np.log(w / h),
-            "top": top / np.maximum(H - h, 1), "left": left / np.maximum(W - w, 1)}
+    return {
+        "area": h * w / (H * W),
+        "log_aspect": np.log(w / h),
+        "top": top / np.maximum(H - h, 1),
+        "left": left / np.maximum(W - w, 1),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +95,11 @@ def test_parameters_are_a_pure_function_of_seed_epoch_sample_and_view():
     alone = aug.draw(2, np.array([11]), sizes[1:], 10)  # another batch, another M: the same views of sample 11
     assert np.array_equal(batch.boxes[1], alone.boxes[0, :4]) and np.array_equal(batch.flips[1], alone.flips[0, :4])
     assert np.array_equal(aug.draw(2, np.array([7]), sizes[:1], 4).boxes[0], batch.boxes[0])
-    different = [aug.draw(3, np.array([7]), sizes[:1], 4), Augmentation(seed=2).draw(2, np.array([7]), sizes[:1], 4),
-                 aug.draw(2, np.array([8]), sizes[:1], 4)]  # another epoch, seed, sample
+    different = [
+        aug.draw(3, np.array([7]), sizes[:1], 4),
+        Augmentation(seed=2).draw(2, np.array([7]), sizes[:1], 4),
+        aug.draw(2, np.array([8]), sizes[:1], 4),
+    ]  # another epoch, seed, sample
     assert all(not np.array_equal(d.boxes[0], batch.boxes[0]) for d in different)
     assert len({tuple(b) for b in alone.boxes[0]}) == 10  # the views of a sample differ
 

@@ -1,14 +1,15 @@
 """Auto-augmentation per view (augment "trivial" and "randaugment"): one definition in augment.py,
 drawn per (seed, epoch, sample, view); torch (CPU view stage) and DALI (GPU graph, run here on its
 CPU backend) render the same draws the same way."""
+
 import hashlib
 
 import numpy as np
 import pytest
 import torch
+from conftest import identity_image
 from scipy.stats import chisquare
 
-from conftest import identity_image
 from dali_ba import BatchAugmentLoader
 from dali_ba.errors import UsageError
 from dali_ba.loading.augment import AUTO_OPS, MAGNITUDE_BINS, Augmentation
@@ -71,7 +72,9 @@ def test_imagenet_and_cifar_draws_are_unchanged():
     the code before them, so earlier runs stay bit-identical."""
     expected = {"imagenet": "943d93e680a08f63", "cifar": "8c824d0451e1833f"}
     for kind, digest in expected.items():
-        params = Augmentation(kind, 32, 0.08, seed=11).draw(2, np.array([0, 7, 123456]), [[60, 80], [300, 200], [33, 40]], 5)
+        params = Augmentation(kind, 32, 0.08, seed=11).draw(
+            2, np.array([0, 7, 123456]), [[60, 80], [300, 200], [33, 40]], 5
+        )
         h = hashlib.sha256()
         for array in (params.boxes, params.flips, params.holes):
             h.update(np.ascontiguousarray(array).tobytes())
@@ -176,7 +179,9 @@ def test_bad_randaugment_settings():
         Augmentation("randaugment", randaugment_n=0)
 
 
-@pytest.mark.parametrize("augment, extra", [("trivial", []), ("randaugment", ["--randaugment-n", "1", "--randaugment-m", "12"])])
+@pytest.mark.parametrize(
+    "augment, extra", [("trivial", []), ("randaugment", ["--randaugment-n", "1", "--randaugment-m", "12"])]
+)
 def test_a_training_run_with_auto_augment(demo_data, tmp_path, augment, extra):
     """The recipe keys reach every loader of a run: training, --eval-views and --calibrate-bn."""
     import json
@@ -185,10 +190,36 @@ def test_a_training_run_with_auto_augment(demo_data, tmp_path, augment, extra):
     from conftest import run_cli
 
     out = tmp_path / "run"
-    done = run_cli(sys.executable, "-m", "dali_ba.train", "--recipe", "pipelines/demo.toml", "--train", str(demo_data / "train"),
-                   "--val", str(demo_data / "val"), "--output", str(out), "--augment", augment, *extra, "--epochs", "1",
-                   "--max-steps", "2", "--batch-size", "16", "--views", "2", "--eval-views", "2", "--calibrate-bn", "1",
-                   "--torch-threads", "1")
+    done = run_cli(
+        sys.executable,
+        "-m",
+        "dali_ba.train",
+        "--recipe",
+        "pipelines/demo.toml",
+        "--train",
+        str(demo_data / "train"),
+        "--val",
+        str(demo_data / "val"),
+        "--output",
+        str(out),
+        "--augment",
+        augment,
+        *extra,
+        "--epochs",
+        "1",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "16",
+        "--views",
+        "2",
+        "--eval-views",
+        "2",
+        "--calibrate-bn",
+        "1",
+        "--torch-threads",
+        "1",
+    )
     assert done.returncode == 0, done.stderr
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [0]

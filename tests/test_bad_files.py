@@ -1,23 +1,27 @@
 """A broken image never ends a run: it is named, listed, refilled in training and left out of
 evaluation; a resumed run skips it the same way; a folder of garbage is a one-line error."""
+
 import json
 import sys
 
 import numpy as np
 import pytest
-
 from conftest import decode_identity, identity_image, run_cli
-from dali_ba import BatchAugmentLoader, ValidationLoader
-from dali_ba.training.checkpoint import list_checkpoints, load_checkpoint
 from test_check_data import jpeg_bytes, photo
 from test_odd_files import ODD
+
+from dali_ba import BatchAugmentLoader, ValidationLoader
+from dali_ba.training.checkpoint import list_checkpoints, load_checkpoint
 
 pytestmark = pytest.mark.strict_device  # GPU-relevant: make test's strict-device pass and the GPU check run it
 
 TRAIN = [sys.executable, "-m", "dali_ba.train", "--recipe", "pipelines/demo.toml"]
 HOROVODRUN = ["horovodrun", "-np", "2"]
-BROKEN = {"truncated.jpg": lambda: jpeg_bytes(photo())[:600], "empty.jpg": lambda: b"",
-          "text.jpg": lambda: b"not an image at all\n" * 30}
+BROKEN = {
+    "truncated.jpg": lambda: jpeg_bytes(photo())[:600],
+    "empty.jpg": lambda: b"",
+    "text.jpg": lambda: b"not an image at all\n" * 30,
+}
 
 
 def records(output, kind):
@@ -40,8 +44,24 @@ def messy(demo_data, tmp_path_factory):
 
 
 def run_args(messy, output, *extra):
-    return ["--train", str(messy), "--val", str(messy), "--output", str(output), "--batch-size", "8", "--views", "2",
-            "--epochs", "2", "--log-every", "1", "--deterministic", *extra]
+    return [
+        "--train",
+        str(messy),
+        "--val",
+        str(messy),
+        "--output",
+        str(output),
+        "--batch-size",
+        "8",
+        "--views",
+        "2",
+        "--epochs",
+        "2",
+        "--log-every",
+        "1",
+        "--deterministic",
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("launcher", [None, "horovodrun"])
@@ -61,8 +81,9 @@ def test_a_run_on_a_folder_with_broken_files_finishes_and_names_them(messy, tmp_
     assert epochs[-1]["val_samples"] == 28 + 2  # every good file once, broken ones left out
     (summary,) = records(out, "summary")
     assert summary["params_identical"] and summary["bad_files"] == 3
-    assert summary["steps"] == 2 * len(BatchAugmentLoader(messy, 8 // (2 if launcher else 1), views=2,
-                                                           world_size=2 if launcher else 1))
+    assert summary["steps"] == 2 * len(
+        BatchAugmentLoader(messy, 8 // (2 if launcher else 1), views=2, world_size=2 if launcher else 1)
+    )
 
 
 @pytest.mark.parametrize("stage", ["torch", "dali"])
@@ -88,8 +109,9 @@ def test_every_loader_skips_broken_files_on_either_view_stage(messy, stage):
 
 def test_a_run_on_the_dali_graph_with_broken_files_finishes_with_eval_views_and_calibration(messy, tmp_path):
     out = tmp_path / "run"
-    done = run_cli(*TRAIN, *run_args(messy, out, "--view-stage", "dali", "--eval-views", "2", "--calibrate-bn", "2"),
-                   timeout=300)
+    done = run_cli(
+        *TRAIN, *run_args(messy, out, "--view-stage", "dali", "--eval-views", "2", "--calibrate-bn", "2"), timeout=300
+    )
     text = done.stdout + done.stderr
     assert done.returncode == 0, text[-3000:]
     assert "Traceback" not in text
@@ -130,8 +152,22 @@ def test_a_folder_of_garbage_is_a_one_line_error(tmp_path):
         for i in range(4):
             (tmp_path / "data" / cls / f"{i}.jpg").write_bytes(b"garbage" * i)
     out = tmp_path / "run"
-    done = run_cli(*TRAIN, "--train", str(tmp_path / "data"), "--val", str(tmp_path / "data"), "--output", str(out),
-                   "--batch-size", "4", "--epochs", "1", "--max-bad-files", "3", timeout=120)
+    done = run_cli(
+        *TRAIN,
+        "--train",
+        str(tmp_path / "data"),
+        "--val",
+        str(tmp_path / "data"),
+        "--output",
+        str(out),
+        "--batch-size",
+        "4",
+        "--epochs",
+        "1",
+        "--max-bad-files",
+        "3",
+        timeout=120,
+    )
     errors = [line for line in done.stderr.splitlines() if "error:" in line]
     assert done.returncode == 2 and len(errors) == 1, done.stderr[-2000:]
     assert "broken files found, more than --max-bad-files 3" in errors[0] and "dali-ba check-data" in errors[0]
@@ -157,7 +193,9 @@ def test_a_broken_slot_is_refilled_from_its_batch_and_left_out_of_evaluation(tmp
             label = int(labels[slot])
             assert label != 5 and label in indices  # refilled from its own batch
             others = [s for s in range(4) if indices[s] == label]
-            assert not np.array_equal(images[slot].cpu().numpy(), images[others[0]].cpu().numpy())  # under its own views
+            assert not np.array_equal(
+                images[slot].cpu().numpy(), images[others[0]].cpu().numpy()
+            )  # under its own views
     assert found == [str(tmp_path / "img05.jpg")]
     val = ValidationLoader(tmp_path / "list.txt", batch_size=4, resize=28, crop=24, num_threads=1)
     val.bad_files = loader.bad_files
@@ -189,13 +227,39 @@ def test_a_giant_image_is_skipped_without_being_decoded(giant, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
     for stage in ("torch", "dali"):
-        job = subprocess.Popen([*TRAIN, "--train", str(giant), "--val", str(giant), "--output", str(out / stage),
-                                "--batch-size", "4", "--views", "2", "--epochs", "1", "--view-stage", stage],
-                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        job = subprocess.Popen(
+            [
+                *TRAIN,
+                "--train",
+                str(giant),
+                "--val",
+                str(giant),
+                "--output",
+                str(out / stage),
+                "--batch-size",
+                "4",
+                "--views",
+                "2",
+                "--epochs",
+                "1",
+                "--view-stage",
+                stage,
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         stdout, stderr = job.communicate(timeout=300)
         assert job.returncode == 0, stderr[-2000:]
         name = giant / "ring_cool" / "giant.jpg"
-        assert stderr.count(f"skipping broken file {name} (400000000 pixels, more than --max-image-pixels 89478485: not decoded)") == 1
+        assert (
+            stderr.count(
+                f"skipping broken file {name} (400000000 pixels, more than --max-image-pixels 89478485: not decoded)"
+            )
+            == 1
+        )
         assert records(out / stage, "epoch")[0]["bad_files"] == 1 and "Traceback" not in stderr
 
 
@@ -213,9 +277,29 @@ def test_a_giant_image_costs_no_memory(giant, tmp_path):
     env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
     peak = {}
     for data in (giant, without):
-        job = subprocess.Popen([*TRAIN, "--train", str(data), "--val", str(data), "--output", str(tmp_path / data.name),
-                                "--batch-size", "4", "--views", "2", "--epochs", "1", "--view-stage", "dali"],
-                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        job = subprocess.Popen(
+            [
+                *TRAIN,
+                "--train",
+                str(data),
+                "--val",
+                str(data),
+                "--output",
+                str(tmp_path / data.name),
+                "--batch-size",
+                "4",
+                "--views",
+                "2",
+                "--epochs",
+                "1",
+                "--view-stage",
+                "dali",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         _, status, usage = os.wait4(job.pid, 0)  # this child's own resource usage
         assert os.waitstatus_to_exitcode(status) == 0
         peak[data] = usage.ru_maxrss * 1024

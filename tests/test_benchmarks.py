@@ -1,12 +1,13 @@
 """benchmarks/: the benchmark JPEGs and a small run of the side-by-side loader benchmark."""
+
 import json
 import sys
 
 import pytest
+from conftest import run_cli
 from PIL import Image, JpegImagePlugin
 
 from benchmarks.make_images import HEIGHT, WIDTH, write_images
-from conftest import run_cli
 from dali_ba.data.dataset import load_dataset
 
 
@@ -32,13 +33,28 @@ def test_images_are_imagenet_like_jpegs_in_class_folders(bench_images):
 def test_peers_times_every_method_and_reports_the_ratios(bench_images, tmp_path):
     root, _ = bench_images
     out = tmp_path / "out"
-    done = run_cli(sys.executable, "-m", "benchmarks.peers", "--data", str(root), "--views", "1,2", "--epochs", "1",
-                   "--batch", "4", "--methods", "acf", "--out", str(out))
+    done = run_cli(
+        sys.executable,
+        "-m",
+        "benchmarks.peers",
+        "--data",
+        str(root),
+        "--views",
+        "1,2",
+        "--epochs",
+        "1",
+        "--batch",
+        "4",
+        "--methods",
+        "acf",
+        "--out",
+        str(out),
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     record = json.loads((out / "peers.json").read_text())
     rows = {(r["method"], r["views"]): r for r in record["results"]}
     assert set(rows) == {("a", 1), ("a", 2), ("c", 1), ("c", 2), ("f", 1)}  # f does not depend on M
-    for (method, views), row in rows.items():
+    for (_method, views), row in rows.items():
         assert row["samples"] == 20 // 4 * 4  # one timed epoch, the last partial batch dropped
         assert row["views_per_s"] == pytest.approx(row["samples_per_s"] * views)
         assert row["cpu_ms_per_view"] > 0 and row["views_per_s"] > 0
@@ -51,11 +67,14 @@ def test_peers_times_every_method_and_reports_the_ratios(bench_images, tmp_path)
     assert "| (a) dali-ba | 2 |" in (out / "peers.md").read_text()
 
 
-@pytest.mark.parametrize("flag, value, message", [
-    ("--views", "1,0", "--views must be >= 1"),
-    ("--views", "four", "--views must be comma-separated integers"),
-    ("--methods", "az", "--methods must be letters from abcdef"),
-])
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--views", "1,0", "--views must be >= 1"),
+        ("--views", "four", "--views must be comma-separated integers"),
+        ("--methods", "az", "--methods must be letters from abcdef"),
+    ],
+)
 def test_peers_rejects_bad_flags(flag, value, message):
     done = run_cli(sys.executable, "-m", "benchmarks.peers", flag, value, "--out", "/nonexistent")
     assert done.returncode == 2 and message in done.stderr
@@ -64,14 +83,34 @@ def test_peers_rejects_bad_flags(flag, value, message):
 def test_shards_benchmark_times_folder_and_shards_on_the_same_files(bench_images, tmp_path):
     root, _ = bench_images
     out = tmp_path / "out"
-    done = run_cli(sys.executable, "-m", "benchmarks.shards", "--data", str(root), "--views", "1,2", "--epochs", "1",
-                   "--batch", "4", "--size", "64", "--shard-size", "200KB", "--no-cold", "--out", str(out))
+    done = run_cli(
+        sys.executable,
+        "-m",
+        "benchmarks.shards",
+        "--data",
+        str(root),
+        "--views",
+        "1,2",
+        "--epochs",
+        "1",
+        "--batch",
+        "4",
+        "--size",
+        "64",
+        "--shard-size",
+        "200KB",
+        "--no-cold",
+        "--out",
+        str(out),
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     record = json.loads((out / "shards.json").read_text())
     assert record["files"] == 20 and record["shards"] > 1
     assert {(r["source"], r["views"], r["cache"]) for r in record["rows"]} == {
-        (source, m, "warm") for source in ("folder", "shards") for m in (1, 2)}
+        (source, m, "warm") for source in ("folder", "shards") for m in (1, 2)
+    }
     for epoch in record["epochs"]:
         assert epoch["samples"] == 20 // 4 * 4 and epoch["views_per_s"] == pytest.approx(
-            epoch["samples_per_s"] * epoch["views"])
+            epoch["samples_per_s"] * epoch["views"]
+        )
     assert "| warm | 2 |" in (out / "shards.md").read_text()

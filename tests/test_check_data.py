@@ -1,12 +1,13 @@
 """dali-ba check-data: every file decoded once, the bad ones listed with a reason, a clean list."""
+
 import io
 import sys
 
 import numpy as np
 import pytest
+from conftest import identity_image, run_cli
 from PIL import Image
 
-from conftest import identity_image, run_cli
 from dali_ba.data.dataset import read_file_list
 from dali_ba.loading.probe import check_files
 
@@ -47,20 +48,23 @@ def folder(tmp_path_factory):
     png = io.BytesIO()
     base.save(png, "PNG")
     files = {
-        good / f"plain{i}.jpg": jpeg_bytes(photo(seed=i)) for i in range(70)  # enough to use the process pool
+        good / f"plain{i}.jpg": jpeg_bytes(photo(seed=i))
+        for i in range(70)  # enough to use the process pool
     }
-    files.update({
-        good / "cmyk.jpg": jpeg_bytes(base.convert("CMYK")),
-        good / "grey.jpg": jpeg_bytes(base.convert("L")),
-        good / "png_named.jpg": png.getvalue(),
-        good / "exif_rotated.jpg": jpeg_bytes(base, exif=exif.tobytes()),
-        good / "progressive.jpg": jpeg_bytes(base, progressive=True),
-        good / "tiny16.jpg": jpeg_bytes(photo(16, 16)),
-        bad / "empty.jpg": b"",
-        bad / "truncated.jpg": jpeg_bytes(base)[:700],
-        bad / "text.jpg": b"this is not an image\n" * 20,
-        bad / "truncated.png": png.getvalue()[:300],
-    })
+    files.update(
+        {
+            good / "cmyk.jpg": jpeg_bytes(base.convert("CMYK")),
+            good / "grey.jpg": jpeg_bytes(base.convert("L")),
+            good / "png_named.jpg": png.getvalue(),
+            good / "exif_rotated.jpg": jpeg_bytes(base, exif=exif.tobytes()),
+            good / "progressive.jpg": jpeg_bytes(base, progressive=True),
+            good / "tiny16.jpg": jpeg_bytes(photo(16, 16)),
+            bad / "empty.jpg": b"",
+            bad / "truncated.jpg": jpeg_bytes(base)[:700],
+            bad / "text.jpg": b"this is not an image\n" * 20,
+            bad / "truncated.png": png.getvalue()[:300],
+        }
+    )
     for path, data in files.items():
         path.write_bytes(data)
     (root / "middle_zeroed.jpg").write_bytes(broken_middle(jpeg_bytes(base)))  # not in a class folder: unit test
@@ -84,8 +88,9 @@ def test_full_decode_names_every_broken_file_and_writes_a_clean_list(folder, tmp
 def test_two_ranks_split_the_files_and_agree(folder, tmp_path):
     root, broken = folder
     out = tmp_path / "bad.txt"
-    done = run_cli(*TORCHRUN, "-m", "dali_ba", "check-data", str(root), "--out", str(out), "--workers", "1",
-                   timeout=180)
+    done = run_cli(
+        *TORCHRUN, "-m", "dali_ba", "check-data", str(root), "--out", str(out), "--workers", "1", timeout=180
+    )
     assert done.returncode != 0  # bad files found (torchrun reports rank 0's exit 1)
     listed = {line.split("\t")[0] for line in out.read_text().splitlines()}
     assert listed == {path for path, is_bad in broken.items() if is_bad}
@@ -139,11 +144,14 @@ def test_clean_data_exits_zero(demo_data, tmp_path):
     assert (tmp_path / "bad.txt").read_text() == "" and "0 bad" in done.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["/nonexistent"], "data directory not found: /nonexistent"),
-    (["DEMO", "--out", "/nonexistent/bad.txt"], "cannot write /nonexistent/bad.txt: its folder does not exist"),
-    (["DEMO", "--workers", "-1"], "--workers must be >= 0, got -1"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["/nonexistent"], "data directory not found: /nonexistent"),
+        (["DEMO", "--out", "/nonexistent/bad.txt"], "cannot write /nonexistent/bad.txt: its folder does not exist"),
+        (["DEMO", "--workers", "-1"], "--workers must be >= 0, got -1"),
+    ],
+)
 def test_check_data_bad_input_is_one_line(demo_data, args, message):
     done = run_cli(*CHECK, *[str(demo_data / "val") if a == "DEMO" else a for a in args], timeout=60)
     assert done.returncode == 2 and done.stderr.strip() == f"dali-ba check-data: error: {message}"
@@ -164,8 +172,14 @@ def test_a_giant_image_is_bad_by_its_header(tmp_path):
     Image.new("L", (12000, 9000), 128).save(tmp_path / "data" / "b" / "large.jpg", quality=50)  # 108 M pixels
     for limit, listed in ((None, True), ("100000000", True), ("200000000", False)):
         out = tmp_path / f"bad-{limit}.txt"
-        done = run_cli(*CHECK, str(tmp_path / "data"), "--out", str(out), "--quick",
-                       *(["--max-image-pixels", limit] if limit else []))
+        done = run_cli(
+            *CHECK,
+            str(tmp_path / "data"),
+            "--out",
+            str(out),
+            "--quick",
+            *(["--max-image-pixels", limit] if limit else []),
+        )
         assert done.returncode == (1 if listed else 0), done.stderr
         text = out.read_text()
         assert ("large.jpg\t12000x9000 pixels, more than --max-image-pixels" in text) == listed, text

@@ -1,14 +1,15 @@
 """The CIFAR-10 path: conversion of the official batches, the per-view CIFAR augmentation, its
 recipe, and the regime-adaptation switch."""
+
 import json
 import pickle
 import sys
 
 import numpy as np
 import pytest
+from conftest import run_cli
 from PIL import Image
 
-from conftest import run_cli
 from dali_ba.data.cifar10 import convert
 from dali_ba.loading.augment import CIFAR_PAD, CUTOUT
 from dali_ba.loading.loader import BatchAugmentLoader
@@ -41,7 +42,9 @@ def test_conversion_writes_class_folders_with_the_same_pixels(cifar_batches, tmp
 
 
 def test_conversion_names_a_missing_folder(tmp_path):
-    done = run_cli(sys.executable, "-m", "dali_ba.data.cifar10", "--src", str(tmp_path / "nope"), "--out", str(tmp_path))
+    done = run_cli(
+        sys.executable, "-m", "dali_ba.data.cifar10", "--src", str(tmp_path / "nope"), "--out", str(tmp_path)
+    )
     assert done.returncode != 0 and done.stderr.strip().count("\n") == 0
     assert "nope/batches.meta not found" in done.stderr
 
@@ -71,11 +74,42 @@ def test_recipe_trains_and_regime_adaptation_stretches_the_schedule(cifar_batche
     assert (ra.data.batch_size, ra.data.views, ra.optim.epochs, ra.optim.decay_epochs) == (256, 1, 800, [324, 488, 656])
     assert effective(load_recipe("pipelines/cifar10_resnet44_ba.toml")).data.views == 4  # ba: as written
     out = tmp_path / "run"
-    done = run_cli(sys.executable, "-m", "dali_ba.train", "--recipe", "pipelines/cifar10_resnet44_ba.toml",
-                   "--train", str(data / "train"), "--val", str(data / "test"), "--output", str(out),
-                   "--batch-size", "4", "--views", "2", "--epochs", "1", "--decay-epochs", "", "--max-steps", "2",
-                   "--regime", "ra", "--dali-threads", "1", "--torch-threads", "1")
+    done = run_cli(
+        sys.executable,
+        "-m",
+        "dali_ba.train",
+        "--recipe",
+        "pipelines/cifar10_resnet44_ba.toml",
+        "--train",
+        str(data / "train"),
+        "--val",
+        str(data / "test"),
+        "--output",
+        str(out),
+        "--batch-size",
+        "4",
+        "--views",
+        "2",
+        "--epochs",
+        "1",
+        "--decay-epochs",
+        "",
+        "--max-steps",
+        "2",
+        "--regime",
+        "ra",
+        "--dali-threads",
+        "1",
+        "--torch-threads",
+        "1",
+    )
     assert done.returncode == 0, done.stderr
     start = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
-    assert (start["arch"], start["batch_size"], start["views"], start["epochs"], start["regime"]) == ("resnet44", 8, 1, 2, "ra")
+    assert (start["arch"], start["batch_size"], start["views"], start["epochs"], start["regime"]) == (
+        "resnet44",
+        8,
+        1,
+        2,
+        "ra",
+    )
     assert start["lr"] == pytest.approx(0.1 * 8 / 64)

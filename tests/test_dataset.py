@@ -54,8 +54,12 @@ def test_bad_folders(tmp_path, setup, message):
 
 @pytest.mark.parametrize(
     "text, message",
-    [("", "has no entries"), ("x/0.jpg\n", "expected '<path> <label>'"), ("x/0.jpg -1\n", "label >= 0"),
-     ("x/nope.jpg 1\n", "image not found")],
+    [
+        ("", "has no entries"),
+        ("x/0.jpg\n", "expected '<path> <label>'"),
+        ("x/0.jpg -1\n", "label >= 0"),
+        ("x/nope.jpg 1\n", "image not found"),
+    ],
 )
 def test_bad_file_lists(tmp_path, text, message):
     make_tree(tmp_path, {"x": 1})

@@ -1,11 +1,12 @@
 """The tools' ``python -m`` names from before ``dali-ba <command>``, kept for one release: each prints a
 one-line note on stderr naming its command, then runs that command with the same arguments and exit status."""
+
 import sys
 
 import pytest
+from conftest import run_cli
 from PIL import Image
 
-from conftest import run_cli
 from dali_ba.__main__ import COMMANDS
 
 # old module -> the dali-ba command it runs; each goes with its module (CHANGELOG.md, Deprecated)
@@ -52,9 +53,19 @@ def test_old_check_data_exits_1_on_a_bad_file_as_the_command_does(tmp_path):
         (tmp_path / "data" / cls).mkdir(parents=True)
         Image.new("RGB", (32, 24), (40 * len(cls), 90, 160)).save(tmp_path / "data" / cls / "good.jpg")
     (tmp_path / "data" / "b" / "bad.jpg").write_bytes(b"not a jpeg")
-    done = run_cli(sys.executable, "-m", "dali_ba.check_data", str(tmp_path / "data"), "--out",
-                   str(tmp_path / "bad.txt"), "--workers", "1", timeout=120)
+    done = run_cli(
+        sys.executable,
+        "-m",
+        "dali_ba.check_data",
+        str(tmp_path / "data"),
+        "--out",
+        str(tmp_path / "bad.txt"),
+        "--workers",
+        "1",
+        timeout=120,
+    )
     assert done.returncode == 1, done.stderr[-2000:]
     assert done.stderr.splitlines()[0] == note("dali_ba.check_data", "check-data")
     assert [line.split("\t")[0] for line in (tmp_path / "bad.txt").read_text().splitlines()] == [
-        str(tmp_path / "data" / "b" / "bad.jpg")]
+        str(tmp_path / "data" / "b" / "bad.jpg")
+    ]

@@ -1,6 +1,7 @@
 """What the GPU path is asked to do, checked on the CPU: --deterministic's switches (torch's, cuDNN's,
 cuBLAS's), DALI's dynamic executor on every graph, and the mixed decoder's hardware share
 (--hw-decoder-load) from the loaders down to the decoder."""
+
 import os
 
 import pytest
@@ -19,16 +20,23 @@ def torch_switches(monkeypatch):
     """torch's global switches as they were, put back after the test (and CUBLAS_WORKSPACE_CONFIG unset)."""
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")  # noted as it was (perhaps unset), restored after
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
-    kept = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
-            torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    kept = (
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.deterministic,
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
     yield
     torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = kept[:2]
     torch.use_deterministic_algorithms(kept[2], warn_only=kept[3])
 
 
 def switches() -> tuple[bool, bool, bool]:
-    return (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
-            torch.are_deterministic_algorithms_enabled())
+    return (
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.deterministic,
+        torch.are_deterministic_algorithms_enabled(),
+    )
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])  # only flags: setting them needs no GPU
@@ -37,8 +45,12 @@ def test_deterministic_turns_benchmark_off_and_deterministic_kernels_on(torch_sw
     applied = apply_determinism(True, torch.device(device))
     assert switches() == (False, True, True)
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == CUBLAS_WORKSPACE == ":4096:8"
-    assert applied == {"cudnn_benchmark": False, "cudnn_deterministic": True, "deterministic_algorithms": True,
-                       "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    assert applied == {
+        "cudnn_benchmark": False,
+        "cudnn_deterministic": True,
+        "deterministic_algorithms": True,
+        "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
+    }
     assert torch.empty(8).isnan().all()  # torch's deterministic mode, seen on the CPU: no uninitialised memory
 
 
@@ -50,8 +62,11 @@ def test_a_cublas_workspace_already_set_is_kept(torch_switches, monkeypatch):
 
 def test_otherwise_benchmark_on_a_gpu_and_nothing_forced(torch_switches):
     torch.use_deterministic_algorithms(True)  # a run before in this process asked for them
-    assert apply_determinism(False, "cuda") == {"cudnn_benchmark": True, "cudnn_deterministic": False,
-                                                "deterministic_algorithms": False}
+    assert apply_determinism(False, "cuda") == {
+        "cudnn_benchmark": True,
+        "cudnn_deterministic": False,
+        "deterministic_algorithms": False,
+    }
     assert switches() == (True, False, False)
     apply_determinism(False, "cpu")
     assert switches() == (False, False, False) and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
@@ -59,21 +74,32 @@ def test_otherwise_benchmark_on_a_gpu_and_nothing_forced(torch_switches):
 
 # --- DALI: the executor and the decoder's split -----------------------------------------------------------
 
+
 def no_samples(info):  # a stand-in source: the graphs are defined, never run
     raise AssertionError("not run")
 
 
-@pytest.mark.parametrize("make, kwargs", [
-    (pipeline.decode_pipeline, {}),
-    (pipeline.center_crop_pipeline, dict(resize=36, crop=32)),
-    (pipeline.batch_augment_pipeline, dict(views=2, view_size=24, decoder="cpu")),
-    (pipeline.batch_augment_pipeline, dict(views=2, view_size=24, decoder="cpu", augment="trivial", auto_ops=1)),
-])
+@pytest.mark.parametrize(
+    "make, kwargs",
+    [
+        (pipeline.decode_pipeline, {}),
+        (pipeline.center_crop_pipeline, dict(resize=36, crop=32)),
+        (pipeline.batch_augment_pipeline, dict(views=2, view_size=24, decoder="cpu")),
+        (pipeline.batch_augment_pipeline, dict(views=2, view_size=24, decoder="cpu", augment="trivial", auto_ops=1)),
+    ],
+)
 def test_every_graph_asks_for_the_dynamic_executor(make, kwargs):
     """``images.shape()`` of a GPU decode needs it; DALI picks it by default only for an asynchronous,
     pipelined executor (so it stays asked for where a caller turns those off, as a benchmark does)."""
-    plain = make(samples=no_samples, batch_size=2, num_threads=1, device_id=None, exec_async=False,
-                 exec_pipelined=False, **kwargs)
+    plain = make(
+        samples=no_samples,
+        batch_size=2,
+        num_threads=1,
+        device_id=None,
+        exec_async=False,
+        exec_pipelined=False,
+        **kwargs,
+    )
     assert plain.exec_dynamic is True
 
 
@@ -100,7 +126,11 @@ def test_the_mixed_decoder_gets_the_share_and_the_cpu_decoder_none(decoder_calls
     pipeline.center_crop_pipeline(resize=36, crop=32, decoder="cpu", hw_decoder_load=0.3, **args)
     pipeline.decode_pipeline(decoder="cpu", **args)
     assert [(c["device"], c.get("hw_decoder_load")) for c in decoder_calls] == [
-        ("mixed", 0.3), ("mixed", DEFAULT_HW_DECODER_LOAD), ("cpu", None), ("cpu", None)]
+        ("mixed", 0.3),
+        ("mixed", DEFAULT_HW_DECODER_LOAD),
+        ("cpu", None),
+        ("cpu", None),
+    ]
 
 
 class Asked(Exception):
@@ -118,13 +148,16 @@ def test_the_loaders_pass_the_share_to_their_graphs(demo_data, monkeypatch):
         def graph(**kwargs):
             asked[name] = kwargs["hw_decoder_load"]
             raise Asked
+
         return graph
 
     for name in ("batch_augment_pipeline", "center_crop_pipeline"):
         monkeypatch.setattr(loader_module, name, stand_in(name))
     cpu = dict(batch_size=4, decoder="cpu")
     with pytest.raises(Asked):
-        BatchAugmentLoader(demo_data / "train", views=2, view_size=24, hw_decoder_load=0.25, **cpu).build_pipeline(0, stage="dali")
+        BatchAugmentLoader(demo_data / "train", views=2, view_size=24, hw_decoder_load=0.25, **cpu).build_pipeline(
+            0, stage="dali"
+        )
     assert asked == {"batch_augment_pipeline": 0.25}
     with pytest.raises(Asked):
         next(iter(AugmentedValidationLoader(demo_data / "val", views=2, view_size=24, stage="dali", **cpu)))

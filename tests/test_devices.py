@@ -1,5 +1,6 @@
 """Which GPU a rank trains on (node-wide view or one GPU per task) and the check that no two ranks
 of a node share one unasked; CUDA is faked, so this runs on CPU."""
+
 from types import SimpleNamespace
 
 import pytest
@@ -13,19 +14,25 @@ from dali_ba.errors import UsageError
 @pytest.fixture
 def fake_cuda(monkeypatch):
     """torch.cuda as a process that sees ``visible`` GPUs, GPU i with UUID ``uuid-<i>``."""
+
     def see(visible: int) -> None:
         monkeypatch.setattr(torch.cuda, "is_available", lambda: visible > 0)
         monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(uuid=f"uuid-{index}"))
+
     return see
 
 
-@pytest.mark.parametrize("visible, local_rank, expected", [
-    (0, 3, "cpu"),  # no GPU visible
-    (1, 0, "cuda:0"), (1, 3, "cuda:0"),  # srun --gpus-per-task=1: every task's own GPU is index 0
-    (4, 2, "cuda:2"),  # node-wide view: local rank i on GPU i
-    (2, 3, "cuda:1"),  # more ranks than GPUs: wraps (the sharing check then speaks)
-])
+@pytest.mark.parametrize(
+    "visible, local_rank, expected",
+    [
+        (0, 3, "cpu"),  # no GPU visible
+        (1, 0, "cuda:0"),
+        (1, 3, "cuda:0"),  # srun --gpus-per-task=1: every task's own GPU is index 0
+        (4, 2, "cuda:2"),  # node-wide view: local rank i on GPU i
+        (2, 3, "cuda:1"),  # more ranks than GPUs: wraps (the sharing check then speaks)
+    ],
+)
 def test_training_device_fits_the_visible_gpus(fake_cuda, visible, local_rank, expected):
     fake_cuda(visible)
     assert training_device(local_rank) == torch.device(expected)
@@ -46,21 +53,30 @@ ONE_GPU_TWO_RANKS = gpus(("n1", 0, "GPU-aaa", 1), ("n1", 0, "GPU-aaa", 1))
 NODE_WIDE = gpus(("n1", 0, "GPU-aaa", 2), ("n1", 1, "GPU-bbb", 2), ("n2", 0, "GPU-ccc", 2), ("n2", 1, "GPU-ddd", 2))
 
 
-@pytest.mark.parametrize("placements", [
-    gpus(("n1", 0, "GPU-aaa", 1), ("n1", 0, "GPU-bbb", 1)),  # --gpus-per-task=1: both cuda:0, two GPUs
-    NODE_WIDE,  # 2 nodes x 2 GPUs, every rank sees its node's 2
-    gpus(("n1", 0, "GPU-aaa", 1), ("n2", 0, "GPU-aaa", 1)),  # one UUID on two hosts: two GPUs
-    gpus(("n1", None, None, None), ("n1", None, None, None)),  # CPU ranks
-], ids=["per-task", "node-wide", "two-hosts", "cpu"])
+@pytest.mark.parametrize(
+    "placements",
+    [
+        gpus(("n1", 0, "GPU-aaa", 1), ("n1", 0, "GPU-bbb", 1)),  # --gpus-per-task=1: both cuda:0, two GPUs
+        NODE_WIDE,  # 2 nodes x 2 GPUs, every rank sees its node's 2
+        gpus(("n1", 0, "GPU-aaa", 1), ("n2", 0, "GPU-aaa", 1)),  # one UUID on two hosts: two GPUs
+        gpus(("n1", None, None, None), ("n1", None, None, None)),  # CPU ranks
+    ],
+    ids=["per-task", "node-wide", "two-hosts", "cpu"],
+)
 def test_ranks_on_their_own_gpus_pass(placements):
     assert gpu_sharing_error(placements, share_gpu=False) is None
 
 
-@pytest.mark.parametrize("placements, names", [
-    (ONE_GPU_TWO_RANKS, ["ranks 0 and 1 on host n1", "(cuda:0, GPU-aaa)", "they see 1 GPU:", "at most 1 rank per"]),
-    (NODE_WIDE + gpus(("n2", 0, "GPU-ccc", 2)),  # a third rank on n2 wraps to its cuda:0
-     ["ranks 2 and 4 on host n2", "(cuda:0, GPU-ccc)", "they see 2 GPUs:", "at most 2 ranks per"]),
-])
+@pytest.mark.parametrize(
+    "placements, names",
+    [
+        (ONE_GPU_TWO_RANKS, ["ranks 0 and 1 on host n1", "(cuda:0, GPU-aaa)", "they see 1 GPU:", "at most 1 rank per"]),
+        (
+            NODE_WIDE + gpus(("n2", 0, "GPU-ccc", 2)),  # a third rank on n2 wraps to its cuda:0
+            ["ranks 2 and 4 on host n2", "(cuda:0, GPU-ccc)", "they see 2 GPUs:", "at most 2 ranks per"],
+        ),
+    ],
+)
 def test_two_ranks_on_one_gpu_is_one_line_naming_host_ranks_gpu_and_remedies(placements, names):
     error = gpu_sharing_error(placements, share_gpu=False)
     assert error is not None and "\n" not in error
@@ -86,7 +102,6 @@ def test_every_rank_raises_when_ranks_share_a_gpu_unasked(rank):
     with pytest.raises(UsageError, match="ranks 0 and 1 on host n1 would share one GPU"):
         check_gpu_sharing(world, torch.device("cpu"), share_gpu=False)
     check_gpu_sharing(world, torch.device("cpu"), share_gpu=True)
-
 
 
 @pytest.mark.parametrize("visible, device", [(1, "cuda:0"), (2, "cuda:1")])  # not the missing cuda:1 of one GPU

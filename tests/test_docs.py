@@ -1,4 +1,5 @@
 """README.md is the landing page and docs/ the manual: no section lost in the move, no dead link."""
+
 import re
 from pathlib import Path
 
@@ -107,8 +108,11 @@ def test_every_docs_page_is_linked_from_the_readme():
 def test_every_relative_link_points_to_a_file(page):
     dead = [written for written, target, _ in relative_links(page) if not target.exists()]
     assert not dead, f"{page.relative_to(REPO)}: links to nothing: {dead}"
-    missing = [written for written, target, anchor in relative_links(page)
-               if anchor and target.suffix == ".md" and target.is_file() and anchor not in anchors(target)]
+    missing = [
+        written
+        for written, target, anchor in relative_links(page)
+        if anchor and target.suffix == ".md" and target.is_file() and anchor not in anchors(target)
+    ]
     assert not missing, f"{page.relative_to(REPO)}: links to a heading that is not there: {missing}"
 
 

@@ -1,6 +1,7 @@
 """python -m dali_ba.doctor: alone, under mpirun (2 ranks, one of them on a "node" that cannot see the data
 or the output folder), under torchrun, with a rank that never reports; each rule on stand-ins of what this
 CPU machine lacks (a driver, GPUs, old torch, a Horovod built without MPI)."""
+
 import json
 import os
 import socket
@@ -11,8 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import REPO, run_cli
+
 from dali_ba.doctor import main, versions
 from dali_ba.doctor import node as doctor  # the per-rank checks
 from dali_ba.doctor.findings import Findings, Problem
@@ -27,8 +28,19 @@ TORCHRUN = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node
 
 
 def flags(demo_data, output, report, *extra):
-    return ["--recipe", "demo", "--train", str(demo_data / "train"), "--val", str(demo_data / "val"),
-            "--output", str(output), "--json", str(report), *extra]
+    return [
+        "--recipe",
+        "demo",
+        "--train",
+        str(demo_data / "train"),
+        "--val",
+        str(demo_data / "val"),
+        "--output",
+        str(output),
+        "--json",
+        str(report),
+        *extra,
+    ]
 
 
 def problems(report: Path, level: str | None = None) -> dict[str, Problem]:
@@ -46,8 +58,21 @@ def test_alone_on_good_data_finds_nothing_that_would_stop_a_run(demo_data, tmp_p
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("dali-ba doctor: 1 rank on 1 node; --engine auto -> none (one process")
     header = next(line for line in lines if line.startswith("node "))
-    for column in ("python", "torch", "torchvision", "DALI", "driver", "device", "Horovod", "engine", "MPI",
-                   "cores/rank", "train", "val", "output"):
+    for column in (
+        "python",
+        "torch",
+        "torchvision",
+        "DALI",
+        "driver",
+        "device",
+        "Horovod",
+        "engine",
+        "MPI",
+        "cores/rank",
+        "train",
+        "val",
+        "output",
+    ):
         assert column in header.split()
     assert lines[-1] == "doctor: nothing found that would stop a run"
     document = json.loads(report.read_text())
@@ -67,8 +92,18 @@ def test_alone_names_missing_data_an_unwritable_output_and_a_run_in_the_way(demo
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     report = tmp_path / "doctor.json"
-    status = main(["--train", str(tmp_path / "nowhere"), "--val", str(demo_data / "val"),
-                   "--output", str(blocker / "run"), "--json", str(report)])
+    status = main(
+        [
+            "--train",
+            str(tmp_path / "nowhere"),
+            "--val",
+            str(demo_data / "val"),
+            "--output",
+            str(blocker / "run"),
+            "--json",
+            str(report),
+        ]
+    )
     assert status == 1
     out = capsys.readouterr().out
     fails = [line for line in out.splitlines() if line.startswith("FAIL")]
@@ -139,10 +174,27 @@ def test_a_node_that_cannot_see_the_data_or_the_output_folder_is_named(demo_data
     report, shared = tmp_path / "doctor.json", tmp_path / "shared"
     shared.mkdir()
     args = flags(demo_data, shared / "run", report)
-    hide = (f"hostname n2 && mount -t tmpfs none {demo_data} && mount -t tmpfs none {shared} && "
-            f"exec {' '.join([*DOCTOR, *args])}")
-    done = run_cli(*MPIRUN, "-np", "1", *DOCTOR, *args, ":", "-np", "1", "unshare", "--uts", "--mount", "sh", "-c", hide,
-                   timeout=300)
+    hide = (
+        f"hostname n2 && mount -t tmpfs none {demo_data} && mount -t tmpfs none {shared} && "
+        f"exec {' '.join([*DOCTOR, *args])}"
+    )
+    done = run_cli(
+        *MPIRUN,
+        "-np",
+        "1",
+        *DOCTOR,
+        *args,
+        ":",
+        "-np",
+        "1",
+        "unshare",
+        "--uts",
+        "--mount",
+        "sh",
+        "-c",
+        hide,
+        timeout=300,
+    )
     assert done.returncode != 0, done.stdout[-3000:]
     document = json.loads(report.read_text())
     assert not document["ok"] and set(document["nodes"]) == {document["per_rank"][0]["host"], "n2"}
@@ -161,8 +213,9 @@ def test_a_node_that_cannot_see_the_data_or_the_output_folder_is_named(demo_data
 def test_a_rank_that_never_reports_is_named_and_the_job_ends(tmp_path):
     report = tmp_path / "doctor.json"
     sleeper = [PY, "-c", "from mpi4py import MPI; import time; time.sleep(120)"]  # in MPI, never in the doctor
-    done = run_cli(*MPIRUN, "-np", "1", *DOCTOR, "--timeout", "3", "--json", str(report), ":", "-np", "1", *sleeper,
-                   timeout=120)
+    done = run_cli(
+        *MPIRUN, "-np", "1", *DOCTOR, "--timeout", "3", "--json", str(report), ":", "-np", "1", *sleeper, timeout=120
+    )
     assert done.returncode != 0
     found = problems(report, "fail")
     assert found["ranks"].ranks == [1] and "did not report within --timeout" in found["ranks"].text
@@ -173,8 +226,9 @@ def test_under_torchrun_a_rank_that_never_reports_is_named_too(tmp_path):
     """torchrun's second worker sleeps instead of starting the doctor: rank 0 names it after --timeout
     (through torchrun's own store), fails, and torchrun ends the sleeper."""
     report = tmp_path / "doctor.json"
-    worker = (f'if [ "$RANK" = 1 ]; then exec sleep 120; else exec {PY} -m dali_ba.doctor --timeout 5 '
-              f'--json {report}; fi')
+    worker = (
+        f'if [ "$RANK" = 1 ]; then exec sleep 120; else exec {PY} -m dali_ba.doctor --timeout 5 --json {report}; fi'
+    )
     started = time.monotonic()
     done = run_cli(*TORCHRUN, "--no-python", "sh", "-c", worker, timeout=180)
     assert done.returncode != 0 and time.monotonic() - started < 120
@@ -198,8 +252,12 @@ def test_torchrun_two_workers_report_the_torch_engine(tmp_path):
 
 def test_the_supported_versions_come_from_setup_cfg():
     floors = requirement_floors()
-    assert (floors["python"], floors["torch"], floors["torchvision"], floors["horovod"]) == ((3, 11), (2, 4), (0, 19),
-                                                                                               (0, 28))
+    assert (floors["python"], floors["torch"], floors["torchvision"], floors["horovod"]) == (
+        (3, 11),
+        (2, 4),
+        (0, 19),
+        (0, 28),
+    )
     text = (REPO / "setup.cfg").read_text()
     assert "torch>=2.4" in text and "torchvision>=0.19" in text and "python_requires = >=3.11" in text
 
@@ -217,8 +275,10 @@ def test_a_torch_older_than_the_floor_fails(monkeypatch):
     found = Findings(0, "n1")
     assert doctor.check_torch(found, requirement_floors())
     texts = [p.text for p in found.problems if p.level == "fail"]
-    assert texts == ["torch 2.3.1+cu121 is older than 2.4, the oldest dali-ba supports — install torch>=2.4",
-                     "torchvision 0.18.1 is older than 0.19, the oldest dali-ba supports — install torchvision>=0.19"]
+    assert texts == [
+        "torch 2.3.1+cu121 is older than 2.4, the oldest dali-ba supports — install torch>=2.4",
+        "torchvision 0.18.1 is older than 0.19, the oldest dali-ba supports — install torchvision>=0.19",
+    ]
 
 
 def test_the_gradient_norm_needs_no_get_total_norm():
@@ -249,15 +309,25 @@ def test_builds_for_a_newer_cuda_than_the_driver_fail_with_what_to_install(monke
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fakes a driver on a machine without a GPU")
-@pytest.mark.parametrize("driver, status, lines", [
-    ("550.54.15", 1, ["FAIL  {host} (rank 0)  gpu: torch {torch} is built for CUDA 13.0, which needs NVIDIA driver >= 580",
-                      "FAIL  {host} (rank 0)  dali: nvidia-dali-cuda130 2.4.0 is built for CUDA 13, which needs NVIDIA "
-                      "driver >= 580, and this node has 550.54.15 — pip uninstall -y nvidia-dali-cuda130 && pip install "
-                      "nvidia-dali-cuda120==2.4.0"]),
-    ("580.65.06", 0, ["WARN  {host} (rank 0)  gpu: nvidia-smi finds a GPU but torch sees none"]),
-])
-def test_the_doctor_judges_the_builds_by_the_driver_nvidia_smi_reports(monkeypatch, tmp_path, capsys, driver, status,
-                                                                       lines):
+@pytest.mark.parametrize(
+    "driver, status, lines",
+    [
+        (
+            "550.54.15",
+            1,
+            [
+                "FAIL  {host} (rank 0)  gpu: torch {torch} is built for CUDA 13.0, which needs NVIDIA driver >= 580",
+                "FAIL  {host} (rank 0)  dali: nvidia-dali-cuda130 2.4.0 is built for CUDA 13, which needs NVIDIA "
+                "driver >= 580, and this node has 550.54.15 — pip uninstall -y nvidia-dali-cuda130 && pip install "
+                "nvidia-dali-cuda120==2.4.0",
+            ],
+        ),
+        ("580.65.06", 0, ["WARN  {host} (rank 0)  gpu: nvidia-smi finds a GPU but torch sees none"]),
+    ],
+)
+def test_the_doctor_judges_the_builds_by_the_driver_nvidia_smi_reports(
+    monkeypatch, tmp_path, capsys, driver, status, lines
+):
     """A fake nvidia-smi first on PATH: the same rule as launch/install.sh (tests/test_install_choice.py)."""
     if torch.version.cuda is None or not torch.version.cuda.startswith("13"):
         pytest.skip("expects this project's CUDA 13 torch")
@@ -291,16 +361,26 @@ GLOO_ENV = {"HOROVOD_RANK": "0", "HOROVOD_SIZE": "2"}
 TORCHRUN_ENV = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "n1", "MASTER_PORT": "29400"}
 
 
-@pytest.mark.parametrize("env, horovod, works, device, backends, expected", [
-    (MPI_ENV, HOROVOD, True, "cpu", {}, None),
-    (MPI_ENV, {**HOROVOD, "mpi": False}, True, "cpu", {}, ("fail", "built without MPI")),
-    (GLOO_ENV, {**HOROVOD, "gloo": False}, True, "cpu", {}, ("fail", "built without Gloo")),
-    (MPI_ENV, {**HOROVOD, "nccl": False}, True, "cuda:0", {}, ("warn", "built without NCCL")),
-    (MPI_ENV, {"installed": True, "error": "undefined symbol"}, False, "cpu", {}, ("fail", "import horovod.torch fails")),
-    (MPI_ENV, {"installed": False}, False, "cpu", {}, ("fail", "Horovod is not installed")),
-    (TORCHRUN_ENV, {"installed": False}, False, "cuda:0", {"nccl": False, "gloo": True}, ("fail", "NCCL backend")),
-    (TORCHRUN_ENV, {"installed": False}, False, "cpu", {"nccl": False, "gloo": True}, None),
-])
+@pytest.mark.parametrize(
+    "env, horovod, works, device, backends, expected",
+    [
+        (MPI_ENV, HOROVOD, True, "cpu", {}, None),
+        (MPI_ENV, {**HOROVOD, "mpi": False}, True, "cpu", {}, ("fail", "built without MPI")),
+        (GLOO_ENV, {**HOROVOD, "gloo": False}, True, "cpu", {}, ("fail", "built without Gloo")),
+        (MPI_ENV, {**HOROVOD, "nccl": False}, True, "cuda:0", {}, ("warn", "built without NCCL")),
+        (
+            MPI_ENV,
+            {"installed": True, "error": "undefined symbol"},
+            False,
+            "cpu",
+            {},
+            ("fail", "import horovod.torch fails"),
+        ),
+        (MPI_ENV, {"installed": False}, False, "cpu", {}, ("fail", "Horovod is not installed")),
+        (TORCHRUN_ENV, {"installed": False}, False, "cuda:0", {"nccl": False, "gloo": True}, ("fail", "NCCL backend")),
+        (TORCHRUN_ENV, {"installed": False}, False, "cpu", {"nccl": False, "gloo": True}, None),
+    ],
+)
 def test_the_engine_this_launcher_gets_and_what_it_needs(monkeypatch, env, horovod, works, device, backends, expected):
     for name in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "HOROVOD_RANK", "RANK", "SLURM_PROCID"):
         monkeypatch.delenv(name, raising=False)
@@ -311,22 +391,38 @@ def test_the_engine_this_launcher_gets_and_what_it_needs(monkeypatch, env, horov
     found.facts.update(horovod=horovod, torch_backends=backends)
     doctor.check_engine(found, Recipe(), works, device)
     got = [(p.level, p.text) for p in found.problems]
-    assert (got == []) if expected is None else (len(got) == 1 and got[0][0] == expected[0] and expected[1] in got[0][1])
+    assert (
+        (got == []) if expected is None else (len(got) == 1 and got[0][0] == expected[0] and expected[1] in got[0][1])
+    )
 
 
 def rank(number, host, **facts):
     """A rank's findings as judge() receives them."""
-    return {"rank": number, "host": host, "local_size": 2, "first_on_node": number % 2 == 0, "python": "3.11.7",
-            "torch": "2.14.1", "torchvision": "0.29.1", "dali_ba": "0.2.0", "device": "cpu", "cpus": [0, 1, 2, 3, 4, 5, 6, 7],
-            "problems": [], **facts}
+    return {
+        "rank": number,
+        "host": host,
+        "local_size": 2,
+        "first_on_node": number % 2 == 0,
+        "python": "3.11.7",
+        "torch": "2.14.1",
+        "torchvision": "0.29.1",
+        "dali_ba": "0.2.0",
+        "device": "cpu",
+        "cpus": [0, 1, 2, 3, 4, 5, 6, 7],
+        "problems": [],
+        **facts,
+    }
 
 
 def test_what_only_the_whole_job_shows():
     recipe = Recipe()
     recipe.data.dali_threads = 4
-    ranks = [rank(0, "n1", device="cuda:0", gpu_index=0, gpu_uuid="GPU-a", visible_gpus=1),
-             rank(1, "n1", device="cuda:0", gpu_index=0, gpu_uuid="GPU-a", visible_gpus=1),
-             rank(2, "n2", torch="2.11.0", cpus=[0]), rank(3, "n2", torch="2.11.0", cpus=[1])]
+    ranks = [
+        rank(0, "n1", device="cuda:0", gpu_index=0, gpu_uuid="GPU-a", visible_gpus=1),
+        rank(1, "n1", device="cuda:0", gpu_index=0, gpu_uuid="GPU-a", visible_gpus=1),
+        rank(2, "n2", torch="2.11.0", cpus=[0]),
+        rank(3, "n2", torch="2.11.0", cpus=[1]),
+    ]
     every = judge(ranks, recipe, ["n1", "n1", "n2", "n2"])
     found = {p.check: p for p in every}
     assert found["versions"].level == "fail" and found["versions"].nodes == ["n2"]
@@ -339,8 +435,14 @@ def test_what_only_the_whole_job_shows():
 
 
 def test_the_same_problem_on_many_ranks_is_one_line():
-    merged = merge([Problem("warn", "cores", "few cores", [1], ["n1"]), Problem("fail", "data", "no data", [2], ["n2"]),
-                    Problem("warn", "cores", "few cores", [0], ["n1"]), Problem("warn", "cores", "few cores", [3], ["n2"])])
+    merged = merge(
+        [
+            Problem("warn", "cores", "few cores", [1], ["n1"]),
+            Problem("fail", "data", "no data", [2], ["n2"]),
+            Problem("warn", "cores", "few cores", [0], ["n1"]),
+            Problem("warn", "cores", "few cores", [3], ["n2"]),
+        ]
+    )
     assert [(p.level, p.ranks, p.nodes) for p in merged] == [("fail", [2], ["n2"]), ("warn", [0, 1, 3], ["n1", "n2"])]
 
 
@@ -360,10 +462,16 @@ def test_dali_older_than_the_floor_fails(monkeypatch, capsys):
     monkeypatch.setattr(doctor, "installed_dali", lambda: DaliBuild("nvidia-dali-cuda120", "1.43.0", 12))
     found = Findings(0, "n1")
     doctor.check_dali(found, "550.54.15", None)
-    assert [(p.level, p.text) for p in found.problems] == [(
-        "fail", "nvidia-dali-cuda120 1.43.0 is older than 1.44, the oldest dali-ba supports (its graphs need the "
-                "dynamic executor, exec_dynamic) — pip install nvidia-dali-cuda120==2.4.0 (bash launch/install.sh "
-                "picks the build for the driver)")]
+    assert [(p.level, p.text) for p in found.problems] == [
+        (
+            "fail",
+            "nvidia-dali-cuda120 1.43.0 is older than 1.44, the oldest dali-ba supports (its graphs need the "
+            "dynamic executor, exec_dynamic) — pip install nvidia-dali-cuda120==2.4.0 (bash launch/install.sh "
+            "picks the build for the driver)",
+        )
+    ]
     assert main(["--dali-threads", "1"]) == 1
-    assert (f"FAIL  {socket.gethostname()} (rank 0)  dali: nvidia-dali-cuda120 1.43.0 is older than 1.44"
-            in capsys.readouterr().out)
+    assert (
+        f"FAIL  {socket.gethostname()} (rank 0)  dali: nvidia-dali-cuda120 1.43.0 is older than 1.44"
+        in capsys.readouterr().out
+    )

@@ -1,5 +1,6 @@
 """The two engines: which one a launcher gets, torch.distributed (torchrun) against Horovod, the torch
 engine's chunked step and exact resume, and training where Horovod is not installed."""
+
 import json
 import os
 import signal
@@ -10,8 +11,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import REPO, run_cli
+
 from dali_ba.distributed.launcher import choose_engine
 from dali_ba.errors import UsageError
 from dali_ba.training.checkpoint import list_checkpoints, load_checkpoint
@@ -23,13 +24,39 @@ TORCHRUN = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node
 HOROVODRUN = ["horovodrun", "-np", "2"]
 EVALUATION = ["--eval-views", "2", "--calibrate-bn", "2"]  # both exact over ranks: equal under both engines
 TORCHRUN_ENV = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "node1", "MASTER_PORT": "29400"}
-SRUN_ENV = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_ID": "3",
-            "SLURM_LOCALID": "0", "SLURM_JOB_ID": "4321", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_CONF": "/nonexistent"}
+SRUN_ENV = {
+    "SLURM_PROCID": "1",
+    "SLURM_NTASKS": "2",
+    "SLURM_STEP_NUM_TASKS": "2",
+    "SLURM_STEP_ID": "3",
+    "SLURM_LOCALID": "0",
+    "SLURM_JOB_ID": "4321",
+    "SLURM_JOB_NODELIST": "gpu[07-08]",
+    "SLURM_CONF": "/nonexistent",
+}
 
 
 def args(demo_data, output, *extra):
-    return ["--train", str(demo_data / "train"), "--val", str(demo_data / "val"), "--output", str(output),
-            "--batch-size", "16", "--views", "2", "--epochs", "2", "--max-steps", "4", "--log-every", "1", "--deterministic", *extra]
+    return [
+        "--train",
+        str(demo_data / "train"),
+        "--val",
+        str(demo_data / "val"),
+        "--output",
+        str(output),
+        "--batch-size",
+        "16",
+        "--views",
+        "2",
+        "--epochs",
+        "2",
+        "--max-steps",
+        "4",
+        "--log-every",
+        "1",
+        "--deterministic",
+        *extra,
+    ]
 
 
 def records(output, kind):
@@ -47,18 +74,35 @@ def torch_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-@pytest.mark.parametrize("requested, env, horovod, engine, launcher, reason", [
-    ("auto", {}, True, "none", "none", "one process, no launcher"),
-    ("auto", TORCHRUN_ENV, True, "torch", "torchrun", "torchrun"),
-    ("auto", {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "4"}, True, "horovod", "mpi", "MPI launcher"),
-    ("auto", {"PMIX_RANK": "0", **SRUN_ENV}, True, "horovod", "mpi", "MPI launcher"),  # srun --mpi=pmix
-    ("auto", {"HOROVOD_RANK": "1", "HOROVOD_SIZE": "2"}, True, "horovod", "mpi", "MPI launcher"),  # horovodrun --gloo
-    ("auto", SRUN_ENV, True, "torch", "srun", "srun without MPI"),
-    ("auto", {k: v for k, v in SRUN_ENV.items() if "STEP" not in k}, True, "none", "none", "one process"),  # batch shell
-    ("torch", {}, True, "torch", "none", "--engine torch"),
-    ("torch", {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"}, False, "torch", "mpi", "--engine torch"),
-    ("horovod", {}, True, "horovod", "none", "--engine horovod"),
-])
+@pytest.mark.parametrize(
+    "requested, env, horovod, engine, launcher, reason",
+    [
+        ("auto", {}, True, "none", "none", "one process, no launcher"),
+        ("auto", TORCHRUN_ENV, True, "torch", "torchrun", "torchrun"),
+        ("auto", {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "4"}, True, "horovod", "mpi", "MPI launcher"),
+        ("auto", {"PMIX_RANK": "0", **SRUN_ENV}, True, "horovod", "mpi", "MPI launcher"),  # srun --mpi=pmix
+        (
+            "auto",
+            {"HOROVOD_RANK": "1", "HOROVOD_SIZE": "2"},
+            True,
+            "horovod",
+            "mpi",
+            "MPI launcher",
+        ),  # horovodrun --gloo
+        ("auto", SRUN_ENV, True, "torch", "srun", "srun without MPI"),
+        (
+            "auto",
+            {k: v for k, v in SRUN_ENV.items() if "STEP" not in k},
+            True,
+            "none",
+            "none",
+            "one process",
+        ),  # batch shell
+        ("torch", {}, True, "torch", "none", "--engine torch"),
+        ("torch", {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"}, False, "torch", "mpi", "--engine torch"),
+        ("horovod", {}, True, "horovod", "none", "--engine horovod"),
+    ],
+)
 def test_the_launcher_picks_the_engine(requested, env, horovod, engine, launcher, reason):
     choice = choose_engine(requested, env, horovod=horovod)
     assert (choice.engine, choice.launch.launcher) == (engine, launcher)
@@ -73,12 +117,15 @@ def test_srun_rendezvous_is_the_first_node_of_the_step():
     assert (launch.master_addr, launch.master_port) == ("head", 1234)
 
 
-@pytest.mark.parametrize("requested, env, horovod, message", [
-    ("mpi", {}, True, "--engine must be one of auto, horovod, torch, got 'mpi'"),
-    ("horovod", {}, False, "--engine horovod: Horovod is not installed here"),
-    ("horovod", TORCHRUN_ENV, True, "started by torchrun"),
-    ("auto", {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"}, False, "Horovod is not installed"),
-])
+@pytest.mark.parametrize(
+    "requested, env, horovod, message",
+    [
+        ("mpi", {}, True, "--engine must be one of auto, horovod, torch, got 'mpi'"),
+        ("horovod", {}, False, "--engine horovod: Horovod is not installed here"),
+        ("horovod", TORCHRUN_ENV, True, "started by torchrun"),
+        ("auto", {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"}, False, "Horovod is not installed"),
+    ],
+)
 def test_an_engine_that_cannot_run_here_is_a_usage_error(requested, env, horovod, message):
     with pytest.raises(UsageError, match=message.replace("(", r"\(")):
         choose_engine(requested, env, horovod=horovod)
@@ -145,7 +192,9 @@ def test_torchrun_trains_two_ranks_like_horovod(horovod_run, torch_run):
     assert ours["ranks"] == 2 and ours["params_identical"]
     assert ours["param_digests"][0] == ours["param_digests"][1]
     (start,) = records(torch_run, "start")
-    assert (start["engine"], start["engine_backend"]) == ("torch", torch_backend()) and "torchrun" in start["engine_reason"]
+    assert (start["engine"], start["engine_backend"]) == ("torch", torch_backend()) and "torchrun" in start[
+        "engine_reason"
+    ]
     assert records(horovod_run, "start")[0]["engine"] == "horovod"
     environment = json.loads((torch_run / "environment.json").read_text())
     assert environment["engine"]["engine"] == "torch" and environment["engine"]["backend"] == torch_backend()
@@ -158,7 +207,8 @@ def test_torchrun_trains_two_ranks_like_horovod(horovod_run, torch_run):
         torch.testing.assert_close(mine[name].float(), theirs[name].float(), rtol=1e-4, atol=1e-5, msg=name)
     for key in ("train_loss", "top1", "views_top1", "calibrated_top1", "calibrated_val_loss"):
         assert [e[key] for e in records(torch_run, "epoch")] == pytest.approx(
-            [e[key] for e in records(horovod_run, "epoch")], rel=1e-4), key
+            [e[key] for e in records(horovod_run, "epoch")], rel=1e-4
+        ), key
     # DDP's wait inside backward is charged to allreduce_step, not forward_backward.
     steps = records(torch_run, "step")
     assert all(s["time"]["allreduce_step"]["max"] > 0 for s in steps)
@@ -167,8 +217,14 @@ def test_torchrun_trains_two_ranks_like_horovod(horovod_run, torch_run):
 def test_torch_engine_resume_after_a_signal_to_one_rank_is_exact(demo_data, torch_run, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PATH": f"{os.path.dirname(PY)}:{os.environ['PATH']}"}
-    job = subprocess.Popen([*TORCHRUN, *TRAIN, *args(demo_data, out, *EVALUATION)], cwd=REPO, env=env, text=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    job = subprocess.Popen(
+        [*TORCHRUN, *TRAIN, *args(demo_data, out, *EVALUATION)],
+        cwd=REPO,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     # environment.json is written after every rank has installed its signal handlers: signal rank 1
     # then, and both ranks stop after the same (early) step.
     deadline = time.time() + 120
@@ -195,7 +251,8 @@ def hidden(folder, *packages: str) -> dict[str, str]:
     """Environment in which ``import <package>`` fails for each of ``packages``, as where they were
     never installed (a sitecustomize drops them from the path finder)."""
     folder.mkdir(exist_ok=True)
-    (folder / "sitecustomize.py").write_text(textwrap.dedent(f"""\
+    (folder / "sitecustomize.py").write_text(
+        textwrap.dedent(f"""\
         import sys
         from importlib.machinery import PathFinder
 
@@ -209,7 +266,8 @@ def hidden(folder, *packages: str) -> dict[str, str]:
                 return super().find_spec(name, path, target)
 
         sys.meta_path[sys.meta_path.index(PathFinder)] = Without
-    """))
+    """)
+    )
     return {"PYTHONPATH": str(folder)}
 
 
@@ -220,7 +278,9 @@ def test_torch_engine_under_mpirun_meets_through_mpi(demo_data, torch_run, tmp_p
     done = run_cli(*mpirun, PY, *TRAIN, *args(demo_data, out, *EVALUATION, "--engine", "torch"))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     (start,) = records(out, "start")
-    assert (start["engine"], start["engine_backend"]) == ("torch", torch_backend()) and "MPI launcher" in start["engine_reason"]
+    assert (start["engine"], start["engine_backend"]) == ("torch", torch_backend()) and "MPI launcher" in start[
+        "engine_reason"
+    ]
     assert summary(out)["param_digests"] == summary(torch_run)["param_digests"]  # the torchrun run's model
 
 
@@ -230,9 +290,14 @@ def without_horovod(tmp_path) -> dict[str, str]:
 
 
 def test_one_process_trains_where_horovod_is_not_installed(demo_data, tmp_path, without_horovod):
-    probe = run_cli(PY, "-c", "import importlib.util, sys, dali_ba.train, dali_ba.tools.profile\n"
-                              "assert importlib.util.find_spec('horovod') is None\n"
-                              "print(sorted(m for m in sys.modules if m.startswith('horovod')))", env=without_horovod)
+    probe = run_cli(
+        PY,
+        "-c",
+        "import importlib.util, sys, dali_ba.train, dali_ba.tools.profile\n"
+        "assert importlib.util.find_spec('horovod') is None\n"
+        "print(sorted(m for m in sys.modules if m.startswith('horovod')))",
+        env=without_horovod,
+    )
     assert probe.returncode == 0 and probe.stdout.strip() == "[]", probe.stderr
     out = tmp_path / "run"
     done = run_cli(PY, *TRAIN, *args(demo_data, out, "--epochs", "1", "--max-steps", "3"), env=without_horovod)
@@ -241,17 +306,21 @@ def test_one_process_trains_where_horovod_is_not_installed(demo_data, tmp_path, 
     assert [s["step"] for s in records(out, "step")] == [1, 2, 3] and summary(out)["params_identical"]
     # The torch engine asked for as one process: a world of one over Gloo, still no Horovod.
     out = tmp_path / "torch"
-    done = run_cli(PY, *TRAIN, *args(demo_data, out, "--epochs", "1", "--max-steps", "2", "--engine", "torch"),
-                   env=without_horovod)
+    done = run_cli(
+        PY, *TRAIN, *args(demo_data, out, "--epochs", "1", "--max-steps", "2", "--engine", "torch"), env=without_horovod
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert records(out, "start")[0]["engine_backend"] == torch_backend()
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--engine", "horovod"], "--engine horovod: Horovod is not installed here"),
-    (["--engine", "mpi"], r"--engine \(\[run\] engine\) must be auto, horovod or torch, got 'mpi'"),
-    (["--horovod-timeline", "t.json"], "--horovod-timeline needs the Horovod engine; this run uses none"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--engine", "horovod"], "--engine horovod: Horovod is not installed here"),
+        (["--engine", "mpi"], r"--engine \(\[run\] engine\) must be auto, horovod or torch, got 'mpi'"),
+        (["--horovod-timeline", "t.json"], "--horovod-timeline needs the Horovod engine; this run uses none"),
+    ],
+)
 def test_engine_bad_input_is_one_line(demo_data, tmp_path, without_horovod, flags, message):
     out = tmp_path / "run"
     done = run_cli(PY, *TRAIN, *args(demo_data, out, *flags), env=without_horovod, timeout=60)

@@ -1,11 +1,12 @@
 """Evaluation over augmented views (--eval-views) and BatchNorm recalibration (--calibrate-bn)."""
+
 import math
 
 import numpy as np
 import pytest
 import torch
-
 from conftest import decode_identity
+
 from dali_ba import AugmentedValidationLoader
 from dali_ba.distributed.world import World
 from dali_ba.loading.tensors import normalize
@@ -34,10 +35,16 @@ def test_eval_views_average_the_softmax_over_the_views():
     # Sample 0 (label 0): one confident view for class 0, two mild ones for class 1. The mean softmax
     # picks class 0; the first view alone would too, a majority vote would not. Sample 1 (label 2):
     # its first view says class 1, the mean softmax says class 2.
-    v = {(a, b, c): image_with_logits([a, b, c]) for a, b, c in
-         [(2.0, -2.0, -2.0), (-1.0, 0.0, -1.0), (-1.0, 1.0, 0.0), (-1.0, -1.0, 1.0)]}
-    images = torch.stack([torch.stack([v[(2.0, -2.0, -2.0)], v[(-1.0, 0.0, -1.0)], v[(-1.0, 0.0, -1.0)]]),
-                          torch.stack([v[(-1.0, 1.0, 0.0)], v[(-1.0, -1.0, 1.0)], v[(-1.0, -1.0, 1.0)]])])
+    v = {
+        (a, b, c): image_with_logits([a, b, c])
+        for a, b, c in [(2.0, -2.0, -2.0), (-1.0, 0.0, -1.0), (-1.0, 1.0, 0.0), (-1.0, -1.0, 1.0)]
+    }
+    images = torch.stack(
+        [
+            torch.stack([v[(2.0, -2.0, -2.0)], v[(-1.0, 0.0, -1.0)], v[(-1.0, 0.0, -1.0)]]),
+            torch.stack([v[(-1.0, 1.0, 0.0)], v[(-1.0, -1.0, 1.0)], v[(-1.0, -1.0, 1.0)]]),
+        ]
+    )
     labels = torch.tensor([0, 2])
     result = evaluate(PixelLogits(), [(images, labels)], World())
     logits = PixelLogits()(normalize(images.flatten(0, 1))).unflatten(0, (2, 3))
@@ -55,8 +62,9 @@ def test_augmented_validation_gives_every_sample_once_as_k_differing_views(ident
     list_file, n = identity_list
     seen = []
     for rank in range(2):
-        loader = AugmentedValidationLoader(list_file, batch_size=batch, views=3, view_size=24, rank=rank,
-                                           world_size=2, num_threads=1, seed=5)
+        loader = AugmentedValidationLoader(
+            list_file, batch_size=batch, views=3, view_size=24, rank=rank, world_size=2, num_threads=1, seed=5
+        )
         for images, labels in loader:
             assert images.shape[1:] == (3, 3, 24, 24)
             ids = decode_identity(images)  # (b, K): every view shows its own sample
@@ -75,8 +83,9 @@ def test_calibrate_bn_recomputes_the_statistics_from_the_batches():
     model[0].running_mean.fill_(42.0)
     model[0].running_var.fill_(42.0)
     model[0].momentum = 0.1
-    batches = [(torch.randint(0, 256, (4, 2, 3, 8, 8), dtype=torch.uint8), torch.zeros(4, dtype=torch.int64))
-               for _ in range(3)]
+    batches = [
+        (torch.randint(0, 256, (4, 2, 3, 8, 8), dtype=torch.uint8), torch.zeros(4, dtype=torch.int64)) for _ in range(3)
+    ]
     model.eval()
     seen = calibrate_batchnorm(model, batches, World())
     assert seen == 3 and not model.training and model[0].momentum == 0.1  # put back as it was
@@ -90,14 +99,34 @@ def test_calibrate_bn_recomputes_the_statistics_from_the_batches():
 
 def test_calibrated_evaluation_leaves_training_unchanged(demo_data, tmp_path):
     """--calibrate-bn and --eval-views add numbers to the epoch record; the trained model is the same."""
-    from conftest import run_cli
     import json
     import sys
 
+    from conftest import run_cli
+
     def train(out, *extra):
-        done = run_cli(sys.executable, "-m", "dali_ba.train", "--recipe", "pipelines/demo.toml", "--train",
-                       str(demo_data / "train"), "--val", str(demo_data / "val"), "--output", str(out),
-                       "--batch-size", "16", "--views", "2", "--epochs", "2", "--max-steps", "3", *extra)
+        done = run_cli(
+            sys.executable,
+            "-m",
+            "dali_ba.train",
+            "--recipe",
+            "pipelines/demo.toml",
+            "--train",
+            str(demo_data / "train"),
+            "--val",
+            str(demo_data / "val"),
+            "--output",
+            str(out),
+            "--batch-size",
+            "16",
+            "--views",
+            "2",
+            "--epochs",
+            "2",
+            "--max-steps",
+            "3",
+            *extra,
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         return done.stdout, [r for r in lines if r["kind"] == "epoch"], [r for r in lines if r["kind"] == "summary"][0]

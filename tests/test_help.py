@@ -1,13 +1,15 @@
 """Every command-line entry point answers --help: exit 0, a usage text, no traceback."""
+
 import configparser
 import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, run_cli
-from dali_ba.__main__ import COMMANDS as ONE_COMMAND, summary
 from test_deprecated_names import OLD_NAMES  # the tools' old python -m names: tested there
+
+from dali_ba.__main__ import COMMANDS as ONE_COMMAND
+from dali_ba.__main__ import summary
 
 COMMANDS = [
     ["dali_ba"],
@@ -53,8 +55,11 @@ def test_every_module_command_answers_help(command):
 
 def test_every_module_with_a_command_line_is_listed():
     """A new ``python -m`` entry point gets its --help test too (here, or as a deprecated name)."""
-    found = {".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__main__")  # a package's: -m package
-             for path in (REPO / "dali_ba").rglob("*.py") if 'if __name__ == "__main__":' in path.read_text()}
+    found = {
+        ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__main__")  # a package's: -m package
+        for path in (REPO / "dali_ba").rglob("*.py")
+        if 'if __name__ == "__main__":' in path.read_text()
+    }
     assert found == {command[0] for command in COMMANDS} | set(OLD_NAMES)
 
 
@@ -88,4 +93,5 @@ def test_dali_ba_help_lists_the_table_and_unknown_commands_are_one_line_errors()
     wrong = run_cli(sys.executable, "-m", "dali_ba", "trian")
     assert wrong.returncode == 2 and wrong.stdout == ""
     assert wrong.stderr.strip().splitlines() == [
-        "dali-ba: error: unknown command 'trian'; one of: " + ", ".join(ONE_COMMAND) + " (dali-ba --help)"]
+        "dali-ba: error: unknown command 'trian'; one of: " + ", ".join(ONE_COMMAND) + " (dali-ba --help)"
+    ]

@@ -1,12 +1,13 @@
 """The DALI loaders on real JPEGs, CPU decoder."""
+
 import re
 
 import numpy as np
 import pytest
 import torch
+from conftest import decode_identity
 from PIL import Image
 
-from conftest import decode_identity
 from dali_ba import BatchAugmentLoader, ValidationLoader, flatten_views, normalize
 from dali_ba.data.dataset import load_dataset
 from dali_ba.errors import UsageError
@@ -69,8 +70,8 @@ def test_the_gpu_paths_header_sizes_follow_exif_rotation(tmp_path):
         lines.append(f"{i}.jpg {i}")
     (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
     loader = BatchAugmentLoader(tmp_path / "list.txt", batch_size=6, views=3, view_size=24, num_threads=1)
-    (ours, _), = collect(loader.epoch(0))
-    (theirs, _), = collect(loader.epoch(0, stage="dali"))
+    ((ours, _),) = collect(loader.epoch(0))
+    ((theirs, _),) = collect(loader.epoch(0, stage="dali"))
     assert (ours.float() - theirs.float()).abs().max() <= 2
 
 
@@ -90,7 +91,9 @@ def test_views_follow_their_drawn_parameters(identity_list):
             top, left, height, width = params.boxes[b, m].tolist()
             expected = F.resized_crop(image.permute(2, 0, 1), top, left, height, width, [24, 24], antialias=True)
             expected = F.horizontal_flip(expected) if params.flips[b, m] else expected
-            assert (images[b, m].cpu().float() - expected.float()).abs().mean() < 1.5  # PIL's and DALI's JPEG decoders differ a little
+            assert (
+                images[b, m].cpu().float() - expected.float()
+            ).abs().mean() < 1.5  # PIL's and DALI's JPEG decoders differ a little
 
 
 @pytest.mark.parametrize("stage", ["torch", "dali"])
@@ -135,8 +138,9 @@ def test_two_ranks_get_disjoint_shards_covering_the_data(identity_list):
     for epoch in (0, 1):
         seen = []
         for rank in (0, 1):
-            loader = BatchAugmentLoader(file_list, batch_size=5, views=2, view_size=24, rank=rank, world_size=2,
-                                        seed=11, num_threads=1)
+            loader = BatchAugmentLoader(
+                file_list, batch_size=5, views=2, view_size=24, rank=rank, world_size=2, seed=11, num_threads=1
+            )
             ranks_ids = [decode_identity(x)[:, 0] for x, _ in collect(loader.epoch(epoch))]
             seen.append(np.concatenate(ranks_ids))
         assert set(seen[0]).isdisjoint(seen[1])
@@ -151,8 +155,16 @@ def test_the_same_augmentations_whatever_the_number_of_ranks(identity_list):
     for world in (1, 2):
         views = {}
         for rank in range(world):
-            loader = BatchAugmentLoader(file_list, batch_size=10 // world, views=3, view_size=24, rank=rank,
-                                        world_size=world, seed=7, num_threads=1)
+            loader = BatchAugmentLoader(
+                file_list,
+                batch_size=10 // world,
+                views=3,
+                view_size=24,
+                rank=rank,
+                world_size=world,
+                seed=7,
+                num_threads=1,
+            )
             for images, labels in collect(loader.epoch(2)):
                 views.update(zip(labels.tolist(), images))
         seen[world] = views

@@ -1,4 +1,5 @@
 """Step timing: phase clocks, statistics over ranks, the steady-state summary, the progress lines."""
+
 import io
 
 import numpy as np
@@ -53,8 +54,11 @@ def test_a_gpu_step_waits_for_nothing_until_its_row_is_logged(monkeypatch):
     import dali_ba.training.step_clock as metrics
 
     monkeypatch.setattr(metrics, "timestamp", lambda device: FakeEvent())
-    monkeypatch.setattr(torch.cuda, "nvtx", type("NoNvtx", (), {"range_push": staticmethod(lambda name: None),
-                                                                "range_pop": staticmethod(lambda: None)}))
+    monkeypatch.setattr(
+        torch.cuda,
+        "nvtx",
+        type("NoNvtx", (), {"range_push": staticmethod(lambda name: None), "range_pop": staticmethod(lambda: None)}),
+    )
     clock, times = StepClock(torch.device("cuda")), StepTimes(FakeWorld(), warmup=0)
     for step in range(3):
         clock.begin()
@@ -69,7 +73,9 @@ def test_a_gpu_step_waits_for_nothing_until_its_row_is_logged(monkeypatch):
     assert FakeEvent.waits > 0
     for record in records:
         t = {name: record["time"][name]["min"] for name in COLUMNS}  # rank 0's (FakeWorld scales the others)
-        assert t == pytest.approx({"data": 0.25, "h2d": 0.25, "forward_backward": 0.5, "allreduce_step": 0.5, "step": 1.5})
+        assert t == pytest.approx(
+            {"data": 0.25, "h2d": 0.25, "forward_backward": 0.5, "allreduce_step": 0.5, "step": 1.5}
+        )
         assert record["loss"] == pytest.approx(1.0)  # mean over the fake ranks of (0.5, 1, 1.5)
 
 
@@ -80,15 +86,22 @@ def test_rank_statistics_and_steady_state():
     records = times.flush()
     assert [r["step"] for r in records] == [1, 2, 3]
     data = records[0]["time"]["data"]
-    assert data == {"mean": 0.2, "std": pytest.approx(np.std([0.1, 0.2, 0.3]), abs=1e-6), "min": 0.1, "max": 0.3,
-                    "slowest_rank": 2}
+    assert data == {
+        "mean": 0.2,
+        "std": pytest.approx(np.std([0.1, 0.2, 0.3]), abs=1e-6),
+        "min": 0.1,
+        "max": 0.3,
+        "slowest_rank": 2,
+    }
     assert records[1]["loss"] == pytest.approx(2 * 2.0)  # mean over ranks of (2, 4, 6)
     assert len(times.steady) == 2  # step 0 of the epoch was warm-up
     summary = times.summary(batch_size=8, views=4)
     assert summary["steady_steps"] == 2
     assert summary["steps_per_s"] == pytest.approx(1 / 0.8) and summary["steps_per_s_std"] == pytest.approx(0)
     assert summary["views_per_s"] == pytest.approx(4 * 8 / 0.8)
-    assert summary["timing"]["step"]["slowest_rank"] == 2 and summary["timing"]["step"]["max_rank"] == pytest.approx(1.2)
+    assert summary["timing"]["step"]["slowest_rank"] == 2 and summary["timing"]["step"]["max_rank"] == pytest.approx(
+        1.2
+    )
     table = summary_table(summary, ranks=3)
     assert "forward_backward" in table and "1.25 ± 0.00 steps/s" in table
 

@@ -1,6 +1,7 @@
 """--arch for any classifier (dali_ba/training/models.py): the paper's CIFAR networks at their published
 sizes, a torchvision model, a timm model and a user's factory trained under both launchers and resumed
 exactly, the new recipes, and every bad --arch as one line."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_cli
+
 from dali_ba.errors import UsageError
 from dali_ba.recipe import find_recipe, load_recipe
 from dali_ba.training import models
@@ -22,7 +23,7 @@ PY = sys.executable
 TRAIN = ["-m", "dali_ba.train", "--recipe", "pipelines/demo.toml"]
 MPIRUN = ["mpirun", "-np", "2", *(["--allow-run-as-root"] if os.geteuid() == 0 else []), PY]
 TORCHRUN = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-FACTORY = '''import torch.nn as nn
+FACTORY = """import torch.nn as nn
 
 
 def build(num_classes):
@@ -36,10 +37,15 @@ def not_a_model(num_classes):
 
 def broken(num_classes):
     raise ValueError("no such width")
-'''
+"""
 
 # (arch, million parameters for 10 classes, the published figure where there is one)
-PAPER_SIZES = [("resnet44", 0.66), ("wrn28_10", 36.5), ("densenet_bc_100_12", 0.8), ("vgg16_cifar", 33.6)]  # VGG-16: ours, with the authors 2 x 4096 classifier
+PAPER_SIZES = [
+    ("resnet44", 0.66),
+    ("wrn28_10", 36.5),
+    ("densenet_bc_100_12", 0.8),
+    ("vgg16_cifar", 33.6),
+]  # VGG-16: ours, with the authors 2 x 4096 classifier
 
 
 @pytest.mark.parametrize("arch, millions", PAPER_SIZES)
@@ -57,9 +63,26 @@ def test_the_papers_cifar_networks_have_their_published_size_and_train_a_step(ar
 
 
 def args(demo_data, output, arch, *extra):
-    return ["--train", str(demo_data / "train"), "--val", str(demo_data / "val"), "--output", str(output),
-            "--arch", arch, "--batch-size", "8", "--views", "2", "--max-steps", "1", "--log-every", "1",
-            "--deterministic", *extra]
+    return [
+        "--train",
+        str(demo_data / "train"),
+        "--val",
+        str(demo_data / "val"),
+        "--output",
+        str(output),
+        "--arch",
+        arch,
+        "--batch-size",
+        "8",
+        "--views",
+        "2",
+        "--max-steps",
+        "1",
+        "--log-every",
+        "1",
+        "--deterministic",
+        *extra,
+    ]
 
 
 def digest(output: Path) -> list[str]:
@@ -93,14 +116,20 @@ def test_any_model_trains_under_both_launchers_and_resumes_exactly(arch, demo_da
         assert other.returncode != 0 and f"was written with arch = {arch!r}, this run has 'resnet20'" in other.stderr
 
 
-@pytest.mark.parametrize("arch, message", [
-    ("vgg17", "unknown model 'vgg17' (--arch): not one of the paper's CIFAR networks"),
-    ("timm:no_such_net", "--arch timm:no_such_net: timm "),
-    ("no_such_module:build", "--arch no_such_module:build: cannot import no_such_module (ModuleNotFoundError"),
-    ("user_nets:missing", "--arch user_nets:missing: user_nets has no function 'missing'"),
-    ("user_nets:not_a_model", "--arch user_nets:not_a_model: not_a_model(num_classes=10) returned a str, not a torch.nn.Module"),
-    ("user_nets:broken", "--arch user_nets:broken: broken(num_classes=10) failed (ValueError: no such width)"),
-])
+@pytest.mark.parametrize(
+    "arch, message",
+    [
+        ("vgg17", "unknown model 'vgg17' (--arch): not one of the paper's CIFAR networks"),
+        ("timm:no_such_net", "--arch timm:no_such_net: timm "),
+        ("no_such_module:build", "--arch no_such_module:build: cannot import no_such_module (ModuleNotFoundError"),
+        ("user_nets:missing", "--arch user_nets:missing: user_nets has no function 'missing'"),
+        (
+            "user_nets:not_a_model",
+            "--arch user_nets:not_a_model: not_a_model(num_classes=10) returned a str, not a torch.nn.Module",
+        ),
+        ("user_nets:broken", "--arch user_nets:broken: broken(num_classes=10) failed (ValueError: no such width)"),
+    ],
+)
 def test_a_bad_arch_is_one_line(arch, message, factory_path, monkeypatch):
     monkeypatch.syspath_prepend(str(factory_path))
     with pytest.raises(UsageError, match="^" + re.escape(message)):
@@ -110,7 +139,9 @@ def test_a_bad_arch_is_one_line(arch, message, factory_path, monkeypatch):
 def test_timm_missing_is_one_line_naming_the_package(monkeypatch):
     real = models.importlib.util.find_spec
     monkeypatch.setattr(models.importlib.util, "find_spec", lambda name, *a: None if name == "timm" else real(name, *a))
-    with pytest.raises(UsageError, match=r"^--arch timm:resnet10t needs the timm package, which is not installed: pip install timm$"):
+    with pytest.raises(
+        UsageError, match=r"^--arch timm:resnet10t needs the timm package, which is not installed: pip install timm$"
+    ):
         check_model_name("timm:resnet10t")
 
 
@@ -118,7 +149,9 @@ def test_a_model_built_for_another_input_size_is_one_line_at_set_up(demo_data, t
     done = run_cli(PY, *TRAIN, *args(demo_data, tmp_path / "run", "vit_b_16"), timeout=300)
     assert done.returncode == 2, done.stderr[-3000:]
     (line,) = done.stderr.strip().splitlines()
-    assert line.startswith("python -m dali_ba.train: error: --arch vit_b_16 cannot take 32x32 px views (--view-size 32): ")
+    assert line.startswith(
+        "python -m dali_ba.train: error: --arch vit_b_16 cannot take 32x32 px views (--view-size 32): "
+    )
 
 
 def test_list_archs_names_every_source():
@@ -129,7 +162,13 @@ def test_list_archs_names_every_source():
     assert "timm:<name>: " in done.stdout and "models of timm" in done.stdout
 
 
-RECIPES = ["cifar10_vgg16_ba", "cifar10_wrn28_10_ba", "cifar10_densenet_bc_ba", "imagenet_alexnet_ba", "imagenet_mobilenet_ba"]
+RECIPES = [
+    "cifar10_vgg16_ba",
+    "cifar10_wrn28_10_ba",
+    "cifar10_densenet_bc_ba",
+    "imagenet_alexnet_ba",
+    "imagenet_mobilenet_ba",
+]
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -141,8 +180,29 @@ def test_the_papers_table_1_recipes_load_and_pass_the_checks(name):
 
 def test_a_cifar_recipe_trains_a_capped_epoch_on_the_demo_data(demo_data, tmp_path):
     out = tmp_path / "run"
-    done = run_cli(PY, "-m", "dali_ba.train", "--recipe", "cifar10_vgg16_ba", "--train", str(demo_data / "train"),
-                   "--val", str(demo_data / "val"), "--output", str(out), "--epochs", "1", "--max-steps", "2",
-                   "--batch-size", "8", "--views", "2", "--dali-threads", "1", timeout=300)
+    done = run_cli(
+        PY,
+        "-m",
+        "dali_ba.train",
+        "--recipe",
+        "cifar10_vgg16_ba",
+        "--train",
+        str(demo_data / "train"),
+        "--val",
+        str(demo_data / "val"),
+        "--output",
+        str(out),
+        "--epochs",
+        "1",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--views",
+        "2",
+        "--dali-threads",
+        "1",
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(set(digest(out))) == 1

@@ -6,6 +6,7 @@ Every job is the CPU version of a template (resnet20, 32 px views, B=16, M=2). R
 Horovod over Open MPI (srun --mpi=pmix, TCP between the nodes' loopback addresses), real
 torch.distributed over Gloo. If the cluster cannot start here the tests fail with the reason.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, last_logged_step
 from slurm_jobs import SMALL, assert_completed, job_environment, records, running_cluster, slurm_output, submit
 
@@ -52,14 +52,27 @@ def job_env(cluster, demo_data) -> dict[str, str]:
     return env
 
 
-def train(cluster, job_env, engine: str, nodes: int, per_node: int, epochs: int = EPOCHS, where: str = "",
-          **env: str) -> str:
+def train(
+    cluster, job_env, engine: str, nodes: int, per_node: int, epochs: int = EPOCHS, where: str = "", **env: str
+) -> str:
     """Submit slurm/resnet50_ba.sh: ``nodes`` x ``per_node`` CPU ranks of ``engine`` on n1 (and n2),
     or the nodes ``where`` lists; returns the job id."""
-    return submit(cluster, "resnet50_ba.sh", f"--nodes={nodes}", f"--ntasks-per-node={per_node}",
-                  f"--nodelist={where or ','.join(NODES[:nodes])}", *CPU,
-                  **{**job_env, "ENGINE": engine, "EPOCHS": str(epochs), "CHECKPOINT_EVERY": "",
-                     "EXTRA_ARGS": f"{SMALL} --max-steps {MAX_STEPS}", **env})
+    return submit(
+        cluster,
+        "resnet50_ba.sh",
+        f"--nodes={nodes}",
+        f"--ntasks-per-node={per_node}",
+        f"--nodelist={where or ','.join(NODES[:nodes])}",
+        *CPU,
+        **{
+            **job_env,
+            "ENGINE": engine,
+            "EPOCHS": str(epochs),
+            "CHECKPOINT_EVERY": "",
+            "EXTRA_ARGS": f"{SMALL} --max-steps {MAX_STEPS}",
+            **env,
+        },
+    )
 
 
 def job_dir(cluster, job_id: str) -> Path:
@@ -110,19 +123,36 @@ def test_a_dead_node_requeues_the_job_which_resumes_to_the_same_model(cluster, j
     assert summary["steps"] == EPOCHS * MAX_STEPS and summary["params_identical"]
     reference = finished(cluster, one_node["horovod", 2])
     assert summary["param_digests"] == records(reference, "summary")[0]["param_digests"]
-    assert re.search(r"JOB \d+ ON n1 CANCELLED AT \S+ DUE TO NODE FAILURE", slurm_output(cluster, "resnet50_ba", job_id))
+    assert re.search(
+        r"JOB \d+ ON n1 CANCELLED AT \S+ DUE TO NODE FAILURE", slurm_output(cluster, "resnet50_ba", job_id)
+    )
 
 
 @pytest.fixture(scope="module")
 def two_node(cluster, job_env, demo_data) -> dict[str, str]:
     """Every two-node job of the tests below, submitted at once (while n3 is down): name -> job id."""
-    jobs = {f"{engine} 2x{per_node}": train(cluster, job_env, engine, 2, per_node)
-            for engine in ("horovod", "torch") for per_node in (1, 2)}
+    jobs = {
+        f"{engine} 2x{per_node}": train(cluster, job_env, engine, 2, per_node)
+        for engine in ("horovod", "torch")
+        for per_node in (1, 2)
+    }
     # 2 x 1 ranks, a batch of views too big for any node: refused at set-up, per node.
     jobs["memory"] = train(cluster, job_env, "horovod", 2, 1, EXTRA_ARGS=f"{SMALL} --view-size 16384")
-    jobs["scaling"] = submit(cluster, "scaling.sh", "--nodes=2", "--ntasks-per-node=1", "--nodelist=n1,n2", *CPU, **job_env,
-                             RECIPE="pipelines/demo.toml", RANKS_LIST="1 2", VIEWS_LIST="1", STEPS="3", WARMUP="1",
-                             EXTRA_ARGS="--dali-threads 1 --torch-threads 1")
+    jobs["scaling"] = submit(
+        cluster,
+        "scaling.sh",
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        "--nodelist=n1,n2",
+        *CPU,
+        **job_env,
+        RECIPE="pipelines/demo.toml",
+        RANKS_LIST="1 2",
+        VIEWS_LIST="1",
+        STEPS="3",
+        WARMUP="1",
+        EXTRA_ARGS="--dali-threads 1 --torch-threads 1",
+    )
     # The launch line of slurm/README.md: one torchrun agent per node, meeting at the first (c10d).
     script = cluster.root / "torchrun.sh"
     script.write_text(f"""#!/bin/bash
@@ -139,10 +169,17 @@ srun --kill-on-bad-exit=1 {sys.executable} -m torch.distributed.run --nnodes 2 -
     shutil.copytree(demo_data, cluster.root / "n1" / "tmp" / "demo")
     local = cluster.root / "tmp" / "demo"
     jobs["doctor"] = cluster.sbatch(
-        "--nodes=2", "--ntasks-per-node=1", "--nodelist=n1,n2", *CPU, f"--output={cluster.root}/doctor-%j.out", "--wrap",
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        "--nodelist=n1,n2",
+        *CPU,
+        f"--output={cluster.root}/doctor-%j.out",
+        "--wrap",
         f"srun --mpi=pmix {sys.executable} -m dali_ba.doctor --recipe pipelines/demo.toml --train {local}/train "
         f"--val {local}/val --output {cluster.root}/doctor/run --json {cluster.root}/doctor.json --dali-threads 1",
-        env=job_env, cwd=REPO)
+        env=job_env,
+        cwd=REPO,
+    )
     return jobs
 
 
@@ -159,7 +196,11 @@ def test_two_nodes_train_the_model_of_one_node_under_each_engine(cluster, one_no
         for rank, place in enumerate(environment["per_rank"]):
             node, local = divmod(rank, per_node)  # srun's block distribution
             assert (place["rank"], place["host"], place["local_rank"], place["local_size"]) == (
-                rank, NODES[node], local, per_node), place
+                rank,
+                NODES[node],
+                local,
+                per_node,
+            ), place
             assert place["launcher_local_rank"] == local  # SLURM_LOCALID (torch) / Open MPI's local rank (Horovod)
             if engine == "horovod":
                 assert (place["cross_rank"], place["cross_size"]) == (node, 2)
@@ -168,8 +209,13 @@ def test_two_nodes_train_the_model_of_one_node_under_each_engine(cluster, one_no
         (summary,) = records(folder, "summary")
         assert summary["steps"] == EPOCHS * MAX_STEPS and summary["params_identical"]
         for name, tensor in model(folder).items():
-            torch.testing.assert_close(tensor.float(), reference[name].float(), rtol=1e-4, atol=1e-5,
-                                       msg=lambda text, name=name: f"{engine} 2x{per_node} vs 1x{ranks}: {name}: {text}")
+            torch.testing.assert_close(
+                tensor.float(),
+                reference[name].float(),
+                rtol=1e-4,
+                atol=1e-5,
+                msg=lambda text, name=name: f"{engine} 2x{per_node} vs 1x{ranks}: {name}: {text}",  # noqa: B023
+            )
 
 
 def test_the_memory_check_counts_the_ranks_of_one_node(cluster, two_node):
@@ -183,8 +229,11 @@ def test_the_memory_check_counts_the_ranks_of_one_node(cluster, two_node):
     assert "8 samples x M=2 views per rank" in line and "for 1 rank(s) on this node" in line, line
     # The job's status is the first failed rank's. Both ranks refuse at the same check, so either may
     # reach srun first; the line names that rank with its own node.
-    assert re.search(r"batch: the training step failed \(exit 2\): rank (0 on node n1|1 on node n2) failed "
-                     r"\(Exited with exit code 2\)", output), output[-3000:]
+    assert re.search(
+        r"batch: the training step failed \(exit 2\): rank (0 on node n1|1 on node n2) failed "
+        r"\(Exited with exit code 2\)",
+        output,
+    ), output[-3000:]
 
 
 def test_torchrun_under_srun_rendezvous_across_two_nodes(cluster, two_node):
@@ -247,8 +296,11 @@ def test_a_killed_rank_ends_every_rank_within_a_minute(cluster, long_runs, engin
     would wait in its allreduce), and the job's log names the rank and node that died."""
     job_id = long_runs[engine]
     folder = job_dir(cluster, job_id)
-    cluster.wait(job_id, timeout=120, until=lambda tasks: len(records(folder, "step")) >= 2
-                 or tasks[0]["JobState"] not in ("PENDING", "RUNNING"))
+    cluster.wait(
+        job_id,
+        timeout=120,
+        until=lambda tasks: len(records(folder, "step")) >= 2 or tasks[0]["JobState"] not in ("PENDING", "RUNNING"),
+    )
     ranks = cluster.task_processes(job_id, "dali_ba.train")
     victims = [pid for pid, node in ranks.items() if node == "n2"]
     assert sorted(ranks.values()) == ["n1", "n2"] and len(victims) == 1, ranks
@@ -266,16 +318,28 @@ def test_a_killed_rank_ends_every_rank_within_a_minute(cluster, long_runs, engin
     assert "Traceback" not in output  # the survivor's one line, not a traceback
 
 
-def test_a_stalled_rank_on_the_second_node_ends_the_job_which_is_requeued_and_resumes(cluster, job_env, long_runs,
-                                                                                    one_node):
+def test_a_stalled_rank_on_the_second_node_ends_the_job_which_is_requeued_and_resumes(
+    cluster, job_env, long_runs, one_node
+):
     """SIGSTOP of the rank on the second node in a step after the first checkpoint (--stall-timeout 15):
     the job ends within 45 s (75 s if it stopped in the next checkpoint) with the stall line naming rank 1
     and its node, slurm/lib.sh requeues it, and the job resumes to the model of the uninterrupted run."""
     for job_id in long_runs.values():  # the nodes to this job alone
         cluster.wait(job_id, timeout=120)
-    job_id = submit(cluster, "resnet50_ba.sh", "--nodes=2", "--ntasks-per-node=1", *CPU,
-                    **{**job_env, "ENGINE": "horovod", "EPOCHS": str(EPOCHS), "CHECKPOINT_EVERY": "2",
-                       "EXTRA_ARGS": f"{SMALL} --max-steps {MAX_STEPS} --stall-timeout 15"})
+    job_id = submit(
+        cluster,
+        "resnet50_ba.sh",
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        *CPU,
+        **{
+            **job_env,
+            "ENGINE": "horovod",
+            "EPOCHS": str(EPOCHS),
+            "CHECKPOINT_EVERY": "2",
+            "EXTRA_ARGS": f"{SMALL} --max-steps {MAX_STEPS} --stall-timeout 15",
+        },
+    )
     folder = job_dir(cluster, job_id)
     first_checkpoint, deadline = folder / "checkpoints" / f"step-{2:09d}.pt", time.monotonic() + 180
     while not (first_checkpoint.exists() and last_logged_step(folder) >= 3) and time.monotonic() < deadline:
@@ -296,8 +360,12 @@ def test_a_stalled_rank_on_the_second_node_ends_the_job_which_is_requeued_and_re
     assert ended < (3 if paused else 1) * 15 + 30, output[-3000:]
     assert_completed(cluster, task, "resnet50_ba", job_id)
     assert task["Restarts"] == "1"
-    assert re.search(rf"stalled \(--stall-timeout 15\): rank 1 \(node {node}\) silent for \d+ s", output), output[-3000:]
-    assert f"batch: a rank stalled (exit 76) on {node}; requeueing job {job_id} (stall 1 of at most 2 requeued)" in output
+    assert re.search(rf"stalled \(--stall-timeout 15\): rank 1 \(node {node}\) silent for \d+ s", output), output[
+        -3000:
+    ]
+    assert (
+        f"batch: a rank stalled (exit 76) on {node}; requeueing job {job_id} (stall 1 of at most 2 requeued)" in output
+    )
     assert re.search(rf"stalled with exit 76 on {node}; requeued", (folder / "job.txt").read_text())
     first, second = records(folder, "start")
     assert second["resumed_from"] >= 2

@@ -1,15 +1,16 @@
 """Odd but valid image files train: CMYK and grayscale JPEGs, PNG content named .jpg, EXIF rotation,
 progressive JPEGs, a 16-pixel and a 10000-pixel image all become 3-channel views."""
+
 import io
 import sys
 
 import pytest
 import torch
-from PIL import Image
-
 from conftest import run_cli
-from dali_ba import BatchAugmentLoader
+from PIL import Image
 from test_check_data import jpeg_bytes, photo
+
+from dali_ba import BatchAugmentLoader
 
 pytestmark = pytest.mark.strict_device  # GPU-relevant: make test's strict-device pass and the GPU check run it
 
@@ -59,8 +60,23 @@ def test_every_odd_file_becomes_three_channel_views(odd_folder):
 
 
 def test_a_run_trains_on_odd_files(odd_folder, tmp_path):
-    done = run_cli(sys.executable, "-m", "dali_ba.train", "--recipe", "pipelines/demo.toml", "--train", str(odd_folder),
-                   "--val", str(odd_folder), "--output", str(tmp_path / "run"), "--batch-size", "7", "--epochs", "2",
-                   timeout=180)
+    done = run_cli(
+        sys.executable,
+        "-m",
+        "dali_ba.train",
+        "--recipe",
+        "pipelines/demo.toml",
+        "--train",
+        str(odd_folder),
+        "--val",
+        str(odd_folder),
+        "--output",
+        str(tmp_path / "run"),
+        "--batch-size",
+        "7",
+        "--epochs",
+        "2",
+        timeout=180,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "val top-1" in done.stdout

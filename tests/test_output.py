@@ -1,5 +1,6 @@
 """A full output file system: writes end with one clear error, nothing half-written stays; and the
 divergence rule over the logged losses."""
+
 import errno
 import json
 import math
@@ -10,8 +11,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_cli
+
 from dali_ba.errors import DivergedError
 from dali_ba.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from dali_ba.training.output import OutputFullError, is_out_of_space, writing
@@ -24,7 +25,9 @@ def small_disk(tmp_path):
     """A 1 MiB tmpfs (root may mount one): a real file system that fills up."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     assert done.returncode == 0, f"cannot mount a tmpfs (tests run as root): {done.stderr}"
     yield mount
     subprocess.run(["umount", str(mount)], check=True)
@@ -83,8 +86,23 @@ MPIRUN = ["mpirun", "-np", "2", *(["--allow-run-as-root"] if os.geteuid() == 0 e
 
 
 def run_args(demo_data, output, *extra):
-    return ["--train", str(demo_data / "train"), "--val", str(demo_data / "val"), "--output", str(output),
-            "--batch-size", "16", "--views", "2", "--view-size", "24", "--epochs", "2", *extra]
+    return [
+        "--train",
+        str(demo_data / "train"),
+        "--val",
+        str(demo_data / "val"),
+        "--output",
+        str(output),
+        "--batch-size",
+        "16",
+        "--views",
+        "2",
+        "--view-size",
+        "24",
+        "--epochs",
+        "2",
+        *extra,
+    ]
 
 
 def records(output, kind):
@@ -96,8 +114,13 @@ def test_a_diverging_loss_stops_the_run_at_that_step(demo_data, tmp_path, launch
     """--lr 50: the first step whose loss is over --max-loss ends the run with one line (step, loss,
     lr, last good checkpoint), exit 4, on every rank; no checkpoint of that step or later exists."""
     out = tmp_path / "run"
-    done = run_cli(*launcher, *TRAIN, *run_args(demo_data, out, "--lr", "50", "--checkpoint-every", "1",
-                                                "--keep-checkpoints", "100", "--log-every", "3"))
+    done = run_cli(
+        *launcher,
+        *TRAIN,
+        *run_args(
+            demo_data, out, "--lr", "50", "--checkpoint-every", "1", "--keep-checkpoints", "100", "--log-every", "3"
+        ),
+    )
     errors = [line for line in done.stderr.splitlines() if "error" in line]
     assert done.returncode == DivergedError.exit_code, done.stderr[-2000:]
     (line,) = errors

@@ -1,12 +1,13 @@
 """dali-ba plot: figures from metrics.jsonl files written as train_spec.md describes them."""
+
 import json
 import math
 import sys
 
 import pytest
+from conftest import run_cli
 from PIL import Image
 
-from conftest import run_cli
 from dali_ba.tools.plot import ema, error_figure, grad_norm_figure, label_runs, load_run, throughput_figure
 
 PLOT = [sys.executable, "-m", "dali_ba", "plot"]
@@ -14,48 +15,107 @@ PHASES = ("data", "h2d", "forward_backward", "allreduce_step")
 
 
 def timing(step_time: float, data: float) -> dict:
-    parts = {"data": data, "h2d": 0.001, "forward_backward": 0.7 * (step_time - data),
-             "allreduce_step": 0.3 * (step_time - data) - 0.001}
+    parts = {
+        "data": data,
+        "h2d": 0.001,
+        "forward_backward": 0.7 * (step_time - data),
+        "allreduce_step": 0.3 * (step_time - data) - 0.001,
+    }
     parts["step"] = step_time
-    return {k: {"mean": v, "std": 0.05 * v, "min": 0.9 * v, "max": 1.1 * v, "slowest_rank": 1} for k, v in parts.items()}
+    return {
+        k: {"mean": v, "std": 0.05 * v, "min": 0.9 * v, "max": 1.1 * v, "slowest_rank": 1} for k, v in parts.items()
+    }
 
 
-def write_run(folder, views, batch, *, epochs=4, steps_per_epoch=5, grad_norm=False, start=True, summary=True,
-              step_time=0.5):
+def write_run(
+    folder, views, batch, *, epochs=4, steps_per_epoch=5, grad_norm=False, start=True, summary=True, step_time=0.5
+):
     """A 2-rank run's metrics.jsonl: errors falling faster with larger M, steps slower with larger M."""
     folder.mkdir(parents=True)
     records = []
     if start:
-        records.append(dict(kind="start", arch="resnet20", ranks=2, views=views, batch_size=batch, view_size=32,
-                            device="cpu", decoder="cpu", epochs=epochs, steps_per_epoch=steps_per_epoch, lr=0.1,
-                            regime="ba", resumed_from=None))
+        records.append(
+            dict(
+                kind="start",
+                arch="resnet20",
+                ranks=2,
+                views=views,
+                batch_size=batch,
+                view_size=32,
+                device="cpu",
+                decoder="cpu",
+                epochs=epochs,
+                steps_per_epoch=steps_per_epoch,
+                lr=0.1,
+                regime="ba",
+                resumed_from=None,
+            )
+        )
     else:  # an older run: M and B only in its recipe
-        (folder / "recipe.toml").write_text(f"[data]\nviews = {views}\nbatch_size = {batch}\n\n[model]\narch = 'resnet20'\n")
+        (folder / "recipe.toml").write_text(
+            f"[data]\nviews = {views}\nbatch_size = {batch}\n\n[model]\narch = 'resnet20'\n"
+        )
     wall, step = 0.0, 0
     for epoch in range(epochs):
         for _ in range(steps_per_epoch):
             step += 1
             wall += step_time * views / 4
-            record = dict(kind="step", epoch=epoch, step=step, wall=wall, loss=2.3 * math.exp(-0.05 * step * views),
-                          lr=0.1, time=timing(step_time * views / 4, 0.01))
+            record = dict(
+                kind="step",
+                epoch=epoch,
+                step=step,
+                wall=wall,
+                loss=2.3 * math.exp(-0.05 * step * views),
+                lr=0.1,
+                time=timing(step_time * views / 4, 0.01),
+            )
             if grad_norm:
                 record["grad_norm"] = 3.0 / math.sqrt(views) * math.exp(-0.03 * step)
             records.append(record)
         wall += 1.0  # validation
         top1 = 100 - 90 * math.exp(-0.3 * (epoch + 1) * (1 + 0.1 * views))
-        records.append(dict(kind="epoch", epoch=epoch, train_loss=1.0 / (epoch + 1), train_top1=min(100.0, top1 + 5),
-                            val_loss=1.2 / (epoch + 1), top1=top1, top5=min(100.0, top1 + 20), val_samples=200,
-                            epoch_time=steps_per_epoch * step_time * views / 4 + 1.0, wall=wall,
-                            steps_per_s=4 / (step_time * views), images_per_s=4 * batch / (step_time * views),
-                            views_per_s=4 * batch / step_time))
+        records.append(
+            dict(
+                kind="epoch",
+                epoch=epoch,
+                train_loss=1.0 / (epoch + 1),
+                train_top1=min(100.0, top1 + 5),
+                val_loss=1.2 / (epoch + 1),
+                top1=top1,
+                top5=min(100.0, top1 + 20),
+                val_samples=200,
+                epoch_time=steps_per_epoch * step_time * views / 4 + 1.0,
+                wall=wall,
+                steps_per_s=4 / (step_time * views),
+                images_per_s=4 * batch / (step_time * views),
+                views_per_s=4 * batch / step_time,
+            )
+        )
     if summary:
         rate = 4 / (step_time * views)
-        records.append(dict(kind="summary", epochs=epochs, steps=step, ranks=2, views=views, batch_size=batch,
-                            top1=records[-1]["top1"], top5=records[-1]["top5"], val_loss=0.3, steps_per_s=rate,
-                            steps_per_s_std=0.1 * rate, images_per_s=rate * batch, images_per_s_std=0.1 * rate * batch,
-                            views_per_s=rate * batch * views, views_per_s_std=0.1 * rate * batch * views,
-                            timing={k: {"mean": 0.1, "std": 0.01} for k in (*PHASES, "step")}, wall_time=wall,
-                            param_digests=["ab", "ab"], params_identical=True))
+        records.append(
+            dict(
+                kind="summary",
+                epochs=epochs,
+                steps=step,
+                ranks=2,
+                views=views,
+                batch_size=batch,
+                top1=records[-1]["top1"],
+                top5=records[-1]["top5"],
+                val_loss=0.3,
+                steps_per_s=rate,
+                steps_per_s_std=0.1 * rate,
+                images_per_s=rate * batch,
+                images_per_s_std=0.1 * rate * batch,
+                views_per_s=rate * batch * views,
+                views_per_s_std=0.1 * rate * batch * views,
+                timing={k: {"mean": 0.1, "std": 0.01} for k in (*PHASES, "step")},
+                wall_time=wall,
+                param_digests=["ab", "ab"],
+                params_identical=True,
+            )
+        )
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return folder
 
@@ -81,8 +141,10 @@ def test_sweep_writes_every_figure(tmp_path):
 
 
 def test_figures_show_the_records(tmp_path):
-    runs = [load_run(write_run(tmp_path / "a", 1, 32, grad_norm=True)),
-            load_run(write_run(tmp_path / "b", 8, 32, summary=False))]
+    runs = [
+        load_run(write_run(tmp_path / "a", 1, 32, grad_norm=True)),
+        load_run(write_run(tmp_path / "b", 8, 32, summary=False)),
+    ]
     label_runs(runs)
     expected_val = [100 - e["top1"] for e in runs[1].epochs]
 
@@ -152,11 +214,15 @@ def test_default_out_is_the_first_run_and_grad_norm_needs_data(tmp_path):
 BAD = {
     "missing": (lambda f: None, "metrics file not found: .*missing/metrics.jsonl"),
     "empty": (lambda f: (f / "metrics.jsonl").write_text(""), "empty/metrics.jsonl is empty"),
-    "garbled": (lambda f: (f / "metrics.jsonl").write_text('{"kind": "start"}\n{"kind": "epo'),
-                "garbled/metrics.jsonl:2: not JSON"),
-    "no kind": (lambda f: (f / "metrics.jsonl").write_text('[1, 2]\n'), "metrics.jsonl:1: not a metrics record"),
-    "bad field": (lambda f: (f / "metrics.jsonl").write_text('{"kind": "epoch", "epoch": 0, "top1": "high"}\n'),
-                  "'top1' must be a number"),
+    "garbled": (
+        lambda f: (f / "metrics.jsonl").write_text('{"kind": "start"}\n{"kind": "epo'),
+        "garbled/metrics.jsonl:2: not JSON",
+    ),
+    "no kind": (lambda f: (f / "metrics.jsonl").write_text("[1, 2]\n"), "metrics.jsonl:1: not a metrics record"),
+    "bad field": (
+        lambda f: (f / "metrics.jsonl").write_text('{"kind": "epoch", "epoch": 0, "top1": "high"}\n'),
+        "'top1' must be a number",
+    ),
 }
 
 
@@ -176,9 +242,30 @@ def test_bad_metrics_file_is_one_line_naming_it(tmp_path, case):
 
 def test_plots_a_real_training_run(demo_data, tmp_path):
     run = tmp_path / "m2"
-    done = run_cli(sys.executable, "-m", "dali_ba.train", "--recipe", "pipelines/demo.toml", "--train",
-                   str(demo_data / "train"), "--val", str(demo_data / "val"), "--output", str(run), "--batch-size", "16",
-                   "--views", "2", "--epochs", "2", "--max-steps", "3", "--timing-warmup", "1", "--log-grad-norm")
+    done = run_cli(
+        sys.executable,
+        "-m",
+        "dali_ba.train",
+        "--recipe",
+        "pipelines/demo.toml",
+        "--train",
+        str(demo_data / "train"),
+        "--val",
+        str(demo_data / "val"),
+        "--output",
+        str(run),
+        "--batch-size",
+        "16",
+        "--views",
+        "2",
+        "--epochs",
+        "2",
+        "--max-steps",
+        "3",
+        "--timing-warmup",
+        "1",
+        "--log-grad-norm",
+    )
     assert done.returncode == 0, done.stderr
     drawn = run_cli(*PLOT, str(run), "--out", str(tmp_path / "figures"))
     assert drawn.returncode == 0, drawn.stderr

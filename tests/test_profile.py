@@ -1,4 +1,5 @@
 """dali-ba profile: the loader sweep, the data-stall step profile (1 and 2 ranks), collect."""
+
 import json
 import os
 import re
@@ -11,9 +12,9 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+from conftest import DECODER, DEVICE, REPO, run_cli
 from PIL import Image
 
-from conftest import DECODER, DEVICE, REPO, run_cli
 from dali_ba.recipe import load_recipe
 from dali_ba.tools import profile, step_timing
 from dali_ba.training.step_clock import StepClock, StepRow
@@ -24,8 +25,25 @@ B, M = 30, 2  # 240 training images: 8 steps per epoch, on 1 or 2 ranks
 
 
 def test_pipeline_sweep_writes_json_table_and_plot(demo_data, tmp_path):
-    done = run_cli(*PROFILE, "pipeline", "--train", str(demo_data / "train"), "--views", "1,3", "--batch-size", "8",
-                   "--view-size", "24", "--steps", "4", "--warmup", "1", "--out", str(tmp_path), timeout=120)
+    done = run_cli(
+        *PROFILE,
+        "pipeline",
+        "--train",
+        str(demo_data / "train"),
+        "--views",
+        "1,3",
+        "--batch-size",
+        "8",
+        "--view-size",
+        "24",
+        "--steps",
+        "4",
+        "--warmup",
+        "1",
+        "--out",
+        str(tmp_path),
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads((tmp_path / "profile_pipeline.json").read_text())
     assert (result["batch_size"], result["view_size"], result["decoder"]) == (8, 24, DECODER)
@@ -40,9 +58,27 @@ def test_pipeline_sweep_writes_json_table_and_plot(demo_data, tmp_path):
 
 
 def test_pipeline_sweep_prices_each_augmentation_per_view(demo_data, tmp_path):
-    done = run_cli(*PROFILE, "pipeline", "--train", str(demo_data / "train"), "--views", "2", "--batch-size", "8",
-                   "--view-size", "24", "--steps", "3", "--warmup", "1", "--augment", "imagenet,trivial,randaugment",
-                   "--out", str(tmp_path), timeout=180)
+    done = run_cli(
+        *PROFILE,
+        "pipeline",
+        "--train",
+        str(demo_data / "train"),
+        "--views",
+        "2",
+        "--batch-size",
+        "8",
+        "--view-size",
+        "24",
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+        "--augment",
+        "imagenet,trivial,randaugment",
+        "--out",
+        str(tmp_path),
+        timeout=180,
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads((tmp_path / "profile_pipeline.json").read_text())
     rows = result["results"]
@@ -56,9 +92,26 @@ def test_pipeline_sweep_prices_each_augmentation_per_view(demo_data, tmp_path):
 
 
 def step_args(demo_data, out):
-    return [*PROFILE, "step", "--recipe", "pipelines/demo.toml", "--train", str(demo_data / "train"),
-            "--batch-size", str(B), "--views", str(M), "--steps", "3", "--warmup", "1", "--cache-batches", "2",
-            "--out", str(out)]
+    return [
+        *PROFILE,
+        "step",
+        "--recipe",
+        "pipelines/demo.toml",
+        "--train",
+        str(demo_data / "train"),
+        "--batch-size",
+        str(B),
+        "--views",
+        str(M),
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+        "--cache-batches",
+        "2",
+        "--out",
+        str(out),
+    ]
 
 
 def on_one_and_two_ranks(root, command, timeout: int = 240) -> dict:
@@ -117,8 +170,14 @@ def test_collect_merges_profiles_sorted_by_ranks(step_profiles, tmp_path):
 BAD = {
     "missing data": (["pipeline", "--train", "{tmp}/nope"], "data directory not found: .*nope"),
     "views not numbers": (["pipeline", "--views", "1,x"], "expected comma-separated integers"),
-    "unknown augment": (["pipeline", "--augment", "imagenet,auto"], "expected names among imagenet, cifar, trivial, randaugment"),
-    "randaugment m": (["pipeline", "--augment", "randaugment", "--randaugment-m", "40"], r"--randaugment-m: must be <= 30, got 40"),
+    "unknown augment": (
+        ["pipeline", "--augment", "imagenet,auto"],
+        "expected names among imagenet, cifar, trivial, randaugment",
+    ),
+    "randaugment m": (
+        ["pipeline", "--augment", "randaugment", "--randaugment-m", "40"],
+        r"--randaugment-m: must be <= 30, got 40",
+    ),
     "steps < 1": (["pipeline", "--steps", "0"], "--steps: must be >= 1, got 0"),
     "unknown model": (["step", "--arch", "resnet9000"], "unknown model 'resnet9000'"),
     "recipe range": (["step", "--views", "0"], "--views .* must be >= 1, got 0"),
@@ -214,14 +273,22 @@ class StandInLoader:
 def stand_in_training() -> types.SimpleNamespace:
     """What measure_step asks of dali_ba.training.rank_setup.setup_training: a loader and a 2 ms step that
     marks its phases."""
+
     def step(images, labels, clock):
         with clock.phase("forward_backward"):
             time.sleep(0.002)
         with clock.phase("allreduce_step"):
             pass
 
-    return types.SimpleNamespace(device=torch.device("cpu"), loader=StandInLoader(), torch_threads=1, per_rank=4,
-                                 model=torch.nn.Linear(1, 1), optimizer=None, step=step)
+    return types.SimpleNamespace(
+        device=torch.device("cpu"),
+        loader=StandInLoader(),
+        torch_threads=1,
+        per_rank=4,
+        model=torch.nn.Linear(1, 1),
+        optimizer=None,
+        step=step,
+    )
 
 
 @pytest.fixture
@@ -229,8 +296,9 @@ def stand_ins(monkeypatch) -> list[str]:
     """measure_step on stand-ins (world, training, loader) and a counting clock; the clock's log."""
     log: list[str] = []
     monkeypatch.setattr(step_timing, "StepClock", lambda device: CountingClock(log))
-    monkeypatch.setattr("dali_ba.training.rank_setup.setup_training",
-                        lambda recipe, world, train_set: stand_in_training())
+    monkeypatch.setattr(
+        "dali_ba.training.rank_setup.setup_training", lambda recipe, world, train_set: stand_in_training()
+    )
     return log
 
 
@@ -239,7 +307,9 @@ def check_window(stats: dict, steps: int = STEPS) -> None:
     the timed steps) is in it, the first's (the warm-up's) is not; the rows, read afterwards, fit inside it."""
     seconds = stats["window_seconds"][0]
     assert DRAIN + sum(stats["step_times"][0]) <= seconds < 2 * DRAIN
-    assert stats["step_time"] == pytest.approx(seconds / steps) and stats["steps_per_s"] == pytest.approx(steps / seconds)
+    assert stats["step_time"] == pytest.approx(seconds / steps) and stats["steps_per_s"] == pytest.approx(
+        steps / seconds
+    )
     assert stats["data_wait"] == pytest.approx(sum(stats["data_waits"][0]) / steps) == stats["phases"]["data"]
     assert stats["step_time_std"] == pytest.approx(statistics.pstdev(stats["step_times"][0]))
 

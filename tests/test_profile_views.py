@@ -1,35 +1,80 @@
 """dali-ba profile views: training steps at each M, and the free views (1 and 2 ranks)."""
+
 import json
 import re
 
 import pytest
-from PIL import Image
-
 from conftest import DECODER, DEVICE, REPO, run_cli
+from PIL import Image
+from test_profile import (
+    DRAIN,
+    PROFILE,
+    STEPS,
+    WARMUP,
+    SoloWorld,
+    on_one_and_two_ranks,
+    stand_ins,  # noqa: F401 (a fixture)
+    window_log,
+)
+
 from dali_ba.recipe import load_recipe
 from dali_ba.tools import profile_views as views_module
 from dali_ba.tools.profile import TIMING_RULE
 from dali_ba.tools.profile_views import free_views
-from test_profile import (DRAIN, PROFILE, STEPS, WARMUP, SoloWorld, on_one_and_two_ranks, stand_ins,  # noqa: F401 (a fixture)
-                          window_log)
 
 B = 30  # 240 training images: 8 steps per epoch, on 1 or 2 ranks
-ROW_KEYS = {"views", "step_time", "step_time_std", "step_time_median", "step_time_ratio", "within_tolerance",
-            "steps_per_s", "samples_per_s", "views_per_s", "data_stall", "data_stall_raw", "data_wait",
-            "data_wait_share", "memory_step_time", "loader_alone_batch_time", "phases"}
+ROW_KEYS = {
+    "views",
+    "step_time",
+    "step_time_std",
+    "step_time_median",
+    "step_time_ratio",
+    "within_tolerance",
+    "steps_per_s",
+    "samples_per_s",
+    "views_per_s",
+    "data_stall",
+    "data_stall_raw",
+    "data_wait",
+    "data_wait_share",
+    "memory_step_time",
+    "loader_alone_batch_time",
+    "phases",
+}
 
 
 def views_args(demo_data, out, *extra):
-    return [*PROFILE, "views", "--recipe", "pipelines/demo.toml", "--train", str(demo_data / "train"),
-            "--batch-size", str(B), "--views", "2,1", "--steps", "2", "--warmup", "1", "--cache-batches", "2",
-            "--out", str(out), *extra]
+    return [
+        *PROFILE,
+        "views",
+        "--recipe",
+        "pipelines/demo.toml",
+        "--train",
+        str(demo_data / "train"),
+        "--batch-size",
+        str(B),
+        "--views",
+        "2,1",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--cache-batches",
+        "2",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
 def views_profiles(demo_data, tmp_path_factory):
     """Views profiles of the same setting on 1 rank (tolerance 25 %) and on 2 ranks (mpirun), with their stdout."""
-    return on_one_and_two_ranks(tmp_path_factory.mktemp("views"), timeout=300, command=lambda ranks, out: views_args(
-        demo_data, out, *(["--tolerance", "0.25"] if ranks == 1 else [])))
+    return on_one_and_two_ranks(
+        tmp_path_factory.mktemp("views"),
+        timeout=300,
+        command=lambda ranks, out: views_args(demo_data, out, *(["--tolerance", "0.25"] if ranks == 1 else [])),
+    )
 
 
 @pytest.mark.parametrize("ranks", [1, 2])
@@ -38,8 +83,14 @@ def test_views_profile_json_table_and_plot(views_profiles, ranks):
     p = json.loads((out / "profile_views.json").read_text())
     tolerance = {1: 0.25, 2: 0.10}[ranks]
     assert p["kind"] == "profile_views" and p["views"] == [1, 2] and p["tolerance"] == tolerance
-    assert (p["ranks"], p["batch_size"], p["per_rank_batch"], p["arch"], p["device"], p["decoder"]) == \
-        (ranks, B, B // ranks, "resnet20", DEVICE, DECODER)
+    assert (p["ranks"], p["batch_size"], p["per_rank_batch"], p["arch"], p["device"], p["decoder"]) == (
+        ranks,
+        B,
+        B // ranks,
+        "resnet20",
+        DEVICE,
+        DECODER,
+    )
     assert (p["steps"], p["warmup"], p["cached_batches"]) == (2, 1, 2) and "at M = 1" in p["free_views_rule"]
     rows = p["results"]
     assert [r["views"] for r in rows] == [1, 2] and all(set(r) == ROW_KEYS for r in rows)
@@ -52,9 +103,14 @@ def test_views_profile_json_table_and_plot(views_profiles, ranks):
         assert r["within_tolerance"] == (r["step_time"] <= (1 + tolerance) * reference)
         assert r["data_stall_raw"] == pytest.approx((r["step_time"] - r["memory_step_time"]) / r["step_time"])
         assert set(r["phases"]) == {"data", "h2d", "forward_backward", "allreduce_step"}
-        assert r["phases"]["data"] == r["data_wait"] and sum(r["phases"].values()) <= r["step_time"] * (1 + 1e-9)  # parts of the step
-        assert re.search(rf"^\| {r['views']} \| {1e3 * r['step_time']:.1f} \| .* \| {'yes' if r['within_tolerance'] else 'no'} \|",
-                         stdout, re.M)
+        assert r["phases"]["data"] == r["data_wait"] and sum(r["phases"].values()) <= r["step_time"] * (
+            1 + 1e-9
+        )  # parts of the step
+        assert re.search(
+            rf"^\| {r['views']} \| {1e3 * r['step_time']:.1f} \| .* \| {'yes' if r['within_tolerance'] else 'no'} \|",
+            stdout,
+            re.M,
+        )
     assert p["free_views"] == free_views({r["views"]: r["step_time"] for r in rows}, tolerance)
     percent = {1: "25%", 2: "10%"}[ranks]
     assert stdout.count("profile views:") == 1  # rank 0 alone reports
@@ -80,15 +136,18 @@ def test_views_profile_times_each_m_between_two_syncs(stand_ins, monkeypatch):
         assert row["phases"]["forward_backward"] >= 0.002
 
 
-@pytest.mark.parametrize("step_times, tolerance, expected", [
-    ({1: 1.0, 2: 1.5, 4: 2.0, 8: 4.0}, 0.1, 1),        # nothing beyond M = 1 within tolerance
-    ({1: 1.0}, 0.1, 1),                                # M = 1 alone
-    ({1: 1.0, 2: 1.02, 4: 1.1, 8: 1.3}, 0.1, 4),       # exactly at the limit counts
-    ({1: 1.0, 2: 1.3, 4: 1.05, 8: 2.0}, 0.1, 4),       # non-monotone: a slow M between does not stop the count
-    ({1: 1.0, 2: 0.9, 4: 0.95, 16: 1.0}, 0.1, 16),     # faster than M = 1 is within too
-    ({4: 1.3, 1: 1.0, 2: 1.2}, 0.25, 2),               # order of measurement does not matter
-    ({1: 1.0, 2: 1.5, 4: 1.9}, 1.0, 4),                # tolerance 100 %
-])
+@pytest.mark.parametrize(
+    "step_times, tolerance, expected",
+    [
+        ({1: 1.0, 2: 1.5, 4: 2.0, 8: 4.0}, 0.1, 1),  # nothing beyond M = 1 within tolerance
+        ({1: 1.0}, 0.1, 1),  # M = 1 alone
+        ({1: 1.0, 2: 1.02, 4: 1.1, 8: 1.3}, 0.1, 4),  # exactly at the limit counts
+        ({1: 1.0, 2: 1.3, 4: 1.05, 8: 2.0}, 0.1, 4),  # non-monotone: a slow M between does not stop the count
+        ({1: 1.0, 2: 0.9, 4: 0.95, 16: 1.0}, 0.1, 16),  # faster than M = 1 is within too
+        ({4: 1.3, 1: 1.0, 2: 1.2}, 0.25, 2),  # order of measurement does not matter
+        ({1: 1.0, 2: 1.5, 4: 1.9}, 1.0, 4),  # tolerance 100 %
+    ],
+)
 def test_free_views_picks_the_largest_m_within_tolerance(step_times, tolerance, expected):
     assert free_views(step_times, tolerance) == expected
 
@@ -108,19 +167,31 @@ BAD = {
     "views zero": (["--views", "0,1"], r"--views: expected integers >= 1, got '0,1'"),
     "unknown model": (["--arch", "resnet9000"], "unknown model 'resnet9000'"),
     "missing data": (["--train", "{tmp}/nope"], "data directory not found: .*nope"),
-    "chunks over B*M at M = 1": (["--batch-size", "4", "--chunks", "6", "--views", "1,2"], r"--chunks 6 is more than the B\*M = 4"),
+    "chunks over B*M at M = 1": (
+        ["--batch-size", "4", "--chunks", "6", "--views", "1,2"],
+        r"--chunks 6 is more than the B\*M = 4",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", BAD)
 def test_bad_input_is_one_line(tmp_path, case):
     args, message = BAD[case]
-    done = run_cli(*PROFILE, "views", "--recipe", "pipelines/demo.toml", "--out", str(tmp_path),
-                   *[a.format(tmp=tmp_path) for a in args], timeout=60)
+    done = run_cli(
+        *PROFILE,
+        "views",
+        "--recipe",
+        "pipelines/demo.toml",
+        "--out",
+        str(tmp_path),
+        *[a.format(tmp=tmp_path) for a in args],
+        timeout=60,
+    )
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1, done.stderr
-    assert lines[0].startswith("dali-ba profile views: error:") or \
-        lines[0].startswith("dali-ba profile: error:"), lines[0]
+    assert lines[0].startswith("dali-ba profile views: error:") or lines[0].startswith("dali-ba profile: error:"), (
+        lines[0]
+    )
     assert re.search(message, lines[0]), lines[0]
     assert not (tmp_path / "profile_views.json").exists()
 

@@ -28,8 +28,17 @@ def test_paper_imagenet_recipe():
 
 
 def test_flags_override_the_recipe_file():
-    r = parse("--recipe", str(REPO / "pipelines/demo.toml"), "--views", "8", "--decay-epochs", "3,5",
-              "--no-channels-last", "--lr", "0.2")
+    r = parse(
+        "--recipe",
+        str(REPO / "pipelines/demo.toml"),
+        "--views",
+        "8",
+        "--decay-epochs",
+        "3,5",
+        "--no-channels-last",
+        "--lr",
+        "0.2",
+    )
     assert (r.data.views, r.optim.decay_epochs, r.model.channels_last, r.optim.lr) == (8, [3, 5], False, 0.2)
     assert r.data.view_size == 32  # untouched fields keep the file's value
     assert parse().data.views == Recipe().data.views  # no recipe: defaults
@@ -62,18 +71,26 @@ def test_int_accepted_for_float(tmp_path):
 
 @pytest.mark.parametrize(
     "argv, message",
-    [(["--views", "0"], "--views \\(\\[data\\] views\\) must be >= 1, got 0"),
-     (["--batch-size", "0"], "--batch-size .* must be >= 1"),
-     (["--crop-area-min", "1.5"], "crop_area_min"),
-     (["--augment", "autoaugment"], r"--augment \(\[data\] augment\) must be one of imagenet, cifar, trivial, randaugment, got 'autoaugment'"),
-     (["--randaugment-m", "31"], r"--randaugment-m \(\[data\] randaugment_m\) must be in \[0, 30\], got 31"),
-     (["--randaugment-n", "0"], r"randaugment_n\) must be in \[1, 16\], got 0"),
-     (["--amp", "fp8"], "amp"),
-     (["--val-crop", "300"], "val_resize"),
-     (["--chunks", "5000"], "more than the B\\*M"),
-     (["--hw-decoder-load", "1.5"], r"^--hw-decoder-load \(\[data\] hw_decoder_load\) must be between 0 and 1, got 1.5$"),
-     (["--hw-decoder-load", "-0.1"], "hw_decoder_load.* must be between 0 and 1"),
-     (["--hw-decoder-load", "nan"], "hw_decoder_load.* must be between 0 and 1")],
+    [
+        (["--views", "0"], "--views \\(\\[data\\] views\\) must be >= 1, got 0"),
+        (["--batch-size", "0"], "--batch-size .* must be >= 1"),
+        (["--crop-area-min", "1.5"], "crop_area_min"),
+        (
+            ["--augment", "autoaugment"],
+            r"--augment \(\[data\] augment\) must be one of imagenet, cifar, trivial, randaugment, got 'autoaugment'",
+        ),
+        (["--randaugment-m", "31"], r"--randaugment-m \(\[data\] randaugment_m\) must be in \[0, 30\], got 31"),
+        (["--randaugment-n", "0"], r"randaugment_n\) must be in \[1, 16\], got 0"),
+        (["--amp", "fp8"], "amp"),
+        (["--val-crop", "300"], "val_resize"),
+        (["--chunks", "5000"], "more than the B\\*M"),
+        (
+            ["--hw-decoder-load", "1.5"],
+            r"^--hw-decoder-load \(\[data\] hw_decoder_load\) must be between 0 and 1, got 1.5$",
+        ),
+        (["--hw-decoder-load", "-0.1"], "hw_decoder_load.* must be between 0 and 1"),
+        (["--hw-decoder-load", "nan"], "hw_decoder_load.* must be between 0 and 1"),
+    ],
 )
 def test_out_of_range_values(argv, message):
     with pytest.raises(UsageError, match=message):
@@ -97,15 +114,19 @@ def test_help_shows_every_flag_and_a_literal_percent_sign():
     """argparse %-formats help texts: a bare % in one crashed --help."""
     text = " ".join(build_parser("t", "").format_help().split())
     assert "-1: 1% of the training files" in text and "--share-gpu" in text
-    done = subprocess.run([sys.executable, "-m", "dali_ba.train", "--help"], capture_output=True, text=True,
-                          cwd=REPO, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "dali_ba.train", "--help"], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
     assert done.returncode == 0 and "--max-bad-files" in done.stdout, done.stderr[-2000:]
 
 
-@pytest.mark.parametrize("flag, table, key, default", [
-    ("--deterministic", "run", "deterministic", False),
-    ("--compile", "model", "compile", False),
-])
+@pytest.mark.parametrize(
+    "flag, table, key, default",
+    [
+        ("--deterministic", "run", "deterministic", False),
+        ("--compile", "model", "compile", False),
+    ],
+)
 def test_the_gpu_contract_switches_are_off_unless_asked(tmp_path, flag, table, key, default):
     assert getattr(getattr(parse(), table), key) is default
     assert getattr(getattr(parse(flag), table), key) is True

@@ -1,11 +1,12 @@
 """dali-ba reproduce in its quick mode (tiny data, a few steps), and the digits data set."""
+
 import json
 import sys
 
 import pytest
+from conftest import run_cli
 from PIL import Image
 
-from conftest import run_cli
 from dali_ba.data.dataset import load_dataset
 from dali_ba.data.digits import write_digits
 from dali_ba.training.step_clock import PHASES
@@ -28,8 +29,15 @@ def test_quick_reproduction_writes_figures_numbers_and_report(tmp_path):
     out = tmp_path / "paper"
     done = run_cli(*REPRODUCE, "--quick", "--seeds", "0", "--out", str(out), timeout=400)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    names = {"fig2_synthetic.png", "fig2_digits.png", "fig3_synthetic.png", "fig3_digits.png", "fig4_synthetic.png",
-             "fig4_digits.png", "fig5.png"}
+    names = {
+        "fig2_synthetic.png",
+        "fig2_digits.png",
+        "fig3_synthetic.png",
+        "fig3_digits.png",
+        "fig4_synthetic.png",
+        "fig4_digits.png",
+        "fig5.png",
+    }
     assert names <= {p.name for p in out.iterdir()}
     for name in names:
         with Image.open(out / name) as image:

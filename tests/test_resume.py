@@ -1,4 +1,5 @@
 """Checkpoints and resume: exact continuation, damaged files, and stopping on SLURM's signals."""
+
 import json
 import os
 import signal
@@ -8,8 +9,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import REPO, run_cli
+
 from dali_ba import __version__
 from dali_ba.training.checkpoint import list_checkpoints, load_checkpoint
 from dali_ba.training.preemption import EXIT_RESUMABLE
@@ -22,8 +23,26 @@ MPIRUN = ["mpirun", "-np", "2", *(["--allow-run-as-root"] if os.geteuid() == 0 e
 
 
 def args(demo_data, output, *extra):
-    return ["--train", str(demo_data / "train"), "--val", str(demo_data / "val"), "--output", str(output),
-            "--batch-size", "16", "--views", "2", "--epochs", "2", "--max-steps", "5", "--log-every", "1", "--deterministic", *extra]
+    return [
+        "--train",
+        str(demo_data / "train"),
+        "--val",
+        str(demo_data / "val"),
+        "--output",
+        str(output),
+        "--batch-size",
+        "16",
+        "--views",
+        "2",
+        "--epochs",
+        "2",
+        "--max-steps",
+        "5",
+        "--log-every",
+        "1",
+        "--deterministic",
+        *extra,
+    ]
 
 
 def records(output, kind=None):
@@ -65,7 +84,9 @@ def test_resume_mid_epoch_reaches_the_same_parameters(demo_data, uninterrupted, 
 
 def test_resume_auto_skips_a_damaged_checkpoint_and_keeps_the_newest_k(demo_data, tmp_path):
     out = tmp_path / "run"
-    first = run_cli(*TRAIN, *args(demo_data, out, "--epochs", "1", "--checkpoint-every", "2", "--keep-checkpoints", "2"))
+    first = run_cli(
+        *TRAIN, *args(demo_data, out, "--epochs", "1", "--checkpoint-every", "2", "--keep-checkpoints", "2")
+    )
     assert first.returncode == 0, first.stderr
     assert [p.name for p in list_checkpoints(out)] == ["step-000000005.pt", "step-000000004.pt"]
     newest = list_checkpoints(out)[0]
@@ -79,8 +100,10 @@ def test_resume_auto_skips_a_damaged_checkpoint_and_keeps_the_newest_k(demo_data
 
 def test_resume_rejects_a_checkpoint_of_another_run(demo_data, uninterrupted, tmp_path):
     out = tmp_path / "other"
-    done = run_cli(*TRAIN, *args(demo_data, out, "--views", "3", "--resume",
-                                 str(uninterrupted / "checkpoints" / "step-000000003.pt")))
+    done = run_cli(
+        *TRAIN,
+        *args(demo_data, out, "--views", "3", "--resume", str(uninterrupted / "checkpoints" / "step-000000003.pt")),
+    )
     assert done.returncode == 2
     assert "was written with views = 2, this run has 3" in done.stderr and "Traceback" not in done.stderr
 
@@ -108,8 +131,14 @@ def test_a_signal_to_one_rank_stops_both_after_a_checkpoint_and_resume_finishes_
     assert done.returncode == 0, done.stderr[-2000:]
     out = tmp_path / "run"
     env = {**os.environ, "PATH": f"{os.path.dirname(PY)}:{os.environ['PATH']}", "OMPI_MCA_mpi_yield_when_idle": "1"}
-    job = subprocess.Popen([*MPIRUN, *TRAIN, *args(demo_data, out)], cwd=REPO, env=env, text=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    job = subprocess.Popen(
+        [*MPIRUN, *TRAIN, *args(demo_data, out)],
+        cwd=REPO,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not ((out / "metrics.jsonl").exists() and records(out, "step")):
         time.sleep(0.2)

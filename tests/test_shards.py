@@ -1,19 +1,21 @@
 """Tar shards: written and verified, read natively by DALI, and trained on exactly as the folder they
 came from (same label counts per epoch, same model, exact resume, broken samples skipped)."""
+
 import json
 import sys
 import tarfile
 
 import numpy as np
 import pytest
-
 from conftest import run_cli
+from test_bad_files import BROKEN, messy  # noqa: F401 - the fixture, shared
+
 from dali_ba import BatchAugmentLoader
 from dali_ba.data.dataset import load_dataset
-from dali_ba.data.shard_writer import MANIFEST, main as shards_main, parse_size, plan_shards
+from dali_ba.data.shard_writer import MANIFEST, parse_size, plan_shards
+from dali_ba.data.shard_writer import main as shards_main
 from dali_ba.errors import UsageError
 from dali_ba.training.checkpoint import list_checkpoints
-from test_bad_files import BROKEN, messy  # noqa: F401 - the fixture, shared
 
 TRAIN = [sys.executable, "-m", "dali_ba.train", "--recipe", "pipelines/demo.toml"]
 SHARD_SIZE = 300_000  # the demo's 240 training JPEGs (~1.4 MB) in several shards
@@ -23,8 +25,21 @@ SHARD_SIZE = 300_000  # the demo's 240 training JPEGs (~1.4 MB) in several shard
 def shards(demo_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("shards")
     assert shards_main([str(demo_data / "train"), str(root / "train"), "--shard-size", str(SHARD_SIZE)]) == 0
-    assert shards_main([str(demo_data / "val"), str(root / "val"), "--classes", str(demo_data / "train"),
-                        "--shard-size", "1MB", "--workers", "1"]) == 0
+    assert (
+        shards_main(
+            [
+                str(demo_data / "val"),
+                str(root / "val"),
+                "--classes",
+                str(demo_data / "train"),
+                "--shard-size",
+                "1MB",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     return root
 
 
@@ -33,7 +48,8 @@ def test_shards_hold_every_file_once_in_order_within_the_size(demo_data, shards)
     tars = sorted((shards / "train").glob("*.tar"))
     assert len(tars) > 2 and all(tar.stat().st_size <= SHARD_SIZE for tar in tars)
     assert sorted(p.name for p in (shards / "train").iterdir()) == sorted(
-        [MANIFEST] + [t.name for t in tars] + [t.with_suffix(".idx").name for t in tars])  # no .partial left
+        [MANIFEST] + [t.name for t in tars] + [t.with_suffix(".idx").name for t in tars]
+    )  # no .partial left
     assert sharded.labels == folder.labels and sharded.classes == folder.classes and len(sharded) == len(folder)
     for i in range(len(folder)):
         assert sharded.members.read(i) == open(folder.files[i], "rb").read()
@@ -51,8 +67,12 @@ def test_dali_reads_the_shards_natively_with_their_index_files(demo_data, shards
 
     @pipeline_def(batch_size=40, num_threads=1, device_id=None)
     def webdataset():
-        jpeg, cls = fn.readers.webdataset(paths=tars, index_paths=[t[:-4] + ".idx" for t in tars], ext=["jpg", "cls"],
-                                          missing_component_behavior="error")
+        jpeg, cls = fn.readers.webdataset(
+            paths=tars,
+            index_paths=[t[:-4] + ".idx" for t in tars],
+            ext=["jpg", "cls"],
+            missing_component_behavior="error",
+        )
         return jpeg, cls
 
     pipe = webdataset()
@@ -84,11 +104,16 @@ def test_label_counts_per_epoch_and_views_equal_the_folders_on_every_rank(demo_d
         for epoch in (0, 1):
             seen = []
             for data in (demo_data / "train", shards / "train"):
-                loader = BatchAugmentLoader(data, 12, views=2, view_size=32, rank=rank, world_size=2, seed=3,
-                                            decoder="cpu", num_threads=1)
+                loader = BatchAugmentLoader(
+                    data, 12, views=2, view_size=32, rank=rank, world_size=2, seed=3, decoder="cpu", num_threads=1
+                )
                 batches = [(x.clone(), y.clone()) for x, y in loader.epoch(epoch)]
-                seen.append((np.bincount(np.concatenate([y.numpy() for _, y in batches]), minlength=10),
-                             [x for x, _ in batches]))
+                seen.append(
+                    (
+                        np.bincount(np.concatenate([y.numpy() for _, y in batches]), minlength=10),
+                        [x for x, _ in batches],
+                    )
+                )
             (folder_counts, folder_views), (shard_counts, shard_views) = seen
             assert folder_counts.sum() == 12 * len(folder_views) and np.array_equal(folder_counts, shard_counts)
             assert all(np.array_equal(a, b) for a, b in zip(folder_views, shard_views))
@@ -99,23 +124,40 @@ def records(output, kind):
 
 
 def train(data_train, data_val, output, *extra):
-    done = run_cli(*TRAIN, "--train", str(data_train), "--val", str(data_val), "--output", str(output),
-                   "--batch-size", "16", "--views", "2", "--epochs", "2", "--max-steps", "5", *extra)
+    done = run_cli(
+        *TRAIN,
+        "--train",
+        str(data_train),
+        "--val",
+        str(data_val),
+        "--output",
+        str(output),
+        "--batch-size",
+        "16",
+        "--views",
+        "2",
+        "--epochs",
+        "2",
+        "--max-steps",
+        "5",
+        *extra,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return records(output, "summary")[0]["param_digests"]
 
 
 def test_training_on_shards_gives_the_folders_model_and_resumes_exactly(demo_data, shards, tmp_path):
     on_folder = train(demo_data / "train", demo_data / "val", tmp_path / "folder")
-    on_shards = train(shards / "train", shards / "val", tmp_path / "shards", "--checkpoint-every", "3",
-                      "--keep-checkpoints", "10")
+    on_shards = train(
+        shards / "train", shards / "val", tmp_path / "shards", "--checkpoint-every", "3", "--keep-checkpoints", "10"
+    )
     assert on_shards == on_folder
     middle = [c for c in list_checkpoints(tmp_path / "shards") if c.stem == "step-000000003"]
     resumed = train(shards / "train", shards / "val", tmp_path / "resumed", "--resume", str(middle[0]))
     assert resumed == on_shards
 
 
-def test_a_broken_sample_in_a_shard_is_skipped_and_named(messy, tmp_path):  # noqa: F811
+def test_a_broken_sample_in_a_shard_is_skipped_and_named(messy, tmp_path):
     assert shards_main([str(messy), str(tmp_path / "shards"), "--shard-size", "100KB"]) == 0
     dataset = load_dataset(tmp_path / "shards")
     loader = BatchAugmentLoader(dataset, 8, views=2, view_size=32, decoder="cpu", num_threads=1)
@@ -123,8 +165,9 @@ def test_a_broken_sample_in_a_shard_is_skipped_and_named(messy, tmp_path):  # no
     assert batches == len(loader)
     named = {name.split(":", 1)[1] for name in loader.bad_files}
     assert named == {f"ring_cool/{name}" for name in BROKEN}
-    check = run_cli(sys.executable, "-m", "dali_ba", "check-data", str(tmp_path / "shards"), "--out",
-                    str(tmp_path / "bad.txt"))
+    check = run_cli(
+        sys.executable, "-m", "dali_ba", "check-data", str(tmp_path / "shards"), "--out", str(tmp_path / "bad.txt")
+    )
     assert check.returncode == 1, check.stderr
     assert {line.split("\t")[0] for line in (tmp_path / "bad.txt").read_text().splitlines()} == set(loader.bad_files)
 

@@ -4,6 +4,7 @@ Every job is the CPU version of a template: 2 ranks (1 for the array tasks, whic
 side), --gpus-per-node=0, a small synthetic dataset and a few steps. If SLURM cannot start here the
 tests fail with the reason; they are never skipped.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO
-from dali_ba.recipe import load_recipe
 from slurm_jobs import SMALL, assert_completed, job_environment, records, running_cluster, slurm_output, submit
+
+from dali_ba.recipe import load_recipe
 
 CPU = ["--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1"]
 EPOCHS, MAX_STEPS = 3, 6  # 18 steps: long enough to signal a running job, short enough to be quick
@@ -36,8 +37,16 @@ def job_env(slurm, demo_data) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def uninterrupted(slurm, job_env) -> tuple[str, Path]:
     """resnet50_ba.sh as 2 CPU ranks, EPOCHS x MAX_STEPS steps, run to the end: (job id, job folder)."""
-    job_id = submit(slurm, "resnet50_ba.sh", *CPU, "--ntasks-per-node=2", **job_env, EPOCHS=str(EPOCHS),
-                    CHECKPOINT_EVERY="", EXTRA_ARGS=f"{SMALL} --max-steps {MAX_STEPS}")
+    job_id = submit(
+        slurm,
+        "resnet50_ba.sh",
+        *CPU,
+        "--ntasks-per-node=2",
+        **job_env,
+        EPOCHS=str(EPOCHS),
+        CHECKPOINT_EVERY="",
+        EXTRA_ARGS=f"{SMALL} --max-steps {MAX_STEPS}",
+    )
     (task,) = slurm.wait(job_id, timeout=180)
     assert_completed(slurm, task, "resnet50_ba", job_id)
     return job_id, slurm.root / "runs" / f"resnet50_ba-{job_id}"
@@ -46,7 +55,12 @@ def uninterrupted(slurm, job_env) -> tuple[str, Path]:
 def test_resnet50_template_trains_and_writes_its_job_folder(slurm, uninterrupted):
     job_id, job_dir = uninterrupted
     saved = load_recipe(job_dir / "recipe.toml")  # the resolved recipe: the file plus the overrides
-    assert (saved.model.arch, saved.data.views, saved.data.batch_size, saved.optim.epochs) == ("resnet20", 2, 16, EPOCHS)
+    assert (saved.model.arch, saved.data.views, saved.data.batch_size, saved.optim.epochs) == (
+        "resnet20",
+        2,
+        16,
+        EPOCHS,
+    )
     assert saved.data.train.endswith("train") and saved.optim.lr_batch == 256  # the rest from the recipe
     job_txt = (job_dir / "job.txt").read_text()
     assert f"start 0 of job {job_id}" in job_txt and "srun: slurm-wlm" in job_txt and f"JobId={job_id}" in job_txt
@@ -72,16 +86,36 @@ def test_preempted_job_checkpoints_requeues_and_finishes_where_it_stopped(slurm,
     """SIGUSR1 to the batch shell (what --signal=B:USR1@<grace> sends before the time limit) stops
     the ranks after a step with a checkpoint; the job requeues itself and resumes to the same end."""
     total = EPOCHS * MAX_STEPS
-    job_id = submit(slurm, "resnet50_ba.sh", *CPU, "--ntasks-per-node=2", **job_env, EPOCHS=str(EPOCHS),
-                    CHECKPOINT_EVERY="", EXTRA_ARGS=f"{SMALL} --max-steps {MAX_STEPS}")
+    job_id = submit(
+        slurm,
+        "resnet50_ba.sh",
+        *CPU,
+        "--ntasks-per-node=2",
+        **job_env,
+        EPOCHS=str(EPOCHS),
+        CHECKPOINT_EVERY="",
+        EXTRA_ARGS=f"{SMALL} --max-steps {MAX_STEPS}",
+    )
     job_dir = slurm.root / "runs" / f"resnet50_ba-{job_id}"
-    slurm.wait(job_id, timeout=120, until=lambda tasks: len(records(job_dir, "step")) >= 2
-               or tasks[0]["JobState"] != "RUNNING" and tasks[0]["JobState"] != "PENDING")
-    signalled = subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=slurm.env, capture_output=True, text=True)
+    slurm.wait(
+        job_id,
+        timeout=120,
+        until=lambda tasks: (
+            len(records(job_dir, "step")) >= 2
+            or tasks[0]["JobState"] != "RUNNING"
+            and tasks[0]["JobState"] != "PENDING"
+        ),
+    )
+    signalled = subprocess.run(
+        ["scancel", "--signal=USR1", "--batch", job_id], env=slurm.env, capture_output=True, text=True
+    )
     assert signalled.returncode == 0, signalled.stderr
     # The job comes back pending (Restarts=1).
-    (task,) = slurm.wait(job_id, timeout=60, until=lambda tasks: tasks[0]["Restarts"] == "1"
-                         or tasks[0]["JobState"] in ("COMPLETED", "FAILED", "CANCELLED"))
+    (task,) = slurm.wait(
+        job_id,
+        timeout=60,
+        until=lambda tasks: tasks[0]["Restarts"] == "1" or tasks[0]["JobState"] in ("COMPLETED", "FAILED", "CANCELLED"),
+    )
     output = slurm_output(slurm, "resnet50_ba", job_id)
     assert task["Restarts"] == "1", f"job not requeued ({task['JobState']}):\n{output[-3000:]}"
     assert "batch: SIGUSR1" in output and f"requeueing job {job_id}" in output
@@ -110,8 +144,17 @@ def test_preempted_job_checkpoints_requeues_and_finishes_where_it_stopped(slurm,
 def test_torch_engine_template_trains_like_horovod(slurm, job_env, uninterrupted):
     """ENGINE=torch: plain srun (no MPI), torch.distributed meeting at the job's first node; the same
     model as the Horovod job of the same settings."""
-    job_id = submit(slurm, "resnet50_ba.sh", *CPU, "--ntasks-per-node=2", **job_env, ENGINE="torch",
-                    EPOCHS=str(EPOCHS), CHECKPOINT_EVERY="", EXTRA_ARGS=f"{SMALL} --max-steps {MAX_STEPS}")
+    job_id = submit(
+        slurm,
+        "resnet50_ba.sh",
+        *CPU,
+        "--ntasks-per-node=2",
+        **job_env,
+        ENGINE="torch",
+        EPOCHS=str(EPOCHS),
+        CHECKPOINT_EVERY="",
+        EXTRA_ARGS=f"{SMALL} --max-steps {MAX_STEPS}",
+    )
     (task,) = slurm.wait(job_id, timeout=180)
     assert_completed(slurm, task, "resnet50_ba", job_id)
     job_dir = slurm.root / "runs" / f"resnet50_ba-{job_id}"
@@ -135,8 +178,17 @@ def test_template_rejects_an_unknown_engine(slurm, job_env):
 def test_cifar_array_runs_one_task_per_listed_m(slurm, job_env):
     """A 2-task sub-array of the Figure 2-4 array: M=1 and regime adaptation with M=2 (Figure 4's
     B*M unique images per step, one view, M x the epochs), each in its own job folder."""
-    job_id = submit(slurm, "resnet44_cifar_ba.sh", *CPU, "--array=0-1", "--ntasks-per-node=1", **job_env,
-                    VIEWS_LIST="1 ra2", EPOCHS="1", EXTRA_ARGS=f"{SMALL} --max-steps 3")
+    job_id = submit(
+        slurm,
+        "resnet44_cifar_ba.sh",
+        *CPU,
+        "--array=0-1",
+        "--ntasks-per-node=1",
+        **job_env,
+        VIEWS_LIST="1 ra2",
+        EPOCHS="1",
+        EXTRA_ARGS=f"{SMALL} --max-steps 3",
+    )
     tasks = slurm.wait(job_id, timeout=180)
     assert len(tasks) == 2
     for task in tasks:
@@ -155,9 +207,19 @@ def test_cifar_array_runs_one_task_per_listed_m(slurm, job_env):
 
 def test_scaling_sweep_collects_one_table(slurm, job_env):
     """ranks {2} x M {1, 2}: one profile step per point, then one collected table."""
-    job_id = submit(slurm, "scaling.sh", *CPU, "--ntasks-per-node=2", **job_env, RECIPE="pipelines/demo.toml",
-                    RANKS_LIST="2", VIEWS_LIST="1 2", STEPS="3", WARMUP="1",
-                    EXTRA_ARGS="--dali-threads 1 --torch-threads 1")
+    job_id = submit(
+        slurm,
+        "scaling.sh",
+        *CPU,
+        "--ntasks-per-node=2",
+        **job_env,
+        RECIPE="pipelines/demo.toml",
+        RANKS_LIST="2",
+        VIEWS_LIST="1 2",
+        STEPS="3",
+        WARMUP="1",
+        EXTRA_ARGS="--dali-threads 1 --torch-threads 1",
+    )
     (task,) = slurm.wait(job_id, timeout=180)
     assert_completed(slurm, task, "scaling", job_id)
     job_dir = slurm.root / "runs" / f"scaling-{job_id}"
@@ -176,18 +238,43 @@ def test_template_reports_a_missing_recipe(slurm, job_env):
 
 def test_host_list_inside_an_allocation(slurm):
     """launch/slurm_hosts.py in a job: the allocation's node with its task count, as horovodrun -H wants."""
-    job_id = slurm.sbatch(*CPU, "--ntasks-per-node=2", f"--output={slurm.root}/hosts-%j.out",
-                          "--wrap", f"{sys.executable} launch/slurm_hosts.py", cwd=REPO)
+    job_id = slurm.sbatch(
+        *CPU,
+        "--ntasks-per-node=2",
+        f"--output={slurm.root}/hosts-%j.out",
+        "--wrap",
+        f"{sys.executable} launch/slurm_hosts.py",
+        cwd=REPO,
+    )
     slurm.wait(job_id, timeout=60)
     assert (slurm.root / f"hosts-{job_id}.out").read_text().split() == [f"{slurm.node}:2"]
     # With scontrol answering (this cluster's config) and without (no config: the Python expansion).
     nodelist = "gpu[01-03,07],login-a1,r[1-2]-n[08-10]"
-    expected = ["gpu01", "gpu02", "gpu03", "gpu07", "login-a1", "r1-n08", "r1-n09", "r1-n10", "r2-n08", "r2-n09", "r2-n10"]
-    scontrol = subprocess.run(["scontrol", "show", "hostnames", nodelist], env=slurm.env, capture_output=True, text=True)
+    expected = [
+        "gpu01",
+        "gpu02",
+        "gpu03",
+        "gpu07",
+        "login-a1",
+        "r1-n08",
+        "r1-n09",
+        "r1-n10",
+        "r2-n08",
+        "r2-n09",
+        "r2-n10",
+    ]
+    scontrol = subprocess.run(
+        ["scontrol", "show", "hostnames", nodelist], env=slurm.env, capture_output=True, text=True
+    )
     assert scontrol.stdout.split() == expected
     for conf in (str(slurm.conf), "/nonexistent/slurm.conf"):
-        done = subprocess.run([sys.executable, "launch/slurm_hosts.py", nodelist, "--slots", "4"], cwd=REPO,
-                              env={**slurm.env, "SLURM_CONF": conf}, capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, "launch/slurm_hosts.py", nodelist, "--slots", "4"],
+            cwd=REPO,
+            env={**slurm.env, "SLURM_CONF": conf},
+            capture_output=True,
+            text=True,
+        )
         assert done.stdout.strip() == ",".join(f"{host}:4" for host in expected), done.stderr
 
 
@@ -195,10 +282,18 @@ def test_the_doctor_under_a_plain_srun_names_a_task_that_never_reports(slurm):
     """Two tasks of srun --mpi=none (the torch engine's launcher), the second never starting the doctor:
     rank 0 names it after --timeout through its own store, and the step ends."""
     report = slurm.root / "doctor-lost.json"
-    task = (f'if [ "$SLURM_PROCID" = 1 ]; then exec sleep 120; else exec {sys.executable} -m dali_ba.doctor '
-            f'--timeout 5 --json {report}; fi')
-    job_id = slurm.sbatch(*CPU, "--ntasks-per-node=2", f"--output={slurm.root}/doctor-lost-%j.out", "--wrap",
-                          f"srun --mpi=none --kill-on-bad-exit=1 sh -c '{task}'", cwd=REPO)
+    task = (
+        f'if [ "$SLURM_PROCID" = 1 ]; then exec sleep 120; else exec {sys.executable} -m dali_ba.doctor '
+        f"--timeout 5 --json {report}; fi"
+    )
+    job_id = slurm.sbatch(
+        *CPU,
+        "--ntasks-per-node=2",
+        f"--output={slurm.root}/doctor-lost-%j.out",
+        "--wrap",
+        f"srun --mpi=none --kill-on-bad-exit=1 sh -c '{task}'",
+        cwd=REPO,
+    )
     (done,) = slurm.wait(job_id, timeout=150)
     output = (slurm.root / f"doctor-lost-{job_id}.out").read_text()
     assert done["JobState"] == "FAILED", output[-3000:]
@@ -211,12 +306,17 @@ def test_the_doctor_under_a_plain_srun_names_a_task_that_never_reports(slurm):
 def test_a_stall_requeues_the_job_up_to_max_stall_requeues_times(tmp_path, stalls_before, requeued):
     """slurm/lib.sh after exit 76: scontrol requeue (a stand-in on PATH records it) and a job.txt line,
     until MAX_STALL_REQUEUES (2) stalls are on record; then one line and no requeue."""
-    (tmp_path / "job.txt").write_text("".join(f"=== 2026 stalled with exit 76 on n2; requeued\n" for _ in range(stalls_before)))
+    (tmp_path / "job.txt").write_text(
+        "".join("=== 2026 stalled with exit 76 on n2; requeued\n" for _ in range(stalls_before))
+    )
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/scontrol.calls\n')
     (tmp_path / "bin" / "scontrol").chmod(0o755)
-    script = (f'EXIT_STALLED=76; JOB_DIR={tmp_path}; SLURM_JOB_ID=7; PATH={tmp_path}/bin:$PATH; '
-              f'source <(sed -n "/^_dali_ba_requeue_after_stall()/,/^}}/p" {REPO}/slurm/lib.sh); _dali_ba_requeue_after_stall n2')
+    script = (
+        f"EXIT_STALLED=76; JOB_DIR={tmp_path}; SLURM_JOB_ID=7; PATH={tmp_path}/bin:$PATH; "
+        f'source <(sed -n "/^_dali_ba_requeue_after_stall()/,/^}}/p" {REPO}/slurm/lib.sh); '
+        f"_dali_ba_requeue_after_stall n2"
+    )
     done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
     calls = (tmp_path / "scontrol.calls").read_text() if (tmp_path / "scontrol.calls").exists() else ""
     last = (tmp_path / "job.txt").read_text().splitlines()[-1]
@@ -228,24 +328,34 @@ def test_a_stall_requeues_the_job_up_to_max_stall_requeues_times(tmp_path, stall
         assert "not requeued (MAX_STALL_REQUEUES=2)" in done.stderr
 
 
-@pytest.mark.parametrize("srun_said, srun_status, status, blamed", [
-    # kill -9 of rank 1; rank 0's collectives failed and it exited 1 before srun heard of the kill
-    ("n1: task 0: Exited with exit code 1\nn2: task 1: Killed", 137, 137, "rank 1 on node n2 failed (Killed)"),
-    # a bad input found by rank 0; srun then ended the others with SIGTERM: the step's status is rank 0's
-    ("n1: task 0: Exited with exit code 2\nn1: task 1: Terminated\nn2: tasks 2-3: Terminated", 143, 2,
-     "rank 0 on node n1 failed (Exited with exit code 2)"),
-    # ranks stopping together after a checkpoint: a resumable stop, nothing to blame
-    ("n2: task 1: Exited with exit code 75\nn1: task 0: Terminated", 143, 75, None),
-    # a stall: rank 0 named the stalled rank and left with 76, srun killed the stopped one; the stall is the cause
-    ("n1: task 0: Exited with exit code 76\nn2: task 1: Killed", 137, 76, None),
-])
+@pytest.mark.parametrize(
+    "srun_said, srun_status, status, blamed",
+    [
+        # kill -9 of rank 1; rank 0's collectives failed and it exited 1 before srun heard of the kill
+        ("n1: task 0: Exited with exit code 1\nn2: task 1: Killed", 137, 137, "rank 1 on node n2 failed (Killed)"),
+        # a bad input found by rank 0; srun then ended the others with SIGTERM: the step's status is rank 0's
+        (
+            "n1: task 0: Exited with exit code 2\nn1: task 1: Terminated\nn2: tasks 2-3: Terminated",
+            143,
+            2,
+            "rank 0 on node n1 failed (Exited with exit code 2)",
+        ),
+        # ranks stopping together after a checkpoint: a resumable stop, nothing to blame
+        ("n2: task 1: Exited with exit code 75\nn1: task 0: Terminated", 143, 75, None),
+        # a stall: rank 0 named the stalled rank and left with 76, srun killed the stopped one; the stall is the cause
+        ("n1: task 0: Exited with exit code 76\nn2: task 1: Killed", 137, 76, None),
+    ],
+)
 def test_the_batch_log_names_the_rank_that_failed_first(tmp_path, srun_said, srun_status, status, blamed):
     """slurm/lib.sh reads srun's error lines after a failed step: the rank and node that caused it,
     and the status the job ends with."""
     log = tmp_path / "srun.err"
     log.write_text("".join(f"srun: error: {line}\n" for line in srun_said.splitlines()))
-    script = (f'EXIT_RESUMABLE=75; EXIT_STALLED=76; source <(sed -n "/^_dali_ba_first_failure()/,/^}}/p" {REPO}/slurm/lib.sh); '
-              f'_dali_ba_first_failure {srun_status} {log}; echo "status $STEP_RC"')
+    script = (
+        f"EXIT_RESUMABLE=75; EXIT_STALLED=76; "
+        f'source <(sed -n "/^_dali_ba_first_failure()/,/^}}/p" {REPO}/slurm/lib.sh); '
+        f'_dali_ba_first_failure {srun_status} {log}; echo "status $STEP_RC"'
+    )
     done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
     assert done.stdout.split() == ["status", str(status)], done.stderr
     if blamed:

@@ -1,5 +1,6 @@
 """The stall rule (dali_ba/training/stall.py), on real processes: a rank stopped with SIGSTOP under each
 engine, a read that never returns on a real (FUSE) file system, a slow rank that is left alone."""
+
 from __future__ import annotations
 
 import contextlib
@@ -13,8 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, last_logged_step, run_cli
+
 from dali_ba.training.stall import EXIT_STALLED, Beat, judge
 
 PY = sys.executable
@@ -28,14 +29,41 @@ ENV = {**os.environ, "PATH": f"{Path(PY).parent}:{os.environ['PATH']}", "OMPI_MC
 
 
 def args(demo_data, output, *extra):
-    return ["--train", str(demo_data / "train"), "--val", str(demo_data / "val"), "--output", str(output),
-            "--batch-size", "16", "--views", "2", "--epochs", "2", "--max-steps", "10", "--log-every", "1",
-            "--checkpoint-every", "3", "--deterministic", "--stall-timeout", str(TIMEOUT), *extra]
+    return [
+        "--train",
+        str(demo_data / "train"),
+        "--val",
+        str(demo_data / "val"),
+        "--output",
+        str(output),
+        "--batch-size",
+        "16",
+        "--views",
+        "2",
+        "--epochs",
+        "2",
+        "--max-steps",
+        "10",
+        "--log-every",
+        "1",
+        "--checkpoint-every",
+        "3",
+        "--deterministic",
+        "--stall-timeout",
+        str(TIMEOUT),
+        *extra,
+    ]
 
 
 def start(engine, demo_data, output, *extra) -> subprocess.Popen:
-    return subprocess.Popen([*LAUNCH[engine], *TRAIN, *args(demo_data, output, *extra)], cwd=REPO, env=ENV, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [*LAUNCH[engine], *TRAIN, *args(demo_data, output, *extra)],
+        cwd=REPO,
+        env=ENV,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def wait_for(condition, job: subprocess.Popen, limit: float = 180) -> None:
@@ -103,8 +131,9 @@ def test_a_slow_rank_is_never_ended(slow_but_live):
 
 
 @pytest.mark.parametrize("engine", ["horovod", "torch"])
-def test_a_stopped_rank_ends_the_job_named_and_resume_reaches_the_same_parameters(engine, demo_data, slow_but_live,
-                                                                                   tmp_path):
+def test_a_stopped_rank_ends_the_job_named_and_resume_reaches_the_same_parameters(
+    engine, demo_data, slow_but_live, tmp_path
+):
     out = tmp_path / "run"
     job = start(engine, demo_data, out)
     rank1 = None
@@ -128,8 +157,9 @@ def test_a_stopped_rank_ends_the_job_named_and_resume_reaches_the_same_parameter
     paused = "last seen in checkpoint" in line
     assert took < (3 if paused else 1) * TIMEOUT + 30, f"the job took {took:.0f} s to end:\n{stderr[-3000:]}"
     # mpirun passes the first failed rank's status on; torchrun exits 1 and names it in its report
-    assert (job.returncode == EXIT_STALLED) if engine == "horovod" else (f"exitcode  : {EXIT_STALLED}" in stderr), \
+    assert (job.returncode == EXIT_STALLED) if engine == "horovod" else (f"exitcode  : {EXIT_STALLED}" in stderr), (
         stderr[-3000:]
+    )
     assert "rank 1 (node " in line and "silent for" in line and "rank 0 waits in " in line
     assert paused or " of step " in line, line
     assert "step-000000003.pt" in line or "step-000000006.pt" in line or "step-000000009.pt" in line
@@ -144,8 +174,12 @@ def hung_fs(demo_data, tmp_path):
     """demo_data behind a FUSE file system on which the 31st file read never returns."""
     mount, named = tmp_path / "mnt", tmp_path / "hung.txt"
     mount.mkdir()
-    server = subprocess.Popen([PY, str(REPO / "tests" / "hung_fs.py"), str(demo_data), str(mount), "30", str(named)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen(
+        [PY, str(REPO / "tests" / "hung_fs.py"), str(demo_data), str(mount), "30", str(named)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.time() + 30
         while not os.path.ismount(mount):
@@ -164,9 +198,27 @@ def hung_fs(demo_data, tmp_path):
 
 
 def hung_run(mount: Path, output: Path, timeout: float, stall_timeout: int) -> subprocess.CompletedProcess:
-    return run_cli(PY, *TRAIN, "--train", str(mount / "train"), "--val", str(mount / "val"), "--output", str(output),
-                   "--batch-size", "16", "--views", "2", "--epochs", "1", "--max-steps", "10",
-                   "--stall-timeout", str(stall_timeout), timeout=timeout)
+    return run_cli(
+        PY,
+        *TRAIN,
+        "--train",
+        str(mount / "train"),
+        "--val",
+        str(mount / "val"),
+        "--output",
+        str(output),
+        "--batch-size",
+        "16",
+        "--views",
+        "2",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "10",
+        "--stall-timeout",
+        str(stall_timeout),
+        timeout=timeout,
+    )
 
 
 def test_a_read_that_never_returns_ends_the_run_naming_the_file(hung_fs, tmp_path):

@@ -1,6 +1,7 @@
 """The training step and LR schedule in-process (one process alone, and Horovod as a single rank).
 
 The torch engine's chunked step runs on 2 ranks under torchrun: tests/test_engines.py."""
+
 import copy
 
 import horovod.torch as hvd
@@ -48,7 +49,9 @@ def test_chunks_give_the_same_step_as_one_batch(sync_class):
 
 
 def test_lr_schedule_warms_up_then_decays():
-    f = lambda step: lr_factor(step, steps_per_epoch=10, warmup_epochs=2, decay_epochs=[5, 8], decay_factor=0.1)
+    def f(step: int) -> float:
+        return lr_factor(step, steps_per_epoch=10, warmup_epochs=2, decay_epochs=[5, 8], decay_factor=0.1)
+
     assert f(0) == pytest.approx(1 / 20) and f(9) == pytest.approx(10 / 20) and f(19) == pytest.approx(1.0)
     assert f(20) == 1.0 and f(49) == 1.0
     assert f(50) == pytest.approx(0.1) and f(80) == pytest.approx(0.01)

@@ -1,4 +1,5 @@
 """python -m dali_ba.train end to end: one process, horovodrun and mpirun, and its bad inputs."""
+
 import contextlib
 import json
 import os
@@ -6,10 +7,9 @@ import subprocess
 import sys
 
 import pytest
-
 import torch
-
 from conftest import DEVICE, REPO, run_cli
+
 from dali_ba.distributed.world import World
 from dali_ba.loading.loader import ValidationLoader
 from dali_ba.recipe import load_recipe
@@ -34,9 +34,29 @@ def records(output, kind):
 
 def test_training_loss_falls_on_demo_data(demo_data, tmp_path):
     out = tmp_path / "run"
-    done = run_cli(*TRAIN, *small_run(demo_data, out, "--batch-size", "32", "--views", "2", "--epochs", "4",
-                                      "--lr", "0.2", "--lr-batch", "32", "--warmup-epochs", "0",
-                                      "--decay-epochs", "", "--log-every", "2"))
+    done = run_cli(
+        *TRAIN,
+        *small_run(
+            demo_data,
+            out,
+            "--batch-size",
+            "32",
+            "--views",
+            "2",
+            "--epochs",
+            "4",
+            "--lr",
+            "0.2",
+            "--lr-batch",
+            "32",
+            "--warmup-epochs",
+            "0",
+            "--decay-epochs",
+            "",
+            "--log-every",
+            "2",
+        ),
+    )
     assert done.returncode == 0, done.stderr
     epochs = records(out, "epoch")
     assert len(epochs) == 4
@@ -76,14 +96,22 @@ LAUNCHERS = {
 }
 
 
-@pytest.mark.parametrize("launcher, extra", [("horovodrun", ["--log-grad-norm", "--horovod-timeline", "TIMELINE"]),
-                                             ("mpirun", ["--chunks", "2", "--amp", "bf16"])])
+@pytest.mark.parametrize(
+    "launcher, extra",
+    [
+        ("horovodrun", ["--log-grad-norm", "--horovod-timeline", "TIMELINE"]),
+        ("mpirun", ["--chunks", "2", "--amp", "bf16"]),
+    ],
+)
 def test_two_ranks_end_with_identical_parameters(demo_data, tmp_path, launcher, extra):
     out = tmp_path / "run"
     timeline = tmp_path / "timeline.json"
     extra = [str(timeline) if arg == "TIMELINE" else arg for arg in extra]
-    done = run_cli(*LAUNCHERS[launcher], *TRAIN, *small_run(demo_data, out, "--batch-size", "16", "--views", "2",
-                                                             "--epochs", "2", "--max-steps", "4", *extra))
+    done = run_cli(
+        *LAUNCHERS[launcher],
+        *TRAIN,
+        *small_run(demo_data, out, "--batch-size", "16", "--views", "2", "--epochs", "2", "--max-steps", "4", *extra),
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     (summary,) = records(out, "summary")
     assert summary["ranks"] == 2 and len(summary["param_digests"]) == 2
@@ -108,7 +136,9 @@ def test_two_ranks_end_with_identical_parameters(demo_data, tmp_path, launcher, 
     model = create_model("resnet20", 10).to(DEVICE)  # where the loader's batches are
     model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
     bf16 = "bf16" in extra
-    autocast = (lambda: torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    autocast = (
+        (lambda: torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    )
     val = ValidationLoader(demo_data / "val", batch_size=8, resize=36, crop=32)  # the run's per-rank batch
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each rank ran: same kernels, same sums
@@ -136,22 +166,32 @@ def make_folder(root, spec):
 BAD_INPUTS = {
     "missing data dir": (lambda p, d: ["--train", str(p / "nope")], "data directory not found: .*nope"),
     "no class folders": (lambda p, d: ["--train", str(p)], "no class folders in"),
-    "empty class folder": (lambda p, d: ["--train", str(make_folder(p / "t", {"a": 2, "b": 0}))],
-                           "class folder has no images: .*b"),
+    "empty class folder": (
+        lambda p, d: ["--train", str(make_folder(p / "t", {"a": 2, "b": 0}))],
+        "class folder has no images: .*b",
+    ),
     "views < 1": (lambda p, d: ["--views", "0"], "--views .* must be >= 1, got 0"),
     "batch < 1": (lambda p, d: ["--batch-size", "-3"], "--batch-size .* must be >= 1, got -3"),
     "views not a number": (lambda p, d: ["--views", "four"], "argument --views: invalid int value: 'four'"),
-    "unknown recipe key": (lambda p, d: ["--recipe", str(write(p / "r.toml", "[data]\nviewz = 2\n"))],
-                           "unknown key 'viewz'"),
-    "wrong recipe type": (lambda p, d: ["--recipe", str(write(p / "r.toml", "[optim]\nepochs = '9'\n"))],
-                          "epochs must be int, got str"),
+    "unknown recipe key": (
+        lambda p, d: ["--recipe", str(write(p / "r.toml", "[data]\nviewz = 2\n"))],
+        "unknown key 'viewz'",
+    ),
+    "wrong recipe type": (
+        lambda p, d: ["--recipe", str(write(p / "r.toml", "[optim]\nepochs = '9'\n"))],
+        "epochs must be int, got str",
+    ),
     "unknown model": (lambda p, d: ["--arch", "resnet9000"], "unknown model 'resnet9000'"),
-    "output cannot be created": (lambda p, d: ["--output", "/proc/dali-ba-test/run"],
-                                 "--output /proc/dali-ba-test/run: cannot create or write it"),
+    "output cannot be created": (
+        lambda p, d: ["--output", "/proc/dali-ba-test/run"],
+        "--output /proc/dali-ba-test/run: cannot create or write it",
+    ),
     "output is a file": (lambda p, d: ["--output", str(write(p / "file", "x") / "run")], "cannot create or write it"),
-    "views beyond memory": (lambda p, d: ["--view-size", "100000"],
-                            r"--view-size 100000 with 64 samples x M=4 views per rank: one batch of views is 7\.0 TiB "
-                            r"\(B\*M\*S\^2\*3\), .* more than the .* available"),
+    "views beyond memory": (
+        lambda p, d: ["--view-size", "100000"],
+        r"--view-size 100000 with 64 samples x M=4 views per rank: one batch of views is 7\.0 TiB "
+        r"\(B\*M\*S\^2\*3\), .* more than the .* available",
+    ),
 }
 
 
@@ -178,9 +218,12 @@ def test_more_ranks_than_samples(demo_data, tmp_path):
     one.mkdir(parents=True)
     (one / "a.jpg").write_bytes((demo_data / "train").joinpath("disc_warm", "disc_warm_0000.jpg").read_bytes())
     out = tmp_path / "out"
-    done = run_cli(*LAUNCHERS["horovodrun"], *TRAIN, *small_run(demo_data, out, "--train", str(tmp_path / "one"),
-                                                                       "--val", str(tmp_path / "one")),
-                   timeout=120)
+    done = run_cli(
+        *LAUNCHERS["horovodrun"],
+        *TRAIN,
+        *small_run(demo_data, out, "--train", str(tmp_path / "one"), "--val", str(tmp_path / "one")),
+        timeout=120,
+    )
     assert done.returncode != 0
     assert "has 1 samples but there are 2 ranks" in done.stdout + done.stderr
     assert "Traceback" not in done.stdout + done.stderr
@@ -200,20 +243,51 @@ def test_tensorboard_holds_the_step_and_epoch_scalars(demo_data, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    done = run_cli(*TRAIN, *small_run(demo_data, out, "--batch-size", "16", "--views", "2", "--epochs", "2",
-                                      "--max-steps", "3", "--log-every", "1", "--log-grad-norm", "--tensorboard"))
+    done = run_cli(
+        *TRAIN,
+        *small_run(
+            demo_data,
+            out,
+            "--batch-size",
+            "16",
+            "--views",
+            "2",
+            "--epochs",
+            "2",
+            "--max-steps",
+            "3",
+            "--log-every",
+            "1",
+            "--log-grad-norm",
+            "--tensorboard",
+        ),
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"train/loss", "train/lr", "train/grad_norm", "train/steps_per_s", "time/data_ms", "time/forward_backward_ms",
-            "time/allreduce_step_ms", "time/step_ms", "epoch/top1", "epoch/top5", "epoch/val_loss",
-            "epoch/train_loss", "epoch/steps_per_s"} <= tags
+    assert {
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/steps_per_s",
+        "time/data_ms",
+        "time/forward_backward_ms",
+        "time/allreduce_step_ms",
+        "time/step_ms",
+        "epoch/top1",
+        "epoch/top5",
+        "epoch/val_loss",
+        "epoch/train_loss",
+        "epoch/steps_per_s",
+    } <= tags
     steps, epochs = records(out, "step"), records(out, "epoch")
     loss = events.Scalars("train/loss")
     assert [e.step for e in loss] == [s["step"] for s in steps] == list(range(1, 7))
     assert [e.value for e in loss] == pytest.approx([s["loss"] for s in steps], rel=1e-6)
-    assert [e.value for e in events.Scalars("train/grad_norm")] == pytest.approx([s["grad_norm"] for s in steps], rel=1e-6)
+    assert [e.value for e in events.Scalars("train/grad_norm")] == pytest.approx(
+        [s["grad_norm"] for s in steps], rel=1e-6
+    )
     top1 = events.Scalars("epoch/top1")
     assert [(e.step, e.value) for e in top1] == [(e["epoch"] + 1, pytest.approx(e["top1"])) for e in epochs]
 
@@ -224,19 +298,25 @@ def test_tensorboard_without_the_package_is_one_line(demo_data, tmp_path):
     out = tmp_path / "run"
     done = run_cli(*TRAIN, *small_run(demo_data, out, "--tensorboard"), env=hidden(tmp_path / "hide", "tensorboard"))
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
-        "python -m dali_ba.train: error: --tensorboard needs the tensorboard package: pip install tensorboard"]
+        "python -m dali_ba.train: error: --tensorboard needs the tensorboard package: pip install tensorboard"
+    ]
     assert not out.exists()
 
 
 def test_make_demo_prints_one_clean_log(tmp_path):
     """make demo's launcher does not tag lines with ranks: the log reads as one process's."""
     out = tmp_path / "demo"
-    done = subprocess.run(["make", "demo", f"DEMO_ARGS=--epochs 1 --max-steps 2 --output {out}"], cwd=REPO,
-                          capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"})
+    done = subprocess.run(
+        ["make", "demo", f"DEMO_ARGS=--epochs 1 --max-steps 2 --output {out}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"},
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     lines = [line for line in done.stdout.splitlines() if "dali_ba.train" not in line and line.strip()]
-    ours = lines[lines.index(next(line for line in lines if line.startswith("dali-ba: engine horovod (mpi)"))):]
+    ours = lines[lines.index(next(line for line in lines if line.startswith("dali-ba: engine horovod (mpi)"))) :]
     assert not any(line.startswith("[1,") for line in done.stdout.splitlines()), done.stdout[-2000:]
     assert any(line.startswith("done: 1 epochs, 2 steps") for line in ours)
     assert "parameters identical on 2 rank(s)" in done.stdout
@@ -252,8 +332,20 @@ def test_gpu_out_of_memory_is_one_line_naming_the_step_size(demo_data, tmp_path,
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(Training, "step", out_of_memory)
-    status = train.main(small_run(demo_data, tmp_path / "run", "--recipe", "pipelines/demo.toml", "--batch-size", "16",
-                                  "--views", "3", "--view-size", "24"))
+    status = train.main(
+        small_run(
+            demo_data,
+            tmp_path / "run",
+            "--recipe",
+            "pipelines/demo.toml",
+            "--batch-size",
+            "16",
+            "--views",
+            "3",
+            "--view-size",
+            "24",
+        )
+    )
     err = capsys.readouterr().err
     assert status == train.EXIT_OUT_OF_MEMORY, err
     (line,) = [line for line in err.splitlines() if "error" in line]

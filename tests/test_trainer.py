@@ -1,9 +1,11 @@
 """The trainer's small rules (the stop agreement, what a checkpoint must match) and the training
 modules' layout: each import goes one way."""
+
 import ast
 import dataclasses
 
 from conftest import REPO
+
 from dali_ba.distributed.world import World
 from dali_ba.recipe import load_recipe
 from dali_ba.training.checkpoint_state import Start, run_identity
@@ -51,7 +53,13 @@ def test_the_data_readers_import_one_way():
 
 def test_the_training_modules_import_one_way():
     """checks <- step <- evaluation <- trainer <- train."""
-    order = ["dali_ba.training.checks", "dali_ba.training.step", "dali_ba.training.evaluation", "dali_ba.training.trainer", "dali_ba.train"]
+    order = [
+        "dali_ba.training.checks",
+        "dali_ba.training.step",
+        "dali_ba.training.evaluation",
+        "dali_ba.training.trainer",
+        "dali_ba.train",
+    ]
     for i, module in enumerate(order):
         assert not imports(module) & set(order[i:]) - {module}, module
 
@@ -61,11 +69,17 @@ def test_a_peer_gone_under_gloo_is_told_apart_from_this_ranks_own_error():
     another rank has gone (one line, exit 1), not a bug of this rank (a traceback)."""
     from dali_ba.train import _peer_gone
 
-    hook = ("Got the following error when running the callback: RuntimeError: [/__w/pytorch/pytorch/third_party/gloo/"
-            "gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:3281: Connection reset by peer. This is typically "
-            "caused by a remote worker hanging or bugs in the application.")
+    hook = (
+        "Got the following error when running the callback: RuntimeError: [/__w/pytorch/pytorch/third_party/gloo/"
+        "gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:3281: Connection reset by peer. This is typically "
+        "caused by a remote worker hanging or bugs in the application."
+    )
     assert _peer_gone(RuntimeError(hook))
-    assert _peer_gone(RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting "
-                                   "... Connection closed by peer [127.0.0.1]:4242"))
+    assert _peer_gone(
+        RuntimeError(
+            "[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting "
+            "... Connection closed by peer [127.0.0.1]:4242"
+        )
+    )
     assert not _peer_gone(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x10 and 12x3)"))
     assert not _peer_gone(ValueError("Connection reset by peer"))  # not from Gloo's transport

@@ -1,4 +1,5 @@
 """python -m benchmarks.gpu_check --out DIR [--smoke]: the GPU check (its driver: benchmarks/gpu_check/driver.py)."""
+
 import sys
 
 from benchmarks.gpu_check.driver import main

@@ -1,6 +1,7 @@
 """What the steps of the GPU check share (benchmarks/gpu_check/steps.py runs them): the sizes of the GPU
 run and of the CPU smoke run, a step's context (folder, scratch folder, deadline, result), and the
 ImageNet-like JPEGs the steps read."""
+
 from __future__ import annotations
 
 import json
@@ -41,17 +42,54 @@ class Sizes:
     compile_views: int  # compile step: M of Figure 5's run with --compile
 
 
-FULL = Sizes(images=2048, copies=4, batch=64, view_size=224, views=(1, 4, 10), workers=16, loader_epochs=2,
-             epoch_seconds=2.0, demo_per_class=(64, 20), demo_args=(),
-             resume_args=("--epochs", "2", "--batch-size", "16", "--log-every", "1"), arch="resnet50",
-             steps=30, warmup=8, cache=8, views_steps=15, augment_views=(1, 4), augment_seconds=2.0,
-             hw_loads=(0.35, 0.9), hw_load_views=4, test_parallel=4, compile_views=4)
-SMOKE = Sizes(images=24, copies=2, batch=8, view_size=32, views=(1, 4, 10), workers=2, loader_epochs=1,
-              epoch_seconds=1.0, demo_per_class=(8, 2),
-              demo_args=("--epochs", "1", "--batch-size", "16", "--views", "2", "--timing-warmup", "1"),
-              resume_args=("--epochs", "1", "--batch-size", "8", "--views", "2", "--log-every", "1"), arch="resnet20",
-              steps=3, warmup=1, cache=2, views_steps=2, augment_views=(1, 4), augment_seconds=1.0,
-              hw_loads=(0.35, 0.9), hw_load_views=4, test_parallel=2, compile_views=4)
+FULL = Sizes(
+    images=2048,
+    copies=4,
+    batch=64,
+    view_size=224,
+    views=(1, 4, 10),
+    workers=16,
+    loader_epochs=2,
+    epoch_seconds=2.0,
+    demo_per_class=(64, 20),
+    demo_args=(),
+    resume_args=("--epochs", "2", "--batch-size", "16", "--log-every", "1"),
+    arch="resnet50",
+    steps=30,
+    warmup=8,
+    cache=8,
+    views_steps=15,
+    augment_views=(1, 4),
+    augment_seconds=2.0,
+    hw_loads=(0.35, 0.9),
+    hw_load_views=4,
+    test_parallel=4,
+    compile_views=4,
+)
+SMOKE = Sizes(
+    images=24,
+    copies=2,
+    batch=8,
+    view_size=32,
+    views=(1, 4, 10),
+    workers=2,
+    loader_epochs=1,
+    epoch_seconds=1.0,
+    demo_per_class=(8, 2),
+    demo_args=("--epochs", "1", "--batch-size", "16", "--views", "2", "--timing-warmup", "1"),
+    resume_args=("--epochs", "1", "--batch-size", "8", "--views", "2", "--log-every", "1"),
+    arch="resnet20",
+    steps=3,
+    warmup=1,
+    cache=2,
+    views_steps=2,
+    augment_views=(1, 4),
+    augment_seconds=1.0,
+    hw_loads=(0.35, 0.9),
+    hw_load_views=4,
+    test_parallel=2,
+    compile_views=4,
+)
 
 
 @dataclass

@@ -16,6 +16,7 @@ files in ``--out`` are rewritten, so a run killed from outside still leaves what
 - ``gpu_check.md`` — the same as Markdown tables;
 - ``details.tar.gz`` — every step's log and raw outputs (metrics, profiles, test report).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,10 @@ from benchmarks.gpu_check.report import targets, write_report
 
 PROG = "python -m benchmarks.gpu_check"
 STEPS_COMMAND = (sys.executable, "-m", "benchmarks.gpu_check.steps")  # + STEP and its flags, from the repository root
-SMOKE_NOTE = ("SMOKE RUN on the CPU at tiny sizes: it proves the script, its numbers are not GPU numbers "
-              "and its targets say nothing about a GPU")
+SMOKE_NOTE = (
+    "SMOKE RUN on the CPU at tiny sizes: it proves the script, its numbers are not GPU numbers "
+    "and its targets say nothing about a GPU"
+)
 
 
 @dataclass(frozen=True)
@@ -54,10 +57,19 @@ STEPS = (
     Step("env", "Environment: GPU, driver, versions, DALI's hardware JPEG decoder", 25, 120),
     Step("doctor", "python -m dali_ba.doctor on this machine (its GPU paths)", 20, 90),
     Step("tests", "Test suite's GPU-relevant files on CUDA, a pytest process and a limit each", 90, 240),
-    Step("demo", "Demo recipe: bf16; fp16 + --chunks 2; --engine torch; accuracy; exact mid-epoch resume "
-                 "(--deterministic)", 75, 240),
-    Step("loader", "Loader alone, M = 1, 4, 10: dali-ba vs torchvision (16 workers), torchvision on the GPU, "
-                   "DALI decode alone; the mixed decoder at three hw_decoder_load", 85, 180),
+    Step(
+        "demo",
+        "Demo recipe: bf16; fp16 + --chunks 2; --engine torch; accuracy; exact mid-epoch resume (--deterministic)",
+        75,
+        240,
+    ),
+    Step(
+        "loader",
+        "Loader alone, M = 1, 4, 10: dali-ba vs torchvision (16 workers), torchvision on the GPU, "
+        "DALI decode alone; the mixed decoder at three hw_decoder_load",
+        85,
+        180,
+    ),
     Step("augment", "Auto-augment graphs (trivial, randaugment), M = 1, 4: graph build time, views/s", 50, 180),
     Step("figure5", "Figure 5: ResNet-50, bf16, channels_last, B = 64, M = 1, 4, 10 (profile step)", 85, 240),
     Step("views", "dali-ba profile views, M = 1, 4, 10", 40, 180),
@@ -75,10 +87,15 @@ def run_step(step: Step, details: Path, work: Path, smoke: bool, remaining: floa
     folder.mkdir(parents=True, exist_ok=True)
     budget = step.smoke_budget_s if smoke else step.budget_s
     limit = min(budget, remaining)
-    record = dict(name=step.name, title=step.title, budget_s=budget, limit_s=round(limit, 1), optional=bool(step.needs_s))
+    record = dict(
+        name=step.name, title=step.title, budget_s=budget, limit_s=round(limit, 1), optional=bool(step.needs_s)
+    )
     if limit < max(2, step.needs_s):  # not even time to start Python and import torch, or to do what it is for
-        note = f"not enough time left: {max(0.0, remaining):.0f} s of the {step.needs_s} s it needs" if step.needs_s \
+        note = (
+            f"not enough time left: {max(0.0, remaining):.0f} s of the {step.needs_s} s it needs"
+            if step.needs_s
             else "no time left"
+        )
         print(f"gpu_check: {step.name}: skipped ({note})", flush=True)
         return dict(record, status=f"skipped ({note})", seconds=0.0, result={})
     cmd = [*STEPS_COMMAND, step.name, "--dir", str(folder), "--work", str(work), "--limit", str(limit)]
@@ -106,19 +123,35 @@ def machine() -> dict:
     """What the driver can say without torch (the env step adds the GPU, driver and library versions)."""
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     memory = next((int(line.split()[1]) // 1024**2 for line in open("/proc/meminfo") if line.startswith("MemTotal")), 0)
-    return dict(cpu=cpu, cores=len(os.sched_getaffinity(0)), memory_gib=memory, os=platform.platform(),
-                python=platform.python_version(), load_average=os.getloadavg())
+    return dict(
+        cpu=cpu,
+        cores=len(os.sched_getaffinity(0)),
+        memory_gib=memory,
+        os=platform.platform(),
+        python=platform.python_version(),
+        load_average=os.getloadavg(),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="gpu_check.json, gpu_check.md, details.tar.gz land here")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="gpu_check.json, gpu_check.md, details.tar.gz land here"
+    )
     parser.add_argument("--smoke", action="store_true", help="the same steps on the CPU at tiny sizes")
-    parser.add_argument("--work", type=Path, default=None,
-                        help="scratch folder (data, runs, checkpoints), emptied first and kept (default: a temporary "
-                             "folder, removed at the end)")
-    parser.add_argument("--budget", type=float, default=None,
-                        help=f"seconds for the whole run (default {BUDGET_S}; smoke: the sum of its step limits)")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="scratch folder (data, runs, checkpoints), emptied first and kept (default: a temporary "
+        "folder, removed at the end)",
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help=f"seconds for the whole run (default {BUDGET_S}; smoke: the sum of its step limits)",
+    )
     parser.add_argument("--steps", default=",".join(s.name for s in STEPS), help="comma-separated steps to run")
     args = parser.parse_args(argv)
     args.command = " ".join([PROG, *(sys.argv[1:] if argv is None else argv)])
@@ -142,9 +175,18 @@ def main(argv: list[str] | None = None) -> int:
 def run_all(args: argparse.Namespace, chosen: list[Step], budget: float, work: Path, details: Path) -> int:
     """Every chosen step in turn, the report rewritten after each; 0 when all of them were ok."""
     started = time.perf_counter()
-    report = dict(kind="gpu_check", smoke=args.smoke, note=SMOKE_NOTE if args.smoke else "GPU run",
-                  started=time.strftime("%Y-%m-%d %H:%M:%S %Z"), budget_s=budget, command=args.command,
-                  machine=machine(), steps=[], targets=[], wall_s=0.0)
+    report = dict(
+        kind="gpu_check",
+        smoke=args.smoke,
+        note=SMOKE_NOTE if args.smoke else "GPU run",
+        started=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        budget_s=budget,
+        command=args.command,
+        machine=machine(),
+        steps=[],
+        targets=[],
+        wall_s=0.0,
+    )
     for step in chosen:
         record = run_step(step, details, work, args.smoke, budget - (time.perf_counter() - started))
         report["steps"].append(record)
@@ -154,7 +196,11 @@ def run_all(args: argparse.Namespace, chosen: list[Step], budget: float, work: P
         report["wall_s"] = round(time.perf_counter() - started, 1)
         write_report(args.out, report, details)
     failed = [s["name"] for s in report["steps"] if not_ok(s)]
-    print(f"gpu_check: {len(chosen) - len(failed)} of {len(chosen)} steps ok"
-          + (f" (not ok: {', '.join(failed)})" if failed else "") + f" in {report['wall_s']:.0f} s; "
-          f"wrote {args.out / 'gpu_check.json'}, gpu_check.md, details.tar.gz", flush=True)
+    print(
+        f"gpu_check: {len(chosen) - len(failed)} of {len(chosen)} steps ok"
+        + (f" (not ok: {', '.join(failed)})" if failed else "")
+        + f" in {report['wall_s']:.0f} s; "
+        f"wrote {args.out / 'gpu_check.json'}, gpu_check.md, details.tar.gz",
+        flush=True,
+    )
     return 1 if failed else 0

@@ -1,5 +1,6 @@
 """The GPU check's processes: a command run under a limit with its output to a log, its whole process
 tree killed at that limit, and the environment every step and its runs get."""
+
 from __future__ import annotations
 
 import os

@@ -5,6 +5,7 @@ files of ``--out`` rewritten after every step (benchmarks/gpu_check/driver.py ru
 - ``gpu_check.md`` — the same as Markdown tables, a section per step;
 - ``details.tar.gz`` — every step's log and raw outputs.
 """
+
 from __future__ import annotations
 
 import io
@@ -32,23 +33,51 @@ def targets(steps: dict[str, dict]) -> list[dict]:
         if not (ours.get(f"running_{key}") and theirs.get(f"running_{key}")):
             return None, "not measured"
         value = ours[f"running_{key}"] / theirs[f"running_{key}"]
-        return value, (f"a {ours[f'running_{key}']:.0f} / {peer} {theirs[f'running_{key}']:.0f} {key.replace('_per_s', '/s')}"
-                       f" (whole epochs: {ours[key] / theirs[key]:.2f})")
+        return value, (
+            f"a {ours[f'running_{key}']:.0f} / {peer} {theirs[f'running_{key}']:.0f} {key.replace('_per_s', '/s')}"
+            f" (whole epochs: {ours[key] / theirs[key]:.2f})"
+        )
 
     for m in (4, 10):
-        out.append(_ratio_target("dali-ba views/s >= 3 x torchvision DataLoader (16 workers)", m,
-                                 *ratio("c", m, "views_per_s"), threshold=3.0))
-    out.append(_ratio_target("dali-ba samples/s at M = 1 >= 0.7 x DALI's decode alone (ceiling)", 1,
-                             *ratio("f", 1, "samples_per_s"), threshold=0.7))
+        out.append(
+            _ratio_target(
+                "dali-ba views/s >= 3 x torchvision DataLoader (16 workers)",
+                m,
+                *ratio("c", m, "views_per_s"),
+                threshold=3.0,
+            )
+        )
+    out.append(
+        _ratio_target(
+            "dali-ba samples/s at M = 1 >= 0.7 x DALI's decode alone (ceiling)",
+            1,
+            *ratio("f", 1, "samples_per_s"),
+            threshold=0.7,
+        )
+    )
     source, rows = figure5_rows(steps)
     for row in rows or [dict(views=m) for m in (1, 4, 10)]:
         stall = row.get("data_stall")
-        out.append(dict(target="data stall <= 2 % of the step", views=row["views"], value=stall, threshold=0.02,
-                        met=None if stall is None else stall <= 0.02, detail=f"from {source}"))
+        out.append(
+            dict(
+                target="data stall <= 2 % of the step",
+                views=row["views"],
+                value=stall,
+                threshold=0.02,
+                met=None if stall is None else stall <= 0.02,
+                detail=f"from {source}",
+            )
+        )
         fed, memory = row.get("images_per_s"), row.get("memory_images_per_s")
-        out.append(_ratio_target("training images/s fed by the loader >= 0.95 x from in-memory batches", row["views"],
-                                 fed / memory if fed and memory else None,
-                                 f"{fed or 0:.0f} / {memory or 0:.0f} img/s, from {source}", threshold=0.95))
+        out.append(
+            _ratio_target(
+                "training images/s fed by the loader >= 0.95 x from in-memory batches",
+                row["views"],
+                fed / memory if fed and memory else None,
+                f"{fed or 0:.0f} / {memory or 0:.0f} img/s, from {source}",
+                threshold=0.95,
+            )
+        )
     return out
 
 
@@ -87,8 +116,11 @@ def fmt(value) -> str:
 
 def table(headers: list[str], rows: list[list]) -> list[str]:
     """A Markdown table, its cells as :func:`fmt` writes them."""
-    return (["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
-            + ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows] + [""])
+    return (
+        ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
+        + ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+        + [""]
+    )
 
 
 def markdown(report: dict) -> str:
@@ -98,18 +130,53 @@ def markdown(report: dict) -> str:
     lines = [f"# GPU check: {m.get('gpu', '?')}", ""]
     if report["smoke"]:
         lines += [f"> **{report['note']}**", ""]
-    lines += [f"Started {report['started']}, {report['wall_s']:.0f} s of a {report['budget_s']:.0f} s budget: "
-              f"`{report['command']}`", "", "## Machine", ""]
-    keys = ("gpu", "gpu_memory_gib", "compute_capability", "driver", "torch_cuda", "cudnn", "torch", "torchvision",
-            "dali", "nvimgcodec", "python", "cores", "cpu", "memory_gib", "os")
+    lines += [
+        f"Started {report['started']}, {report['wall_s']:.0f} s of a {report['budget_s']:.0f} s budget: "
+        f"`{report['command']}`",
+        "",
+        "## Machine",
+        "",
+    ]
+    keys = (
+        "gpu",
+        "gpu_memory_gib",
+        "compute_capability",
+        "driver",
+        "torch_cuda",
+        "cudnn",
+        "torch",
+        "torchvision",
+        "dali",
+        "nvimgcodec",
+        "python",
+        "cores",
+        "cpu",
+        "memory_gib",
+        "os",
+    )
     lines += table(["what", "value"], [[key, m.get(key)] for key in keys])
-    lines += ["## Steps", ""] + table(["step", "what", "status", "seconds", "limit s", "budget s"], [
-        [s["name"], s["title"], s["status"], s.get("seconds"), s.get("limit_s"),
-         f"{s.get('budget_s')} (optional: on what is left)" if s.get("optional") else s.get("budget_s")]
-        for s in report["steps"]])
+    lines += ["## Steps", ""] + table(
+        ["step", "what", "status", "seconds", "limit s", "budget s"],
+        [
+            [
+                s["name"],
+                s["title"],
+                s["status"],
+                s.get("seconds"),
+                s.get("limit_s"),
+                f"{s.get('budget_s')} (optional: on what is left)" if s.get("optional") else s.get("budget_s"),
+            ]
+            for s in report["steps"]
+        ],
+    )
     verdicts = {True: "met", False: "**missed**", None: "not measured"}
-    lines += ["## Targets (ratios measured in this one run)", ""] + table(["target", "M", "value", "threshold", "", "from"], [
-        [t["target"], t["views"], t["value"], t["threshold"], verdicts[t["met"]], t["detail"]] for t in report["targets"]])
+    lines += ["## Targets (ratios measured in this one run)", ""] + table(
+        ["target", "M", "value", "threshold", "", "from"],
+        [
+            [t["target"], t["views"], t["value"], t["threshold"], verdicts[t["met"]], t["detail"]]
+            for t in report["targets"]
+        ],
+    )
     where = " (smoke run: CPU values at tiny sizes, no GPU numbers)" if report["smoke"] else ""
     for name, render in RENDERERS:
         if result.get(name):
@@ -120,30 +187,54 @@ def markdown(report: dict) -> str:
 def _env_md(r: dict) -> list[str]:
     hw = r.get("hardware_decoder", {})
     runs = [(key, hw[key]) for key in ("dali_mixed_hw_load_0", "dali_mixed_default", "dali_cpu") if key in hw]
-    return [f"Hardware JPEG decoder in use by DALI: **{hw.get('in_use', '–')}** (evidence: {hw.get('evidence', '–')}); "
-            f"nvImageCodec's {hw.get('nvimgcodec_backend', '?')} backend decoded {hw.get('nvimgcodec_decoded', '–')} "
-            f"of {min(64, hw.get('files', 0))} files; nvidia-smi JPG utilisation samples: "
-            f"{hw.get('nvidia_smi_jpg_utilisation', '–')}.", ""] + table(
+    return [
+        f"Hardware JPEG decoder in use by DALI: **{hw.get('in_use', '–')}** (evidence: {hw.get('evidence', '–')}); "
+        f"nvImageCodec's {hw.get('nvimgcodec_backend', '?')} backend decoded {hw.get('nvimgcodec_decoded', '–')} "
+        f"of {min(64, hw.get('files', 0))} files; nvidia-smi JPG utilisation samples: "
+        f"{hw.get('nvidia_smi_jpg_utilisation', '–')}.",
+        "",
+    ] + table(
         ["DALI decode", "hw_decoder_load", "images/s", "CPU ms per image", "cores busy"],
-        [[key, v.get("hw_decoder_load"), v.get("images_per_s"), v.get("cpu_ms_per_image"), v.get("cores_busy")]
-         if "error" not in v else [key, v["error"], None, None, None] for key, v in runs])
+        [
+            [key, v.get("hw_decoder_load"), v.get("images_per_s"), v.get("cpu_ms_per_image"), v.get("cores_busy")]
+            if "error" not in v
+            else [key, v["error"], None, None, None]
+            for key, v in runs
+        ],
+    )
 
 
 def _doctor_md(r: dict) -> list[str]:
     d = r.get("doctor", {})
-    lines = [f"`python -m dali_ba.doctor --dali-threads 1`: {d.get('status', '–')} (rc {d.get('rc')}) in "
-             f"{d.get('seconds', '–')} s; verdict: **{d.get('verdict') or 'none printed'}**.", ""]
+    lines = [
+        f"`python -m dali_ba.doctor --dali-threads 1`: {d.get('status', '–')} (rc {d.get('rc')}) in "
+        f"{d.get('seconds', '–')} s; verdict: **{d.get('verdict') or 'none printed'}**.",
+        "",
+    ]
     return lines + [f"- {problem}" for problem in d.get("problems", [])] + [""]
 
 
 def _tests_md(r: dict) -> list[str]:
     counts = ", ".join(f"{n} {kind.lower()}" for kind, n in r.get("counts", {}).items()) or "none ran"
-    lines = [f"On CUDA: {r.get('cuda')}. Results: {counts}. {len(r.get('files', []))} files, each in its own pytest "
-             f"process under its own limit ({r.get('parallel')} at once). `-k {r.get('select', '')}`", ""]
-    lines += table(["file", "status", "seconds", "limit s", "outcomes", "failed"], [
-        [name, f.get("status"), f.get("seconds"), f.get("limit_s"),
-         ", ".join(f"{n} {kind.lower()}" for kind, n in f.get("counts", {}).items()) or None,
-         len(f.get("failed", [])) or None] for name, f in r.get("per_file", {}).items()])
+    lines = [
+        f"On CUDA: {r.get('cuda')}. Results: {counts}. {len(r.get('files', []))} files, each in its own pytest "
+        f"process under its own limit ({r.get('parallel')} at once). `-k {r.get('select', '')}`",
+        "",
+    ]
+    lines += table(
+        ["file", "status", "seconds", "limit s", "outcomes", "failed"],
+        [
+            [
+                name,
+                f.get("status"),
+                f.get("seconds"),
+                f.get("limit_s"),
+                ", ".join(f"{n} {kind.lower()}" for kind, n in f.get("counts", {}).items()) or None,
+                len(f.get("failed", [])) or None,
+            ]
+            for name, f in r.get("per_file", {}).items()
+        ],
+    )
     lines += [f"- failed: `{name}`" for name in r.get("failed", [])]
     lines += [f"- deselected `{key}`: {why}" for key, why in r.get("deselected", {}).items()]
     return lines + [""]
@@ -151,60 +242,144 @@ def _tests_md(r: dict) -> list[str]:
 
 def _demo_md(r: dict) -> list[str]:
     runs = r.get("runs", {})
-    lines = table(["run", "flags", "rc", "device", "decoder", "engine", "top-1 %", "top-5 %", "steps/s", "seconds"], [
-        [name, v.get("flags"), v.get("rc"), v.get("device"), v.get("decoder"),
-         f"{v.get('engine')} ({v.get('engine_backend')})", v.get("top1"), v.get("top5"), v.get("steps_per_s"),
-         v.get("seconds")] for name, v in runs.items()])
+    lines = table(
+        ["run", "flags", "rc", "device", "decoder", "engine", "top-1 %", "top-5 %", "steps/s", "seconds"],
+        [
+            [
+                name,
+                v.get("flags"),
+                v.get("rc"),
+                v.get("device"),
+                v.get("decoder"),
+                f"{v.get('engine')} ({v.get('engine_backend')})",
+                v.get("top1"),
+                v.get("top5"),
+                v.get("steps_per_s"),
+                v.get("seconds"),
+            ]
+            for name, v in runs.items()
+        ],
+    )
     acc, resume = r.get("accuracy", {}), r.get("resume", {})
     stop = resume.get("stop", {})
-    lines += [f"Accuracy: bf16 top-1 {acc.get('gpu_bf16_top1')} % here against {acc.get('cpu_demo_top1')} % for the "
-              f"CPU demo (docs/measured.md; 2 ranks), difference {acc.get('difference')}.", "",
-              f"Resume: stopped at step {stop.get('step')} of {stop.get('steps_per_epoch')} per epoch (mid-epoch: "
-              f"{stop.get('mid_epoch')}, rc {stop.get('rc')}); resumed bit-identical to the uninterrupted run: "
-              f"**{resume.get('exact')}**; two uninterrupted runs identical (deterministic): {resume.get('deterministic')}"
-              + (f"; max |difference| resumed {resume['max_abs_difference_resumed']:.3g}, run to run "
-                 f"{resume['max_abs_difference_run_to_run']:.3g}" if "max_abs_difference_resumed" in resume else "")
-              + f". The runs compared trained with --deterministic: {r.get('deterministic_flag')}.", ""]
+    lines += [
+        f"Accuracy: bf16 top-1 {acc.get('gpu_bf16_top1')} % here against {acc.get('cpu_demo_top1')} % for the "
+        f"CPU demo (docs/measured.md; 2 ranks), difference {acc.get('difference')}.",
+        "",
+        f"Resume: stopped at step {stop.get('step')} of {stop.get('steps_per_epoch')} per epoch (mid-epoch: "
+        f"{stop.get('mid_epoch')}, rc {stop.get('rc')}); resumed bit-identical to the uninterrupted run: "
+        f"**{resume.get('exact')}**; two uninterrupted runs identical (deterministic): {resume.get('deterministic')}"
+        + (
+            f"; max |difference| resumed {resume['max_abs_difference_resumed']:.3g}, run to run "
+            f"{resume['max_abs_difference_run_to_run']:.3g}"
+            if "max_abs_difference_resumed" in resume
+            else ""
+        )
+        + f". The runs compared trained with --deterministic: {r.get('deterministic_flag')}.",
+        "",
+    ]
     return lines
 
 
 def _loader_md(r: dict) -> list[str]:
-    lines = [f"{r.get('files')} JPEGs (~500x375, ~110 KB), B = {r.get('batch')}, {r.get('view_size')} px views, "
-             f"{r.get('workers')} DataLoader workers / DALI threads, epochs cut at {r.get('epoch_seconds')} s; "
-             "running = without each epoch's start.", ""]
-    return lines + table(["method", "M", "samples/s", "views/s", "running samples/s", "running views/s", "cores used",
-                          "first batch s"], [
-        [f"({x['method']}) {x['name']}", x["views"], x["samples_per_s"], x["views_per_s"], x["running_samples_per_s"],
-         x["running_views_per_s"], x["cores_used"], x["first_batch_s"]] for x in r.get("results", [])]) + _hw_load_md(r)
+    lines = [
+        f"{r.get('files')} JPEGs (~500x375, ~110 KB), B = {r.get('batch')}, {r.get('view_size')} px views, "
+        f"{r.get('workers')} DataLoader workers / DALI threads, epochs cut at {r.get('epoch_seconds')} s; "
+        "running = without each epoch's start.",
+        "",
+    ]
+    return (
+        lines
+        + table(
+            [
+                "method",
+                "M",
+                "samples/s",
+                "views/s",
+                "running samples/s",
+                "running views/s",
+                "cores used",
+                "first batch s",
+            ],
+            [
+                [
+                    f"({x['method']}) {x['name']}",
+                    x["views"],
+                    x["samples_per_s"],
+                    x["views_per_s"],
+                    x["running_samples_per_s"],
+                    x["running_views_per_s"],
+                    x["cores_used"],
+                    x["first_batch_s"],
+                ]
+                for x in r.get("results", [])
+            ],
+        )
+        + _hw_load_md(r)
+    )
 
 
 def _hw_load_md(r: dict) -> list[str]:
     hw = r.get("hw_decoder_load")
     if not hw:
         return []
-    head = f"The mixed decoder at `hw_decoder_load` {', '.join(map(str, hw.get('loads', [])))} (dali-ba's default: {hw.get('default')})"
+    loads = ", ".join(map(str, hw.get("loads", [])))
+    head = f"The mixed decoder at `hw_decoder_load` {loads} (dali-ba's default: {hw.get('default')})"
     if "skipped" in hw:
         return [f"{head}: skipped, {hw['skipped']}.", ""]
     notes = [hw[key] for key in ("loader_note", "cut") if key in hw]
     rows = []
     for x in hw.get("rows", []):
         decode, loader = x.get("decode", {}), x.get("loader", {})
-        rows.append([f"{x['hw_decoder_load']}" + (" (default)" if x.get("default") else ""),
-                     decode.get("images_per_s", decode.get("error")), decode.get("cpu_ms_per_image"),
-                     loader.get("views_per_s", loader.get("error")), loader.get("running_views_per_s"),
-                     loader.get("cores_used")])
-    return [f"{head}; DALI's decode alone, and dali-ba at M = {hw.get('views')}" + "".join(f"; {n}" for n in notes) + ":", ""] + table(
-        ["hw_decoder_load", "decode images/s", "decode CPU ms/image", "dali-ba views/s", "running views/s", "cores used"], rows)
+        rows.append(
+            [
+                f"{x['hw_decoder_load']}" + (" (default)" if x.get("default") else ""),
+                decode.get("images_per_s", decode.get("error")),
+                decode.get("cpu_ms_per_image"),
+                loader.get("views_per_s", loader.get("error")),
+                loader.get("running_views_per_s"),
+                loader.get("cores_used"),
+            ]
+        )
+    return [
+        f"{head}; DALI's decode alone, and dali-ba at M = {hw.get('views')}" + "".join(f"; {n}" for n in notes) + ":",
+        "",
+    ] + table(
+        [
+            "hw_decoder_load",
+            "decode images/s",
+            "decode CPU ms/image",
+            "dali-ba views/s",
+            "running views/s",
+            "cores used",
+        ],
+        rows,
+    )
 
 
 def _augment_md(r: dict) -> list[str]:
-    lines = [f"{r.get('files')} JPEGs, B = {r.get('batch')}, {r.get('view_size')} px views, {r.get('threads')} DALI "
-             f"threads, the recipe's defaults (randaugment n = 2, m = 9); graph s: the first batch ever (graph defined "
-             f"and built); epoch start s: the next epoch's first batch (the same graph); rates over "
-             f"{r.get('seconds_per_case')} s after them.", ""]
-    lines += table(["augment", "M", "decoder / stage", "graph s", "epoch start s", "views/s", "samples/s"], [
-        [x["augment"], x["views"], f"{x['decoder']} / {x['stage']}", x["graph_s"], x["epoch_start_s"], x["views_per_s"],
-         x["samples_per_s"]] for x in r.get("results", [])])
+    lines = [
+        f"{r.get('files')} JPEGs, B = {r.get('batch')}, {r.get('view_size')} px views, {r.get('threads')} DALI "
+        f"threads, the recipe's defaults (randaugment n = 2, m = 9); graph s: the first batch ever (graph defined "
+        f"and built); epoch start s: the next epoch's first batch (the same graph); rates over "
+        f"{r.get('seconds_per_case')} s after them.",
+        "",
+    ]
+    lines += table(
+        ["augment", "M", "decoder / stage", "graph s", "epoch start s", "views/s", "samples/s"],
+        [
+            [
+                x["augment"],
+                x["views"],
+                f"{x['decoder']} / {x['stage']}",
+                x["graph_s"],
+                x["epoch_start_s"],
+                x["views_per_s"],
+                x["samples_per_s"],
+            ]
+            for x in r.get("results", [])
+        ],
+    )
     lines += [f"- {case}: {error}" for case, error in r.get("errors", {}).items()]
     return lines + ([f"- {r['cut']}"] if "cut" in r else []) + [""]
 
@@ -213,18 +388,49 @@ PHASES = ("data", "h2d", "forward_backward", "allreduce_step")
 
 
 def _figure5_md(r: dict) -> list[str]:
-    return table(["M", "steps/s", "img/s, loader", "img/s, memory", "data stall", "data wait", "loader alone samples/s",
-                  *[f"{p} ms" for p in PHASES]], [
-        [x["views"], x["steps_per_s"], x["images_per_s"], x["memory_images_per_s"], x["data_stall"],
-         x["data_wait_share"], x["loader_alone_samples_per_s"], *[x["phases_ms"].get(p) for p in PHASES]]
-        for x in r.get("results", [])])
+    return table(
+        [
+            "M",
+            "steps/s",
+            "img/s, loader",
+            "img/s, memory",
+            "data stall",
+            "data wait",
+            "loader alone samples/s",
+            *[f"{p} ms" for p in PHASES],
+        ],
+        [
+            [
+                x["views"],
+                x["steps_per_s"],
+                x["images_per_s"],
+                x["memory_images_per_s"],
+                x["data_stall"],
+                x["data_wait_share"],
+                x["loader_alone_samples_per_s"],
+                *[x["phases_ms"].get(p) for p in PHASES],
+            ]
+            for x in r.get("results", [])
+        ],
+    )
 
 
 def _views_md(r: dict) -> list[str]:
     return [f"Free views (step time within {r.get('tolerance')} of M = 1's): M = {r.get('free_views')}.", ""] + table(
-        ["M", "steps/s", "img/s", "views/s", "img/s, memory", "data stall", "step time / M=1's"], [
-            [x["views"], x["steps_per_s"], x["images_per_s"], x["views_per_s"], x["memory_images_per_s"], x["data_stall"],
-             x["step_time_ratio"]] for x in r.get("results", [])])
+        ["M", "steps/s", "img/s", "views/s", "img/s, memory", "data stall", "step time / M=1's"],
+        [
+            [
+                x["views"],
+                x["steps_per_s"],
+                x["images_per_s"],
+                x["views_per_s"],
+                x["memory_images_per_s"],
+                x["data_stall"],
+                x["step_time_ratio"],
+            ]
+            for x in r.get("results", [])
+        ],
+    )
 
 
 def _compile_md(r: dict) -> list[str]:
@@ -232,16 +438,27 @@ def _compile_md(r: dict) -> list[str]:
         return [f"Skipped: {r['skipped']}.", ""]
     compiled, plain = r.get("compiled") or {}, r.get("uncompiled") or {}
     compile_s = fmt(r["compile_s"]) + " s" if r.get("compile_s") is not None else r.get("compile_note", "–")
-    return [f"M = {r.get('views')}, {r.get('arch')}: compile time **{compile_s}** with inductor's cache "
-            f"{r.get('inductor_cache', '–')} (this run's {fmt(r.get('seconds'))} s "
-            f"minus figure5's uncompiled run at this M, {fmt(r.get('uncompiled_seconds'))} s: the same steps); "
-            f"steps/s compiled {fmt(compiled.get('steps_per_s'))} against {fmt(plain.get('steps_per_s'))} uncompiled "
-            f"(speed-up {fmt(r.get('speedup'))}); data stall compiled {fmt(compiled.get('data_stall'))}.", ""]
+    return [
+        f"M = {r.get('views')}, {r.get('arch')}: compile time **{compile_s}** with inductor's cache "
+        f"{r.get('inductor_cache', '–')} (this run's {fmt(r.get('seconds'))} s "
+        f"minus figure5's uncompiled run at this M, {fmt(r.get('uncompiled_seconds'))} s: the same steps); "
+        f"steps/s compiled {fmt(compiled.get('steps_per_s'))} against {fmt(plain.get('steps_per_s'))} uncompiled "
+        f"(speed-up {fmt(r.get('speedup'))}); data stall compiled {fmt(compiled.get('data_stall'))}.",
+        "",
+    ]
 
 
-RENDERERS = (("env", _env_md), ("doctor", _doctor_md), ("tests", _tests_md), ("demo", _demo_md),
-             ("loader", _loader_md), ("augment", _augment_md), ("figure5", _figure5_md), ("views", _views_md),
-             ("compile", _compile_md))
+RENDERERS = (
+    ("env", _env_md),
+    ("doctor", _doctor_md),
+    ("tests", _tests_md),
+    ("demo", _demo_md),
+    ("loader", _loader_md),
+    ("augment", _augment_md),
+    ("figure5", _figure5_md),
+    ("views", _views_md),
+    ("compile", _compile_md),
+)
 
 
 def write_report(out: Path, report: dict, details: Path) -> None:

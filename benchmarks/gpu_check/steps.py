@@ -13,6 +13,7 @@ driver judges targets). ``--smoke`` runs the same code on the CPU at the sizes o
 - ``steps_loader``: ``loader`` (against its peers; ``hw_decoder_load``), ``augment`` (auto-augment graphs);
 - ``context``: what they share (the sizes, a step's context, the ImageNet-like JPEGs).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,15 @@ from benchmarks.gpu_check.steps_tests import step_tests
 from benchmarks.gpu_check.steps_train import step_compile, step_demo, step_figure5, step_views
 
 STEPS: dict[str, Callable[[Ctx], int]] = {
-    "env": step_env, "doctor": step_doctor, "tests": step_tests, "demo": step_demo, "loader": step_loader,
-    "augment": step_augment, "figure5": step_figure5, "views": step_views, "compile": step_compile,
+    "env": step_env,
+    "doctor": step_doctor,
+    "tests": step_tests,
+    "demo": step_demo,
+    "loader": step_loader,
+    "augment": step_augment,
+    "figure5": step_figure5,
+    "views": step_views,
+    "compile": step_compile,
 }
 
 

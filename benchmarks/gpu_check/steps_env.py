@@ -1,5 +1,6 @@
 """The GPU check's first steps: ``env`` (the machine, the versions, DALI's hardware JPEG decoder) and
 ``doctor`` (``python -m dali_ba.doctor`` on the machine, under a limit of its own)."""
+
 from __future__ import annotations
 
 import os
@@ -11,7 +12,6 @@ from pathlib import Path
 
 from benchmarks.gpu_check.context import Ctx, ensure_images, module_version, read_json
 from benchmarks.gpu_check.processes import child_env, run_logged
-
 
 # --- 1. environment -----------------------------------------------------------------------------------
 
@@ -26,18 +26,35 @@ def step_env(ctx: Ctx) -> int:
     files = sorted(str(p) for p in ensure_images(ctx).rglob("*.jpg"))[: 8 * ctx.sizes.batch]  # forks: before CUDA
     r = ctx.result
     cuda = torch.cuda.is_available()
-    m = r["machine"] = dict(python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__,
-                            torch_cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version() if cuda else None,
-                            gpu_visible=cuda, cores=len(os.sched_getaffinity(0)))
+    m = r["machine"] = dict(
+        python=platform.python_version(),
+        torch=torch.__version__,
+        torchvision=torchvision.__version__,
+        torch_cuda=torch.version.cuda,
+        cudnn=torch.backends.cudnn.version() if cuda else None,
+        gpu_visible=cuda,
+        cores=len(os.sched_getaffinity(0)),
+    )
     if cuda:
         p = torch.cuda.get_device_properties(0)
-        m.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), compute_capability=f"{p.major}.{p.minor}",
-                 multiprocessors=p.multi_processor_count, gpus=torch.cuda.device_count())
+        m.update(
+            gpu=p.name,
+            gpu_memory_gib=round(p.total_memory / 2**30, 1),
+            compute_capability=f"{p.major}.{p.minor}",
+            multiprocessors=p.multi_processor_count,
+            gpus=torch.cuda.device_count(),
+        )
     else:
         m["gpu"] = "no GPU"
     m.update(nvidia_smi())
-    for name, module in (("dali", "nvidia.dali"), ("nvimgcodec", "nvidia.nvimgcodec"), ("pytest", "pytest"),
-                         ("mpi4py", "mpi4py"), ("horovod", "horovod"), ("psutil", "psutil")):
+    for name, module in (
+        ("dali", "nvidia.dali"),
+        ("nvimgcodec", "nvidia.nvimgcodec"),
+        ("pytest", "pytest"),
+        ("mpi4py", "mpi4py"),
+        ("horovod", "horovod"),
+        ("psutil", "psutil"),
+    ):
         m[name] = module_version(module)
     m["tools"] = {tool: shutil.which(tool) for tool in ("nvidia-smi", "mpirun", "horovodrun", "make")}
     ctx.save()
@@ -50,8 +67,12 @@ def nvidia_smi() -> dict:
     """Name, driver and memory as nvidia-smi reports them (its absence is reported too)."""
     query = ("name", "driver_version", "memory.total")
     try:
-        done = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(query)}", "--format=csv,noheader"],
-                              capture_output=True, text=True, timeout=20)
+        done = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={','.join(query)}", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         return {"nvidia_smi": f"not run: {exc}"}
     if done.returncode:
@@ -86,7 +107,9 @@ def hardware_decoder(files: list[str], cuda: bool, threads: int) -> dict:
     # The JPG engines' utilisation is direct evidence; without it, a default run that needs much less
     # CPU per image than the run kept off the hardware (Huffman decoding done on the CPU) is.
     out["in_use"] = bool(hw_works and (busy if busy is not None else (cpu_saving is not None and cpu_saving < 0.7)))
-    out["evidence"] = "nvidia-smi JPG utilisation" if busy is not None else "CPU per image, default vs hw_decoder_load=0"
+    out["evidence"] = (
+        "nvidia-smi JPG utilisation" if busy is not None else "CPU per image, default vs hw_decoder_load=0"
+    )
     return out
 
 
@@ -105,7 +128,9 @@ def nvimgcodec_decodes(files: list[str], hardware: bool) -> int | str:
         if hardware:
             decoder = nv.Decoder(backends=[nv.Backend(nv.BackendKind.HW_GPU_ONLY)])
         else:
-            decoder = nv.Decoder(device_id=nv.NVIMGCODEC_DEVICE_CPU_ONLY, backends=[nv.Backend(nv.BackendKind.CPU_ONLY)])
+            decoder = nv.Decoder(
+                device_id=nv.NVIMGCODEC_DEVICE_CPU_ONLY, backends=[nv.Backend(nv.BackendKind.CPU_ONLY)]
+            )
         images = decoder.decode([nv.CodeStream(Path(f).read_bytes()) for f in files])
         return sum(image is not None for image in images)
     except Exception as exc:
@@ -135,8 +160,13 @@ def dali_decode_rate(files: list[str], device: str, hw_load: float | None, threa
         if device == "mixed":
             torch.cuda.synchronize()
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-        return dict(hw_decoder_load=hw_load if hw_load is not None else "default", images=images,
-                    images_per_s=images / wall, cpu_ms_per_image=1e3 * cpu / images, cores_busy=cpu / wall)
+        return dict(
+            hw_decoder_load=hw_load if hw_load is not None else "default",
+            images=images,
+            images_per_s=images / wall,
+            cpu_ms_per_image=1e3 * cpu / images,
+            cores_busy=cpu / wall,
+        )
     except Exception as exc:
         return {"error": f"{type(exc).__name__}: {exc}"[:500]}
 
@@ -149,10 +179,14 @@ class JpgUtilisation:
         self.count, self._process = samples, None
         self.samples: list[int] = []
 
-    def __enter__(self) -> "JpgUtilisation":
+    def __enter__(self) -> JpgUtilisation:
         try:
-            self._process = subprocess.Popen(["nvidia-smi", "dmon", "-s", "u", "-d", "1", "-c", str(self.count)],
-                                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            self._process = subprocess.Popen(
+                ["nvidia-smi", "dmon", "-s", "u", "-d", "1", "-c", str(self.count)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
         except OSError:
             pass
         return self
@@ -192,8 +226,13 @@ def step_doctor(ctx: Ctx) -> int:
     found = read_json(report) or {}
     lines = log.read_text(errors="replace").splitlines()
     verdict = next((line.strip() for line in reversed(lines) if line.startswith("doctor:")), None)
-    ctx.result["doctor"] = dict(status="timed out" if rc is None else "finished", rc=rc, seconds=round(seconds, 1),
-                                verdict=verdict, ok=found.get("ok"),
-                                problems=[f"{p['level']} {p['check']}: {p['text']}" for p in found.get("problems", [])])
+    ctx.result["doctor"] = dict(
+        status="timed out" if rc is None else "finished",
+        rc=rc,
+        seconds=round(seconds, 1),
+        verdict=verdict,
+        ok=found.get("ok"),
+        problems=[f"{p['level']} {p['check']}: {p['text']}" for p in found.get("problems", [])],
+    )
     ctx.save()
     return 0 if rc == 0 else 1

@@ -1,6 +1,7 @@
 """The GPU check's loader steps: ``loader`` (dali-ba against torchvision on the CPU and on the GPU and
 against DALI's decode alone; the mixed decoder at several ``hw_decoder_load``) and ``augment`` (the
 auto-augment graphs: their build time and views/s)."""
+
 from __future__ import annotations
 
 import gc
@@ -10,11 +11,14 @@ from types import SimpleNamespace
 
 from benchmarks.gpu_check.context import Ctx, Sizes, ensure_images, gpu
 
-
 # --- 5. the loader alone --------------------------------------------------------------------------------
 
-METHODS = {"a": "dali-ba (decoder auto: mixed on a GPU)", "c": "torchvision DataLoader: decode_jpeg + v2, uint8",
-           "g": "torchvision on the device: decode_jpeg(device) + v2", "f": "DALI decode alone (ceiling)"}
+METHODS = {
+    "a": "dali-ba (decoder auto: mixed on a GPU)",
+    "c": "torchvision DataLoader: decode_jpeg + v2, uint8",
+    "g": "torchvision on the device: decode_jpeg(device) + v2",
+    "f": "DALI decode alone (ceiling)",
+}
 
 
 def step_loader(ctx: Ctx) -> int:
@@ -34,8 +38,15 @@ def step_loader(ctx: Ctx) -> int:
     torch.set_num_threads(s.workers)
     # The DataLoaders first: their workers fork before this process starts CUDA (DALI, the GPU peer).
     cases = [("c", v) for v in s.views] + [(m, v) for v in s.views for m in "ag"] + [("f", s.views[0])]
-    ctx.result.update(files=len(dataset), batch=s.batch, view_size=s.view_size, workers=s.workers,
-                      epoch_seconds=s.epoch_seconds, methods=METHODS, results=[])
+    ctx.result.update(
+        files=len(dataset),
+        batch=s.batch,
+        view_size=s.view_size,
+        workers=s.workers,
+        epoch_seconds=s.epoch_seconds,
+        methods=METHODS,
+        results=[],
+    )
     runners, epochs = {}, {case: [] for case in cases}
     for case in cases:
         print(f"warm-up {case}", flush=True)
@@ -46,8 +57,11 @@ def step_loader(ctx: Ctx) -> int:
         for case in cases:
             epochs[case].append(run_epoch(runners[case], 1 + round_))
             e = epochs[case][-1]
-            print(f"round {round_ + 1} {case}: {e['batches'] * s.batch / e['seconds']:.0f} samples/s, "
-                  f"{e['cpu_seconds'] / e['seconds']:.1f} cores", flush=True)
+            print(
+                f"round {round_ + 1} {case}: {e['batches'] * s.batch / e['seconds']:.0f} samples/s, "
+                f"{e['cpu_seconds'] / e['seconds']:.1f} cores",
+                flush=True,
+            )
         ctx.result["results"] = [summary(*case, epochs[case], s.batch) for case in cases if epochs[case]]
         ctx.save()
     del runners  # the DataLoaders' workers and the pipelines go before the runs below
@@ -75,8 +89,10 @@ def hw_load_sweep(ctx: Ctx, dataset) -> dict:
     keyword = "hw_decoder_load" in inspect.signature(BatchAugmentLoader).parameters
     out: dict = dict(default=default, loads=list(loads), loader_keyword=keyword, views=s.hw_load_views, rows=[])
     if not gpu():
-        out["skipped"] = ("needs a GPU: hw_decoder_load splits the mixed decoder's work between the hardware JPEG "
-                          "decoder and CUDA; the cpu decoder has neither, so nothing was measured")
+        out["skipped"] = (
+            "needs a GPU: hw_decoder_load splits the mixed decoder's work between the hardware JPEG "
+            "decoder and CUDA; the cpu decoder has neither, so nothing was measured"
+        )
         return out
     if not keyword:
         out["loader_note"] = "BatchAugmentLoader has no hw_decoder_load keyword in this checkout: decode rates only"
@@ -84,17 +100,37 @@ def hw_load_sweep(ctx: Ctx, dataset) -> dict:
         if ctx.left() < 8:
             out["cut"] = f"no time left for hw_decoder_load {load} and after"
             break
-        row = dict(hw_decoder_load=load, default=load == default,
-                   decode=dali_decode_rate(dataset.files[: 8 * s.batch], "mixed", load, s.workers, s.epoch_seconds))
+        row = dict(
+            hw_decoder_load=load,
+            default=load == default,
+            decode=dali_decode_rate(dataset.files[: 8 * s.batch], "mixed", load, s.workers, s.epoch_seconds),
+        )
         if keyword:
             try:
-                loader = BatchAugmentLoader(dataset, batch_size=s.batch, views=s.hw_load_views, view_size=s.view_size,
-                                            decoder="mixed", num_threads=s.workers, seed=0, hw_decoder_load=load)
+                loader = BatchAugmentLoader(
+                    dataset,
+                    batch_size=s.batch,
+                    views=s.hw_load_views,
+                    view_size=s.view_size,
+                    decoder="mixed",
+                    num_threads=s.workers,
+                    seed=0,
+                    hw_decoder_load=load,
+                )
                 runner = Runner(time_limited(loader.epoch, s.epoch_seconds))
                 run_epoch(runner, 0)
                 loaded = summary("a", s.hw_load_views, [run_epoch(runner, 1)], s.batch)
-                row["loader"] = {key: loaded[key] for key in ("samples_per_s", "views_per_s", "running_views_per_s",
-                                                              "running_samples_per_s", "cores_used", "first_batch_s")}
+                row["loader"] = {
+                    key: loaded[key]
+                    for key in (
+                        "samples_per_s",
+                        "views_per_s",
+                        "running_views_per_s",
+                        "running_samples_per_s",
+                        "cores_used",
+                        "first_batch_s",
+                    )
+                }
             except Exception as exc:  # a value the installed DALI refuses is a finding, not the end of the step
                 row["loader"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
         print(f"hw_decoder_load {load}: {row}", flush=True)
@@ -113,7 +149,9 @@ def make_method(method: str, views: int, dataset, s: Sizes):
 
     options = dict(batch_size=s.batch, view_size=s.view_size, decoder="auto", num_threads=s.workers, seed=0)
     if method == "c":
-        runner = torch_loader("c", dataset, views, SimpleNamespace(threads=s.workers, batch=s.batch, size=s.view_size, seed=0))
+        runner = torch_loader(
+            "c", dataset, views, SimpleNamespace(threads=s.workers, batch=s.batch, size=s.view_size, seed=0)
+        )
     elif method == "g":
         device = "cuda" if torch.cuda.is_available() else "cpu"
         runner = Runner(TorchvisionOnDevice(dataset, s.batch, views, s.view_size, device).epoch)
@@ -147,9 +185,12 @@ def summary(method: str, views: int, epochs: list[dict], batch: int) -> dict:
     from benchmarks.peers import summarise
 
     row = summarise("f" if method == "f" else "a", views, epochs, batch)  # the letter only picks M = 1 for f
-    row.update(method=method, name=METHODS[method],
-               running_samples_per_s=row["running_views_per_s"] / row["views"],
-               cores_used=sum(e["cpu_seconds"] for e in epochs) / sum(e["seconds"] for e in epochs))
+    row.update(
+        method=method,
+        name=METHODS[method],
+        running_samples_per_s=row["running_views_per_s"] / row["views"],
+        cores_used=sum(e["cpu_seconds"] for e in epochs) / sum(e["seconds"] for e in epochs),
+    )
     return row
 
 
@@ -171,23 +212,39 @@ def step_augment(ctx: Ctx) -> int:
 
     dataset, s = load_dataset(ensure_images(ctx)), ctx.sizes
     cases = [(augment, views) for augment in AUTO_AUGMENTS for views in s.augment_views]
-    ctx.result.update(files=len(dataset), batch=s.batch, view_size=s.view_size, threads=s.workers, cuda=gpu(),
-                      seconds_per_case=s.augment_seconds, results=[], errors={})
-    for at, (augment, views) in enumerate(cases):
+    ctx.result.update(
+        files=len(dataset),
+        batch=s.batch,
+        view_size=s.view_size,
+        threads=s.workers,
+        cuda=gpu(),
+        seconds_per_case=s.augment_seconds,
+        results=[],
+        errors={},
+    )
+    for augment, views in cases:
         if ctx.left() < 5:
             ctx.result["cut"] = f"no time left for {augment} M = {views} and after"
             break
         options = dict(DataConfig().augmentation(), augment=augment, stage="dali")
         try:
-            loader = BatchAugmentLoader(dataset, s.batch, views, s.view_size, decoder="auto", num_threads=s.workers,
-                                        seed=0, **options)
+            loader = BatchAugmentLoader(
+                dataset, s.batch, views, s.view_size, decoder="auto", num_threads=s.workers, seed=0, **options
+            )
             row = time_auto_augment(loader, s.augment_seconds)
         except Exception as exc:  # one graph that fails leaves the others to measure
             ctx.result["errors"][f"{augment} M={views}"] = f"{type(exc).__name__}: {exc}"[:500]
             ctx.save()
             continue
-        row.update(augment=augment, views=views, decoder=loader.decoder, stage=loader.stage, device=str(loader.device),
-                   randaugment_n=options["randaugment_n"], randaugment_m=options["randaugment_m"])
+        row.update(
+            augment=augment,
+            views=views,
+            decoder=loader.decoder,
+            stage=loader.stage,
+            device=str(loader.device),
+            randaugment_n=options["randaugment_n"],
+            randaugment_m=options["randaugment_m"],
+        )
         print(f"{augment} M={views}: graph {row['graph_s']:.1f} s, {row['views_per_s']:.0f} views/s", flush=True)
         ctx.result["results"].append(row)
         ctx.save()
@@ -222,5 +279,11 @@ def time_auto_augment(loader, seconds: float) -> dict:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     samples = count * loader.batch_size
-    return dict(graph_s=graph_s, epoch_start_s=epoch_start_s, batches=count, seconds=wall,
-                samples_per_s=samples / wall, views_per_s=samples * loader.views / wall)
+    return dict(
+        graph_s=graph_s,
+        epoch_start_s=epoch_start_s,
+        batches=count,
+        seconds=wall,
+        samples_per_s=samples / wall,
+        views_per_s=samples * loader.views / wall,
+    )

@@ -4,6 +4,7 @@ own limit, so that one file's failures, crash or hang never hide another's outco
 The GPU-relevant tests are those marked ``strict_device`` (``pytestmark = pytest.mark.strict_device`` at
 the top of their file; setup.cfg registers the marker), the tests that ``make test``'s second pass runs
 on the strict device's stand-in (``pytest --strict-device -m strict_device``): one list for both."""
+
 from __future__ import annotations
 
 import ast
@@ -19,8 +20,12 @@ from benchmarks.gpu_check.processes import REPO, child_env, kill_tree
 
 MARKER = "strict_device"
 OWN_TEST = "test_gpu_check.py"  # marked too (make test's strict pass runs the smoke run), never run by the check
-SMOKE_TESTS = ("test_train_batch_shapes_dtypes_and_layout", "test_bad_loader_arguments",
-               "test_eval_views_average_the_softmax_over_the_views", "test_lr_schedule_warms_up_then_decays")
+SMOKE_TESTS = (
+    "test_train_batch_shapes_dtypes_and_layout",
+    "test_bad_loader_arguments",
+    "test_eval_views_average_the_softmax_over_the_views",
+    "test_lr_schedule_warms_up_then_decays",
+)
 # The smoke run's files: those holding SMOKE_TESTS, and one where -k selects nothing (its own outcome).
 SMOKE_FILES = ("test_loader.py", "test_evaluation.py", "test_odd_files.py", "test_step.py")
 NOTHING_SELECTED = 5  # pytest's exit status when -k leaves no test of a file
@@ -39,8 +44,13 @@ def marks(path: Path) -> bool:
     """Whether a test file marks tests ``strict_device``: ``pytest.mark.strict_device`` anywhere in its code
     (``pytestmark`` for the whole file, or a decorator), read without importing it."""
     tree = ast.parse(path.read_text(), str(path))
-    return any(isinstance(node, ast.Attribute) and node.attr == MARKER and isinstance(node.value, ast.Attribute)
-               and node.value.attr == "mark" for node in ast.walk(tree))
+    return any(
+        isinstance(node, ast.Attribute)
+        and node.attr == MARKER
+        and isinstance(node.value, ast.Attribute)
+        and node.value.attr == "mark"
+        for node in ast.walk(tree)
+    )
 
 
 def step_tests(ctx: Ctx) -> int:
@@ -52,8 +62,11 @@ def step_tests(ctx: Ctx) -> int:
     deselected = {"make_demo": "runs make demo (installs a virtualenv, 2 Horovod ranks)"}
     if importlib.util.find_spec("horovod") is None:
         files = [name for name in files if name != "test_step.py"]  # imports Horovod at the top
-        deselected.update(horovodrun="Horovod is not installed", more_ranks_than_samples="uses horovodrun",
-                          **{"test_step.py": "imports Horovod"})
+        deselected.update(
+            horovodrun="Horovod is not installed",
+            more_ranks_than_samples="uses horovodrun",
+            **{"test_step.py": "imports Horovod"},
+        )
     if shutil.which("mpirun") is None:
         deselected.update(mpirun="mpirun is not installed", signal_to_one_rank="uses mpirun")
     select = " and ".join(f"not {name}" for name in deselected if not name.endswith(".py"))
@@ -62,8 +75,15 @@ def step_tests(ctx: Ctx) -> int:
         files = [name for name in files if name in SMOKE_FILES]
     file_limit = FILE_SHARE * ctx.left()
     r = ctx.result
-    r.update(files=files, deselected=deselected, select=select, cuda=gpu(), parallel=ctx.sizes.test_parallel,
-             file_limit_s=round(file_limit, 1), per_file={})
+    r.update(
+        files=files,
+        deselected=deselected,
+        select=select,
+        cuda=gpu(),
+        parallel=ctx.sizes.test_parallel,
+        file_limit_s=round(file_limit, 1),
+        per_file={},
+    )
     ctx.save()
     waiting, running = list(files), {}
     while waiting or running:
@@ -93,8 +113,23 @@ class PytestFile:
     def __init__(self, name: str, select: str, folder: Path, limit: float) -> None:
         stem = name.removesuffix(".py")
         self.name, self.limit, self.log = name, limit, folder / f"{stem}.log"
-        cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-o", "addopts=", "-rfE",
-               f"--junitxml={folder / f'{stem}.junit.xml'}", "-m", MARKER, "-k", select, f"tests/{name}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-v",
+            "-p",
+            "no:cacheprovider",
+            "-o",
+            "addopts=",
+            "-rfE",
+            f"--junitxml={folder / f'{stem}.junit.xml'}",
+            "-m",
+            MARKER,
+            "-k",
+            select,
+            f"tests/{name}",
+        ]
         self.start, self.rc, self.timed_out = time.perf_counter(), None, False
         with open(self.log, "wb") as out:
             self.process = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=child_env())
@@ -125,8 +160,14 @@ class PytestFile:
             status = "nothing selected"
         else:
             status = f"failed (rc {self.rc})"
-        return dict(status=status, rc=self.rc, seconds=round(time.perf_counter() - self.start, 1),
-                    limit_s=round(self.limit, 1), counts=counts, failed=failed)
+        return dict(
+            status=status,
+            rc=self.rc,
+            seconds=round(time.perf_counter() - self.start, 1),
+            limit_s=round(self.limit, 1),
+            counts=counts,
+            failed=failed,
+        )
 
 
 def totals(per_file: dict[str, dict]) -> dict:
@@ -135,9 +176,12 @@ def totals(per_file: dict[str, dict]) -> dict:
     for record in per_file.values():
         for kind, n in record.get("counts", {}).items():
             counts[kind] = counts.get(kind, 0) + n
-    return dict(counts=dict(sorted(counts.items())), failed=[t for f in per_file.values() for t in f.get("failed", [])],
-                timed_out=[name for name, f in per_file.items() if f["status"] == "timed out"],
-                not_ok=[name for name, f in per_file.items() if f["status"] not in ("ok", "nothing selected")])
+    return dict(
+        counts=dict(sorted(counts.items())),
+        failed=[t for f in per_file.values() for t in f.get("failed", [])],
+        timed_out=[name for name, f in per_file.items() if f["status"] == "timed out"],
+        not_ok=[name for name, f in per_file.items() if f["status"] not in ("ok", "nothing selected")],
+    )
 
 
 def read_outcomes(log: str) -> dict[str, str]:

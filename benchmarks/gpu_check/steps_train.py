@@ -1,6 +1,7 @@
 """The GPU check's training steps: ``demo`` (the demo recipe: AMP, chunks, the torch engine, exact
 mid-epoch resume), ``figure5`` and ``views`` (``dali-ba profile``), and ``compile`` (Figure 5
 at one M with ``--compile``)."""
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,10 @@ def step_demo(ctx: Ctx) -> int:
     root = ctx.work / "demo_runs"
     root.mkdir(parents=True, exist_ok=True)  # made here: a trainer removes the folders its --output probe made
     outputs = {name: root / name for name in runs}
-    started = {name: Training(train_command(data, outputs[name], flags), ctx.dir / f"{name}.log")
-               for name, flags in runs.items()}
+    started = {
+        name: Training(train_command(data, outputs[name], flags), ctx.dir / f"{name}.log")
+        for name, flags in runs.items()
+    }
     stop = stop_mid_epoch(started["resume_stopped"], outputs["resume_stopped"], ctx)
     resumed = None
     if stop.get("rc") == 75:
@@ -58,16 +61,23 @@ def step_demo(ctx: Ctx) -> int:
         if training is not None:
             training.wait(ctx.deadline - 3)
     r = ctx.result
-    r["runs"] = {name: dict(flags=" ".join(runs[name]), rc=started[name].rc, seconds=started[name].seconds,
-                            **run_summary(outputs[name])) for name in runs}
+    r["runs"] = {
+        name: dict(
+            flags=" ".join(runs[name]), rc=started[name].rc, seconds=started[name].seconds, **run_summary(outputs[name])
+        )
+        for name in runs
+    }
     r["runs"]["resume_stopped"]["rc_after_resume"] = resumed.rc if resumed else None
     for name in runs:  # the checkpoints and models stay in the scratch folder; the metrics are archived
         if (outputs[name] / "metrics.jsonl").exists():
             shutil.copy(outputs[name] / "metrics.jsonl", ctx.dir / f"{name}.metrics.jsonl")
     r["resume"] = resume_verdict(outputs, stop)
     top1 = r["runs"]["bf16"].get("top1")
-    r["accuracy"] = dict(gpu_bf16_top1=top1, cpu_demo_top1=CPU_DEMO_TOP1,
-                         difference=None if top1 is None else round(top1 - CPU_DEMO_TOP1, 2))
+    r["accuracy"] = dict(
+        gpu_bf16_top1=top1,
+        cpu_demo_top1=CPU_DEMO_TOP1,
+        difference=None if top1 is None else round(top1 - CPU_DEMO_TOP1, 2),
+    )
     ctx.save()
     expected = {name: 75 if name == "resume_stopped" else 0 for name in runs}
     ok = all(started[name].rc == expected[name] for name in runs) and resumed is not None and resumed.rc == 0
@@ -75,8 +85,20 @@ def step_demo(ctx: Ctx) -> int:
 
 
 def train_command(data: Path, output: Path, flags: Iterable[str]) -> list[str]:
-    return [sys.executable, "-m", "dali_ba.train", "--recipe", "pipelines/demo.toml", "--train", str(data / "train"),
-            "--val", str(data / "val"), "--output", str(output), *flags]
+    return [
+        sys.executable,
+        "-m",
+        "dali_ba.train",
+        "--recipe",
+        "pipelines/demo.toml",
+        "--train",
+        str(data / "train"),
+        "--val",
+        str(data / "val"),
+        "--output",
+        str(output),
+        *flags,
+    ]
 
 
 class Training:
@@ -125,8 +147,12 @@ def stop_mid_epoch(training: Training, output: Path, ctx: Ctx) -> dict:
     stops, start = records(output, "stop"), records(output, "start")
     steps_per_epoch = start[0].get("steps_per_epoch") if start else None
     step = stops[0]["step"] if stops else None
-    return dict(rc=rc, step=step, steps_per_epoch=steps_per_epoch,
-                mid_epoch=None if not (step and steps_per_epoch) else step % steps_per_epoch != 0)
+    return dict(
+        rc=rc,
+        step=step,
+        steps_per_epoch=steps_per_epoch,
+        mid_epoch=None if not (step and steps_per_epoch) else step % steps_per_epoch != 0,
+    )
 
 
 def run_summary(output: Path) -> dict:
@@ -136,16 +162,23 @@ def run_summary(output: Path) -> dict:
     out = {key: start[0].get(key) for key in keys} if start else {}
     if summary:
         s = summary[-1]
-        out.update({key: s.get(key) for key in ("top1", "top5", "steps_per_s", "images_per_s", "wall_time",
-                                                 "params_identical")}, digest=json.dumps(s.get("param_digests")))
+        out.update(
+            {
+                key: s.get(key)
+                for key in ("top1", "top5", "steps_per_s", "images_per_s", "wall_time", "params_identical")
+            },
+            digest=json.dumps(s.get("param_digests")),
+        )
     return out
 
 
 def resume_verdict(outputs: dict[str, Path], stop: dict) -> dict:
     """Stopped + resumed against uninterrupted: bit-identical parameters, or how far apart (and how far
     apart two uninterrupted runs are: GPU kernels need not be deterministic)."""
-    digests = {name: run_summary(outputs[name]).get("digest") for name in
-               ("resume_reference", "resume_reference_again", "resume_stopped")}
+    digests = {
+        name: run_summary(outputs[name]).get("digest")
+        for name in ("resume_reference", "resume_reference_again", "resume_stopped")
+    }
     verdict = dict(stop=stop, deterministic=None, exact=None)
     if None in digests.values():
         return dict(verdict, note="a run has no summary")
@@ -153,8 +186,9 @@ def resume_verdict(outputs: dict[str, Path], stop: dict) -> dict:
     verdict["exact"] = digests["resume_stopped"] == digests["resume_reference"]
     if not verdict["exact"]:
         verdict["max_abs_difference_resumed"] = max_difference(outputs["resume_reference"], outputs["resume_stopped"])
-        verdict["max_abs_difference_run_to_run"] = max_difference(outputs["resume_reference"],
-                                                                  outputs["resume_reference_again"])
+        verdict["max_abs_difference_run_to_run"] = max_difference(
+            outputs["resume_reference"], outputs["resume_reference_again"]
+        )
         if not verdict["deterministic"]:
             verdict["exact"] = None  # undecidable bit for bit: training itself is not deterministic here
     return verdict
@@ -176,9 +210,11 @@ def figure5_recipe(ctx: Ctx) -> Path:
     the ImageNet-like JPEGs; M comes from the command line."""
     s, train = ctx.sizes, ensure_images(ctx)
     path = ctx.dir / "figure5.toml"
-    path.write_text(f'[data]\ntrain = "{train}"\nval = "{train}"\nbatch_size = {s.batch}\nview_size = {s.view_size}\n'
-                    f'dali_threads = {max(1, s.workers // 2)}\ndecoder = "auto"\n\n'
-                    f'[model]\narch = "{s.arch}"\namp = "bf16"\nchannels_last = true\n\n[run]\nseed = 0\n')
+    path.write_text(
+        f'[data]\ntrain = "{train}"\nval = "{train}"\nbatch_size = {s.batch}\nview_size = {s.view_size}\n'
+        f'dali_threads = {max(1, s.workers // 2)}\ndecoder = "auto"\n\n'
+        f'[model]\narch = "{s.arch}"\namp = "bf16"\nchannels_last = true\n\n[run]\nseed = 0\n'
+    )
     return path
 
 
@@ -194,8 +230,25 @@ def step_figure5(ctx: Ctx) -> int:
     ctx.result.update(recipe=recipe.read_text(), runs={}, results=[])
     for position, m in enumerate(s.views):
         out = ctx.dir / f"m{m}"
-        command = [sys.executable, "-m", "dali_ba", "profile", "step", "--recipe", str(recipe), "--views", str(m),
-                   "--steps", str(s.steps), "--warmup", str(s.warmup), "--cache-batches", str(s.cache), "--out", str(out)]
+        command = [
+            sys.executable,
+            "-m",
+            "dali_ba",
+            "profile",
+            "step",
+            "--recipe",
+            str(recipe),
+            "--views",
+            str(m),
+            "--steps",
+            str(s.steps),
+            "--warmup",
+            str(s.warmup),
+            "--cache-batches",
+            str(s.cache),
+            "--out",
+            str(out),
+        ]
         later = len(s.views) - position - 1  # keep 20 s for each M still to come
         rc, seconds = run_logged(command, ctx.dir / f"m{m}.log", ctx.left(3 + 20 * later), profile_env())
         ctx.result["runs"][m] = dict(rc=rc, seconds=round(seconds, 1))
@@ -208,30 +261,73 @@ def step_figure5(ctx: Ctx) -> int:
 
 def figure5_row(p: dict) -> dict:
     fed, memory = p["loader"], p["memory"]
-    return dict(views=p["views"], arch=p["arch"], amp=p["amp"], device=p["device"], decoder=p["decoder"],
-                steps_per_s=p["steps_per_s"], images_per_s=p["images_per_s"], views_per_s=p["views_per_s"],
-                memory_steps_per_s=memory["steps_per_s"], memory_images_per_s=memory["images_per_s"],
-                data_stall=p["data_stall"], data_stall_raw=p["data_stall_raw"], data_wait_share=p["data_wait_share"],
-                loader_alone_samples_per_s=p["pipeline"]["samples_per_s"],
-                phases_ms={k: 1e3 * v for k, v in fed.get("phases", {}).items()},
-                memory_phases_ms={k: 1e3 * v for k, v in memory.get("phases", {}).items()})
+    return dict(
+        views=p["views"],
+        arch=p["arch"],
+        amp=p["amp"],
+        device=p["device"],
+        decoder=p["decoder"],
+        steps_per_s=p["steps_per_s"],
+        images_per_s=p["images_per_s"],
+        views_per_s=p["views_per_s"],
+        memory_steps_per_s=memory["steps_per_s"],
+        memory_images_per_s=memory["images_per_s"],
+        data_stall=p["data_stall"],
+        data_stall_raw=p["data_stall_raw"],
+        data_wait_share=p["data_wait_share"],
+        loader_alone_samples_per_s=p["pipeline"]["samples_per_s"],
+        phases_ms={k: 1e3 * v for k, v in fed.get("phases", {}).items()},
+        memory_phases_ms={k: 1e3 * v for k, v in memory.get("phases", {}).items()},
+    )
 
 
 def step_views(ctx: Ctx) -> int:
     """dali-ba profile views over the same M (shorter): the sweep in one process, and the free views."""
     recipe, s = figure5_recipe(ctx), ctx.sizes
     out = ctx.dir / "views"
-    command = [sys.executable, "-m", "dali_ba", "profile", "views", "--recipe", str(recipe),
-               "--views", ",".join(map(str, s.views)), "--steps", str(s.views_steps), "--warmup", str(min(s.warmup, 5)),
-               "--cache-batches", str(s.cache), "--tolerance", "0.1", "--out", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "dali_ba",
+        "profile",
+        "views",
+        "--recipe",
+        str(recipe),
+        "--views",
+        ",".join(map(str, s.views)),
+        "--steps",
+        str(s.views_steps),
+        "--warmup",
+        str(min(s.warmup, 5)),
+        "--cache-batches",
+        str(s.cache),
+        "--tolerance",
+        "0.1",
+        "--out",
+        str(out),
+    ]
     rc, seconds = run_logged(command, ctx.dir / "views.log", ctx.left(), profile_env())
     profile = read_json(out / "profile_views.json") or {}
-    rows = [dict(views=r["views"], steps_per_s=r["steps_per_s"], images_per_s=r["samples_per_s"],
-                 views_per_s=r["views_per_s"], memory_images_per_s=profile["per_rank_batch"] / r["memory_step_time"],
-                 data_stall=r["data_stall"], step_time_ratio=r["step_time_ratio"],
-                 phases_ms={k: 1e3 * v for k, v in r.get("phases", {}).items()}) for r in profile.get("results", [])]
-    ctx.result.update(rc=rc, seconds=round(seconds, 1), free_views=profile.get("free_views"),
-                      tolerance=profile.get("tolerance"), results=rows)
+    rows = [
+        dict(
+            views=r["views"],
+            steps_per_s=r["steps_per_s"],
+            images_per_s=r["samples_per_s"],
+            views_per_s=r["views_per_s"],
+            memory_images_per_s=profile["per_rank_batch"] / r["memory_step_time"],
+            data_stall=r["data_stall"],
+            step_time_ratio=r["step_time_ratio"],
+            phases_ms={k: 1e3 * v for k, v in r.get("phases", {}).items()},
+        )
+        for r in profile.get("results", [])
+    ]
+    ctx.result.update(
+        rc=rc,
+        seconds=round(seconds, 1),
+        free_views=profile.get("free_views"),
+        tolerance=profile.get("tolerance"),
+        results=rows,
+    )
     ctx.save()
     return 0 if rc == 0 else 1
 
@@ -251,8 +347,26 @@ def step_compile(ctx: Ctx) -> int:
         return 0
     recipe = figure5_recipe(ctx)
     out = ctx.dir / f"m{m}"
-    command = [sys.executable, "-m", "dali_ba", "profile", "step", "--recipe", str(recipe), "--views", str(m), "--compile",
-               "--steps", str(s.steps), "--warmup", str(s.warmup), "--cache-batches", str(s.cache), "--out", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "dali_ba",
+        "profile",
+        "step",
+        "--recipe",
+        str(recipe),
+        "--views",
+        str(m),
+        "--compile",
+        "--steps",
+        str(s.steps),
+        "--warmup",
+        str(s.warmup),
+        "--cache-batches",
+        str(s.cache),
+        "--out",
+        str(out),
+    ]
     env = profile_env()
     if not ctx.smoke:  # a cold cache, always: the compile time measured is a first run's on any machine
         env["TORCHINDUCTOR_CACHE_DIR"] = str(ctx.work / "inductor_cache")
@@ -265,8 +379,13 @@ def step_compile(ctx: Ctx) -> int:
     figure5 = read_json(ctx.dir.parent / "figure5" / "result.json") or {}
     plain_run = figure5.get("runs", {}).get(str(m))  # JSON keys are strings
     plain = next((row for row in figure5.get("results", []) if row.get("views") == m), None)
-    ctx.result.update(rc=rc, seconds=round(seconds, 1), compiled=compiled, uncompiled=plain,
-                      uncompiled_seconds=plain_run and plain_run.get("seconds"))
+    ctx.result.update(
+        rc=rc,
+        seconds=round(seconds, 1),
+        compiled=compiled,
+        uncompiled=plain,
+        uncompiled_seconds=plain_run and plain_run.get("seconds"),
+    )
     if rc == 0 and plain_run and plain_run.get("rc") == 0:
         ctx.result["compile_s"] = round(seconds - plain_run["seconds"], 1)
     else:

@@ -8,6 +8,7 @@ need its own CUDA context). On a machine without a GPU it runs the same code on 
 smoke run of the GPU check). The views follow benchmarks/peers.py's semantics (area
 (0.08, 1), aspect (3/4, 4/3), bilinear with antialiasing).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -25,8 +26,9 @@ class TorchvisionOnDevice:
 
         self.files, self.labels = dataset.files, torch.as_tensor(dataset.labels)
         self.batch_size, self.views, self.device, self.seed = batch_size, views, torch.device(device), seed
-        self.transform = v2.Compose([v2.RandomResizedCrop(size, scale=AREA, ratio=RATIO, antialias=True),
-                                     v2.RandomHorizontalFlip()])
+        self.transform = v2.Compose(
+            [v2.RandomResizedCrop(size, scale=AREA, ratio=RATIO, antialias=True), v2.RandomHorizontalFlip()]
+        )
 
     def epoch(self, index: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         from torchvision.io import ImageReadMode, decode_jpeg, read_file

@@ -5,6 +5,7 @@ collectives over Gloo.
 Its own module, away from :mod:`dali_ba.distributed.world`: Horovod is imported only here (and only
 when this engine runs), so the other engines run where it is not installed.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -38,10 +39,15 @@ class HorovodSync(GradientSync):
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, chunks: int) -> None:
         import horovod.torch as hvd
 
-        super().__init__(model, hvd.DistributedOptimizer(
-            optimizer, named_parameters=model.named_parameters(), backward_passes_per_step=chunks,
-            compression=_ContiguousGradients,
-        ))
+        super().__init__(
+            model,
+            hvd.DistributedOptimizer(
+                optimizer,
+                named_parameters=model.named_parameters(),
+                backward_passes_per_step=chunks,
+                compression=_ContiguousGradients,
+            ),
+        )
 
     def step(self, scaler: torch.amp.GradScaler | None) -> None:
         if not scaler:

@@ -4,6 +4,7 @@ the engine the launcher calls for.
 A module of its own because it names every engine: the engines import the base world, so the one
 function that picks among them cannot live beside it without an import circle.
 """
+
 from __future__ import annotations
 
 from dali_ba.distributed.horovod_engine import HorovodWorld

@@ -11,6 +11,7 @@ Read from the launcher's environment variables before anything is initialised:
 ``choose_engine`` turns that into ``horovod``, ``torch`` or ``none`` (one process, nothing to
 average), with the reason, which the run's start line and records repeat.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -61,8 +62,14 @@ def detect_launch(env: Mapping[str, str] | None = None) -> Launch:
     """The launcher of this process, from its environment (torchrun, then MPI, then plain srun)."""
     env = os.environ if env is None else env
     if all(env.get(name) for name in TORCHRUN_VARIABLES):
-        return Launch("torchrun", _int(env, "RANK", default=0), _int(env, "WORLD_SIZE", default=1),
-                      _int(env, "LOCAL_RANK", default=0), env["MASTER_ADDR"], _int(env, "MASTER_PORT"))
+        return Launch(
+            "torchrun",
+            _int(env, "RANK", default=0),
+            _int(env, "WORLD_SIZE", default=1),
+            _int(env, "LOCAL_RANK", default=0),
+            env["MASTER_ADDR"],
+            _int(env, "MASTER_PORT"),
+        )
     in_step = bool(env.get("SLURM_STEP_ID") or env.get("SLURM_STEP_NUM_TASKS"))  # an srun step, not the batch shell
     master_addr, master_port = env.get("MASTER_ADDR"), _int(env, "MASTER_PORT")
     if in_step and not master_addr:
@@ -71,14 +78,25 @@ def detect_launch(env: Mapping[str, str] | None = None) -> Launch:
         job, step = _int(env, "SLURM_JOB_ID", default=0), _int(env, "SLURM_STEP_ID", default=0)
         master_port = master_port or SLURM_PORT_BASE + (job + step) % 2000  # a new port for each step of a job
     if any(env.get(name, "").isdigit() for name in MPI_RANK_VARIABLES):
-        return Launch("mpi", _int(env, *MPI_RANK_VARIABLES, default=0),
-                      _int(env, "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "HOROVOD_SIZE", "SLURM_STEP_NUM_TASKS", default=1),
-                      _int(env, "OMPI_COMM_WORLD_LOCAL_RANK", "HOROVOD_LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID",
-                           default=0), master_addr, master_port)
+        return Launch(
+            "mpi",
+            _int(env, *MPI_RANK_VARIABLES, default=0),
+            _int(env, "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "HOROVOD_SIZE", "SLURM_STEP_NUM_TASKS", default=1),
+            _int(
+                env, "OMPI_COMM_WORLD_LOCAL_RANK", "HOROVOD_LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID", default=0
+            ),
+            master_addr,
+            master_port,
+        )
     if in_step and env.get("SLURM_PROCID", "").isdigit():  # SLURM_PROCID alone: the batch shell, one process
-        return Launch("srun", _int(env, "SLURM_PROCID", default=0),
-                      _int(env, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", default=1), _int(env, "SLURM_LOCALID", default=0),
-                      master_addr, master_port)
+        return Launch(
+            "srun",
+            _int(env, "SLURM_PROCID", default=0),
+            _int(env, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", default=1),
+            _int(env, "SLURM_LOCALID", default=0),
+            master_addr,
+            master_port,
+        )
     return Launch("none")
 
 
@@ -96,17 +114,23 @@ def choose_engine(requested: str, env: Mapping[str, str] | None = None, horovod:
         raise UsageError(f"--engine must be one of {', '.join(ENGINES)}, got {requested!r}")
     launch = detect_launch(env)
     horovod = horovod_importable() if horovod is None else horovod
-    started = {"torchrun": "started by torchrun (RANK, WORLD_SIZE, MASTER_ADDR)",
-               "mpi": "started by an MPI launcher (OMPI/PMIx/PMI rank variables)",
-               "srun": "started by srun without MPI (SLURM_PROCID, SLURM_STEP_NUM_TASKS)",
-               "none": "one process, no launcher"}[launch.launcher]
+    started = {
+        "torchrun": "started by torchrun (RANK, WORLD_SIZE, MASTER_ADDR)",
+        "mpi": "started by an MPI launcher (OMPI/PMIx/PMI rank variables)",
+        "srun": "started by srun without MPI (SLURM_PROCID, SLURM_STEP_NUM_TASKS)",
+        "none": "one process, no launcher",
+    }[launch.launcher]
     if requested == "horovod":
         if not horovod:
-            raise UsageError("--engine horovod: Horovod is not installed here (import horovod.torch fails); "
-                             "install it (see docs/installing.md) or use --engine torch")
+            raise UsageError(
+                "--engine horovod: Horovod is not installed here (import horovod.torch fails); "
+                "install it (see docs/installing.md) or use --engine torch"
+            )
         if launch.launcher in ("torchrun", "srun"):
-            raise UsageError(f"--engine horovod: this process was {started}; Horovod needs horovodrun, mpirun or "
-                             "srun --mpi=pmix (or use --engine torch)")
+            raise UsageError(
+                f"--engine horovod: this process was {started}; Horovod needs horovodrun, mpirun or "
+                "srun --mpi=pmix (or use --engine torch)"
+            )
         return EngineChoice("horovod", f"--engine horovod, {started}", launch)
     if requested == "torch":
         return EngineChoice("torch", f"--engine torch, {started}", launch)
@@ -114,8 +138,10 @@ def choose_engine(requested: str, env: Mapping[str, str] | None = None, horovod:
         return EngineChoice("torch", started, launch)
     if launch.launcher == "mpi":
         if not horovod:
-            raise UsageError("started by an MPI launcher but Horovod is not installed: install it, or launch with "
-                             "torchrun or plain srun (the torch engine)")
+            raise UsageError(
+                "started by an MPI launcher but Horovod is not installed: install it, or launch with "
+                "torchrun or plain srun (the torch engine)"
+            )
         return EngineChoice("horovod", f"{started}, Horovod importable", launch)
     return EngineChoice("none", started, launch)
 

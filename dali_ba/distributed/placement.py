@@ -7,6 +7,7 @@ on a node than GPUs it wraps, and ranks would share a GPU: NCCL refuses that ("D
 detected") and where it runs it is slow, so it is a one-line error unless ``--share-gpu`` asks for it.
 Ranks are told apart by the GPU's UUID, as CUDA_VISIBLE_DEVICES renumbers devices per process.
 """
+
 from __future__ import annotations
 
 import socket
@@ -17,7 +18,6 @@ from dali_ba.device import default_device
 
 if TYPE_CHECKING:
     import torch
-
 
 
 class GpuPlacement(NamedTuple):
@@ -63,10 +63,12 @@ def gpu_sharing_error(placements: Sequence[GpuPlacement], share_gpu: bool) -> st
         if len(ranks) > 1:
             counts = sorted({placements[rank].visible_gpus for rank in ranks})
             first = placements[ranks[0]]
-            return (f"ranks {_listed(ranks)} on host {host} would share one GPU (cuda:{first.gpu_index}, {uuid}); "
-                    f"they see {_listed(counts, 'or')} GPU{'' if counts == [1] else 's'}: start at most {counts[0]} "
-                    f"rank{'' if counts[0] == 1 else 's'} per node, give each task its own GPU "
-                    "(srun --gpus-per-task=1), or pass --share-gpu to let them share it (slow)")
+            return (
+                f"ranks {_listed(ranks)} on host {host} would share one GPU (cuda:{first.gpu_index}, {uuid}); "
+                f"they see {_listed(counts, 'or')} GPU{'' if counts == [1] else 's'}: start at most {counts[0]} "
+                f"rank{'' if counts[0] == 1 else 's'} per node, give each task its own GPU "
+                "(srun --gpus-per-task=1), or pass --share-gpu to let them share it (slow)"
+            )
     return None
 
 

@@ -4,6 +4,7 @@
 Its own module, beside :mod:`dali_ba.distributed.horovod_engine`: each engine's library is imported
 only by the engine that uses it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,7 +35,8 @@ class DDPSync(GradientSync):
         from torch.nn.parallel import DistributedDataParallel
 
         ddp = DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None,
+            model,
+            device_ids=[device] if device.type == "cuda" else None,
             # BN statistics stay per rank until the epoch-end average (as Horovod)
             **{_ddp_buffer_sync_keyword(DistributedDataParallel): False},
         )
@@ -71,7 +73,7 @@ def buffer_sync_keyword(parameters: Collection[str]) -> str:
     return "forward_sync_buffers" if "forward_sync_buffers" in parameters else "broadcast_buffers"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _ddp_buffer_sync_keyword(ddp_class: type) -> str:
     """:func:`buffer_sync_keyword` of the installed DistributedDataParallel (its signature, read once)."""
     return buffer_sync_keyword(inspect.signature(ddp_class.__init__).parameters)
@@ -108,8 +110,9 @@ class TorchWorld(World):
         timeout = datetime.timedelta(seconds=timeout_s)
         # torchrun's agent already serves the store at MASTER_ADDR:MASTER_PORT: join it through env://.
         init = "env://" if launch.launcher == "torchrun" else f"tcp://{_url_host(addr)}:{port or 29500}"
-        dist.init_process_group(self.backend, init_method=init, rank=launch.rank, world_size=launch.size,
-                                timeout=timeout)
+        dist.init_process_group(
+            self.backend, init_method=init, rank=launch.rank, world_size=launch.size, timeout=timeout
+        )
         # CPU-side collectives (metric sums, object gathers) need Gloo beside NCCL.
         self._cpu_group = dist.new_group(backend="gloo", timeout=timeout) if self.backend == "nccl" else None
         hosts = self._gather_objects(socket.gethostname())

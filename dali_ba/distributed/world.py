@@ -12,6 +12,7 @@ so that the other runs where its library is not installed:
 :func:`dali_ba.distributed.join.init_world` picks one as the launcher calls for. Also here, the same
 for every engine: :func:`check_gpu_sharing` and :func:`parameter_digest`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,6 +27,7 @@ from dali_ba.errors import UsageError
 
 if TYPE_CHECKING:
     import torch
+
 
 class GradientSync:
     """How one step's gradients are averaged over ranks; this base: one process, nothing to average.
@@ -60,8 +62,14 @@ class World:
     engine = "none"
     backend: str | None = None
 
-    def __init__(self, rank: int = 0, size: int = 1, local_rank: int = 0, local_size: int = 1,
-                 reason: str = "one process, no launcher") -> None:
+    def __init__(
+        self,
+        rank: int = 0,
+        size: int = 1,
+        local_rank: int = 0,
+        local_size: int = 1,
+        reason: str = "one process, no launcher",
+    ) -> None:
         self.rank, self.size, self.local_rank, self.local_size, self.reason = rank, size, local_rank, local_size, reason
 
     @property

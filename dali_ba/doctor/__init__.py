@@ -16,6 +16,7 @@ not), 1 when something would, 2 on bad flags. Every check's own failure is repor
 every rank reaches the gather; a rank that never does (a hung file system) is named after
 ``--timeout`` seconds (under every launcher but horovodrun --gloo: doctor/peers.py).
 """
+
 from dali_ba.doctor.cli import main
 
 __all__ = ["main"]

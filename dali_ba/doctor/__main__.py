@@ -1,4 +1,5 @@
 """``python -m dali_ba.doctor``."""
+
 import sys
 
 from dali_ba.doctor.cli import main

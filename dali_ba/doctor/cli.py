@@ -1,5 +1,6 @@
 """The command: flags, the gather, every rank's checks, and rank 0's report; the exit status says
 whether something would stop a run."""
+
 from __future__ import annotations
 
 import platform
@@ -9,12 +10,27 @@ from dataclasses import asdict
 from pathlib import Path
 
 from dali_ba.doctor.findings import Findings, first_line
-from dali_ba.doctor.node import (check_cores, check_dali, check_engine, check_gpu, check_horovod, check_mpi,
-                                 check_python, check_slurm, check_torch)
+from dali_ba.doctor.node import (
+    check_cores,
+    check_dali,
+    check_engine,
+    check_gpu,
+    check_horovod,
+    check_mpi,
+    check_python,
+    check_slurm,
+    check_torch,
+)
 from dali_ba.doctor.peers import PeersLost, join
 from dali_ba.doctor.report import report, write_json
-from dali_ba.doctor.storage import (check_data, check_output, mark_shared_output, output_seen, remove_folders,
-                                    remove_marker)
+from dali_ba.doctor.storage import (
+    check_data,
+    check_output,
+    mark_shared_output,
+    output_seen,
+    remove_folders,
+    remove_marker,
+)
 from dali_ba.doctor.verdict import judge
 from dali_ba.doctor.versions import requirement_floors
 from dali_ba.install_choice import dotted, read_driver
@@ -31,8 +47,9 @@ def examine(peers, recipe, wanted: dict[str, bool], hosts: list[str]) -> Finding
     local = [r for r, h in enumerate(hosts) if h == host]
     found = Findings(rank, host)
     launch = detect_launch()
-    found.facts.update(launcher=launch.launcher, local_rank=local.index(rank), local_size=len(local),
-                       first_on_node=local[0] == rank)
+    found.facts.update(
+        launcher=launch.launcher, local_rank=local.index(rank), local_size=len(local), first_on_node=local[0] == rank
+    )
     floors = requirement_floors()
     found.facts["floors"] = {name: dotted(floor) for name, floor in floors.items()}
     with found.checking("python"):
@@ -71,9 +88,12 @@ def examine(peers, recipe, wanted: dict[str, bool], hosts: list[str]) -> Finding
 
 def main(argv: list[str] | None = None) -> int:
     """0: nothing would stop a run; 1: something would; 2: bad flags."""
-    if sys.version_info < (3, 11):  # dali_ba.recipe needs tomllib: say so before importing it
-        print(f"{PROG}: error: Python {platform.python_version()} is older than 3.11, the oldest dali-ba supports — "
-              "use Python >= 3.11", file=sys.stderr)
+    if sys.version_info < (3, 11):  # noqa: UP036 - run by an older Python: dali_ba.recipe needs tomllib, say so first
+        print(
+            f"{PROG}: error: Python {platform.python_version()} is older than 3.11, the oldest dali-ba supports — "
+            "use Python >= 3.11",
+            file=sys.stderr,
+        )
         return 1
     from dali_ba import doctor as package  # its docstring's first line describes the command
     from dali_ba.distributed.launcher import detect_launch, launcher_rank
@@ -84,12 +104,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(PROG, package.__doc__.splitlines()[0])
     doctor = parser.add_argument_group("the doctor")
     doctor.add_argument("--json", metavar="PATH", help="rank 0 also writes every rank's findings and the problems here")
-    doctor.add_argument("--timeout", type=float, default=300, metavar="S",
-                        help="seconds to wait for every rank at each gather (default: %(default)s)")
+    doctor.add_argument(
+        "--timeout",
+        type=float,
+        default=300,
+        metavar="S",
+        help="seconds to wait for every rank at each gather (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     given = {dest for dest, value in vars(args).items() if value is not None}
-    wanted = {"train": bool(args.recipe) or "data.train" in given, "val": bool(args.recipe) or "data.val" in given,
-              "output": bool(args.recipe) or "run.output" in given}
+    wanted = {
+        "train": bool(args.recipe) or "data.train" in given,
+        "val": bool(args.recipe) or "data.val" in given,
+        "output": bool(args.recipe) or "run.output" in given,
+    }
     try:
         recipe = resolve(args)
         if args.json and not Path(args.json).resolve().parent.is_dir():
@@ -104,10 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             peers = join(detect_launch(), args.timeout)
-        except Exception as exc:  # noqa: BLE001 - mpi4py missing, a rendezvous that timed out, ...
-            raise PeersLost(f"cannot join the other ranks ({type(exc).__name__}: {first_line(exc)}) — under an MPI "
-                            "launcher install mpi4py built against its MPI; under torchrun or a plain srun, check that "
-                            "every task started and reaches the first node") from None
+        except Exception as exc:
+            raise PeersLost(
+                f"cannot join the other ranks ({type(exc).__name__}: {first_line(exc)}) — under an MPI "
+                "launcher install mpi4py built against its MPI; under torchrun or a plain srun, check that "
+                "every task started and reaches the first node"
+            ) from None
         hosts = [h or "?" for h in peers.allgather(socket.gethostname())]
         found = examine(peers, recipe, wanted, hosts)
         facts = found.facts

@@ -1,5 +1,6 @@
 """What one rank finds: facts and problems, and a check that raises is itself a problem, so every
 rank still reaches the gather. Also the small helpers the verdict and the report share."""
+
 from __future__ import annotations
 
 import contextlib
@@ -35,9 +36,12 @@ class Findings:
     def checking(self, check: str):
         try:
             yield
-        except Exception as exc:  # noqa: BLE001 - whatever breaks, the rank still reaches the gather
-            self.fail(check, f"the {check} check stopped with {type(exc).__name__}: {first_line(exc)} — "
-                             "fix what it names (a broken install?) and run the doctor again")
+        except Exception as exc:
+            self.fail(
+                check,
+                f"the {check} check stopped with {type(exc).__name__}: {first_line(exc)} — "
+                "fix what it names (a broken install?) and run the doctor again",
+            )
 
 
 def first_line(exc: BaseException) -> str:

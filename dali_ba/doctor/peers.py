@@ -1,5 +1,6 @@
 """The ranks' gather, which cannot hang on a lost rank: a rank that never reports is named after
 ``--timeout``, not waited for (under every launcher but horovodrun --gloo, whose own timeout names none)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -99,8 +100,14 @@ class StorePeers:
         self.rank, self.size, self.timeout, self.tag = launch.rank, launch.size, timeout, 0
         agent = launch.launcher == "torchrun"  # torchrun's agent serves MASTER_ADDR:MASTER_PORT
         port = launch.master_port or 29500
-        self.store = TCPStore(launch.master_addr or "127.0.0.1", port, None, self.rank == 0 and not agent,
-                              timeout=datetime.timedelta(seconds=timeout), wait_for_workers=False)
+        self.store = TCPStore(
+            launch.master_addr or "127.0.0.1",
+            port,
+            None,
+            self.rank == 0 and not agent,
+            timeout=datetime.timedelta(seconds=timeout),
+            wait_for_workers=False,
+        )
         self.lost: set[int] = set()
 
     def allgather(self, value: Any) -> list[Any]:
@@ -119,7 +126,7 @@ class StorePeers:
             self.store.set(f"{key}/{self.rank}", pickle.dumps(value))
             try:
                 self.store.wait([f"{key}/answer"])
-            except Exception:  # noqa: BLE001 - the store's own timeout: rank 0 is gone or stuck
+            except Exception:
                 raise PeersLost(f"rank 0 did not answer within --timeout {self.timeout:g} s") from None
             return pickle.loads(self.store.get(f"{key}/answer"))
         waiting, deadline = [r for r in range(1, self.size) if r not in self.lost], time.monotonic() + self.timeout
@@ -127,8 +134,9 @@ class StorePeers:
             waiting = [r for r in waiting if not self.store.check([f"{key}/{r}"])]
             time.sleep(0.05)
         self.lost |= set(waiting)
-        result = [value] + [None if r in self.lost else pickle.loads(self.store.get(f"{key}/{r}"))
-                            for r in range(1, self.size)]
+        result = [value] + [
+            None if r in self.lost else pickle.loads(self.store.get(f"{key}/{r}")) for r in range(1, self.size)
+        ]
         self.store.set(f"{key}/answer", pickle.dumps(result if everyone else True))
         return result
 
@@ -146,7 +154,7 @@ class WorldPeers:
     def allgather(self, value: Any) -> list[Any]:
         try:
             return self.world.gather(value)
-        except Exception as exc:  # noqa: BLE001 - a collective timed out or a peer is gone
+        except Exception as exc:
             raise PeersLost(f"not every rank reported ({first_line(exc)})") from None
 
     def gather(self, value: Any) -> list[Any] | None:

@@ -1,6 +1,7 @@
 """Data and output, checked by the first rank of each node: the splits indexed and a sample decoded
 as training does, the output folder writable; a marker file per node tells rank 0 which nodes share
 the output folder."""
+
 from __future__ import annotations
 
 import contextlib
@@ -25,8 +26,9 @@ def check_data(found: Findings, recipe, wanted: dict[str, bool], world) -> None:
     for split in ("train", "val"):
         if wanted[split]:
             with found.checking("data"):
-                loaded[split] = check_split(found, f"--{split}", getattr(recipe.data, split), loaded.get("train"),
-                                            recipe.data.max_image_pixels)
+                loaded[split] = check_split(
+                    found, f"--{split}", getattr(recipe.data, split), loaded.get("train"), recipe.data.max_image_pixels
+                )
     try:
         if loaded.get("train") and loaded.get("val"):
             check_labels(loaded["train"], loaded["val"])
@@ -47,16 +49,27 @@ def check_split(found: Findings, flag: str, path: str, train, max_pixels: int):
         dataset = load_dataset(path, classes=train.classes if train is not None else None)
     except UsageError as exc:
         facts["error"] = str(exc)
-        found.fail("data", f"{flag} {path}: {exc} — make the data readable at this path on every node (a file system "
-                           "all nodes mount, or a copy at the same path), or correct the flag")
+        found.fail(
+            "data",
+            f"{flag} {path}: {exc} — make the data readable at this path on every node (a file system "
+            "all nodes mount, or a copy at the same path), or correct the flag",
+        )
         return None
-    facts.update(readable=True, samples=len(dataset), classes=dataset.num_classes, sample=dataset.files[0],
-                 index_seconds=round(time.perf_counter() - started, 3))
+    facts.update(
+        readable=True,
+        samples=len(dataset),
+        classes=dataset.num_classes,
+        sample=dataset.files[0],
+        index_seconds=round(time.perf_counter() - started, 3),
+    )
     try:
         data = dataset.read(0)
     except OSError as exc:
-        found.fail("data", f"{flag} {path}: its first sample {dataset.files[0]} cannot be read ({exc.strerror or exc}) "
-                           "— make the files readable on every node")
+        found.fail(
+            "data",
+            f"{flag} {path}: its first sample {dataset.files[0]} cannot be read ({exc.strerror or exc}) "
+            "— make the files readable on every node",
+        )
         return dataset
     problem = size_problem(io.BytesIO(data), max_pixels)
     decoder, shape, error = None, None, problem
@@ -64,8 +77,11 @@ def check_split(found: Findings, flag: str, path: str, train, max_pixels: int):
         decoder, shape, error = decode_sample(data)
     facts.update(decoded_by=decoder, shape=shape, decode_error=error)
     if error:
-        found.warn("data", f"{flag} {path}: its first sample {dataset.files[0]} does not decode ({error}) — list every "
-                           f"broken file with dali-ba check-data {path}")
+        found.warn(
+            "data",
+            f"{flag} {path}: its first sample {dataset.files[0]} does not decode ({error}) — list every "
+            f"broken file with dali-ba check-data {path}",
+        )
     return dataset
 
 
@@ -76,14 +92,14 @@ def decode_sample(data: bytes) -> tuple[str, list[int] | None, str | None]:
 
     try:
         from nvidia.dali import fn, pipeline_def, types
-    except Exception:  # noqa: BLE001 - reported by the DALI check
+    except Exception:
         from PIL import Image
 
         try:
             with Image.open(io.BytesIO(data)) as image:
                 image.load()
                 return "Pillow", [image.height, image.width, len(image.getbands())], None
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             return "Pillow", None, first_line(exc)
     encoded = np.frombuffer(data, dtype=np.uint8)
 
@@ -97,7 +113,7 @@ def decode_sample(data: bytes) -> tuple[str, list[int] | None, str | None]:
         pipe.build()
         (images,) = pipe.run()
         return "DALI cpu", list(np.asarray(images[0]).shape), None
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return "DALI cpu", None, first_line(exc)
 
 
@@ -111,8 +127,13 @@ def check_output(found: Findings, output: str, resume: str) -> None:
     from dali_ba.training.checks import check_not_a_run
 
     path = Path(output)
-    facts = found.facts["output"] = {"path": output, "absolute": str(path.absolute()), "writable": False,
-                                     "created": [], "marker": None}
+    facts = found.facts["output"] = {
+        "path": output,
+        "absolute": str(path.absolute()),
+        "writable": False,
+        "created": [],
+        "marker": None,
+    }
     try:
         check_not_a_run(path, resume)
     except UsageError as exc:
@@ -124,8 +145,11 @@ def check_output(found: Findings, output: str, resume: str) -> None:
         marker.write_text("written by python -m dali_ba.doctor; removed when it ends\n")
     except OSError as exc:
         facts["error"] = exc.strerror or str(exc)
-        found.fail("output", f"--output {output}: cannot create or write it here ({exc.strerror or exc}) — pick a "
-                             "folder every node can write, on a file system they share")
+        found.fail(
+            "output",
+            f"--output {output}: cannot create or write it here ({exc.strerror or exc}) — pick a "
+            "folder every node can write, on a file system they share",
+        )
         remove_folders(missing)
         return
     facts.update(writable=True, created=[str(p) for p in missing], marker=marker.name)
@@ -157,4 +181,6 @@ def mark_shared_output(ranks: list[dict | None]) -> None:
     for r in ranks:
         output = (r or {}).get("output")
         if output and r.get("first_on_node"):
-            output["shared"] = root["marker"] in output.get("sees", []) if root.get("marker") and output["writable"] else None
+            output["shared"] = (
+                root["marker"] in output.get("sees", []) if root.get("marker") and output["writable"] else None
+            )

@@ -1,5 +1,6 @@
 """The versions dali-ba supports: setup.cfg is the one place they are written (the installed
 package's metadata, where there is no checkout)."""
+
 from __future__ import annotations
 
 import configparser
@@ -21,12 +22,17 @@ def requirement_floors() -> dict[str, tuple[int, ...]]:
     if REPO_SETUP.is_file() and config.read(REPO_SETUP) and config.get("metadata", "name", fallback="") == "dali-ba":
         options = config["options"]
         extras = config["options.extras_require"]
-        lines = [f"python{options.get('python_requires', '')}", *options.get("install_requires", "").split("\n"),
-                 *(line for name in extras for line in extras[name].split("\n"))]
+        lines = [
+            f"python{options.get('python_requires', '')}",
+            *options.get("install_requires", "").split("\n"),
+            *(line for name in extras for line in extras[name].split("\n")),
+        ]
     else:
         with contextlib.suppress(metadata.PackageNotFoundError):
-            lines = [f"python{metadata.metadata('dali-ba').get('Requires-Python') or ''}",
-                     *(metadata.requires("dali-ba") or [])]
+            lines = [
+                f"python{metadata.metadata('dali-ba').get('Requires-Python') or ''}",
+                *(metadata.requires("dali-ba") or []),
+            ]
     floors = {}
     for line in lines:
         match = re.match(r"\s*([A-Za-z0-9_.-]+)\s*>=\s*([0-9.]+)", line.split(";")[0])

@@ -20,6 +20,7 @@ op, uniform over the 14, at a magnitude bin uniform in [0, 30]; RandAugment (Cub
 ops in a row, each uniform over the 14 (repeats allowed), all at bin ``m``. A fair coin negates the
 magnitude of the ops that take a signed one, as DALI's ``signed_bin`` does.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,13 +51,22 @@ class AutoOp:
     signed: bool = False
 
 
-def _suite(translate: float, shear: float, rotate: float, enhance: tuple[float, float], posterize: float) -> tuple[AutoOp, ...]:
-    return (AutoOp("translate_x", (0, translate), True), AutoOp("translate_y", (0, translate), True),
-            AutoOp("shear_x", (0, shear), True), AutoOp("shear_y", (0, shear), True),
-            AutoOp("rotate", (0, rotate), True),
-            *(AutoOp(name, enhance, True) for name in ("brightness", "contrast", "color", "sharpness")),
-            AutoOp("posterize", (8, posterize)), AutoOp("solarize", (256, 0)),
-            AutoOp("equalize"), AutoOp("auto_contrast"), AutoOp("identity"))
+def _suite(
+    translate: float, shear: float, rotate: float, enhance: tuple[float, float], posterize: float
+) -> tuple[AutoOp, ...]:
+    return (
+        AutoOp("translate_x", (0, translate), True),
+        AutoOp("translate_y", (0, translate), True),
+        AutoOp("shear_x", (0, shear), True),
+        AutoOp("shear_y", (0, shear), True),
+        AutoOp("rotate", (0, rotate), True),
+        *(AutoOp(name, enhance, True) for name in ("brightness", "contrast", "color", "sharpness")),
+        AutoOp("posterize", (8, posterize)),
+        AutoOp("solarize", (256, 0)),
+        AutoOp("equalize"),
+        AutoOp("auto_contrast"),
+        AutoOp("identity"),
+    )
 
 
 # DALI's get_trivial_augment_wide_suite() and get_rand_augment_suite() (translations in pixels of the
@@ -145,13 +155,16 @@ def magnitudes(suite: tuple[AutoOp, ...], ops: np.ndarray, bins: np.ndarray, sig
     computes it before its ``mag_to_param``."""
     if not suite:
         return np.zeros(ops.shape)
-    table = np.array([np.linspace(*op.magnitudes, MAGNITUDE_BINS) if op.magnitudes else np.zeros(MAGNITUDE_BINS)
-                      for op in suite])
+    table = np.array(
+        [np.linspace(*op.magnitudes, MAGNITUDE_BINS) if op.magnitudes else np.zeros(MAGNITUDE_BINS) for op in suite]
+    )
     negate = np.array([op.signed for op in suite])[ops] & signs
     return np.where(negate, -1.0, 1.0) * table[ops, bins]
 
 
-def auto_augment(u: np.ndarray, suite: tuple[AutoOp, ...], fixed_bin: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def auto_augment(
+    u: np.ndarray, suite: tuple[AutoOp, ...], fixed_bin: int | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ops, magnitude bins, signs), each (B, M, n), from ``AUTO_DRAWS * n`` uniforms per view: the
     op uniform over ``suite``, the bin uniform over the 31 (or ``fixed_bin``), a fair sign."""
     u = u.reshape(*u.shape[:-1], -1, AUTO_DRAWS)
@@ -162,7 +175,9 @@ def auto_augment(u: np.ndarray, suite: tuple[AutoOp, ...], fixed_bin: int | None
     return ops, bins, u[..., 2] < 0.5
 
 
-def check_ranges(crop_area_min: float, randaugment_n: int, randaugment_m: int, name: Callable[[str], str] = str) -> None:
+def check_ranges(
+    crop_area_min: float, randaugment_n: int, randaugment_m: int, name: Callable[[str], str] = str
+) -> None:
     """Raise a one-line UsageError for the first setting out of its range; ``name`` turns a field's
     name into what the user typed (a recipe key and its flag)."""
     for field, value, ok, allowed in (

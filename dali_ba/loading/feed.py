@@ -6,6 +6,7 @@ The graphs themselves are :mod:`dali_ba.loading.pipeline`'s; the bytes they read
 :mod:`dali_ba.loading.reader`'s. Cheap to import (torch and DALI are imported when used):
 :mod:`dali_ba.recipe` takes its ``hw_decoder_load`` default from here.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -88,8 +89,9 @@ class Feed:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         if self._iterator is None:  # builds the pipeline and prefetches from the pass just started
-            self._iterator = DALIGenericIterator(self.pipe, ["images", "labels"], last_batch_policy=LastBatchPolicy.DROP,
-                                                 auto_reset=False)
+            self._iterator = DALIGenericIterator(
+                self.pipe, ["images", "labels"], last_batch_policy=LastBatchPolicy.DROP, auto_reset=False
+            )
         while True:  # next(), not a for loop: DALI's iterator resets itself in __iter__ after an end
             try:
                 (batch,) = next(self._iterator)

@@ -18,11 +18,13 @@ the bytes read in :mod:`~dali_ba.loading.reader`, the graphs in :mod:`~dali_ba.l
 ``flatten_views`` and ``normalize``, for the batches they yield, are :mod:`dali_ba.loading.tensors`'s
 (``from dali_ba import flatten_views, normalize``).
 """
+
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
+
 import numpy as np
 import torch
 
@@ -81,7 +83,9 @@ class _ShardedLoader(BadFileRecovery):
         self.bad_files: dict[str, str] = {}
         self.max_bad_files = max(10, len(self.dataset) // 100)
         self.on_bad_file: Callable[[str, str], None] | None = None  # told of each new broken file
-        self.max_image_pixels = DEFAULT_MAX_IMAGE_PIXELS  # larger images (by their header) are broken files, never decoded; 0: no limit
+        self.max_image_pixels = (
+            DEFAULT_MAX_IMAGE_PIXELS  # larger images (by their header) are broken files, never decoded; 0: no limit
+        )
         self.sizes = new_size_cache(self.dataset)  # decoded sizes from headers, read once per run (shareable)
         self._feeds: dict[str, Feed] = {}  # a pipeline per kind of pass, built once
 
@@ -104,7 +108,9 @@ class _ShardedLoader(BadFileRecovery):
         source.start(self._data_pass(0, order))
         return dict(samples=source, decoder=self.decoder, **self._run_args(seed))
 
-    def _feed(self, kind: str, make: Callable[[SampleSource], Any], params: Callable | None = None, iterate: bool = True) -> Feed:
+    def _feed(
+        self, kind: str, make: Callable[[SampleSource], Any], params: Callable | None = None, iterate: bool = True
+    ) -> Feed:
         """The loader's pipeline for ``kind`` of pass (``make(source)`` builds its graph), built once."""
         feed = self._feeds.get(kind)
         if feed is None:
@@ -156,7 +162,9 @@ class BatchAugmentLoader(_ShardedLoader):
         self.hw_decoder_load = checked_hw_decoder_load(hw_decoder_load)
         if stage not in (None, *STAGES):
             raise UsageError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
-        self.augmentation = Augmentation(augment, view_size, crop_area_min, seed, randaugment_n, randaugment_m)  # checks them
+        self.augmentation = Augmentation(
+            augment, view_size, crop_area_min, seed, randaugment_n, randaugment_m
+        )  # checks them
         self.views, self.view_size, self.augment, self.crop_area_min = views, view_size, augment, crop_area_min
         super().__init__(data, batch_size, rank, world_size, decoder, device, num_threads, seed)
         self._next_epoch = 0
@@ -184,9 +192,16 @@ class BatchAugmentLoader(_ShardedLoader):
     def _graph(self, source: SampleSource, stage: str | None):
         if self._stage(stage) == "torch":  # torch's view stage works on the CPU: decode there
             return decode_pipeline(samples=source, decoder="cpu", **self._run_args(self.seed))
-        return batch_augment_pipeline(samples=source, views=self.views, view_size=self.view_size, augment=self.augment,
-                                      auto_ops=self.augmentation.auto_ops, decoder=self.decoder,
-                                      hw_decoder_load=self.hw_decoder_load, **self._run_args(self.seed))
+        return batch_augment_pipeline(
+            samples=source,
+            views=self.views,
+            view_size=self.view_size,
+            augment=self.augment,
+            auto_ops=self.augmentation.auto_ops,
+            decoder=self.decoder,
+            hw_decoder_load=self.hw_decoder_load,
+            **self._run_args(self.seed),
+        )
 
     def _view_params(self, epoch: int, slots: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
         """The arrays the view graph takes for a batch (:func:`dali_ba.loading.pipeline.param_outputs`)."""
@@ -203,7 +218,9 @@ class BatchAugmentLoader(_ShardedLoader):
             raise UsageError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
         return stage
 
-    def epoch(self, epoch: int, state: dict | None = None, stage: str | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def epoch(
+        self, epoch: int, state: dict | None = None, stage: str | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Iterate one epoch: ``len(self)`` batches of (B, M, 3, H, W) images and (B,) labels.
 
         With a ``state`` from :meth:`state`, carry on where that epoch stopped: the same remaining
@@ -237,8 +254,9 @@ class BatchAugmentLoader(_ShardedLoader):
             self._position = (epoch, self._position[1] + 1)
             yield images.permute(0, 1, 4, 2, 3), labels
 
-    def _torch_batches(self, decoded_batches: Iterator,
-                       data_pass: DataPass) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _torch_batches(
+        self, decoded_batches: Iterator, data_pass: DataPass
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """DALI decodes; torch's view stage renders each batch into its reused buffer."""
         if self._torch_views is None:
             self._torch_views = TorchViews(self.num_threads, self.batch_size, self.views, self.view_size)
@@ -312,9 +330,17 @@ class ValidationLoader(_ShardedLoader):
         order, real = eval_shard(len(self.dataset), self.rank, self.world_size, self.batch_size)
 
         def batches_from(position: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-            feed = self._feed("center_crop", lambda source: center_crop_pipeline(
-                samples=source, resize=self.resize, crop=self.crop, decoder=self.decoder,
-                hw_decoder_load=self.hw_decoder_load, **self._run_args(0)))
+            feed = self._feed(
+                "center_crop",
+                lambda source: center_crop_pipeline(
+                    samples=source,
+                    resize=self.resize,
+                    crop=self.crop,
+                    decoder=self.decoder,
+                    hw_decoder_load=self.hw_decoder_load,
+                    **self._run_args(0),
+                ),
+            )
             return self._dali_batches(feed.run(self._data_pass(0, order[position * self.batch_size :])))
 
         for position, batch in enumerate(self._recovering(batches_from, order, 0)):
@@ -323,8 +349,9 @@ class ValidationLoader(_ShardedLoader):
                 yield kept[0].permute(0, 3, 1, 2), kept[1]
 
 
-def _evaluated(loader: _ShardedLoader, order: np.ndarray, real: int, position: int, images: torch.Tensor,
-               labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _evaluated(
+    loader: _ShardedLoader, order: np.ndarray, real: int, position: int, images: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The samples of evaluation batch ``position`` that count: not the padding that evens out the
     ranks (after the first ``real`` of ``order``), not a broken file (its slot was refilled); None if
     none does. Decided on the host and taken by an index, never a mask: a boolean-mask index waits

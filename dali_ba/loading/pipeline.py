@@ -10,6 +10,7 @@ DALI's GPU operators make them. Both render the same parameters; for ``trivial``
 those include each view's ops, magnitude bins and signs, which DALI's own ``auto_aug`` augmentations
 apply (:func:`auto_augment_view`).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -34,14 +35,22 @@ PARAM_TYPES = (types.INT64, types.BOOL, types.INT64, types.INT32, types.INT32, t
 
 
 def imagenet_view(images, bounds, box, flip, hole, view_size: int):
-    """The box (top, left, height, width) resized to ``view_size`` squared (bilinear, antialiased), mirrored on ``flip``.
+    """The box (top, left, height, width) resized to ``view_size`` squared (bilinear, antialiased), mirrored
+    on ``flip``.
 
     ``bounds`` is the decoded (height, width): the box is clipped to it, as DALI's CPU resize reads
     outside the image otherwise (a box drawn from a header that disagrees with the decoder)."""
     box = fn.cast(box, dtype=types.FLOAT)
     start, end = dmath.min(box[0:2], bounds - 1), dmath.min(box[0:2] + box[2:4], bounds)
-    view = fn.resize(images, size=(view_size, view_size), roi_start=start, roi_end=end,
-                     roi_relative=False, antialias=True, interp_type=types.INTERP_LINEAR)
+    view = fn.resize(
+        images,
+        size=(view_size, view_size),
+        roi_start=start,
+        roi_end=end,
+        roi_relative=False,
+        antialias=True,
+        interp_type=types.INTERP_LINEAR,
+    )
     return fn.flip(view, horizontal=flip)
 
 
@@ -57,7 +66,10 @@ def dali_suite(augment: str) -> list:
     """DALI's op suite for an auto-augmentation, the one :data:`dali_ba.loading.augment.AUTO_OPS` copies."""
     from nvidia.dali.auto_aug import rand_augment, trivial_augment
 
-    return {"trivial": trivial_augment.get_trivial_augment_wide_suite, "randaugment": rand_augment.get_rand_augment_suite}[augment]()
+    return {
+        "trivial": trivial_augment.get_trivial_augment_wide_suite,
+        "randaugment": rand_augment.get_rand_augment_suite,
+    }[augment]()
 
 
 def auto_augment_view(view, suite: list, ops, bins, signs, count: int):
@@ -70,8 +82,15 @@ def auto_augment_view(view, suite: list, ops, bins, signs, count: int):
 
     for k in range(count):
         magnitude = signed_bin(bins[k], random_sign=signs[k])
-        view = select(suite, ops[k], data=view, magnitude_bin=magnitude, num_magnitude_bins=MAGNITUDE_BINS,
-                      fill_value=FILL, interp_type=None)
+        view = select(
+            suite,
+            ops[k],
+            data=view,
+            magnitude_bin=magnitude,
+            num_magnitude_bins=MAGNITUDE_BINS,
+            fill_value=FILL,
+            interp_type=None,
+        )
     return view
 
 
@@ -91,8 +110,9 @@ def read_samples(samples: SampleSource, params: Sequence[int] = ()):
     return fn.external_source(samples, num_outputs=len(dtypes), batch_info=True, dtype=dtypes)
 
 
-def _read_and_decode(samples: SampleSource, decoder: str, params: Sequence[int] = (),
-                     hw_decoder_load: float = DEFAULT_HW_DECODER_LOAD):
+def _read_and_decode(
+    samples: SampleSource, decoder: str, params: Sequence[int] = (), hw_decoder_load: float = DEFAULT_HW_DECODER_LOAD
+):
     """The samples decoded to RGB; on the mixed decoder with ``hw_decoder_load`` of each batch for the
     hardware JPEG decoder (the rest on CUDA), never DALI's default, which changed between releases."""
     encoded, label, *drawn = read_samples(samples, params)
@@ -122,8 +142,10 @@ def _batch_augment_graph(
     boxes, flips, holes = drawn[0], fn.cast(drawn[1], dtype=types.INT32), drawn.get(2)
     bounds = images.shape(dtype=types.FLOAT)[0:2]
     make_view = VIEW_GRAPHS["cifar" if augment == "cifar" else "imagenet"]
-    out = [make_view(images, bounds, boxes[m], flips[m], holes if holes is None else holes[m], view_size)
-           for m in range(views)]
+    out = [
+        make_view(images, bounds, boxes[m], flips[m], holes if holes is None else holes[m], view_size)
+        for m in range(views)
+    ]
     if auto_ops:
         suite = dali_suite(augment)
         ops, bins, signs = drawn[3], drawn[4], drawn[5]
@@ -151,8 +173,13 @@ def batch_augment_pipeline(*, augment: str = "imagenet", auto_ops: int = 0, **kw
 
 
 @pipeline_def(**EXECUTOR)
-def center_crop_pipeline(samples: SampleSource, resize: int, crop: int, decoder: str = "cpu",
-                         hw_decoder_load: float = DEFAULT_HW_DECODER_LOAD):
+def center_crop_pipeline(
+    samples: SampleSource,
+    resize: int,
+    crop: int,
+    decoder: str = "cpu",
+    hw_decoder_load: float = DEFAULT_HW_DECODER_LOAD,
+):
     """Validation: resize the shorter side to ``resize``, then a centred ``crop`` square; one view."""
     images, label, _ = _read_and_decode(samples, decoder, hw_decoder_load=hw_decoder_load)
     images = fn.resize(images, resize_shorter=resize)

@@ -2,6 +2,7 @@
 ``dali-ba check-data``: a full decode, a quick header-and-trailer read, and the header's pixel count
 against ``--max-image-pixels``; each answers with the reason a file is bad, or None.
 """
+
 from __future__ import annotations
 
 import io
@@ -23,7 +24,7 @@ def decode_problem(path: str | IO[bytes]) -> str | None:
             image.load()
             if image.width < 1 or image.height < 1:
                 return f"empty image ({image.width}x{image.height})"
-    except Exception as exc:  # noqa: BLE001 - every failure to decode is the answer
+    except Exception as exc:
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return text.replace("\t", " ")[:200]
     return None
@@ -60,7 +61,7 @@ def _header_problem(file: IO[bytes]) -> str | None:
                 image.verify()  # PNG chunk checksums, cheap; JPEG has none to verify
             if image.width < 1 or image.height < 1:
                 return f"empty image ({image.width}x{image.height})"
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return text.replace("\t", " ")[:200]
     return None
@@ -76,8 +77,12 @@ def size_problem(image: str | IO[bytes], max_pixels: int) -> str | None:
     try:
         return pixels_problem(*header_size(image), max_pixels)
     except ImageTooLarge as exc:
-        return f"{exc.pixels} pixels, more than --max-image-pixels {max_pixels}: not decoded" if exc.pixels > max_pixels else None
-    except Exception:  # noqa: BLE001 - an unreadable header is the other checks' to name
+        return (
+            f"{exc.pixels} pixels, more than --max-image-pixels {max_pixels}: not decoded"
+            if exc.pixels > max_pixels
+            else None
+        )
+    except Exception:
         return None
     finally:
         if not isinstance(image, str):
@@ -106,10 +111,16 @@ def check_files(files: list[str], workers: int, quick: bool = False, max_pixels:
     return {path: reason for path, reason in zip(files, _check_all(files, workers, quick, max_pixels)) if reason}
 
 
-def check_samples(dataset, indices: list[int], workers: int, quick: bool = False, max_pixels: int = 0) -> dict[str, str]:
+def check_samples(
+    dataset, indices: list[int], workers: int, quick: bool = False, max_pixels: int = 0
+) -> dict[str, str]:
     """{name: reason} for every sample ``indices`` of ``dataset`` (files or shards) that fails."""
     members = dataset.members
-    samples = [dataset.files[i] if members is None else (members.tars[members.shard[i]], int(members.offset[i]),
-               int(members.size[i])) for i in indices]
+    samples = [
+        dataset.files[i]
+        if members is None
+        else (members.tars[members.shard[i]], int(members.offset[i]), int(members.size[i]))
+        for i in indices
+    ]
     problems = _check_all(samples, workers, quick, max_pixels)
     return {dataset.files[i]: reason for i, reason in zip(indices, problems) if reason}

@@ -11,6 +11,7 @@ sample a broken file before any decoder sees it (an unreadable file or header, a
 than ``max_pixels``). A broken sample is reported (``on_broken``) and its slot refilled with the
 first good sample of its batch: the same batch as a pass that knew of the file from the start.
 """
+
 from __future__ import annotations
 
 import io
@@ -136,7 +137,7 @@ class SampleSource:
                 if self.max_pixels and exc.pixels > self.max_pixels:
                     return data, f"{exc.pixels} pixels, more than --max-image-pixels {self.max_pixels}: not decoded"
                 return data, f"unreadable header: {exc}"
-            except Exception as exc:  # noqa: BLE001 - any header Pillow cannot parse makes a broken file
+            except Exception as exc:
                 return data, f"unreadable header: {_reason(exc)}"
         return data, pixels_problem(*self.sizes[index], self.max_pixels)
 
@@ -167,8 +168,10 @@ class SampleSource:
             self.on_broken(broken)
             good = [k for k, (_, reason) in enumerate(results) if not reason]
             if not good:
-                raise UnreadableImageError(f"every sample of a batch is broken (e.g. {next(iter(broken))}: "
-                                           f"{next(iter(broken.values()))}); check the data with dali-ba check-data")
+                raise UnreadableImageError(
+                    f"every sample of a batch is broken (e.g. {next(iter(broken))}: "
+                    f"{next(iter(broken.values()))}); check the data with dali-ba check-data"
+                )
             for k, (_, reason) in enumerate(results):
                 if reason:
                     reads[k], results[k] = reads[good[0]], results[good[0]]

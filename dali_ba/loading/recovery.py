@@ -7,6 +7,7 @@ slot is refilled with the first good sample of its batch before a pass is read; 
 batch, Pillow (:mod:`dali_ba.loading.probe`) finds the broken files among the batches in flight and
 the pass is rebuilt from the batch that failed. More than ``max_bad_files`` is a one-line error.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
@@ -62,9 +63,11 @@ class BadFileRecovery:
         if not broken.any():
             return order
         if broken.all():
-            raise UnreadableImageError(f"every file of rank {self.rank}'s share is broken ({len(self.bad_files)} "
-                                       f"found, e.g. {next(iter(self.bad_files))}); check the data with "
-                                       "dali-ba check-data")
+            raise UnreadableImageError(
+                f"every file of rank {self.rank}'s share is broken ({len(self.bad_files)} "
+                f"found, e.g. {next(iter(self.bad_files))}); check the data with "
+                "dali-ba check-data"
+            )
         refilled, fallback = order.copy(), order[~broken][0]
         for at in range(0, len(order), self.batch_size):
             batch, bad = refilled[at : at + self.batch_size], broken[at : at + self.batch_size]
@@ -101,4 +104,5 @@ class BadFileRecovery:
             path, reason = next(iter(found.items()))
             raise UnreadableImageError(
                 f"{len(self.bad_files)} broken files found, more than --max-bad-files {self.max_bad_files} "
-                f"(e.g. {path}: {reason}); check the data with dali-ba check-data {self.dataset.source}")
+                f"(e.g. {path}: {reason}); check the data with dali-ba check-data {self.dataset.source}"
+            )

@@ -5,6 +5,7 @@ flattened into the batch (:func:`flatten_views`) and uint8 pixels normalized to 
 Torch only, no DALI: the loaders (:mod:`dali_ba.loading.loader`) hand these batches over, and the
 training step and evaluation (:mod:`dali_ba.training`) call these on them.
 """
+
 from __future__ import annotations
 
 import functools
@@ -22,7 +23,9 @@ def flatten_views(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
     return images.flatten(0, 1), labels.repeat_interleave(views)
 
 
-def normalize(images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+def normalize(
+    images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> float32 channels_last, (x/255 - mean)/std, on the tensor's own device."""
     x = images.to(memory_format=torch.channels_last).float()
     shift, scale = _normalization(x.device, tuple(mean), tuple(std))
@@ -30,6 +33,11 @@ def normalize(images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: 
 
 
 @functools.lru_cache(maxsize=16)
-def _normalization(device: torch.device, mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+def _normalization(
+    device: torch.device, mean: tuple[float, ...], std: tuple[float, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(shift, scale) of :func:`normalize` on ``device``, made once: a copy to the GPU per step is a sync."""
-    return (torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255, torch.tensor(std, device=device).view(1, 3, 1, 1) * 255)
+    return (
+        torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255,
+        torch.tensor(std, device=device).view(1, 3, 1, 1) * 255,
+    )

@@ -8,6 +8,7 @@ straight into one preallocated (B, M, H, W, 3) uint8 batch; the auto-augment ops
 single-threaded: the parallelism is the pool's, a few tasks of interleaved samples per thread, and
 the process's own torch thread count is left alone.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,12 +25,22 @@ TASKS_PER_THREAD = 4
 FILL = [128.0]  # DALI's fill for the pixels a warp brings in from outside the view
 
 
-def _affine(view: torch.Tensor, translate: tuple[float, float] = (0.0, 0.0), shear: tuple[float, float] = (0.0, 0.0)) -> torch.Tensor:
+def _affine(
+    view: torch.Tensor, translate: tuple[float, float] = (0.0, 0.0), shear: tuple[float, float] = (0.0, 0.0)
+) -> torch.Tensor:
     """DALI's ``warp_affine`` of a translation (pixels) or shear (x += s y, y += s x) about the top-left corner."""
     # v2's shear angles: x' = x - tan(a) y, y' = y - tan(b) x (for one of them non-zero).
     angles = [-math.degrees(math.atan(s)) for s in shear]
-    return F.affine(view, angle=0.0, translate=list(translate), scale=1.0, shear=angles, center=[0, 0],
-                    interpolation=F.InterpolationMode.BILINEAR, fill=FILL)
+    return F.affine(
+        view,
+        angle=0.0,
+        translate=list(translate),
+        scale=1.0,
+        shear=angles,
+        center=[0, 0],
+        interpolation=F.InterpolationMode.BILINEAR,
+        fill=FILL,
+    )
 
 
 def _equalize(view: torch.Tensor) -> torch.Tensor:
@@ -37,7 +48,11 @@ def _equalize(view: torch.Tensor) -> torch.Tensor:
     follows PIL's, ~9 levels off on average): lut[v] = round(255 (cdf[v] - cdf[lo]) / (N - cdf[lo])),
     lo the darkest level present; a one-level channel stays as it is."""
     flat = view.reshape(3, -1).long()
-    cdf = torch.zeros(3, 256, dtype=torch.float64).scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float64)).cumsum_(1)
+    cdf = (
+        torch.zeros(3, 256, dtype=torch.float64)
+        .scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float64))
+        .cumsum_(1)
+    )
     low = cdf.gather(1, flat.min(dim=1, keepdim=True).values)  # cdf at the darkest level present
     spread = (cdf[:, -1:] - low).clamp_(min=1)
     lut = ((cdf - low) * 255 / spread).round_().clamp_(0, 255).to(torch.uint8)
@@ -69,7 +84,9 @@ AUTO_OP_RENDERERS: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
 }
 
 
-def auto_augmented(view: torch.Tensor, suite: Sequence[AutoOp], ops: np.ndarray, magnitudes: np.ndarray) -> torch.Tensor:
+def auto_augmented(
+    view: torch.Tensor, suite: Sequence[AutoOp], ops: np.ndarray, magnitudes: np.ndarray
+) -> torch.Tensor:
     """A (3, S, S) uint8 view after the ops ``ops`` (indices into ``suite``) at ``magnitudes``, in order."""
     for op, magnitude in zip(ops.tolist(), magnitudes.tolist()):
         view = AUTO_OP_RENDERERS[suite[op].name](view, magnitude)
@@ -80,7 +97,9 @@ def render_views(image: torch.Tensor, params: ViewParams, b: int, out: torch.Ten
     """Write the views of one (H, W, 3) uint8 image, sample ``b`` of ``params``, into ``out`` (M, S, S, 3)."""
     chw = image.permute(2, 0, 1)  # a (3, H, W) view of HWC memory
     size = list(out.shape[1:3])
-    views = zip(params.boxes[b].tolist(), params.flips[b], params.holes[b].tolist(), out, params.ops[b], params.magnitudes[b])
+    views = zip(
+        params.boxes[b].tolist(), params.flips[b], params.holes[b].tolist(), out, params.ops[b], params.magnitudes[b]
+    )
     for (top, left, height, width), flip, (y0, x0, y1, x1), target, ops, magnitudes in views:
         view = F.crop(chw, top, left, height, width)  # zero padding where the box leaves the image
         if [height, width] != size:
@@ -102,8 +121,9 @@ class TorchViews:
 
     def __init__(self, threads: int, batch_size: int, views: int, view_size: int) -> None:
         self.threads = threads
-        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="dali-ba-views", initializer=torch.set_num_threads,
-                                       initargs=(1,))  # per thread: the process's torch threads are untouched
+        self.pool = ThreadPoolExecutor(
+            threads, thread_name_prefix="dali-ba-views", initializer=torch.set_num_threads, initargs=(1,)
+        )  # per thread: the process's torch threads are untouched
         self.out = torch.empty((batch_size, views, view_size, view_size, 3), dtype=torch.uint8)
 
     def __call__(self, images: Sequence[np.ndarray], params: ViewParams) -> torch.Tensor:

@@ -16,6 +16,7 @@ Writes ``--out`` (default: bad_files.txt) with one ``<path>\\t<reason>`` line pe
 ``--fix-list`` a ``<path> <label>`` list of the good files for --train/--val. Exit status: 0 when every
 file decoded, 1 when some did not, 2 on bad input.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,11 +36,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("data", help="folder of class folders, or a '<path> <label>' .txt list")
     parser.add_argument("--out", default="bad_files.txt", help="where the bad files go (default: bad_files.txt)")
     parser.add_argument("--fix-list", metavar="OUT.txt", help="also write a '<path> <label>' list of the good files")
-    parser.add_argument("--workers", type=int, default=0, help="processes per rank (default: the usable cores / local ranks)")
-    parser.add_argument("--quick", action="store_true", help="header and trailer only, no decode (fast, misses inner damage)")
-    parser.add_argument("--max-image-pixels", type=int, default=DataConfig.max_image_pixels, metavar="N",
-                        help="an image whose header says it has more pixels is bad (as in training), never decoded; "
-                             "0: no limit (default: %(default)s)")
+    parser.add_argument(
+        "--workers", type=int, default=0, help="processes per rank (default: the usable cores / local ranks)"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="header and trailer only, no decode (fast, misses inner damage)"
+    )
+    parser.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=DataConfig.max_image_pixels,
+        metavar="N",
+        help="an image whose header says it has more pixels is bad (as in training), never decoded; "
+        "0: no limit (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     if args.workers < 0:
         parser.error(f"--workers must be >= 0, got {args.workers}")
@@ -50,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
 
         dataset = load_dataset(args.data)
         if args.fix_list and dataset.members is not None:
-            raise UsageError(f"--fix-list writes a file list, and {args.data} is tar shards: check the folder they were "
-                             "written from, or rewrite them from its fixed list")
+            raise UsageError(
+                f"--fix-list writes a file list, and {args.data} is tar shards: check the folder they were "
+                "written from, or rewrite them from its fixed list"
+            )
         for target in (args.out, args.fix_list):
             if target and not Path(target).resolve().parent.is_dir():
                 raise UsageError(f"cannot write {target}: its folder does not exist")
@@ -61,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     world = _world()
     workers = args.workers or max(1, len(os.sched_getaffinity(0)) // world.local_size)
     started = time.perf_counter()
-    bad = check_samples(dataset, list(range(world.rank, len(dataset), world.size)), workers, args.quick, args.max_image_pixels)
+    bad = check_samples(
+        dataset, list(range(world.rank, len(dataset), world.size)), workers, args.quick, args.max_image_pixels
+    )
     elapsed = time.perf_counter() - started
     parts = world.gather((bad, elapsed, workers))
     world.close()
@@ -72,17 +86,22 @@ def main(argv: list[str] | None = None) -> int:
     slowest = max(e for _, e, _ in parts)
     Path(args.out).write_text("".join(f"{path}\t{bad[path]}\n" for path in dataset.files if path in bad))
     if args.fix_list:
-        Path(args.fix_list).write_text("".join(f"{path} {label}\n" for path, label in zip(dataset.files, dataset.labels)
-                                               if path not in bad))
+        Path(args.fix_list).write_text(
+            "".join(f"{path} {label}\n" for path, label in zip(dataset.files, dataset.labels) if path not in bad)
+        )
     rate = len(dataset) / slowest if slowest else float("inf")
-    print(f"checked {len(dataset)} files ({'header and trailer' if args.quick else 'full decode'}) in {slowest:.1f} s "
-          f"on {world.size} rank(s) x {cores // world.size} worker(s): {rate:.0f} files/s, {rate / cores:.0f} per core; "
-          f"{len(bad)} bad")
+    print(
+        f"checked {len(dataset)} files ({'header and trailer' if args.quick else 'full decode'}) in {slowest:.1f} s "
+        f"on {world.size} rank(s) x {cores // world.size} worker(s): {rate:.0f} files/s, {rate / cores:.0f} per core; "
+        f"{len(bad)} bad"
+    )
     for path in list(bad)[:10]:
         print(f"  {path}: {bad[path]}")
     if len(bad) > 10:
         print(f"  ... {len(bad) - 10} more")
-    print(f"wrote {args.out}" + (f" and {args.fix_list} ({len(dataset) - len(bad)} good files)" if args.fix_list else ""))
+    print(
+        f"wrote {args.out}" + (f" and {args.fix_list} ({len(dataset) - len(bad)} good files)" if args.fix_list else "")
+    )
     return 1 if bad else 0
 
 

@@ -11,6 +11,7 @@ Writes PNGs (default: into the first run folder):
 - steps_per_s.png: training steps per second of each run, mean and standard deviation.
 Runs are named by M and B from their "start" record (or their recipe.toml).
 """
+
 from __future__ import annotations
 
 import json
@@ -161,7 +162,9 @@ def error_figure(runs: list[Run], x: str) -> Figure:
             continue
         xs = [e["epoch"] + 1 for e in run.epochs] if x == "epoch" else [w / size for w in _wall(run)]
         colour = f"C{index % 10}"
-        ax.plot(xs, [100 - e["top1"] for e in run.epochs], "-", color=colour, marker=".", label=f"{run.label} validation")
+        ax.plot(
+            xs, [100 - e["top1"] for e in run.epochs], "-", color=colour, marker=".", label=f"{run.label} validation"
+        )
         trained = [(xv, e["train_top1"]) for xv, e in zip(xs, run.epochs) if "train_top1" in e]
         if trained:
             ax.plot(*zip(*[(xv, 100 - t) for xv, t in trained]), "--", color=colour, label=f"{run.label} training")
@@ -220,8 +223,14 @@ def throughput_figure(runs: list[Run]) -> Figure:
     rows = [(run.label, *throughput(run)) for run in runs if throughput(run)]
     fig, ax = new_figure(max(5.0, 1.4 * len(rows) + 2))
     labels, rates, stds, images = zip(*rows)
-    bars = ax.bar(range(len(rows)), rates, yerr=stds, capsize=6, color=[f"C{i % 10}" for i in range(len(rows))],
-                  label=list(labels))
+    bars = ax.bar(
+        range(len(rows)),
+        rates,
+        yerr=stds,
+        capsize=6,
+        color=[f"C{i % 10}" for i in range(len(rows))],
+        label=list(labels),
+    )
     ax.bar_label(bars, [f"{i:.0f} img/s" if i else "" for i in images], padding=8, fontsize="small")
     ax.set_xticks(range(len(rows)), labels, rotation=15 if len(rows) > 3 else 0)
     ax.set_xlabel("run")
@@ -264,8 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders holding metrics.jsonl")
     parser.add_argument("--out", help="folder for the PNGs (default: the first RUN_DIR)")
-    parser.add_argument("--smooth", type=float, default=0.0, metavar="BETA",
-                        help="EMA of the gradient norm, 0 <= BETA < 1 (e.g. 0.9; default 0: raw)")
+    parser.add_argument(
+        "--smooth",
+        type=float,
+        default=0.0,
+        metavar="BETA",
+        help="EMA of the gradient norm, 0 <= BETA < 1 (e.g. 0.9; default 0: raw)",
+    )
     args = parser.parse_args(argv)
     if not 0 <= args.smooth < 1:
         parser.error(f"--smooth must be in [0, 1), got {args.smooth}")

@@ -19,6 +19,7 @@ Writes <out>/runs/<data>/<run>/ (each run's folder), <out>/fig2_*.png ... fig5.p
 (every number) and <out>/REPORT.md, which says for each figure whether the paper's direction held,
 as mean +- std over the seeds. ``--quick`` (the test suite's) makes tiny data and trains a few steps.
 """
+
 from __future__ import annotations
 
 import json
@@ -87,8 +88,10 @@ def make_datasets(root: Path, quick: bool) -> dict[str, Path]:
     from dali_ba.data.synth import write_dataset
 
     made = {}
-    for name, write in (("synthetic", lambda p: write_dataset(p, *((4, 2) if quick else (48, 25)), seed=0)),
-                        ("digits", lambda p: write_digits(p, *((60, 30) if quick else (400, 400)), seed=0))):
+    for name, write in (
+        ("synthetic", lambda p: write_dataset(p, *((4, 2) if quick else (48, 25)), seed=0)),
+        ("digits", lambda p: write_digits(p, *((60, 30) if quick else (400, 400)), seed=0)),
+    ):
         folder = root / name
         if not (folder / ".complete").exists():
             write(folder)
@@ -105,13 +108,47 @@ def train(spec: RunSpec, data: Path, output: Path, grid: ExperimentGrid) -> Path
         import shutil
 
         shutil.rmtree(output)
-    argv = [sys.executable, "-m", "dali_ba.train", "--recipe", "demo",
-            "--train", str(data / "train"), "--val", str(data / "val"), "--output", str(output),
-            "--seed", str(spec.seed), "--views", str(spec.views), "--regime", spec.regime,
-            "--batch-size", str(grid.batch), "--lr", "0.1", "--lr-batch", str(grid.batch), "--epochs", str(grid.epochs),
-            "--decay-epochs", grid.decay_epochs(), "--warmup-epochs", "1", "--log-every", "50", "--log-grad-norm",
-            "--timing-warmup", "2",
-            "--torch-threads", str(len(os.sched_getaffinity(0))), "--engine", "auto", *grid.extra]
+    argv = [
+        sys.executable,
+        "-m",
+        "dali_ba.train",
+        "--recipe",
+        "demo",
+        "--train",
+        str(data / "train"),
+        "--val",
+        str(data / "val"),
+        "--output",
+        str(output),
+        "--seed",
+        str(spec.seed),
+        "--views",
+        str(spec.views),
+        "--regime",
+        spec.regime,
+        "--batch-size",
+        str(grid.batch),
+        "--lr",
+        "0.1",
+        "--lr-batch",
+        str(grid.batch),
+        "--epochs",
+        str(grid.epochs),
+        "--decay-epochs",
+        grid.decay_epochs(),
+        "--warmup-epochs",
+        "1",
+        "--log-every",
+        "50",
+        "--log-grad-norm",
+        "--timing-warmup",
+        "2",
+        "--torch-threads",
+        str(len(os.sched_getaffinity(0))),
+        "--engine",
+        "auto",
+        *grid.extra,
+    ]
     if spec.regime == "ba":  # regime adaptation validates 4x as often (4x the epochs): spare it these two
         argv += ["--eval-views", str(EVAL_VIEWS), "--calibrate-bn", str(CALIBRATE_BN)]
     if grid.max_steps:
@@ -139,7 +176,7 @@ def epochs_to_reach(run: Run, target: float) -> int | None:
 def late_grad_norm(run: Run, share: float = 0.25) -> float:
     """Mean gradient norm over the last ``share`` of the steps (the paper's Figure 2 reads the level)."""
     norms = [s["grad_norm"] for s in run.steps if "grad_norm" in s]
-    return float(np.mean(norms[-max(1, int(len(norms) * share)):]))
+    return float(np.mean(norms[-max(1, int(len(norms) * share)) :]))
 
 
 def mean_std(values: list[float]) -> dict[str, float]:
@@ -154,8 +191,9 @@ def analyse(runs: dict[RunSpec, Run], grid: ExperimentGrid, datasets: list[str])
     """Every number the report states, per data set."""
     results: dict = {}
     for dataset in datasets:
+
         def of(views: int, regime: str = "ba") -> list[Run]:
-            return [runs[RunSpec(dataset, s, views, regime)] for s in grid.seeds]
+            return [runs[RunSpec(dataset, s, views, regime)] for s in grid.seeds]  # noqa: B023 - used in this pass only
 
         baseline = of(1)
         per_m: dict = {}
@@ -168,17 +206,25 @@ def analyse(runs: dict[RunSpec, Run], grid: ExperimentGrid, datasets: list[str])
                 "epochs_to_baseline_final": reach,
                 "late_grad_norm": mean_std([late_grad_norm(r) for r in mine]),
                 "steps_per_s": mean_std([r.summary["steps_per_s"] for r in mine]),
-                "phases_ms": {p: mean_std([1e3 * r.summary["timing"][p]["mean"] for r in mine])
-                              for p in ("data", "h2d", "forward_backward", "allreduce_step", "step")},
+                "phases_ms": {
+                    p: mean_std([1e3 * r.summary["timing"][p]["mean"] for r in mine])
+                    for p in ("data", "h2d", "forward_backward", "allreduce_step", "step")
+                },
                 "wall_s": mean_std([r.epochs[-1]["wall"] for r in mine]),
-                "eval": {kind: mean_std([100 - r.epochs[-1][key] for r in mine]) for kind, key in
-                         (("plain", "top1"), ("views", "views_top1"), ("calibrated", "calibrated_top1"))},
+                "eval": {
+                    kind: mean_std([100 - r.epochs[-1][key] for r in mine])
+                    for kind, key in (("plain", "top1"), ("views", "views_top1"), ("calibrated", "calibrated_top1"))
+                },
             }
         ra = of(RA_FACTOR, "ra")
         results[dataset] = {
             "views": per_m,
-            "ra": {"final_error": mean_std([errors(r)[-1] for r in ra]), "wall_s": mean_std([r.epochs[-1]["wall"] for r in ra]),
-                   "epochs": len(ra[0].epochs), "steps": ra[0].summary["steps"]},
+            "ra": {
+                "final_error": mean_std([errors(r)[-1] for r in ra]),
+                "wall_s": mean_std([r.epochs[-1]["wall"] for r in ra]),
+                "epochs": len(ra[0].epochs),
+                "steps": ra[0].summary["steps"],
+            },
             "steps_per_run": baseline[0].summary["steps"],
         }
     return results
@@ -194,45 +240,69 @@ def verdicts(results: dict, grid: ExperimentGrid) -> dict[str, dict[str, str]]:
         better = [m for m in larger if v[m]["final_error"]["mean"] < base]
         reached = {m: v[m]["epochs_to_baseline_final"] for m in larger}
         faster = [m for m in larger if all(e is not None and e < grid.epochs for e in reached[m])]
-        fig3 = (f"held for M = {', '.join(map(str, better))}" if better == larger else
-                f"did not hold for M = {', '.join(str(m) for m in larger if m not in better)}")
+        fig3 = (
+            f"held for M = {', '.join(map(str, better))}"
+            if better == larger
+            else f"did not hold for M = {', '.join(str(m) for m in larger if m not in better)}"
+        )
         out.setdefault("fig3", {})[dataset] = (
-            f"{fig3}: final validation error " + ", ".join(f"M={m} {fmt(v[m]['final_error'])} %" for m in grid.views)
-            + f". Epochs to reach the baseline's final error: " + ", ".join(
-                f"M={m} {reached[m]}" for m in larger)
+            f"{fig3}: final validation error "
+            + ", ".join(f"M={m} {fmt(v[m]['final_error'])} %" for m in grid.views)
+            + ". Epochs to reach the baseline's final error: "
+            + ", ".join(f"M={m} {reached[m]}" for m in larger)
             + f" (baseline: {grid.epochs}; None: not reached); "
-            + (f"fewer epochs in every seed for M = {', '.join(map(str, faster))}." if faster else
-               "no M reached it in fewer epochs in every seed."))
+            + (
+                f"fewer epochs in every seed for M = {', '.join(map(str, faster))}."
+                if faster
+                else "no M reached it in fewer epochs in every seed."
+            )
+        )
         norms = [v[m]["late_grad_norm"]["mean"] for m in grid.views]
         falling = all(a > b for a, b in zip(norms, norms[1:]))
         out.setdefault("fig2", {})[dataset] = (
-            ("held" if falling else "did not hold") + ": gradient L2 norm over the last quarter of the steps "
+            ("held" if falling else "did not hold")
+            + ": gradient L2 norm over the last quarter of the steps "
             + ", ".join(f"M={m} {fmt(v[m]['late_grad_norm'], 3)}" for m in grid.views)
-            + (" (falls as M grows)." if falling else " (does not fall monotonically with M)."))
+            + (" (falls as M grows)." if falling else " (does not fall monotonically with M).")
+        )
         ba4, ra = v[RA_FACTOR]["final_error"]["mean"], r["ra"]["final_error"]["mean"]
         held = ba4 < base and ba4 < ra
         out.setdefault("fig4", {})[dataset] = (
             ("held" if held else "did not hold") + f": final validation error baseline {fmt(v[1]['final_error'])} %, "
             f"BA M={RA_FACTOR} {fmt(v[RA_FACTOR]['final_error'])} %, regime adaptation x{RA_FACTOR} "
-            f"{fmt(r['ra']['final_error'])} % ({r['ra']['epochs']} epochs, {r['ra']['steps']} steps; BA {r['steps_per_run']} steps); "
-            f"wall-clock s: baseline {fmt(v[1]['wall_s'], 0)}, BA {fmt(v[RA_FACTOR]['wall_s'], 0)}, RA {fmt(r['ra']['wall_s'], 0)}.")
+            f"{fmt(r['ra']['final_error'])} % ({r['ra']['epochs']} epochs, {r['ra']['steps']} steps; "
+            f"BA {r['steps_per_run']} steps); "
+            f"wall-clock s: baseline {fmt(v[1]['wall_s'], 0)}, "
+            f"BA {fmt(v[RA_FACTOR]['wall_s'], 0)}, RA {fmt(r['ra']['wall_s'], 0)}."
+        )
         rates = {m: v[m]["steps_per_s"]["mean"] for m in grid.views}
         flat = min(rates.values()) >= 0.9 * rates[1]
         out.setdefault("fig5", {})[dataset] = (
-            ("held" if flat else "did not hold") + ": steps/s " + ", ".join(f"M={m} {fmt(v[m]['steps_per_s'], 2)}"
-                                                                       for m in grid.views)
-            + (" stay within 10 % of the baseline's." if flat else
-               f" (M={max(grid.views)} runs at {rates[max(grid.views)] / rates[1]:.2f}x the baseline's rate: on this "
-               "CPU-only machine the step is compute-bound, so its time grows with B*M; the paper's flat steps/s "
-               "needs accelerators with compute to spare). Data loading stays a small share of the step: "
-               + ", ".join(f"M={m} {v[m]['phases_ms']['data']['mean']:.1f} of {v[m]['phases_ms']['step']['mean']:.0f} ms"
-                           for m in grid.views) + "."))
+            ("held" if flat else "did not hold")
+            + ": steps/s "
+            + ", ".join(f"M={m} {fmt(v[m]['steps_per_s'], 2)}" for m in grid.views)
+            + (
+                " stay within 10 % of the baseline's."
+                if flat
+                else f" (M={max(grid.views)} runs at {rates[max(grid.views)] / rates[1]:.2f}x the baseline's rate: "
+                "on this "
+                "CPU-only machine the step is compute-bound, so its time grows with B*M; the paper's flat steps/s "
+                "needs accelerators with compute to spare). Data loading stays a small share of the step: "
+                + ", ".join(
+                    f"M={m} {v[m]['phases_ms']['data']['mean']:.1f} of {v[m]['phases_ms']['step']['mean']:.0f} ms"
+                    for m in grid.views
+                )
+                + "."
+            )
+        )
         e = v[RA_FACTOR]["eval"]
         out.setdefault("eval", {})[dataset] = (
             f"at M={RA_FACTOR}, final validation error: centre crop {fmt(e['plain'])} %, averaged over {EVAL_VIEWS} "
-            f"augmented views {fmt(e['views'])} % ({'helps' if e['views']['mean'] < e['plain']['mean'] else 'does not help'}), "
+            f"augmented views {fmt(e['views'])} % ("
+            f"{'helps' if e['views']['mean'] < e['plain']['mean'] else 'does not help'}), "
             f"after BatchNorm recalibration on {CALIBRATE_BN} batches {fmt(e['calibrated'])} % "
-            f"({'helps' if e['calibrated']['mean'] < e['plain']['mean'] else 'does not help'}).")
+            f"({'helps' if e['calibrated']['mean'] < e['plain']['mean'] else 'does not help'})."
+        )
     return out
 
 
@@ -247,8 +317,9 @@ def _band(ax, xs, rows, colour, label, style="-"):
         ax.fill_between(xs, rows.min(0), rows.max(0), color=colour, alpha=0.15, linewidth=0)
 
 
-def figures(runs: dict[RunSpec, Run], grid: ExperimentGrid, datasets: list[str], results: dict,
-            out: Path) -> list[Path]:
+def figures(
+    runs: dict[RunSpec, Run], grid: ExperimentGrid, datasets: list[str], results: dict, out: Path
+) -> list[Path]:
     written = []
     seeds = f"mean of {len(grid.seeds)} seed(s), band: min-max"
     for dataset in datasets:
@@ -257,9 +328,17 @@ def figures(runs: dict[RunSpec, Run], grid: ExperimentGrid, datasets: list[str],
             group = [runs[RunSpec(dataset, s, m)] for s in grid.seeds]
             epochs = np.arange(1, len(group[0].epochs) + 1)
             _band(ax, epochs, [errors(r) for r in group], f"C{index}", f"M={m} validation")
-            _band(ax, epochs, [[100 - e["train_top1"] for e in r.epochs] for r in group], f"C{index}", f"M={m} training", "--")
-        ax.set(xlabel="epoch", ylabel="error (%)",
-               title=f"Figure 3, {dataset}: error vs epoch, B={grid.batch} ({seeds})")
+            _band(
+                ax,
+                epochs,
+                [[100 - e["train_top1"] for e in r.epochs] for r in group],
+                f"C{index}",
+                f"M={m} training",
+                "--",
+            )
+        ax.set(
+            xlabel="epoch", ylabel="error (%)", title=f"Figure 3, {dataset}: error vs epoch, B={grid.batch} ({seeds})"
+        )
         ax.grid(alpha=0.3)
         ax.legend(fontsize="x-small", ncol=2)
         written.append(save(fig, out / f"fig3_{dataset}.png"))
@@ -270,8 +349,11 @@ def figures(runs: dict[RunSpec, Run], grid: ExperimentGrid, datasets: list[str],
             length = min(map(len, group))
             _band(ax, np.arange(1, length + 1), [ema(g[:length], SMOOTH) for g in group], f"C{index}", f"M={m}")
         ax.set_yscale("log")
-        ax.set(xlabel="step", ylabel="gradient L2 norm (EMA, log scale)",
-               title=f"Figure 2, {dataset}: gradient norm, EMA beta {SMOOTH} ({seeds})")
+        ax.set(
+            xlabel="step",
+            ylabel="gradient L2 norm (EMA, log scale)",
+            title=f"Figure 2, {dataset}: gradient norm, EMA beta {SMOOTH} ({seeds})",
+        )
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize="small")
         written.append(save(fig, out / f"fig2_{dataset}.png"))
@@ -279,8 +361,13 @@ def figures(runs: dict[RunSpec, Run], grid: ExperimentGrid, datasets: list[str],
         fig = new_figure(11, 4.5)[0]
         fig.clear()
         axes = fig.subplots(1, 2)
-        for index, (spec_views, regime, label) in enumerate(((1, "ba", "baseline M=1"), (RA_FACTOR, "ba", f"BA M={RA_FACTOR}"),
-                                                             (RA_FACTOR, "ra", f"regime adaptation x{RA_FACTOR}"))):
+        for index, (spec_views, regime, label) in enumerate(
+            (
+                (1, "ba", "baseline M=1"),
+                (RA_FACTOR, "ba", f"BA M={RA_FACTOR}"),
+                (RA_FACTOR, "ra", f"regime adaptation x{RA_FACTOR}"),
+            )
+        ):
             group = [runs[RunSpec(dataset, s, spec_views, regime)] for s in grid.seeds]
             epochs = np.arange(1, len(group[0].epochs) + 1)
             _band(axes[0], epochs, [errors(r) for r in group], f"C{index}", label)
@@ -298,11 +385,18 @@ def figures(runs: dict[RunSpec, Run], grid: ExperimentGrid, datasets: list[str],
     rate_ax, phase_ax = fig.subplots(1, 2)
     for index, dataset in enumerate(datasets):
         v = results[dataset]["views"]
-        rate_ax.errorbar(grid.views, [v[m]["steps_per_s"]["mean"] for m in grid.views],
-                         yerr=[v[m]["steps_per_s"]["std"] for m in grid.views], marker="o", capsize=4,
-                         color=f"C{index}", label=dataset)
-    rate_ax.set(xlabel="M (views per sample)", ylabel="training steps/s",
-                title=f"Figure 5: steps/s vs M, B={grid.batch}")
+        rate_ax.errorbar(
+            grid.views,
+            [v[m]["steps_per_s"]["mean"] for m in grid.views],
+            yerr=[v[m]["steps_per_s"]["std"] for m in grid.views],
+            marker="o",
+            capsize=4,
+            color=f"C{index}",
+            label=dataset,
+        )
+    rate_ax.set(
+        xlabel="M (views per sample)", ylabel="training steps/s", title=f"Figure 5: steps/s vs M, B={grid.batch}"
+    )
     rate_ax.set_xticks(grid.views)
     rate_ax.grid(alpha=0.3)
     rate_ax.legend(fontsize="small")
@@ -318,22 +412,34 @@ def figures(runs: dict[RunSpec, Run], grid: ExperimentGrid, datasets: list[str],
     return written
 
 
-def write_report(results: dict, found: dict, grid: ExperimentGrid, datasets: list[str], out: Path,
-                 elapsed: float) -> Path:
-    titles = {"fig3": "Figure 3 — BA reaches lower error, and the baseline's error in fewer epochs",
-              "fig2": "Figure 2 — the gradient norm falls as M grows",
-              "fig4": "Figure 4 — BA beats the baseline and regime adaptation",
-              "fig5": "Figure 5 — steps/s barely change with M",
-              "eval": "Evaluation over augmented views and BatchNorm recalibration"}
-    images = {"fig3": [f"fig3_{d}.png" for d in datasets], "fig2": [f"fig2_{d}.png" for d in datasets],
-              "fig4": [f"fig4_{d}.png" for d in datasets], "fig5": ["fig5.png"], "eval": []}
-    lines = ["# Batch Augmentation at small scale: the paper's Figures 2-5 in direction", "",
-             f"`{PROG}`: ResNet-20, B = {grid.batch} unique images per step, "
-             f"M in {{{', '.join(map(str, grid.views))}}} "
-             f"and regime adaptation x{RA_FACTOR}, {grid.epochs} epochs (LR 0.1, x0.1 at epochs {grid.decay_epochs()}, "
-             f"1 warm-up epoch), seeds {', '.join(map(str, grid.seeds))}; one process on {os.cpu_count()} CPU cores. "
-             f"Data: the synthetic demo set and scikit-learn's digits (real scans, 32 px JPEGs). "
-             f"All numbers are mean ± std over the seeds; whole run {elapsed / 60:.1f} min.", ""]
+def write_report(
+    results: dict, found: dict, grid: ExperimentGrid, datasets: list[str], out: Path, elapsed: float
+) -> Path:
+    titles = {
+        "fig3": "Figure 3 — BA reaches lower error, and the baseline's error in fewer epochs",
+        "fig2": "Figure 2 — the gradient norm falls as M grows",
+        "fig4": "Figure 4 — BA beats the baseline and regime adaptation",
+        "fig5": "Figure 5 — steps/s barely change with M",
+        "eval": "Evaluation over augmented views and BatchNorm recalibration",
+    }
+    images = {
+        "fig3": [f"fig3_{d}.png" for d in datasets],
+        "fig2": [f"fig2_{d}.png" for d in datasets],
+        "fig4": [f"fig4_{d}.png" for d in datasets],
+        "fig5": ["fig5.png"],
+        "eval": [],
+    }
+    lines = [
+        "# Batch Augmentation at small scale: the paper's Figures 2-5 in direction",
+        "",
+        f"`{PROG}`: ResNet-20, B = {grid.batch} unique images per step, "
+        f"M in {{{', '.join(map(str, grid.views))}}} "
+        f"and regime adaptation x{RA_FACTOR}, {grid.epochs} epochs (LR 0.1, x0.1 at epochs {grid.decay_epochs()}, "
+        f"1 warm-up epoch), seeds {', '.join(map(str, grid.seeds))}; one process on {os.cpu_count()} CPU cores. "
+        f"Data: the synthetic demo set and scikit-learn's digits (real scans, 32 px JPEGs). "
+        f"All numbers are mean ± std over the seeds; whole run {elapsed / 60:.1f} min.",
+        "",
+    ]
     for key, title in titles.items():
         lines += [f"## {title}", ""]
         for dataset in datasets:
@@ -351,15 +457,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/paper", help="results folder (default: runs/paper)")
     parser.add_argument("--seeds", type=int_list, default=[0, 1], metavar="N,N,...", help="seeds (default: 0,1)")
     parser.add_argument("--epochs", type=int, default=10, help="epochs of the BA runs (default: 10)")
-    parser.add_argument("--quick", action="store_true", help="tiny data, 2 epochs of 2 steps, M in {1, 2}: a smoke test")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny data, 2 epochs of 2 steps, M in {1, 2}: a smoke test"
+    )
     args = parser.parse_args(argv)
     if args.epochs < 2:
         parser.error(f"--epochs must be >= 2, got {args.epochs}")
     if not args.seeds:
         parser.error("--seeds needs at least one seed")
-    grid = ExperimentGrid(epochs=2 if args.quick else args.epochs, batch=4 if args.quick else 32,
-                max_steps=2 if args.quick else 0, views=(1, 2, 4) if args.quick else VIEWS,
-                seeds=tuple(args.seeds), extra=["--timing-warmup", "0"] if args.quick else [])
+    grid = ExperimentGrid(
+        epochs=2 if args.quick else args.epochs,
+        batch=4 if args.quick else 32,
+        max_steps=2 if args.quick else 0,
+        views=(1, 2, 4) if args.quick else VIEWS,
+        seeds=tuple(args.seeds),
+        extra=["--timing-warmup", "0"] if args.quick else [],
+    )
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -374,8 +487,11 @@ def main(argv: list[str] | None = None) -> int:
             begun = time.perf_counter()
             folder = train(spec, data[spec.dataset], out / "runs" / spec.dataset / spec.name, grid)
             runs[spec] = load_run(folder)
-            print(f"[{number}/{len(specs)}] {spec.dataset} {spec.label} seed {spec.seed}: val error "
-                  f"{errors(runs[spec])[-1]:.1f} %, {time.perf_counter() - begun:.0f} s", flush=True)
+            print(
+                f"[{number}/{len(specs)}] {spec.dataset} {spec.label} seed {spec.seed}: val error "
+                f"{errors(runs[spec])[-1]:.1f} %, {time.perf_counter() - begun:.0f} s",
+                flush=True,
+            )
     except UsageError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
@@ -385,12 +501,27 @@ def main(argv: list[str] | None = None) -> int:
     written = figures(runs, grid, datasets, results, out)
     elapsed = time.perf_counter() - started
     # results.json names the grid "plan", as before: the file's keys are unchanged
-    (out / "results.json").write_text(json.dumps({"plan": {"epochs": grid.epochs, "batch": grid.batch,
-                                                           "views": grid.views, "seeds": grid.seeds,
-                                                           "ra_factor": RA_FACTOR,
-                                                           "eval_views": EVAL_VIEWS, "calibrate_bn": CALIBRATE_BN},
-                                                  "elapsed_s": elapsed, "results": results, "verdicts": found},
-                                                 indent=2, default=str) + "\n")
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "plan": {
+                    "epochs": grid.epochs,
+                    "batch": grid.batch,
+                    "views": grid.views,
+                    "seeds": grid.seeds,
+                    "ra_factor": RA_FACTOR,
+                    "eval_views": EVAL_VIEWS,
+                    "calibrate_bn": CALIBRATE_BN,
+                },
+                "elapsed_s": elapsed,
+                "results": results,
+                "verdicts": found,
+            },
+            indent=2,
+            default=str,
+        )
+        + "\n"
+    )
     report = write_report(results, found, grid, datasets, out, elapsed)
     print(report.read_text())
     print(f"wrote {report}, {out / 'results.json'} and {len(written)} figures in {elapsed / 60:.1f} min")

@@ -6,6 +6,7 @@ with no wait for the device inside, so that the loader's next batch overlaps a s
 training and the data stall is the one training sees. In :mod:`dali_ba.tools`, beside the profiler:
 nothing else uses it.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -24,10 +25,12 @@ from dali_ba.recipe import Recipe
 from dali_ba.training.step_clock import PHASES, StepClock, StepRow
 
 YIELD_VARIABLE = "OMPI_MCA_mpi_yield_when_idle"
-TIMING_RULE = ("--warmup untimed steps, one synchronisation, --steps N steps with no wait for the device inside "
-               "(as dali_ba.train runs them), one synchronisation: step_time = the seconds between the two "
-               "synchronisations / N (mean over ranks); phases, data_wait and the spread over steps from the step "
-               "clock's rows (CUDA events on a GPU, perf_counter on the CPU), read after the second")
+TIMING_RULE = (
+    "--warmup untimed steps, one synchronisation, --steps N steps with no wait for the device inside "
+    "(as dali_ba.train runs them), one synchronisation: step_time = the seconds between the two "
+    "synchronisations / N (mean over ranks); phases, data_wait and the spread over steps from the step "
+    "clock's rows (CUDA events on a GPU, perf_counter on the CPU), read after the second"
+)
 
 
 def endless(loader) -> Iterator:
@@ -88,12 +91,20 @@ def window_stats(world, window: Window, batch_size: int, views: int) -> dict:
     totals, waits, means = rows[..., -1], rows[..., 0], rows.mean(axis=(0, 1))
     step_time = float(per_rank.mean())
     steps_per_s = 1 / step_time
-    return dict(step_time=step_time, step_time_std=float(totals.std()), step_time_median=float(np.median(totals)),
-                slowest_rank_step_time=float(per_rank.max()), data_wait=float(means[0]),
-                steps_per_s=steps_per_s, images_per_s=steps_per_s * batch_size,
-                views_per_s=steps_per_s * batch_size * views, window_seconds=seconds.tolist(),
-                step_times=totals.tolist(), data_waits=waits.tolist(),
-                phases={name: float(v) for name, v in zip(PHASES, means)})
+    return dict(
+        step_time=step_time,
+        step_time_std=float(totals.std()),
+        step_time_median=float(np.median(totals)),
+        slowest_rank_step_time=float(per_rank.max()),
+        data_wait=float(means[0]),
+        steps_per_s=steps_per_s,
+        images_per_s=steps_per_s * batch_size,
+        views_per_s=steps_per_s * batch_size * views,
+        window_seconds=seconds.tolist(),
+        step_times=totals.tolist(),
+        data_waits=waits.tolist(),
+        phases={name: float(v) for name, v in zip(PHASES, means)},
+    )
 
 
 def load_step_data(recipe: Recipe):
@@ -113,7 +124,12 @@ def measure_step(world, recipe: Recipe, train_set, steps: int, warmup: int, cach
     d, m = recipe.data, recipe.model
     training = setup_training(recipe, world, train_set)  # exactly as dali_ba.train sets up a rank
     world.broadcast_from_root(training.model, training.optimizer)
-    device, loader, torch_threads, cores = training.device, training.loader, training.torch_threads, len(os.sched_getaffinity(0))
+    device, loader, torch_threads, cores = (
+        training.device,
+        training.loader,
+        training.torch_threads,
+        len(os.sched_getaffinity(0)),
+    )
     training.model.train()
     clock = StepClock(device)
 
@@ -145,19 +161,50 @@ def measure_step(world, recipe: Recipe, train_set, steps: int, warmup: int, cach
     epoch_start_wait = waits[:, starts].sum() / (waits.size * fed["step_time"])
     threads = (d.dali_threads + torch_threads) * world.local_size
     return dict(
-        kind="profile_step", train=d.train, engine=world.engine, engine_backend=world.backend, ranks=world.size, local_ranks=world.local_size, nodes=nodes, views=d.views, batch_size=d.batch_size,
-        per_rank_batch=training.per_rank, view_size=d.view_size, arch=m.arch, amp=m.amp, chunks=recipe.optim.chunks, device=device.type, decoder=loader.decoder,
-        dali_threads=d.dali_threads, torch_threads=torch_threads, cores=cores, oversubscribed=threads > cores,
+        kind="profile_step",
+        train=d.train,
+        engine=world.engine,
+        engine_backend=world.backend,
+        ranks=world.size,
+        local_ranks=world.local_size,
+        nodes=nodes,
+        views=d.views,
+        batch_size=d.batch_size,
+        per_rank_batch=training.per_rank,
+        view_size=d.view_size,
+        arch=m.arch,
+        amp=m.amp,
+        chunks=recipe.optim.chunks,
+        device=device.type,
+        decoder=loader.decoder,
+        dali_threads=d.dali_threads,
+        torch_threads=torch_threads,
+        cores=cores,
+        oversubscribed=threads > cores,
         mpi_yield_when_idle=os.environ.get(YIELD_VARIABLE),
-        steps=steps, warmup=warmup, timing=TIMING_RULE, cached_batches=len(cached), steps_per_epoch=len(loader),
-        steps_per_s=fed["steps_per_s"], images_per_s=fed["images_per_s"], views_per_s=fed["views_per_s"],
-        data_stall=min(1.0, max(0.0, stall)), data_stall_raw=stall,
-        data_wait_share=fed["data_wait"] / fed["step_time"], epoch_starts=int(starts.sum()),
+        steps=steps,
+        warmup=warmup,
+        timing=TIMING_RULE,
+        cached_batches=len(cached),
+        steps_per_epoch=len(loader),
+        steps_per_s=fed["steps_per_s"],
+        images_per_s=fed["images_per_s"],
+        views_per_s=fed["views_per_s"],
+        data_stall=min(1.0, max(0.0, stall)),
+        data_stall_raw=stall,
+        data_wait_share=fed["data_wait"] / fed["step_time"],
+        epoch_starts=int(starts.sum()),
         epoch_start_wait_share=float(epoch_start_wait),
         data_stall_median=(fed["step_time_median"] - memory["step_time_median"]) / fed["step_time_median"],
         compute_per_loader_batch=memory["step_time"] / pipeline["step_time"],
-        pipeline=dict(batch_time=pipeline["step_time"], batch_time_std=pipeline["step_time_std"],
-                      samples_per_s=pipeline["images_per_s"], views_per_s=pipeline["views_per_s"],
-                      batch_times=pipeline["step_times"], window_seconds=pipeline["window_seconds"]),
-        memory=memory, loader=fed,
+        pipeline=dict(
+            batch_time=pipeline["step_time"],
+            batch_time_std=pipeline["step_time_std"],
+            samples_per_s=pipeline["images_per_s"],
+            views_per_s=pipeline["views_per_s"],
+            batch_times=pipeline["step_times"],
+            window_seconds=pipeline["window_seconds"],
+        ),
+        memory=memory,
+        loader=fed,
     )

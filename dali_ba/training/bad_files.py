@@ -6,6 +6,7 @@ is not read again by another. The trainer merges the ranks' records at each chec
 (:func:`share_bad_files`: rank 0 lists them in ``bad_files.txt``), and a checkpoint carries the list
 (:mod:`dali_ba.training.checkpoint_state`), so a resumed run skips the same files.
 """
+
 from __future__ import annotations
 
 import sys
@@ -22,8 +23,9 @@ if TYPE_CHECKING:
     from dali_ba.training.evaluation import Validation
 
 
-def one_record_of_bad_files(recipe: Recipe, world: World, loader: BatchAugmentLoader,
-                            validation: Validation) -> dict[str, str]:
+def one_record_of_bad_files(
+    recipe: Recipe, world: World, loader: BatchAugmentLoader, validation: Validation
+) -> dict[str, str]:
     """One record of broken files for every loader of the run: found by any, refilled (training) or
     left out (evaluation) by all; each rank names what it finds, rank 0 lists them all."""
     d, rank = recipe.data, world.rank
@@ -31,8 +33,10 @@ def one_record_of_bad_files(recipe: Recipe, world: World, loader: BatchAugmentLo
     if validation.calibration:  # image sizes are read once per run, whichever loader meets a file first
         validation.calibration.sizes = loader.sizes
     for each in [loader, *validation.loaders]:
-        each.bad_files, each.on_bad_file = bad_files, lambda path, reason: emit(
-            f"dali-ba: rank {rank}: skipping broken file {path} ({reason})", sys.stderr)
+        each.bad_files, each.on_bad_file = (
+            bad_files,
+            lambda path, reason: emit(f"dali-ba: rank {rank}: skipping broken file {path} ({reason})", sys.stderr),
+        )
         each.max_bad_files = d.max_bad_files if d.max_bad_files >= 0 else loader.max_bad_files
         each.max_image_pixels = d.max_image_pixels
     return bad_files

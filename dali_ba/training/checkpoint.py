@@ -8,6 +8,7 @@ rename, keeping the newest ``keep`` (on a full disk the temporary file is remove
 :mod:`dali_ba.training.output`). Files load with ``torch.load(weights_only=True)``: tensors and
 plain Python values only, no code.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,7 +32,10 @@ def save_checkpoint(output: Path, step: int, state: dict[str, Any], keep: int) -
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{step:09d}.pt"
     temporary = path.with_name(f".{path.name}.tmp")
-    with writing(path, output, partial=temporary), ACTIVITY.writing_file():  # a full disk, a stall: no temporary file left
+    with (
+        writing(path, output, partial=temporary),
+        ACTIVITY.writing_file(),
+    ):  # a full disk, a stall: no temporary file left
         with open(temporary, "wb") as file:
             torch.save({"format": FORMAT, "version": __version__, **state}, file)
             file.flush()
@@ -48,14 +52,16 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - truncated, garbage, or not a torch file
+    except Exception as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UsageError(f"checkpoint {path} cannot be loaded ({reason[:200]})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UsageError(f"checkpoint {path} is not a dali-ba checkpoint (format {FORMAT})")
     if state.get("version") != __version__:  # loader positions and states change between versions
-        raise UsageError(f"checkpoint {path} was written by dali-ba {state.get('version') or '0.1 or older'}, this is "
-                         f"dali-ba {__version__}: resume it with that version, or start afresh in a new --output")
+        raise UsageError(
+            f"checkpoint {path} was written by dali-ba {state.get('version') or '0.1 or older'}, this is "
+            f"dali-ba {__version__}: resume it with that version, or start afresh in a new --output"
+        )
     return state
 
 
@@ -81,5 +87,7 @@ def check_compatible(state: dict, path: Path, expected: dict[str, Any]) -> None:
     """A checkpoint resumes only the run that wrote it: same world size, model, data shape and seed."""
     for key, value in expected.items():
         if state["run"].get(key) != value:
-            raise UsageError(f"checkpoint {path} was written with {key} = {state['run'].get(key)!r}, "
-                             f"this run has {value!r}; resume with the same settings or use a new --output")
+            raise UsageError(
+                f"checkpoint {path} was written with {key} = {state['run'].get(key)!r}, "
+                f"this run has {value!r}; resume with the same settings or use a new --output"
+            )

@@ -9,6 +9,7 @@ into this rank and says where its training restarts (a :class:`Start`).
 Beside :mod:`dali_ba.training.checkpoint`, which writes, reads and checks the files and knows
 nothing of the trainer's pieces; the trainer decides when.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -26,9 +27,17 @@ if TYPE_CHECKING:
 def run_identity(recipe: Recipe, world: World, steps_per_epoch: int) -> dict:
     """What a checkpoint must agree on to be resumed by this run."""
     d, m, o, r = recipe.data, recipe.model, recipe.optim, recipe.run
-    identity = {"ranks": world.size, "arch": m.arch, "batch_size": d.batch_size, "views": d.views,
-                "view_size": d.view_size, "augment": d.augment, "seed": r.seed, "regime": o.regime,
-                "steps_per_epoch": steps_per_epoch}
+    identity = {
+        "ranks": world.size,
+        "arch": m.arch,
+        "batch_size": d.batch_size,
+        "views": d.views,
+        "view_size": d.view_size,
+        "augment": d.augment,
+        "seed": r.seed,
+        "regime": o.regime,
+        "steps_per_epoch": steps_per_epoch,
+    }
     if d.augment == "randaugment":  # only then: checkpoints of the other augmentations lack these keys
         identity.update(randaugment_n=d.randaugment_n, randaugment_m=d.randaugment_m)
     return identity
@@ -55,25 +64,46 @@ def gather_rank_states(world: World, training: Training, sums: list[float] | Non
     return loaders, all_sums, buffers
 
 
-def checkpoint_state(identity: dict, step: int, epoch: int, train_time: float, training: Training,
-                     schedule: torch.optim.lr_scheduler.LRScheduler, rank_states: tuple,
-                     broken: list[list[str]]) -> dict:
+def checkpoint_state(
+    identity: dict,
+    step: int,
+    epoch: int,
+    train_time: float,
+    training: Training,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    rank_states: tuple,
+    broken: list[list[str]],
+) -> dict:
     """What rank 0 saves after ``step``: ``rank_states`` from :func:`gather_rank_states`, ``broken``
     the run's broken files."""
     import torch
 
     t = training
     loaders, all_sums, buffers = rank_states
-    return {"run": identity, "step": step, "epoch": epoch,
-            "train_time": train_time,
-            "model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(),
-            "schedule": schedule.state_dict(), "scaler": t.scaler.state_dict() if t.scaler else None,
-            "rng": torch.get_rng_state(), "loaders": loaders, "epoch_sums": all_sums,
-            "rank_buffers": buffers, "bad_files": broken}
+    return {
+        "run": identity,
+        "step": step,
+        "epoch": epoch,
+        "train_time": train_time,
+        "model": t.model.state_dict(),
+        "optimizer": t.optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "scaler": t.scaler.state_dict() if t.scaler else None,
+        "rng": torch.get_rng_state(),
+        "loaders": loaders,
+        "epoch_sums": all_sums,
+        "rank_buffers": buffers,
+        "bad_files": broken,
+    }
 
 
-def restore_state(state: dict, training: Training, schedule: torch.optim.lr_scheduler.LRScheduler, rank: int,
-                  bad_files: dict[str, str]) -> Start:
+def restore_state(
+    state: dict,
+    training: Training,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    rank: int,
+    bad_files: dict[str, str],
+) -> Start:
     """Load a checkpoint's ``state`` into this rank (model, optimizer, LR schedule, AMP scaler, RNG, the
     broken files into ``bad_files``); return where its training restarts. The step and the training
     time so far are the caller's to take (``state["step"]``, ``state["train_time"]``)."""

@@ -3,6 +3,7 @@ and what needs the world size (the per-rank batch, the memory a batch of views t
 
 Each refuses with a :class:`~dali_ba.errors.UsageError` naming the flag to change.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,8 +27,10 @@ def check_not_a_run(output: Path, resume: str) -> None:
     the run is being resumed."""
     metrics = output / "metrics.jsonl"
     if not resume and metrics.exists() and metrics.stat().st_size:
-        raise UsageError(f"--output {output} already holds a run (metrics.jsonl); pick a new folder, remove it, "
-                         "or continue it with --resume auto")
+        raise UsageError(
+            f"--output {output} already holds a run (metrics.jsonl); pick a new folder, remove it, "
+            "or continue it with --resume auto"
+        )
 
 
 def check_output(output: Path, resume: str) -> None:
@@ -53,8 +56,14 @@ BATCH_COPIES = 7  # uint8 batches a rank holds at once (DALI's prefetch + the on
 PARAMETER_BYTES = 16  # fp32 weights, gradients, SGD momentum and the all-reduce buffer: 4 copies of 4 bytes
 
 
-def check_memory(per_rank: int, views: int, view_size: int, local_ranks: int, device: torch.device | None = None,
-                 parameters: int | None = None) -> None:
+def check_memory(
+    per_rank: int,
+    views: int,
+    view_size: int,
+    local_ranks: int,
+    device: torch.device | None = None,
+    parameters: int | None = None,
+) -> None:
     """Refuse a run that cannot fit: B*M*S^2*3 bytes per uint8 batch of views, about BATCH_COPIES of
     them per rank, plus PARAMETER_BYTES per model parameter (counted from the model), against the
     memory available on this node, and, given a GPU ``device``, against the GPU memory free there
@@ -69,15 +78,27 @@ def check_memory(per_rank: int, views: int, view_size: int, local_ranks: int, de
     else:
         import torch
 
-        need, available, where = batch * BATCH_COPIES + model, torch.cuda.mem_get_info(device)[0], f"one rank on GPU {device}"
+        need, available, where = (
+            batch * BATCH_COPIES + model,
+            torch.cuda.mem_get_info(device)[0],
+            f"one rank on GPU {device}",
+        )
         advice = "lower --view-size, --batch-size or --views, or use more GPUs"
     if available is not None and need > available:
-        weights = (f" and the model's {parameters / 1e6:.1f} M parameters ({_bytes(model)} with gradients, momentum "
-                   "and the all-reduce buffer)") if model else ""
+        weights = (
+            (
+                f" and the model's {parameters / 1e6:.1f} M parameters ({_bytes(model)} with gradients, momentum "
+                "and the all-reduce buffer)"
+            )
+            if model
+            else ""
+        )
         advice += ", or pick a smaller --arch" if model else ""
-        raise UsageError(f"--view-size {view_size} with {per_rank} samples x M={views} views per rank: one batch of "
-                         f"views is {_bytes(batch)} (B*M*S^2*3), about {_bytes(need)} for {where} with prefetching, "
-                         f"the float copy{weights}, more than the {_bytes(available)} available; {advice}")
+        raise UsageError(
+            f"--view-size {view_size} with {per_rank} samples x M={views} views per rank: one batch of "
+            f"views is {_bytes(batch)} (B*M*S^2*3), about {_bytes(need)} for {where} with prefetching, "
+            f"the float copy{weights}, more than the {_bytes(available)} available; {advice}"
+        )
 
 
 def _available_memory() -> int | None:
@@ -110,7 +131,9 @@ def check_datasets(recipe: Recipe) -> tuple[ImageDataset, ImageDataset]:
 def check_labels(train_set: ImageDataset, val_set: ImageDataset) -> None:
     """Validation labels must be training classes."""
     if max(val_set.labels) >= train_set.num_classes:
-        raise UsageError(f"validation data {val_set.source} has labels >= {train_set.num_classes}, the training classes")
+        raise UsageError(
+            f"validation data {val_set.source} has labels >= {train_set.num_classes}, the training classes"
+        )
 
 
 def check_world(recipe: Recipe, world: World, *datasets: ImageDataset) -> int:

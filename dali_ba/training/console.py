@@ -4,6 +4,7 @@ bar on a terminal, lines otherwise).
 In :mod:`dali_ba.training`, for the trainer and its parts; the stages above (:mod:`dali_ba.train`,
 :mod:`dali_ba.doctor`) take :func:`emit` from here too, and no stage below needs it.
 """
+
 from __future__ import annotations
 
 import sys
@@ -44,8 +45,10 @@ class Progress:
         now = time.perf_counter()
         rate = (step - last_step) / (now - last_time) if now > last_time else 0.0
         self._last = (step, now)
-        emit(f"step {step}/{self._total}  epoch {epoch + 1}  loss {loss:.4f}  lr {lr:.4g}  {rate:.2f} steps/s",
-             sys.stdout)
+        emit(
+            f"step {step}/{self._total}  epoch {epoch + 1}  loss {loss:.4f}  lr {lr:.4g}  {rate:.2f} steps/s",
+            sys.stdout,
+        )
 
     def write(self, line: str) -> None:
         """A line that doesn't tear the bar."""

@@ -2,6 +2,7 @@
 rank before any CUDA work by its set-up (:mod:`dali_ba.training.rank_setup`); kept apart from it as
 the one place that says what ``--deterministic`` switches.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,11 @@ def apply_determinism(deterministic: bool, device: torch.device | str) -> dict[s
     torch.backends.cudnn.benchmark = cuda and not deterministic
     torch.backends.cudnn.deterministic = deterministic
     torch.use_deterministic_algorithms(deterministic)
-    applied: dict[str, object] = {"cudnn_benchmark": torch.backends.cudnn.benchmark,
-                                  "cudnn_deterministic": deterministic, "deterministic_algorithms": deterministic}
+    applied: dict[str, object] = {
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "cudnn_deterministic": deterministic,
+        "deterministic_algorithms": deterministic,
+    }
     if deterministic:
         applied["CUBLAS_WORKSPACE_CONFIG"] = os.environ["CUBLAS_WORKSPACE_CONFIG"]
     return applied

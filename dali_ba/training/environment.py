@@ -1,4 +1,5 @@
 """The run's environment summary (environment.json): where every rank ran and with what."""
+
 from __future__ import annotations
 
 import os
@@ -17,10 +18,29 @@ if TYPE_CHECKING:
 
     from dali_ba.distributed.world import World
 
-PACKAGES = ("torch", "torchvision", "nvidia-dali", "horovod", "mpi4py", "numpy", "dali-ba")  # nvidia-dali: the build installed
-SLURM_VARIABLES = ("SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_JOB_NODELIST", "SLURM_JOB_NUM_NODES", "SLURM_NTASKS",
-                   "SLURM_NTASKS_PER_NODE", "SLURM_CPUS_PER_TASK", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID",
-                   "SLURM_RESTART_COUNT", "SLURM_JOB_PARTITION", "SLURM_CLUSTER_NAME")
+PACKAGES = (
+    "torch",
+    "torchvision",
+    "nvidia-dali",
+    "horovod",
+    "mpi4py",
+    "numpy",
+    "dali-ba",
+)  # nvidia-dali: the build installed
+SLURM_VARIABLES = (
+    "SLURM_JOB_ID",
+    "SLURM_JOB_NAME",
+    "SLURM_JOB_NODELIST",
+    "SLURM_JOB_NUM_NODES",
+    "SLURM_NTASKS",
+    "SLURM_NTASKS_PER_NODE",
+    "SLURM_CPUS_PER_TASK",
+    "SLURM_ARRAY_JOB_ID",
+    "SLURM_ARRAY_TASK_ID",
+    "SLURM_RESTART_COUNT",
+    "SLURM_JOB_PARTITION",
+    "SLURM_CLUSTER_NAME",
+)
 
 
 def _versions() -> dict[str, str | None]:
@@ -45,8 +65,9 @@ def _mpi_library() -> str | None:
     return mpi.Get_library_version().splitlines()[0].strip() if mpi is not None else None
 
 
-def environment_summary(world: World, device: torch.device, decoder: str,
-                        hw_decoder_load: float | None = DEFAULT_HW_DECODER_LOAD) -> dict[str, Any]:
+def environment_summary(
+    world: World, device: torch.device, decoder: str, hw_decoder_load: float | None = DEFAULT_HW_DECODER_LOAD
+) -> dict[str, Any]:
     """Collective: every rank's host, device and CPU share, plus versions and the SLURM job (rank 0's view).
     ``hw_decoder_load`` (the mixed decoder's share for the hardware JPEG decoder) is recorded with the
     decoder, null on the cpu decoder, which has no such split."""
@@ -54,11 +75,20 @@ def environment_summary(world: World, device: torch.device, decoder: str,
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     place = gpu_placement(device)  # which physical GPU: an index alone is per process under CUDA_VISIBLE_DEVICES
-    me = {"rank": world.rank, **world.topology(), "launcher_local_rank": detect_launch().local_rank,
-          "host": place.host, "pid": os.getpid(),
-          "device": str(device), "gpu": gpu, "gpu_index": place.gpu_index, "gpu_uuid": place.gpu_uuid,
-          "visible_gpus": place.visible_gpus, "cpus": len(os.sched_getaffinity(0)),
-          "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    me = {
+        "rank": world.rank,
+        **world.topology(),
+        "launcher_local_rank": detect_launch().local_rank,
+        "host": place.host,
+        "pid": os.getpid(),
+        "device": str(device),
+        "gpu": gpu,
+        "gpu_index": place.gpu_index,
+        "gpu_uuid": place.gpu_uuid,
+        "visible_gpus": place.visible_gpus,
+        "cpus": len(os.sched_getaffinity(0)),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+    }
     ranks = world.gather(me)
     return {
         "ranks": world.size,

@@ -3,6 +3,7 @@ augmented views), and BatchNorm statistics recomputed from training views before
 
 Counts are summed over ranks, never averaged, so the numbers are exact for any world size.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -122,32 +123,67 @@ class Validation:
     calibration_batches: int
 
     @classmethod
-    def build(cls, recipe: Recipe, world: World, training: Training, train_set: ImageDataset,
-              val_set: ImageDataset) -> Validation:
+    def build(
+        cls, recipe: Recipe, world: World, training: Training, train_set: ImageDataset, val_set: ImageDataset
+    ) -> Validation:
         """The loaders of the run's evaluation, on ``training``'s device and per-rank batch."""
-        from dali_ba.loading.loader import AugmentedValidationLoader, BatchAugmentLoader, ValidationLoader
-
         import torch
+
+        from dali_ba.loading.loader import AugmentedValidationLoader, BatchAugmentLoader, ValidationLoader
 
         d, r, t = recipe.data, recipe.run, training
         if d.calibrate_bn and not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in t.model.modules()):
-            raise UsageError(f"--calibrate-bn {d.calibrate_bn}: --arch {recipe.model.arch} has no BatchNorm layer "
-                             "whose statistics could be recomputed; leave --calibrate-bn out")
+            raise UsageError(
+                f"--calibrate-bn {d.calibrate_bn}: --arch {recipe.model.arch} has no BatchNorm layer "
+                "whose statistics could be recomputed; leave --calibrate-bn out"
+            )
         plain = ValidationLoader(
-            val_set, d.val_batch_size or t.per_rank, d.val_resize, d.val_crop,
-            rank=world.rank, world_size=world.size, decoder=d.decoder, device=t.device, num_threads=d.dali_threads,
+            val_set,
+            d.val_batch_size or t.per_rank,
+            d.val_resize,
+            d.val_crop,
+            rank=world.rank,
+            world_size=world.size,
+            decoder=d.decoder,
+            device=t.device,
+            num_threads=d.dali_threads,
             hw_decoder_load=d.hw_decoder_load,
         )
-        views = AugmentedValidationLoader(  # --eval-views K: the training augmentation, K views per image
-            val_set, d.val_batch_size or t.per_rank, d.eval_views, d.view_size, **d.augmentation(),
-            rank=world.rank, world_size=world.size, seed=r.seed, decoder=d.decoder,
-            device=t.device, num_threads=d.dali_threads, hw_decoder_load=d.hw_decoder_load,
-        ) if d.eval_views else None
-        calibration = BatchAugmentLoader(  # --calibrate-bn N: training batches of their own (seed + 1)
-            train_set, t.per_rank, d.views, d.view_size, **d.augmentation(),
-            rank=world.rank, world_size=world.size, seed=r.seed + 1, decoder=d.decoder, num_threads=d.dali_threads,
-            hw_decoder_load=d.hw_decoder_load,
-        ) if d.calibrate_bn else None
+        views = (
+            AugmentedValidationLoader(  # --eval-views K: the training augmentation, K views per image
+                val_set,
+                d.val_batch_size or t.per_rank,
+                d.eval_views,
+                d.view_size,
+                **d.augmentation(),
+                rank=world.rank,
+                world_size=world.size,
+                seed=r.seed,
+                decoder=d.decoder,
+                device=t.device,
+                num_threads=d.dali_threads,
+                hw_decoder_load=d.hw_decoder_load,
+            )
+            if d.eval_views
+            else None
+        )
+        calibration = (
+            BatchAugmentLoader(  # --calibrate-bn N: training batches of their own (seed + 1)
+                train_set,
+                t.per_rank,
+                d.views,
+                d.view_size,
+                **d.augmentation(),
+                rank=world.rank,
+                world_size=world.size,
+                seed=r.seed + 1,
+                decoder=d.decoder,
+                num_threads=d.dali_threads,
+                hw_decoder_load=d.hw_decoder_load,
+            )
+            if d.calibrate_bn
+            else None
+        )
         return cls(training, world, plain, views, calibration, d.calibrate_bn)
 
     @property
@@ -167,10 +203,16 @@ class Validation:
             result.update({f"views_{k}": v for k, v in views.items() if k != "val_samples"})
         if self.calibration:
             kept = {k: v.clone() for k, v in model.named_buffers()}
-            batches = itertools.islice(self.calibration.epoch(epoch),
-                                       min(self.calibration_batches, len(self.calibration)))
-            calibrate_batchnorm(model, ((to_device(x, device), to_device(y, device)) for x, y in batches), world, t.memory_format,
-                                t.autocast)
+            batches = itertools.islice(
+                self.calibration.epoch(epoch), min(self.calibration_batches, len(self.calibration))
+            )
+            calibrate_batchnorm(
+                model,
+                ((to_device(x, device), to_device(y, device)) for x, y in batches),
+                world,
+                t.memory_format,
+                t.autocast,
+            )
             calibrated = evaluate(model, self.plain, world, t.memory_format, t.autocast)
             result.update({f"calibrated_{k}": v for k, v in calibrated.items() if k != "val_samples"})
             model.load_state_dict(kept, strict=False)

@@ -16,6 +16,7 @@ many classes as the data has.
 Every name is checked before any rank starts (:func:`check_model_name`); a model that cannot take the
 run's views is a one-line error at set-up (:func:`check_input_size`), not a shape traceback mid-step.
 """
+
 from __future__ import annotations
 
 import functools
@@ -42,15 +43,19 @@ def check_model_name(name: str) -> None:
         return
     if name.startswith(TIMM):
         timm = _timm(name)
-        if not timm.is_model(name[len(TIMM):]):
-            raise UsageError(f"--arch {name}: timm {timm.__version__} has no model {name[len(TIMM):]!r} "
-                             "(python -c 'import timm; print(timm.list_models())' lists them)")
+        if not timm.is_model(name[len(TIMM) :]):
+            raise UsageError(
+                f"--arch {name}: timm {timm.__version__} has no model {name[len(TIMM) :]!r} "
+                "(python -c 'import timm; print(timm.list_models())' lists them)"
+            )
     elif ":" in name:
         _factory(name)
     elif name not in torchvision_names():
-        raise UsageError(f"unknown model {name!r} (--arch): not one of the paper's CIFAR networks ({', '.join(PAPER_CIFAR)}), "
-                         "nor a torchvision classification model, nor timm:<name> or module:function "
-                         "(python -m dali_ba.train --list-archs)")
+        raise UsageError(
+            f"unknown model {name!r} (--arch): not one of the paper's CIFAR networks ({', '.join(PAPER_CIFAR)}), "
+            "nor a torchvision classification model, nor timm:<name> or module:function "
+            "(python -m dali_ba.train --list-archs)"
+        )
 
 
 def create_model(name: str, num_classes: int, dropout: float = 0.0) -> nn.Module:
@@ -65,7 +70,7 @@ def create_model(name: str, num_classes: int, dropout: float = 0.0) -> nn.Module
     if name == "densenet_bc_100_12":
         return densenet_bc(100, 12, num_classes)
     if name.startswith(TIMM):
-        return _timm(name).create_model(name[len(TIMM):], pretrained=False, num_classes=num_classes)
+        return _timm(name).create_model(name[len(TIMM) :], pretrained=False, num_classes=num_classes)
     if ":" in name:
         return _built_by_factory(name, num_classes)
     import torchvision
@@ -103,24 +108,30 @@ def check_input_size(model: nn.Module, name: str, view_size: int, device) -> Non
         with torch.no_grad():
             model(torch.zeros(1, 3, view_size, view_size, device=device))
     except (RuntimeError, AssertionError, ValueError) as exc:
-        raise UsageError(f"--arch {name} cannot take {view_size}x{view_size} px views (--view-size {view_size}): "
-                         f"{_first_line(exc)}") from None
+        raise UsageError(
+            f"--arch {name} cannot take {view_size}x{view_size} px views (--view-size {view_size}): {_first_line(exc)}"
+        ) from None
     finally:
         model.train(training)
 
 
 def list_archs() -> list[str]:
     """What ``--list-archs`` prints: the paper's CIFAR networks, torchvision's builders, timm's count."""
-    lines = ["the paper's CIFAR networks (built here, for 32 px views):", "  " + " ".join(PAPER_CIFAR),
-             f"torchvision {_version('torchvision')} classification models ({len(torchvision_names())}):"]
+    lines = [
+        "the paper's CIFAR networks (built here, for 32 px views):",
+        "  " + " ".join(PAPER_CIFAR),
+        f"torchvision {_version('torchvision')} classification models ({len(torchvision_names())}):",
+    ]
     lines += ["  " + " ".join(torchvision_names())]
     if importlib.util.find_spec("timm") is None:
         lines.append("timm:<name>: timm is not installed (pip install timm)")
     else:
         import timm
 
-        lines.append(f"timm:<name>: {len(timm.list_models())} models of timm {timm.__version__} "
-                     "(python -c 'import timm; print(timm.list_models())')")
+        lines.append(
+            f"timm:<name>: {len(timm.list_models())} models of timm {timm.__version__} "
+            "(python -c 'import timm; print(timm.list_models())')"
+        )
     lines.append("package.module:function: your own factory, called with num_classes=N")
     return lines
 
@@ -164,8 +175,17 @@ def vgg16_cifar(num_classes: int = 10) -> nn.Module:
     import torchvision
 
     features = torchvision.models.vgg16_bn(weights=None).features
-    model = nn.Sequential(features, nn.Flatten(), nn.Linear(512, 4096), nn.ReLU(inplace=True), nn.Dropout(),
-                          nn.Linear(4096, 4096), nn.ReLU(inplace=True), nn.Dropout(), nn.Linear(4096, num_classes))
+    model = nn.Sequential(
+        features,
+        nn.Flatten(),
+        nn.Linear(512, 4096),
+        nn.ReLU(inplace=True),
+        nn.Dropout(),
+        nn.Linear(4096, 4096),
+        nn.ReLU(inplace=True),
+        nn.Dropout(),
+        nn.Linear(4096, num_classes),
+    )
     _kaiming(model)
     return model
 
@@ -183,7 +203,9 @@ def wide_resnet(depth: int, width: int, num_classes: int = 10, dropout: float = 
             self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False)
             self.drop = nn.Dropout(dropout)
             self.relu = nn.ReLU(inplace=True)
-            self.shortcut = None if in_ch == out_ch and stride == 1 else nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False)
+            self.shortcut = (
+                None if in_ch == out_ch and stride == 1 else nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False)
+            )
 
         def forward(self, x):
             out = self.relu(self.bn1(x))
@@ -200,8 +222,14 @@ def wide_resnet(depth: int, width: int, num_classes: int = 10, dropout: float = 
         for i in range(blocks):
             layers.append(Block(in_ch, out_ch, stride if i == 0 else 1))
             in_ch = out_ch
-    model = nn.Sequential(*layers, nn.BatchNorm2d(in_ch), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                          nn.Linear(in_ch, num_classes))
+    model = nn.Sequential(
+        *layers,
+        nn.BatchNorm2d(in_ch),
+        nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(in_ch, num_classes),
+    )
     _kaiming(model)
     return model
 
@@ -215,8 +243,9 @@ def densenet_bc(depth: int, growth: int, num_classes: int = 10) -> nn.Module:
     if (depth - 4) % 6:
         raise UsageError(f"DenseNet-BC depth must be 6n+4, got {depth}")
     layers = (depth - 4) // 6
-    model = DenseNet(growth_rate=growth, block_config=(layers,) * 3, num_init_features=2 * growth, bn_size=4,
-                     num_classes=num_classes)
+    model = DenseNet(
+        growth_rate=growth, block_config=(layers,) * 3, num_init_features=2 * growth, bn_size=4, num_classes=num_classes
+    )
     model.features.conv0 = nn.Conv2d(3, 2 * growth, 3, padding=1, bias=False)
     model.features.pool0 = nn.Identity()  # 32 px views: no ImageNet stem down-sampling
     nn.init.kaiming_normal_(model.features.conv0.weight)
@@ -249,8 +278,10 @@ def _factory(name: str) -> Callable[..., nn.Module]:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:  # noqa: BLE001 - any failure to import the user's module is one line
-        raise UsageError(f"--arch {name}: cannot import {module_name} ({type(exc).__name__}: {_first_line(exc)})") from None
+    except Exception as exc:
+        raise UsageError(
+            f"--arch {name}: cannot import {module_name} ({type(exc).__name__}: {_first_line(exc)})"
+        ) from None
     factory = getattr(module, function, None)
     if not callable(factory):
         raise UsageError(f"--arch {name}: {module_name} has no function {function!r}")
@@ -264,12 +295,16 @@ def _built_by_factory(name: str, num_classes: int) -> nn.Module:
         model = _factory(name)(num_classes=num_classes)
     except UsageError:
         raise
-    except Exception as exc:  # noqa: BLE001 - the user's code failed: one line naming it
-        raise UsageError(f"--arch {name}: {name.partition(':')[2]}(num_classes={num_classes}) failed "
-                         f"({type(exc).__name__}: {_first_line(exc)})") from None
+    except Exception as exc:
+        raise UsageError(
+            f"--arch {name}: {name.partition(':')[2]}(num_classes={num_classes}) failed "
+            f"({type(exc).__name__}: {_first_line(exc)})"
+        ) from None
     if not isinstance(model, nn.Module):
-        raise UsageError(f"--arch {name}: {name.partition(':')[2]}(num_classes={num_classes}) returned a "
-                         f"{type(model).__name__}, not a torch.nn.Module")
+        raise UsageError(
+            f"--arch {name}: {name.partition(':')[2]}(num_classes={num_classes}) returned a "
+            f"{type(model).__name__}, not a torch.nn.Module"
+        )
     return model
 
 

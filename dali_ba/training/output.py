@@ -6,6 +6,7 @@ with :class:`OutputFullError`: one line naming the file, the space left and the 
 checkpoint, and exit code :data:`EXIT_NO_SPACE`; nothing half-written is left under a real name.
 After space is freed, ``--resume auto`` continues from that checkpoint exactly.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -71,9 +72,11 @@ def writing(path: Path, output: Path, partial: Path | None = None) -> Iterator[N
             Path(partial).unlink(missing_ok=True)
         if not is_out_of_space(exc):
             raise
-        raise OutputFullError(f"no space left to write {path} ({free_space(path)}); the last good checkpoint is "
-                              f"{last_checkpoint(output)}: free space (or raise the quota), then run the same "
-                              "command with --resume auto") from None
+        raise OutputFullError(
+            f"no space left to write {path} ({free_space(path)}); the last good checkpoint is "
+            f"{last_checkpoint(output)}: free space (or raise the quota), then run the same "
+            "command with --resume auto"
+        ) from None
     else:
         if partial is not None:
             Path(partial).unlink(missing_ok=True)

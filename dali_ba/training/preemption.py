@@ -4,6 +4,7 @@ SLURM sends SIGUSR1 (``--signal=B:USR1@<grace>``, forwarded by the batch script)
 (preemption, ``scancel``) to every task. The handler only raises a flag; after each step the ranks
 agree on it (any rank signalled stops all of them), so every rank stops after the same step.
 """
+
 from __future__ import annotations
 
 import signal

@@ -5,6 +5,7 @@ step itself is :mod:`dali_ba.training.step`.
 
 The learning rate follows the unique global batch B (the baseline's regime), never B*M.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,9 +52,17 @@ class Training:
     def step(self, images: torch.Tensor, labels: torch.Tensor, clock: StepClock | None = None) -> StepOutput:
         """One optimizer step on a batch already on ``device``, its phases timed on ``clock``."""
         o = self.recipe.optim
-        out = train_step(self.sync, images, labels, chunks=o.chunks, memory_format=self.memory_format,
-                         autocast=self.autocast, scaler=self.scaler, label_smoothing=o.label_smoothing,
-                         **({"phase": clock.phase} if clock else {}))
+        out = train_step(
+            self.sync,
+            images,
+            labels,
+            chunks=o.chunks,
+            memory_format=self.memory_format,
+            autocast=self.autocast,
+            scaler=self.scaler,
+            label_smoothing=o.label_smoothing,
+            **({"phase": clock.phase} if clock else {}),
+        )
         if clock:  # DDP waits for its allreduces inside backward: that wait belongs to allreduce_step
             clock.move("forward_backward", "allreduce_step", self.sync.backward_wait())
         return out
@@ -86,8 +95,16 @@ def setup_training(recipe: Recipe, world: World, train_set: ImageDataset) -> Tra
     torch.set_num_threads(torch_threads)
     torch.manual_seed(r.seed)
     loader = BatchAugmentLoader(
-        train_set, per_rank, d.views, d.view_size, **d.augmentation(),
-        rank=world.rank, world_size=world.size, seed=r.seed, decoder=d.decoder, num_threads=d.dali_threads,
+        train_set,
+        per_rank,
+        d.views,
+        d.view_size,
+        **d.augmentation(),
+        rank=world.rank,
+        world_size=world.size,
+        seed=r.seed,
+        decoder=d.decoder,
+        num_threads=d.dali_threads,
         hw_decoder_load=d.hw_decoder_load,
     )
     memory_format = torch.channels_last if m.channels_last else torch.contiguous_format
@@ -103,5 +120,6 @@ def setup_training(recipe: Recipe, world: World, train_set: ImageDataset) -> Tra
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(m.amp)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     scaler = torch.amp.GradScaler("cuda") if m.amp == "fp16" else None
-    return Training(recipe, device, per_rank, torch_threads, loader, model, sync, memory_format, autocast,
-                    scaler, peak_lr)
+    return Training(
+        recipe, device, per_rank, torch_threads, loader, model, sync, memory_format, autocast, scaler, peak_lr
+    )

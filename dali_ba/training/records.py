@@ -2,6 +2,7 @@
 ``--tensorboard``, the step and epoch records as TensorBoard scalars. Every write goes through
 :func:`dali_ba.training.output.writing`, so a full disk ends the run naming the file.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,8 +58,21 @@ class TensorBoardScalars:
     (epoch/<field>: losses, accuracies, throughput, broken files); torch's SummaryWriter."""
 
     STEP_FIELDS = ("loss", "lr", "grad_norm")
-    EPOCH_FIELDS = ("train_loss", "train_top1", "val_loss", "top1", "top5", "views_top1", "views_top5",
-                    "calibrated_top1", "calibrated_top5", "steps_per_s", "images_per_s", "views_per_s", "bad_files")
+    EPOCH_FIELDS = (
+        "train_loss",
+        "train_top1",
+        "val_loss",
+        "top1",
+        "top5",
+        "views_top1",
+        "views_top5",
+        "calibrated_top1",
+        "calibrated_top5",
+        "steps_per_s",
+        "images_per_s",
+        "views_per_s",
+        "bad_files",
+    )
 
     def __init__(self, folder: Path):
         from torch.utils.tensorboard import SummaryWriter

@@ -18,6 +18,7 @@ store does not answer; rank 1 then names rank 0. The judge prints one line, and 
 still act leaves with EXIT_STALLED; the launcher (srun --kill-on-bad-exit, mpirun, torchrun) ends
 the rest. A checkpoint being written is finished first, so none is left half-written.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -59,8 +60,17 @@ class Beat:
     @classmethod
     def of(cls, activity: Activity, rank: int, host: str, seq: int) -> Beat:
         now = time.monotonic()
-        return cls(rank, host, os.getpid(), seq, activity.phase, now - activity.phase_since, activity.step,
-                   now - activity.progress_at if activity.armed else None, activity.oldest_read())
+        return cls(
+            rank,
+            host,
+            os.getpid(),
+            seq,
+            activity.phase,
+            now - activity.phase_since,
+            activity.step,
+            now - activity.progress_at if activity.armed else None,
+            activity.oldest_read(),
+        )
 
 
 def judge(beats: list[Beat], silent_s: list[float], timeout: float, grace: float = 0.0) -> list[tuple[int, str]] | None:
@@ -72,13 +82,19 @@ def judge(beats: list[Beat], silent_s: list[float], timeout: float, grace: float
     silent, reading, idle = [], [], []
     for beat, quiet in zip(beats, silent_s):
         if quiet > timeout and (beat.idle_s is not None or beat.read or quiet > 3 * timeout):
-            silent.append((beat.rank, f"{SILENT} for {quiet:.0f} s (stopped or frozen: its stall watch does not post), "
-                                      f"last seen in {_doing(beat)}"))
+            silent.append(
+                (
+                    beat.rank,
+                    f"{SILENT} for {quiet:.0f} s (stopped or frozen: its stall watch does not post), "
+                    f"last seen in {_doing(beat)}",
+                )
+            )
         elif beat.read and beat.read[1] > timeout:
             reading.append((beat.rank, f"waiting {beat.read[1]:.0f} s on a read of {beat.read[0]} ({_doing(beat)})"))
         elif beat.idle_s is not None and beat.idle_s > timeout:
-            idle.append((beat.rank, f"no step finished for {beat.idle_s:.0f} s, in {_doing(beat)} for "
-                                    f"{beat.phase_s:.0f} s"))
+            idle.append(
+                (beat.rank, f"no step finished for {beat.idle_s:.0f} s, in {_doing(beat)} for {beat.phase_s:.0f} s")
+            )
     if silent or reading:
         return sorted(silent + reading)
     if not idle or (grace and max(silent_s) > grace):  # idle, or waiting for one falling silent
@@ -107,19 +123,36 @@ def stall_line(stalled: list[tuple[int, str]], beats: list[Beat], timeout: float
     for beat in beats:
         if beat.rank not in named:
             others.setdefault(beat.phase, []).append(beat.rank)
-    waits = "; ".join(f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} wait{'' if len(ranks) > 1 else 's'} "
-                      f"in {phase}" for phase, ranks in others.items())
-    return (f"stalled (--stall-timeout {timeout:g}): {'; '.join(parts)}{'; ' + waits if waits else ''}; "
-            f"the last good checkpoint is {checkpoint or 'none (the run starts afresh)'}; every rank ends with exit "
-            f"{EXIT_STALLED}: run again with --resume auto")
+    waits = "; ".join(
+        f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} wait{'' if len(ranks) > 1 else 's'} "
+        f"in {phase}"
+        for phase, ranks in others.items()
+    )
+    return (
+        f"stalled (--stall-timeout {timeout:g}): {'; '.join(parts)}{'; ' + waits if waits else ''}; "
+        f"the last good checkpoint is {checkpoint or 'none (the run starts afresh)'}; every rank ends with exit "
+        f"{EXIT_STALLED}: run again with --resume auto"
+    )
 
 
 class StallWatch:
     """The thread of one rank (see the module). ``start`` is collective; ``stop`` ends the thread."""
 
-    def __init__(self, world: World, timeout: float, last_checkpoint: Callable[[], str | None],
-                 say: Callable[[str], None], activity: Activity = ACTIVITY) -> None:
-        self.world, self.timeout, self.last_checkpoint, self.say, self.activity = world, timeout, last_checkpoint, say, activity
+    def __init__(
+        self,
+        world: World,
+        timeout: float,
+        last_checkpoint: Callable[[], str | None],
+        say: Callable[[str], None],
+        activity: Activity = ACTIVITY,
+    ) -> None:
+        self.world, self.timeout, self.last_checkpoint, self.say, self.activity = (
+            world,
+            timeout,
+            last_checkpoint,
+            say,
+            activity,
+        )
         self.interval = max(0.5, min(5.0, timeout / 6))
         self.host = socket.gethostname()
         self._server = self._store = None  # rank 0 serves the store for as long as it lives; every rank is a client
@@ -134,7 +167,11 @@ class StallWatch:
             from torch.distributed import TCPStore
 
             wait = datetime.timedelta(seconds=max(5.0, 2 * self.interval))
-            server = TCPStore("0.0.0.0", 0, None, True, timeout=wait, wait_for_workers=False) if self.world.rank == 0 else None
+            server = (
+                TCPStore("0.0.0.0", 0, None, True, timeout=wait, wait_for_workers=False)
+                if self.world.rank == 0
+                else None
+            )
             host, port = self.world.gather((self.host, server.port) if server else None)[0]
             self._server = server
             self._store = server or TCPStore(host, port, None, False, timeout=wait)
@@ -155,27 +192,43 @@ class StallWatch:
         last: list[Beat] = [Beat.of(self.activity, r, self.host, 0) for r in range(size)]
         store_lost = None  # since when the store has not answered
         while not self._done.is_set():
-            self.activity.changed.wait(self.interval)  # a post every interval, and at once when the clock starts or stops
+            self.activity.changed.wait(
+                self.interval
+            )  # a post every interval, and at once when the clock starts or stops
             self.activity.changed.clear()
             seq += 1
             try:
                 self._post(seq)
                 if rank == 0:
-                    last = [Beat(**json.loads(raw)) for raw in self._store.multi_get([f"beat/{r}" for r in range(size)])] \
-                        if size > 1 else [Beat.of(self.activity, 0, self.host, seq)]
+                    last = (
+                        [Beat(**json.loads(raw)) for raw in self._store.multi_get([f"beat/{r}" for r in range(size)])]
+                        if size > 1
+                        else [Beat.of(self.activity, 0, self.host, seq)]
+                    )
                 elif self._store.check([VERDICT]):
                     self._leave([Beat(**beat) for beat in json.loads(self._store.get(VERDICT))])
                 elif rank == 1:
                     last[0] = Beat(**json.loads(self._store.get("beat/0")))
                 store_lost = None
-            except Exception:  # noqa: BLE001 - the store (rank 0) does not answer: rank 0 is frozen or gone
+            except Exception:
                 store_lost = store_lost or time.monotonic()
                 if time.monotonic() - store_lost > self.timeout:
                     if rank == 1:  # rank 0 cannot speak: rank 1 names it
                         quiet = time.monotonic() - seen[0][1]
-                        self.say(stall_line([(0, f"{SILENT} for {quiet:.0f} s (stopped or frozen: the stall watch's "
-                                                 f"store it serves does not answer), last seen in {_doing(last[0])}")],
-                                            [last[0]], self.timeout, self.last_checkpoint()))
+                        self.say(
+                            stall_line(
+                                [
+                                    (
+                                        0,
+                                        f"{SILENT} for {quiet:.0f} s (stopped or frozen: the stall watch's "
+                                        f"store it serves does not answer), last seen in {_doing(last[0])}",
+                                    )
+                                ],
+                                [last[0]],
+                                self.timeout,
+                                self.last_checkpoint(),
+                            )
+                        )
                     self._leave([last[0]])
                 continue
             now = time.monotonic()
@@ -207,14 +260,19 @@ class StallWatch:
         pids = [str(beat.pid) for beat in frozen if beat.host == self.host and beat.pid != os.getpid()]
         if pids:
             with contextlib.suppress(OSError):
-                subprocess.Popen(["sh", "-c", f"sleep 2; kill -9 {' '.join(pids)} 2>/dev/null"], start_new_session=True,
-                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                subprocess.Popen(
+                    ["sh", "-c", f"sleep 2; kill -9 {' '.join(pids)} 2>/dev/null"],
+                    start_new_session=True,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
         deadline = time.monotonic() + 600
         while self.activity.writing and time.monotonic() < deadline:
             time.sleep(0.2)
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass
         os._exit(EXIT_STALLED)

@@ -4,6 +4,7 @@ step`` times (a rank's set-up for it: :mod:`dali_ba.training.rank_setup`).
 The loss is the mean cross-entropy over all B*M views, its gradient averaged over ranks by the
 engine's :class:`~dali_ba.distributed.world.GradientSync`.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -7,6 +7,7 @@ the end of backward, moved here from forward_backward) -- so the phases add up t
 torch's stream is synchronised before each clock reading and every phase is an NVTX range (``nsys`` shows
 them). Ranks keep their own rows; :mod:`dali_ba.training.step_times` gathers them.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,7 +33,11 @@ def stream_sync(device: torch.device) -> Callable[[], None]:
     from dali_ba import strict_device
 
     if device.type != "cuda":
-        return (lambda: strict_device.record("the step clock's stream sync")) if strict_device.is_device(device) else (lambda: None)
+        return (
+            (lambda: strict_device.record("the step clock's stream sync"))
+            if strict_device.is_device(device)
+            else (lambda: None)
+        )
     return lambda: torch.cuda.current_stream(device).synchronize()
 
 

@@ -3,6 +3,7 @@ one record per step with the mean, std, min and max over ranks and the slowest r
 end-of-run summary and its table. The same gather gives every rank each step's mean loss over ranks,
 so all ranks see a diverged step alike (:func:`first_divergence`).
 """
+
 from __future__ import annotations
 
 import math
@@ -76,12 +77,16 @@ class StepTimes:
         # The losses and any other value still on the device (--log-grad-norm's): one copy for all of them.
         import torch
 
-        on_device = [(meta, key) for meta in self._meta for key, value in meta.items() if isinstance(value, torch.Tensor)]
+        on_device = [
+            (meta, key) for meta in self._meta for key, value in meta.items() if isinstance(value, torch.Tensor)
+        ]
         values = _floats([loss for _, loss in self._rows] + [meta[key] for meta, key in on_device])
         losses = values[: len(self._rows)]
-        for (meta, key), value in zip(on_device, values[len(self._rows):]):
+        for (meta, key), value in zip(on_device, values[len(self._rows) :]):
             meta[key] = value
-        rows = [[*(row.seconds() if isinstance(row, StepRow) else row), loss] for (row, _), loss in zip(self._rows, losses)]
+        rows = [
+            [*(row.seconds() if isinstance(row, StepRow) else row), loss] for (row, _), loss in zip(self._rows, losses)
+        ]
         gathered = np.asarray(self.world.gather(rows))  # (ranks, steps, columns + loss)
         meta, self._rows, self._meta = self._meta, [], []
         if self.max_loss is not None and self.diverged is None:  # every rank holds every loss: all decide alike
@@ -107,15 +112,21 @@ class StepTimes:
         rate = 1.0 / step_time
         per_rank = steps.mean(axis=0)  # (ranks, columns): each rank's mean phase times
         timing = {
-            name: {"mean": float(steps[:, :, c].mean()), "std": float(steps[:, :, c].mean(axis=1).std()),
-                   "min_rank": float(per_rank[:, c].min()), "max_rank": float(per_rank[:, c].max()),
-                   "slowest_rank": int(per_rank[:, c].argmax())}
+            name: {
+                "mean": float(steps[:, :, c].mean()),
+                "std": float(steps[:, :, c].mean(axis=1).std()),
+                "min_rank": float(per_rank[:, c].min()),
+                "max_rank": float(per_rank[:, c].max()),
+                "slowest_rank": int(per_rank[:, c].argmax()),
+            }
             for c, name in enumerate(COLUMNS)
         }
         return {
             "steady_steps": len(steps),
-            "steps_per_s": float(rate.mean()), "steps_per_s_std": float(rate.std()),
-            "images_per_s": float(rate.mean() * batch_size), "images_per_s_std": float(rate.std() * batch_size),
+            "steps_per_s": float(rate.mean()),
+            "steps_per_s_std": float(rate.std()),
+            "images_per_s": float(rate.mean() * batch_size),
+            "images_per_s_std": float(rate.std() * batch_size),
             "views_per_s": float(rate.mean() * batch_size * views),
             "views_per_s_std": float(rate.std() * batch_size * views),
             "timing": timing,
@@ -128,14 +139,20 @@ def summary_table(summary: dict, ranks: int) -> str:
         return "timing: no steady-state steps (every step was a warm-up step; lower --timing-warmup)"
     timing = summary["timing"]
     step_mean = timing["step"]["mean"]
-    lines = [f"timing over {summary['steady_steps']} steady-state steps x {ranks} rank(s), ms per step:",
-             f"  {'phase':<17}{'mean':>9}{'std':>9}{'rank min':>10}{'rank max':>10}{'share':>8}  slowest rank"]
+    lines = [
+        f"timing over {summary['steady_steps']} steady-state steps x {ranks} rank(s), ms per step:",
+        f"  {'phase':<17}{'mean':>9}{'std':>9}{'rank min':>10}{'rank max':>10}{'share':>8}  slowest rank",
+    ]
     for name in COLUMNS:
         t = timing[name]
         share = 100 * t["mean"] / step_mean if step_mean else math.nan
-        lines.append(f"  {name:<17}{1e3 * t['mean']:9.2f}{1e3 * t['std']:9.2f}{1e3 * t['min_rank']:10.2f}"
-                     f"{1e3 * t['max_rank']:10.2f}{share:7.1f}%  {t['slowest_rank']}")
-    lines.append(f"  {summary['steps_per_s']:.2f} ± {summary['steps_per_s_std']:.2f} steps/s, "
-                 f"{summary['images_per_s']:.0f} ± {summary['images_per_s_std']:.0f} unique img/s, "
-                 f"{summary['views_per_s']:.0f} ± {summary['views_per_s_std']:.0f} augmented img/s")
+        lines.append(
+            f"  {name:<17}{1e3 * t['mean']:9.2f}{1e3 * t['std']:9.2f}{1e3 * t['min_rank']:10.2f}"
+            f"{1e3 * t['max_rank']:10.2f}{share:7.1f}%  {t['slowest_rank']}"
+        )
+    lines.append(
+        f"  {summary['steps_per_s']:.2f} ± {summary['steps_per_s_std']:.2f} steps/s, "
+        f"{summary['images_per_s']:.0f} ± {summary['images_per_s_std']:.0f} unique img/s, "
+        f"{summary['views_per_s']:.0f} ± {summary['views_per_s_std']:.0f} augmented img/s"
+    )
     return "\n".join(lines)

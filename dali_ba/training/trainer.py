@@ -7,6 +7,7 @@ Rank 0 writes <output>/model.pt; what it records and says (recipe.toml, environm
 metrics.jsonl, the console) is :mod:`dali_ba.training.reporter`'s, the state a checkpoint holds
 :mod:`dali_ba.training.checkpoint_state`'s, the broken files :mod:`dali_ba.training.bad_files`'.
 """
+
 from __future__ import annotations
 
 import os
@@ -55,8 +56,15 @@ class Trainer:
     times: StepTimes  # these two from train()'s start
     segment_start: float  # perf_counter() when this process's share of the training time started
 
-    def __init__(self, plan: Recipe, recipe: Recipe, world: World, train_set: ImageDataset,
-                 val_set: ImageDataset, stop: StopRequest) -> None:
+    def __init__(
+        self,
+        plan: Recipe,
+        recipe: Recipe,
+        world: World,
+        train_set: ImageDataset,
+        val_set: ImageDataset,
+        stop: StopRequest,
+    ) -> None:
         import torch
 
         check_world(plan, world, train_set, val_set)
@@ -84,8 +92,10 @@ class Trainer:
         start = self.resume()
         self.report.open_log(self.recipe, self.training, self.steps_per_epoch, self.step, self.resumed_from, start)
         self.segment_start = time.perf_counter()  # this process's share of the training time starts here
-        clock, self.times = StepClock(self.training.device), StepTimes(self.world, r.timing_warmup,
-                                                                      max_loss=o.max_loss if r.stop_on_divergence else None)
+        clock, self.times = (
+            StepClock(self.training.device),
+            StepTimes(self.world, r.timing_warmup, max_loss=o.max_loss if r.stop_on_divergence else None),
+        )
         self.report.open_progress(self.steps_per_epoch * o.epochs, self.step)
         result: dict = {}
         for epoch in range(start.epoch, o.epochs):
@@ -93,8 +103,9 @@ class Trainer:
             resumed = start.loader_state if epoch == start.epoch else None  # mid-epoch: carry on from there
             done = resumed["batches"] if resumed else 0
             # loss over steps, right views, views: kept on the device, read at checkpoints and the epoch's end
-            sums = to_device(torch.tensor(start.sums if resumed else [0.0, 0.0, 0.0], dtype=torch.float64),
-                             self.training.device)
+            sums = to_device(
+                torch.tensor(start.sums if resumed else [0.0, 0.0, 0.0], dtype=torch.float64), self.training.device
+            )
             batches = self.loader.epoch(epoch, resumed)
             epoch_start, epoch_steps = time.perf_counter(), 0
             while done < self.steps_per_epoch:
@@ -106,8 +117,16 @@ class Trainer:
                 sums[:2] += torch.stack([out.loss.double(), out.correct.double()])
                 sums[2] += samples * d.views  # a number from the host: an argument of the add, no copy
                 lr = self.schedule.get_last_lr()[0]
-                self.times.add(row, out.loss, epoch_steps - 1, epoch=epoch, step=self.step, lr=lr,
-                               wall=round(self.wall_time(), 3), **norm)
+                self.times.add(
+                    row,
+                    out.loss,
+                    epoch_steps - 1,
+                    epoch=epoch,
+                    step=self.step,
+                    lr=lr,
+                    wall=round(self.wall_time(), 3),
+                    **norm,
+                )
                 last = done == self.steps_per_epoch
                 if self.step % r.log_every == 0 or last:
                     self.log_steps(epoch)
@@ -150,8 +169,9 @@ class Trainer:
         so nothing needs sending); without one, rank 0's initial weights go to all ranks."""
         from dali_ba.training.checkpoint import check_compatible, find_resume_point
 
-        self.resumed_from = find_resume_point(self.plan.run.resume, self.output,
-                                              warn=lambda line: self.report.say(line, sys.stderr))
+        self.resumed_from = find_resume_point(
+            self.plan.run.resume, self.output, warn=lambda line: self.report.say(line, sys.stderr)
+        )
         if not self.resumed_from:
             self.world.broadcast_from_root(self.model, self.optimizer)
             return Start()
@@ -187,9 +207,16 @@ class Trainer:
         broken = share_bad_files(world, self.bad_files, self.output)
         rank_states = gather_rank_states(world, t, sums)
         if world.is_root:
-            state = checkpoint_state(self.identity, self.step, epoch,
-                                     self.trained_time + (time.perf_counter() - self.segment_start),
-                                     t, self.schedule, rank_states, broken)
+            state = checkpoint_state(
+                self.identity,
+                self.step,
+                epoch,
+                self.trained_time + (time.perf_counter() - self.segment_start),
+                t,
+                self.schedule,
+                rank_states,
+                broken,
+            )
             try:
                 save_checkpoint(self.output, self.step, state, self.plan.run.keep_checkpoints)
             except OutputFullError as exc:
