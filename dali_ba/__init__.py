@@ -3,6 +3,8 @@
 Each of B samples per step is read and decoded once and trained on as M augmented views.
 """
 
+from typing import Any
+
 from dali_ba.errors import UsageError
 from dali_ba.version import __version__
 
@@ -17,7 +19,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     # The loader pulls in torch and DALI; import it only when asked, so the CLI can reject bad
     # input before paying for those imports.
     if name in ("BatchAugmentLoader", "ValidationLoader", "AugmentedValidationLoader"):

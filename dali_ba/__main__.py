@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from typing import cast
 
 # command -> the module whose main(argv) runs it, in data-path order
 COMMANDS: dict[str, str] = {
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     sys.argv[0] = f"{PROG} {command}"
-    return importlib.import_module(COMMANDS[command]).main(rest)
+    return cast(int, importlib.import_module(COMMANDS[command]).main(rest))
 
 
 def run_deprecated(old: str, command: str) -> None:

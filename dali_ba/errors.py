@@ -2,6 +2,7 @@
 parser every tool shares, whose usage mistakes are one line too."""
 
 import argparse
+from typing import NoReturn
 
 
 class UsageError(Exception):
@@ -43,5 +44,5 @@ class DivergedError(RunStopped):
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line on stderr (and exit 2), not a usage dump."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")

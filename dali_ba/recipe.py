@@ -12,7 +12,7 @@ import dataclasses
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, cast, get_type_hints
 
 from dali_ba.distributed.launcher import ENGINES
 from dali_ba.errors import OneLineParser, UsageError
@@ -87,7 +87,7 @@ class DataConfig:
         "run stops with an error; -1: 1% of the training files, at least 10",
     )
 
-    def augmentation(self) -> dict:
+    def augmentation(self) -> dict[str, Any]:
         """The view loaders' augmentation arguments (and who renders them), the same for every loader of a run."""
         return dict(
             augment=self.augment,
@@ -261,7 +261,7 @@ class Recipe:
         return self
 
 
-SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Recipe)}
+SECTIONS = {f.name: cast(type[Any], f.default_factory) for f in dataclasses.fields(Recipe)}  # each section's class
 _SECTION_OF = {cls: name for name, cls in SECTIONS.items()}
 
 
@@ -269,7 +269,7 @@ def _key(section: Any, name: str) -> str:
     return f"--{name.replace('_', '-')} ([{_SECTION_OF[type(section)]}] {name})"
 
 
-def _fields(section_cls) -> dict[str, type]:
+def _fields(section_cls: type[Any]) -> dict[str, type]:
     return get_type_hints(section_cls)
 
 
@@ -357,7 +357,7 @@ def int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
+def build_parser(prog: str, description: str) -> OneLineParser:
     """``--recipe`` plus one flag per recipe field, grouped by table, all defaulting to 'not given'."""
     parser = OneLineParser(prog=prog, description=description)
     parser.add_argument(

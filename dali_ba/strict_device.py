@@ -35,7 +35,7 @@ import os
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -205,7 +205,7 @@ def _device(tensor: torch.Tensor) -> DeviceTensor:
 
 def _name(func) -> str:
     """``Tensor.add``, ``torch.stack``, ``torch.nn.functional.conv2d``: the call as a user writes it."""
-    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
+    name = cast(str, getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func)))
     if name.startswith(("TensorBase.", "Tensor.")):
         return "Tensor." + name.split(".", 1)[1]
     module = getattr(func, "__module__", None) or "torch"

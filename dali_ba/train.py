@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     # thread's Python stack, and Open MPI (which sets its handler only where none is set) leaves those alone:
     # its own report of a crash is one frame of libc.
     with contextlib.suppress(OSError, ValueError, AttributeError):  # a stderr without a file descriptor
-        faulthandler.is_enabled() or faulthandler.enable(all_threads=True)
+        faulthandler.is_enabled() or faulthandler.enable(all_threads=True)  # type: ignore[func-returns-value]  # enable() only when not yet enabled
     parser = build_parser(PROG, __doc__.splitlines()[0])
     parser.add_argument("--list-archs", action="store_true", help="list the models --arch takes, then exit")
     recipe = None

@@ -10,6 +10,7 @@ import argparse
 import pickle
 import sys
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 from PIL import Image
@@ -17,12 +18,12 @@ from PIL import Image
 SPLITS = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 
 
-def _unpickle(path: Path) -> dict:
+def _unpickle(path: Path) -> dict[bytes, Any]:
     if not path.is_file():
         raise SystemExit(f"python -m dali_ba.data.cifar10: error: {path} not found (expected the official "
                          "cifar-10-batches-py folder)")
     with open(path, "rb") as file:
-        return pickle.load(file, encoding="bytes")
+        return cast("dict[bytes, Any]", pickle.load(file, encoding="bytes"))
 
 
 def convert(src: Path, out: Path) -> dict[str, int]:

@@ -26,7 +26,7 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def scan_folder(root: str | os.PathLike, classes: Sequence[str] | None = None) -> ImageDataset:
+def scan_folder(root: str | os.PathLike[str], classes: Sequence[str] | None = None) -> ImageDataset:
     """Index ``root/<class>/<image>`` (classes sorted by name, labels 0..C-1, as torchvision does).
 
     Pass the training set's ``classes`` when indexing validation data, so that a label means the
@@ -63,7 +63,7 @@ def scan_folder(root: str | os.PathLike, classes: Sequence[str] | None = None) -
     return ImageDataset(tuple(files), tuple(labels), tuple(classes), str(root))
 
 
-def read_file_list(list_path: str | os.PathLike, root: str | os.PathLike | None = None) -> ImageDataset:
+def read_file_list(list_path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> ImageDataset:
     """Index a text file of ``<path> <label>`` lines (DALI's file_list format).
 
     Relative paths are taken from ``root`` (default: the list's own folder). Blank lines and lines
@@ -97,7 +97,7 @@ def read_file_list(list_path: str | os.PathLike, root: str | os.PathLike | None 
     return ImageDataset(tuple(files), tuple(labels), classes, str(list_path))
 
 
-def load_dataset(path: str | os.PathLike, classes: Sequence[str] | None = None) -> ImageDataset:
+def load_dataset(path: str | os.PathLike[str], classes: Sequence[str] | None = None) -> ImageDataset:
     """A folder of class folders (labels by ``classes`` when given), a ``.txt`` file list, or tar
     shards: a folder of ``.tar`` files, one ``.tar``, or a comma-separated list of them."""
     if is_shard_source(path) and not _has_class_folders(Path(path)):

@@ -36,7 +36,7 @@ def write_digits(out: str | Path, train: int = 800, val: int = 400, size: int = 
             (out / split / str(c)).mkdir(parents=True, exist_ok=True)
         for i in indices:
             grey = Image.fromarray((digits.images[i] * (255 / 16)).round().astype(np.uint8), mode="L")
-            image = grey.resize((size, size), Image.BICUBIC).convert("RGB")
+            image = grey.resize((size, size), Image.Resampling.BICUBIC).convert("RGB")
             image.save(out / split / str(digits.target[i]) / f"digit_{i:04d}.jpg", quality=95)
     return out
 

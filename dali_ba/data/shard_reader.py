@@ -12,6 +12,7 @@ import os
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -24,13 +25,13 @@ INDEX_VERSION = "v1.2"  # DALI's webdataset index format (nvidia.dali's wds2idx)
 LABEL_EXT = "cls"
 
 
-def _tar_list(source: str | os.PathLike) -> list[str]:
+def _tar_list(source: str | os.PathLike[str]) -> list[str]:
     """The tars of 'a.tar' or 'a.tar,b.tar' (empty for anything else, a folder with a comma included)."""
     parts = [part.strip() for part in str(source).split(",")]
     return parts if all(part.endswith(".tar") for part in parts) else []
 
 
-def is_shard_source(path: str | os.PathLike) -> bool:
+def is_shard_source(path: str | os.PathLike[str]) -> bool:
     """A .tar, a comma-separated list of them, or a folder of them (with no class folders)."""
     if _tar_list(path):
         return True
@@ -64,6 +65,7 @@ def _scan_tar(tar_path: str) -> list[list[tuple[str, int, int, str]]]:
             members = [m for m in tar.getmembers() if m.isfile()]
     except (OSError, tarfile.TarError) as exc:
         raise UsageError(f"cannot read shard {tar_path} ({getattr(exc, 'strerror', None) or exc})") from None
+    samples: list[list[tuple[str, int, int, str]]]
     samples, last = [], None
     for m in members:
         slash = m.name.rfind("/") + 1
@@ -76,7 +78,7 @@ def _scan_tar(tar_path: str) -> list[list[tuple[str, int, int, str]]]:
     return samples
 
 
-def read_shards(source: str | os.PathLike, classes: Sequence[str] | None = None) -> ImageDataset:
+def read_shards(source: str | os.PathLike[str], classes: Sequence[str] | None = None) -> ImageDataset:
     """Index tar shards (a folder of them, one .tar, or 'a.tar,b.tar') as an ImageDataset whose
     ``members`` say where each sample's bytes are. Labels come from the folder's manifest, else from
     each sample's ``.cls`` member; with ``classes`` (the training set's), labels are mapped by class name."""
@@ -109,11 +111,11 @@ def read_shards(source: str | os.PathLike, classes: Sequence[str] | None = None)
     found_classes = tuple(manifest["classes"]) if manifest else tuple(str(c) for c in range(max(labels) + 1))
     if classes is not None and tuple(classes) != found_classes:
         labels, found_classes = _relabel(labels, found_classes, classes, source), tuple(classes)
-    members = ShardMembers(tuple(tars), np.array(shard, np.int32), np.array(offset, np.int64), np.array(size, np.int64))
-    return ImageDataset(tuple(names), tuple(labels), found_classes, str(source), members)
+    located = ShardMembers(tuple(tars), np.array(shard, np.int32), np.array(offset, np.int64), np.array(size, np.int64))
+    return ImageDataset(tuple(names), tuple(labels), found_classes, str(source), located)
 
 
-def _locate(source: str | os.PathLike) -> tuple[list[str], dict | None]:
+def _locate(source: str | os.PathLike[str]) -> tuple[list[str], dict[str, Any] | None]:
     """The tars of ``source`` in order, and the folder's manifest when it has one."""
     tars = _tar_list(source)
     if tars:
@@ -133,7 +135,7 @@ def _locate(source: str | os.PathLike) -> tuple[list[str], dict | None]:
     return [str(folder / entry["tar"]) for entry in manifest["shards"]], manifest
 
 
-def _relabel(labels: list[int], found: tuple[str, ...], classes: Sequence[str], source) -> list[int]:
+def _relabel(labels: list[int], found: tuple[str, ...], classes: Sequence[str], source: str | os.PathLike[str]) -> list[int]:
     """Labels by the training ``classes``' numbering of the same class names."""
     missing = [name for name in found if name not in classes]
     if missing:

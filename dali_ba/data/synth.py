@@ -32,7 +32,7 @@ def _background(rng: np.random.Generator, width: int, height: int) -> Image.Imag
     """Low-saturation smooth noise: a coarse random grid scaled up, plus fine grain."""
     coarse = rng.uniform(60, 200, size=(4, 4, 3)).astype(np.float32)
     tint = rng.uniform(-25, 25, size=3)
-    base = np.array(Image.fromarray(coarse.astype(np.uint8)).resize((width, height), Image.BICUBIC), np.float32)
+    base = np.array(Image.fromarray(coarse.astype(np.uint8)).resize((width, height), Image.Resampling.BICUBIC), np.float32)
     grain = rng.normal(0, 12, size=(height, width, 1))
     return Image.fromarray(np.clip(base + tint + grain, 0, 255).astype(np.uint8))
 

@@ -54,9 +54,9 @@ class HorovodSync(GradientSync):
             self.optimizer.step()
             return
         # fp16: unscale the allreduced gradients before the step (Horovod + GradScaler recipe)
-        self.optimizer.synchronize()
+        self.optimizer.synchronize()  # type: ignore[attr-defined]  # Horovod's DistributedOptimizer
         scaler.unscale_(self.optimizer)
-        with self.optimizer.skip_synchronize():
+        with self.optimizer.skip_synchronize():  # type: ignore[attr-defined]  # Horovod's DistributedOptimizer
             scaler.step(self.optimizer)
         scaler.update()
 

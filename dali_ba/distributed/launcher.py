@@ -22,6 +22,7 @@ import shutil
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import overload
 
 from dali_ba.errors import UsageError
 
@@ -51,6 +52,10 @@ class EngineChoice:
     launch: Launch
 
 
+@overload
+def _int(env: Mapping[str, str], *names: str, default: int) -> int: ...
+@overload
+def _int(env: Mapping[str, str], *names: str, default: None = None) -> int | None: ...
 def _int(env: Mapping[str, str], *names: str, default: int | None = None) -> int | None:
     for name in names:
         if env.get(name, "").strip().isdigit():

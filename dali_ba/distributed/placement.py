@@ -61,7 +61,7 @@ def gpu_sharing_error(placements: Sequence[GpuPlacement], share_gpu: bool) -> st
             users.setdefault((place.host, place.gpu_uuid), []).append(rank)
     for (host, uuid), ranks in users.items():
         if len(ranks) > 1:
-            counts = sorted({placements[rank].visible_gpus for rank in ranks})
+            counts = sorted({placements[rank].visible_gpus for rank in ranks})  # type: ignore[type-var]  # a rank with a GPU sees GPUs: never None here
             first = placements[ranks[0]]
             return (
                 f"ranks {_listed(ranks)} on host {host} would share one GPU (cuda:{first.gpu_index}, {uuid}); "

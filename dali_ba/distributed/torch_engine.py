@@ -13,7 +13,7 @@ import functools
 import inspect
 import socket
 from collections.abc import Collection, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -23,6 +23,7 @@ from dali_ba.distributed.world import GradientSync, World
 
 if TYPE_CHECKING:
     import torch
+    from torch.distributed import ProcessGroup
 
 
 class DDPSync(GradientSync):
@@ -38,7 +39,7 @@ class DDPSync(GradientSync):
             model,
             device_ids=[device] if device.type == "cuda" else None,
             # BN statistics stay per rank until the epoch-end average (as Horovod)
-            **{_ddp_buffer_sync_keyword(DistributedDataParallel): False},
+            **{_ddp_buffer_sync_keyword(DistributedDataParallel): False},  # type: ignore[arg-type]  # the keyword's name depends on torch's version
         )
         super().__init__(ddp, optimizer)
         self._device = device
@@ -55,7 +56,7 @@ class DDPSync(GradientSync):
     def micro_batch(self, last: bool) -> contextlib.AbstractContextManager:
         if last:
             return _after(self._mark_done)
-        return self.model.no_sync()
+        return self.model.no_sync()  # type: ignore[operator]  # the model is the DistributedDataParallel wrapper
 
     def _mark_done(self) -> None:
         self._done = timestamp(self._device)
@@ -76,7 +77,7 @@ def buffer_sync_keyword(parameters: Collection[str]) -> str:
 @functools.cache
 def _ddp_buffer_sync_keyword(ddp_class: type) -> str:
     """:func:`buffer_sync_keyword` of the installed DistributedDataParallel (its signature, read once)."""
-    return buffer_sync_keyword(inspect.signature(ddp_class.__init__).parameters)
+    return buffer_sync_keyword(inspect.signature(ddp_class.__init__).parameters)  # type: ignore[misc]  # the class's own __init__, read on purpose
 
 
 @contextlib.contextmanager
@@ -114,7 +115,10 @@ class TorchWorld(World):
             self.backend, init_method=init, rank=launch.rank, world_size=launch.size, timeout=timeout
         )
         # CPU-side collectives (metric sums, object gathers) need Gloo beside NCCL.
-        self._cpu_group = dist.new_group(backend="gloo", timeout=timeout) if self.backend == "nccl" else None
+        # every rank is in the group: new_group never returns its NON_GROUP_MEMBER marker (-100) here
+        self._cpu_group = cast(
+            "ProcessGroup | None", dist.new_group(backend="gloo", timeout=timeout) if self.backend == "nccl" else None
+        )
         hosts = self._gather_objects(socket.gethostname())
         local = [rank for rank, host in enumerate(hosts) if host == hosts[launch.rank]]
         super().__init__(launch.rank, launch.size, local.index(launch.rank), len(local), choice.reason)

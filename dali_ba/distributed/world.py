@@ -42,7 +42,7 @@ class GradientSync:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.model, self.optimizer = model, optimizer
 
-    def micro_batch(self, last: bool) -> contextlib.AbstractContextManager:
+    def micro_batch(self, last: bool) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext()
 
     def step(self, scaler: torch.amp.GradScaler | None) -> None:
@@ -52,7 +52,7 @@ class GradientSync:
         else:
             self.optimizer.step()
 
-    def backward_wait(self) -> tuple | None:
+    def backward_wait(self) -> tuple[Any, Any] | None:
         return None
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +33,7 @@ class Findings:
         self.problems.append(Problem("warn", check, text))
 
     @contextlib.contextmanager
-    def checking(self, check: str):
+    def checking(self, check: str) -> Iterator[None]:
         try:
             yield
         except Exception as exc:

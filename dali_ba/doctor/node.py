@@ -9,6 +9,7 @@ import os
 import platform
 import subprocess
 import sys
+from typing import TYPE_CHECKING
 
 from dali_ba.doctor.findings import Findings, first_line
 from dali_ba.install_choice import (
@@ -21,6 +22,10 @@ from dali_ba.install_choice import (
     installed_dali,
     version_tuple,
 )
+
+if TYPE_CHECKING:
+    from dali_ba.distributed.launcher import Launch
+    from dali_ba.recipe import Recipe
 
 SLURM_STEP_VARIABLES = (
     "SLURM_STEP_ID",
@@ -78,7 +83,7 @@ def check_torch(found: Findings, floors: dict[str, tuple[int, ...]]) -> bool:
     return True
 
 
-def check_gpu(found: Findings, driver: str | None, local_rank: int, recipe) -> str | None:
+def check_gpu(found: Findings, driver: str | None, local_rank: int, recipe: Recipe) -> str | None:
     """The driver, the GPUs torch sees and the one this rank will train on (as the trainer picks it);
     returns the device ('cuda:1', 'cpu')."""
     import torch
@@ -191,7 +196,7 @@ def hardware_jpeg(gpu_index: int) -> tuple[bool, str]:
     """Whether nvImageCodec (the library DALI's mixed decoder uses) decodes a small JPEG with its
     hardware backend alone on GPU ``gpu_index`` (A100, H100 and others have such engines), and why not."""
     try:
-        from nvidia import nvimgcodec as nv
+        import nvidia.nvimgcodec as nv
     except ImportError as exc:
         return False, f"nvImageCodec does not import: {first_line(exc)}"
     try:
@@ -244,7 +249,7 @@ def check_horovod(found: Findings, floors: dict[str, tuple[int, ...]]) -> bool:
     return True
 
 
-def check_engine(found: Findings, recipe, horovod_works: bool, device: str | None) -> None:
+def check_engine(found: Findings, recipe: Recipe, horovod_works: bool, device: str | None) -> None:
     """The engine ``--engine`` picks under this launcher (as the trainer decides it) and whether what
     it needs is here: Horovod built for this launcher, NCCL for GPUs."""
     from dali_ba.distributed.launcher import MPI_RANK_VARIABLES, choose_engine
@@ -303,7 +308,7 @@ def check_engine(found: Findings, recipe, horovod_works: bool, device: str | Non
         )
 
 
-def check_mpi(found: Findings, launch) -> None:
+def check_mpi(found: Findings, launch: Launch) -> None:
     """mpi4py and the MPI library it loads (started by the doctor's own gather under MPI launchers;
     elsewhere asked in a child process, as initialising MPI under a plain srun aborts)."""
     try:

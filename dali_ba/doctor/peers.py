@@ -123,7 +123,7 @@ class StorePeers:
         self.tag += 1
         key = f"dali_ba/doctor/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{self.tag}"
         if self.rank != 0:
-            self.store.set(f"{key}/{self.rank}", pickle.dumps(value))
+            self.store.set(f"{key}/{self.rank}", pickle.dumps(value))  # type: ignore[arg-type]  # Store.set takes bytes too
             try:
                 self.store.wait([f"{key}/answer"])
             except Exception:
@@ -137,7 +137,7 @@ class StorePeers:
         result = [value] + [
             None if r in self.lost else pickle.loads(self.store.get(f"{key}/{r}")) for r in range(1, self.size)
         ]
-        self.store.set(f"{key}/answer", pickle.dumps(result if everyone else True))
+        self.store.set(f"{key}/answer", pickle.dumps(result if everyone else True))  # type: ignore[arg-type]  # Store.set takes bytes too
         return result
 
     def end(self, status: int, missing: bool) -> None:

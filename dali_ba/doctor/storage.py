@@ -22,7 +22,7 @@ def check_data(found: Findings, recipe, wanted: dict[str, bool], world) -> None:
     from dali_ba.recipe import effective
     from dali_ba.training.checks import check_labels, check_world
 
-    loaded = {}
+    loaded: dict[str, Any] = {}
     for split in ("train", "val"):
         if wanted[split]:
             with found.checking("data"):
@@ -180,7 +180,7 @@ def mark_shared_output(ranks: list[dict | None]) -> None:
     root = (ranks[0] or {}).get("output") or {}
     for r in ranks:
         output = (r or {}).get("output")
-        if output and r.get("first_on_node"):
+        if output and r.get("first_on_node"):  # type: ignore[union-attr]  # an output: r is set
             output["shared"] = (
                 root["marker"] in output.get("sees", []) if root.get("marker") and output["writable"] else None
             )

@@ -6,8 +6,10 @@ from __future__ import annotations
 import configparser
 import contextlib
 import re
+from email.message import Message
 from importlib import metadata
 from pathlib import Path
+from typing import cast
 
 from dali_ba.install_choice import version_tuple
 
@@ -30,7 +32,7 @@ def requirement_floors() -> dict[str, tuple[int, ...]]:
     else:
         with contextlib.suppress(metadata.PackageNotFoundError):
             lines = [
-                f"python{metadata.metadata('dali-ba').get('Requires-Python') or ''}",
+                f"python{cast(Message, metadata.metadata('dali-ba')).get('Requires-Python') or ''}",
                 *(metadata.requires("dali-ba") or []),
             ]
     floors = {}

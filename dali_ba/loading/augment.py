@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -137,7 +138,7 @@ def random_resized_crop(u: np.ndarray, sizes: np.ndarray, area_min: float) -> tu
     h, w = np.where(fallback, fh, h), np.where(fallback, fw, w)
     top = np.where(fallback, (height - fh) // 2, top)
     left = np.where(fallback, (width - fw) // 2, left)
-    return np.stack([top, left, h, w], axis=-1).astype(np.int64), fallback
+    return np.stack([top, left, h, w], axis=-1).astype(np.int64), cast(np.ndarray, fallback)
 
 
 def cifar_crop(u: np.ndarray, sizes: np.ndarray, view_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -159,7 +160,7 @@ def magnitudes(suite: tuple[AutoOp, ...], ops: np.ndarray, bins: np.ndarray, sig
         [np.linspace(*op.magnitudes, MAGNITUDE_BINS) if op.magnitudes else np.zeros(MAGNITUDE_BINS) for op in suite]
     )
     negate = np.array([op.signed for op in suite])[ops] & signs
-    return np.where(negate, -1.0, 1.0) * table[ops, bins]
+    return cast(np.ndarray, np.where(negate, -1.0, 1.0) * table[ops, bins])
 
 
 def auto_augment(

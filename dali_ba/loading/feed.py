@@ -10,7 +10,7 @@ The graphs themselves are :mod:`dali_ba.loading.pipeline`'s; the bytes they read
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dali_ba.errors import UsageError
 
@@ -56,12 +56,12 @@ class Feed:
     are not rebuilt every epoch. A pass left before its end (``itertools.islice``, a ``break``) is
     drained when the next starts."""
 
-    def __init__(self, pipe, source: SampleSource, iterate: bool) -> None:
+    def __init__(self, pipe: Any, source: SampleSource, iterate: bool) -> None:
         self.pipe, self.source, self._iterate = pipe, source, iterate
-        self._iterator = None
+        self._iterator: Any = None  # the built pipeline, or DALI's torch iterator over it
         self._started = self._open = False
 
-    def run(self, data_pass: DataPass) -> Iterator:
+    def run(self, data_pass: DataPass) -> Iterator[Any]:
         """The pass's batches: (images, labels) torch tensors through DALI's torch iterator
         (``iterate``), else the pipeline's own (TensorList, TensorList) outputs."""
         if self._open:
@@ -75,7 +75,7 @@ class Feed:
         yield from self._outputs()
         self._open = False
 
-    def _outputs(self) -> Iterator:
+    def _outputs(self) -> Iterator[Any]:
         if not self._iterate:
             if self._iterator is None:
                 self.pipe.build()

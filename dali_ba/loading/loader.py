@@ -70,7 +70,7 @@ class _ShardedLoader(BadFileRecovery):
         self.num_threads, self.seed = num_threads, seed
         self.decoder = resolve_decoder(decoder)
         if self.decoder == "mixed":
-            self.device_id = torch.cuda.current_device()
+            self.device_id: int | None = torch.cuda.current_device()
             self.device = torch.device(device) if device is not None else torch.device("cuda", self.device_id)
         else:
             self.device_id = None
@@ -263,7 +263,7 @@ class BatchAugmentLoader(_ShardedLoader):
         for batch, (decoded, labels) in enumerate(decoded_batches):
             images = [np.asarray(decoded[i]) for i in range(len(decoded))]
             slots = data_pass.batch(batch)[0]  # a refilled slot keeps its own sample's views
-            params = self.augmentation.draw(data_pass.epoch, slots, [image.shape[:2] for image in images], self.views)
+            params = self.augmentation.draw(data_pass.epoch, slots, [image.shape[:2] for image in images], self.views)  # type: ignore[arg-type]  # draw takes any (B, 2) array-like: np.asarray
             labels = torch.from_numpy(labels.as_array().reshape(-1).astype(np.int64))
             yield to_device(self._torch_views(images, params), self.device), to_device(labels, self.device)
 

@@ -14,7 +14,7 @@ apply (:func:`auto_augment_view`).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
@@ -116,7 +116,8 @@ def _read_and_decode(
     """The samples decoded to RGB; on the mixed decoder with ``hw_decoder_load`` of each batch for the
     hardware JPEG decoder (the rest on CUDA), never DALI's default, which changed between releases."""
     encoded, label, *drawn = read_samples(samples, params)
-    split = {"hw_decoder_load": hw_decoder_load} if decoder == "mixed" else {}  # the cpu decoder has no such split
+    # the cpu decoder has no such split
+    split: dict[str, Any] = {"hw_decoder_load": hw_decoder_load} if decoder == "mixed" else {}
     return fn.decoders.image(encoded, device=decoder, output_type=types.RGB, **split), label, drawn
 
 

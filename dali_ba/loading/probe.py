@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from functools import partial
-from typing import IO
+from typing import IO, TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dali_ba.data.samples import ImageDataset
 
 TRAILERS = {b"\xff\xd8": b"\xff\xd9", b"\x89PNG\r\n\x1a\n": b"IEND\xaeB`\x82"}
 
@@ -91,14 +95,19 @@ def size_problem(image: str | IO[bytes], max_pixels: int) -> str | None:
 
 def _check_sample(sample: str | tuple[str, int, int], quick: bool, max_pixels: int = 0) -> str | None:
     """The problem of one sample: a file's path, or (tar, offset, size) of a sample in a shard."""
-    if not isinstance(sample, str):
+    source: str | IO[bytes]
+    if isinstance(sample, str):
+        source = sample
+    else:
         from dali_ba.data.samples import _pread
 
-        sample = io.BytesIO(_pread(*sample))
-    return size_problem(sample, max_pixels) or (header_problem(sample) if quick else decode_problem(sample))
+        source = io.BytesIO(_pread(*sample))
+    return size_problem(source, max_pixels) or (header_problem(source) if quick else decode_problem(source))
 
 
-def _check_all(samples: list, workers: int, quick: bool, max_pixels: int = 0) -> list[str | None]:
+def _check_all(
+    samples: Sequence[str | tuple[str, int, int]], workers: int, quick: bool, max_pixels: int = 0
+) -> list[str | None]:
     check = partial(_check_sample, quick=quick, max_pixels=max_pixels)
     if workers <= 1 or len(samples) < 64:
         return list(map(check, samples))
@@ -112,7 +121,7 @@ def check_files(files: list[str], workers: int, quick: bool = False, max_pixels:
 
 
 def check_samples(
-    dataset, indices: list[int], workers: int, quick: bool = False, max_pixels: int = 0
+    dataset: ImageDataset, indices: list[int], workers: int, quick: bool = False, max_pixels: int = 0
 ) -> dict[str, str]:
     """{name: reason} for every sample ``indices`` of ``dataset`` (files or shards) that fails."""
     members = dataset.members

@@ -20,7 +20,7 @@ import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -61,9 +61,9 @@ def header_size(image: bytes | str | IO[bytes]) -> tuple[int, int]:
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as image:
-            width, height = image.size
-            turned = image.format == "JPEG" and image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as opened:
+            width, height = opened.size
+            turned = opened.format == "JPEG" and opened.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
     except Image.DecompressionBombError as exc:  # over twice Pillow's limit: it names the pixel count only
         found = re.search(r"\((\d+) pixels\)", str(exc))
         if found is None:
@@ -112,7 +112,7 @@ class SampleSource:
         self.max_pixels = max_pixels
         self._labels = np.asarray(dataset.labels, dtype=np.int32)
         self.data_pass: DataPass | None = None
-        self._reads: dict[int, list[Future]] = {}
+        self._reads: dict[int, list[Future[tuple[bytes, str | None]]]] = {}
 
     def start(self, data_pass: DataPass) -> None:
         """Serve ``data_pass`` from its first batch (DALI's iteration counter restarts with each pass)."""
@@ -139,14 +139,15 @@ class SampleSource:
                 return data, f"unreadable header: {exc}"
             except Exception as exc:
                 return data, f"unreadable header: {_reason(exc)}"
-        return data, pixels_problem(*self.sizes[index], self.max_pixels)
+        return data, pixels_problem(*self.sizes[index], self.max_pixels)  # type: ignore[call-arg]  # a sizes row is (height, width): mypy cannot count an array's items
 
     def _read_ahead(self, batch: int) -> None:
+        assert self.data_pass is not None  # called from __call__ once it has checked the pass
         if batch < self.data_pass.batches and batch not in self._reads:
             pool = _read_pool()
             self._reads[batch] = [pool.submit(self._read, index) for index in self.data_pass.batch(batch)[1]]
 
-    def __call__(self, info) -> list:
+    def __call__(self, info: Any) -> list[Any]:
         data_pass, batch = self.data_pass, info.iteration
         if data_pass is None or batch >= data_pass.batches:
             raise StopIteration
@@ -155,7 +156,7 @@ class SampleSource:
         slots, reads = data_pass.batch(batch)
         results = [read.result() for read in self._reads.pop(batch)]
         encoded = self._refill(reads, results)
-        outputs = [encoded, [self._labels[i : i + 1] for i in reads]]
+        outputs: list[list[np.ndarray] | np.ndarray] = [encoded, [self._labels[i : i + 1] for i in reads]]
         if self.params is not None:
             outputs += list(self.params(data_pass.epoch, slots, self.sizes[reads]))
         return outputs

@@ -11,7 +11,7 @@ the pass is rebuilt from the batch that failed. More than ``max_bad_files`` is a
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -75,7 +75,7 @@ class BadFileRecovery:
             batch[bad] = good[0] if len(good) else fallback
         return refilled
 
-    def _recovering(self, make: Callable[[int], Iterator], order: np.ndarray, start: int) -> Iterator:
+    def _recovering(self, make: Callable[[int], Iterator[Any]], order: np.ndarray, start: int) -> Iterator[Any]:
         """The batches of ``make(start)`` (a pass over ``order`` from batch ``start``). When DALI fails,
         the broken files among the batches in flight are found (DALI names the operator, not the
         file), remembered and reported, and the pass is rebuilt from the batch that failed: the same

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import cast
 
 import numpy as np
 import torch
@@ -31,15 +32,18 @@ def _affine(
     """DALI's ``warp_affine`` of a translation (pixels) or shear (x += s y, y += s x) about the top-left corner."""
     # v2's shear angles: x' = x - tan(a) y, y' = y - tan(b) x (for one of them non-zero).
     angles = [-math.degrees(math.atan(s)) for s in shear]
-    return F.affine(
-        view,
-        angle=0.0,
-        translate=list(translate),
-        scale=1.0,
-        shear=angles,
-        center=[0, 0],
-        interpolation=F.InterpolationMode.BILINEAR,
-        fill=FILL,
+    return cast(
+        torch.Tensor,
+        F.affine(
+            view,
+            angle=0.0,
+            translate=list(translate),
+            scale=1.0,
+            shear=angles,
+            center=[0, 0],
+            interpolation=F.InterpolationMode.BILINEAR,
+            fill=FILL,
+        ),
     )
 
 

@@ -23,10 +23,14 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dali_ba.errors import OneLineParser, UsageError
 from dali_ba.loading.probe import check_samples
 from dali_ba.recipe import DataConfig
+
+if TYPE_CHECKING:
+    from dali_ba.distributed.world import World
 
 PROG = "dali-ba check-data"
 
@@ -105,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if bad else 0
 
 
-def _world():
+def _world() -> World:
     """The ranks, when a launcher started several (else one process, without importing torch)."""
     from dali_ba.distributed.launcher import detect_launch
 

@@ -220,7 +220,7 @@ def throughput(run: Run) -> tuple[float, float, float | None] | None:
 
 
 def throughput_figure(runs: list[Run]) -> Figure:
-    rows = [(run.label, *throughput(run)) for run in runs if throughput(run)]
+    rows = [(run.label, *throughput(run)) for run in runs if throughput(run)]  # type: ignore[misc]  # the if drops the runs without one
     fig, ax = new_figure(max(5.0, 1.4 * len(rows) + 2))
     labels, rates, stds, images = zip(*rows)
     bars = ax.bar(

@@ -33,6 +33,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -114,6 +115,7 @@ def profile_pipeline(args: argparse.Namespace) -> dict:
     from dali_ba.loading.loader import BatchAugmentLoader
 
     dataset = load_dataset(args.train)
+    baseline: dict[Any, Any]
     rows, decoder, device, baseline = [], None, None, {}
     for augment, views in itertools.product(args.augment, args.views):
         loader = BatchAugmentLoader(

@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
+from typing import cast
 
 from dali_ba.recipe import Recipe, resolve
 from dali_ba.tools.step_timing import load_step_data, measure_step, write_json
@@ -74,7 +75,11 @@ def profile_views(
     world = distributed.init_world(recipe.run.engine, share_gpu=recipe.run.share_gpu)
     for each in sweep:  # refuse an M that cannot fit before timing the others
         check_world(each, world, train_set)
-    steps_by_m = {each.data.views: measure_step(world, each, train_set, steps, warmup, cache) for each in sweep}
+    # rank 0 (the only one that reads them) gets each step's statistics, the others None
+    steps_by_m = cast(
+        "dict[int, dict]",
+        {each.data.views: measure_step(world, each, train_set, steps, warmup, cache) for each in sweep},
+    )
     world.close()
     if not world.is_root:
         return None

@@ -29,6 +29,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -179,11 +180,11 @@ def late_grad_norm(run: Run, share: float = 0.25) -> float:
     return float(np.mean(norms[-max(1, int(len(norms) * share)) :]))
 
 
-def mean_std(values: list[float]) -> dict[str, float]:
+def mean_std(values: list[float]) -> dict[str, Any]:
     return {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": [float(v) for v in values]}
 
 
-def fmt(stats: dict[str, float], digits: int = 1) -> str:
+def fmt(stats: dict[str, Any], digits: int = 1) -> str:
     return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
 
 
@@ -205,9 +206,9 @@ def analyse(runs: dict[RunSpec, Run], grid: ExperimentGrid, datasets: list[str])
                 "best_error": mean_std([min(errors(r)) for r in mine]),
                 "epochs_to_baseline_final": reach,
                 "late_grad_norm": mean_std([late_grad_norm(r) for r in mine]),
-                "steps_per_s": mean_std([r.summary["steps_per_s"] for r in mine]),
+                "steps_per_s": mean_std([r.summary["steps_per_s"] for r in mine]),  # type: ignore[index]  # finished runs: summary is set
                 "phases_ms": {
-                    p: mean_std([1e3 * r.summary["timing"][p]["mean"] for r in mine])
+                    p: mean_std([1e3 * r.summary["timing"][p]["mean"] for r in mine])  # type: ignore[index]  # finished runs: summary is set
                     for p in ("data", "h2d", "forward_backward", "allreduce_step", "step")
                 },
                 "wall_s": mean_std([r.epochs[-1]["wall"] for r in mine]),
@@ -223,9 +224,9 @@ def analyse(runs: dict[RunSpec, Run], grid: ExperimentGrid, datasets: list[str])
                 "final_error": mean_std([errors(r)[-1] for r in ra]),
                 "wall_s": mean_std([r.epochs[-1]["wall"] for r in ra]),
                 "epochs": len(ra[0].epochs),
-                "steps": ra[0].summary["steps"],
+                "steps": ra[0].summary["steps"],  # type: ignore[index]  # finished runs: summary is set
             },
-            "steps_per_run": baseline[0].summary["steps"],
+            "steps_per_run": baseline[0].summary["steps"],  # type: ignore[index]  # finished runs: summary is set
         }
     return results
 
@@ -345,9 +346,9 @@ def figures(
 
         fig, ax = new_figure()
         for index, m in enumerate(grid.views):
-            group = [[s["grad_norm"] for s in runs[RunSpec(dataset, seed, m)].steps] for seed in grid.seeds]
-            length = min(map(len, group))
-            _band(ax, np.arange(1, length + 1), [ema(g[:length], SMOOTH) for g in group], f"C{index}", f"M={m}")
+            norms = [[s["grad_norm"] for s in runs[RunSpec(dataset, seed, m)].steps] for seed in grid.seeds]
+            length = min(map(len, norms))
+            _band(ax, np.arange(1, length + 1), [ema(g[:length], SMOOTH) for g in norms], f"C{index}", f"M={m}")
         ax.set_yscale("log")
         ax.set(
             xlabel="step",

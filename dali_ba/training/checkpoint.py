@@ -65,7 +65,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
-def find_resume_point(resume: str, output: Path, warn: Callable[[str], None]) -> tuple[Path, dict] | None:
+def find_resume_point(resume: str, output: Path, warn: Callable[[str], None]) -> tuple[Path, dict[str, Any]] | None:
     """What ``--resume`` names: nothing (''), the newest loadable checkpoint of ``output`` ('auto',
     skipping damaged ones with a warning; None if there is none), or one file."""
     if not resume:
@@ -83,7 +83,7 @@ def find_resume_point(resume: str, output: Path, warn: Callable[[str], None]) ->
     return None
 
 
-def check_compatible(state: dict, path: Path, expected: dict[str, Any]) -> None:
+def check_compatible(state: dict[str, Any], path: Path, expected: dict[str, Any]) -> None:
     """A checkpoint resumes only the run that wrote it: same world size, model, data shape and seed."""
     for key, value in expected.items():
         if state["run"].get(key) != value:

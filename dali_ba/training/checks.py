@@ -87,7 +87,7 @@ def check_memory(
     if available is not None and need > available:
         weights = (
             (
-                f" and the model's {parameters / 1e6:.1f} M parameters ({_bytes(model)} with gradients, momentum "
+                f" and the model's {parameters / 1e6:.1f} M parameters ({_bytes(model)} with gradients, momentum "  # type: ignore[operator]  # model > 0: parameters is set
                 "and the all-reduce buffer)"
             )
             if model

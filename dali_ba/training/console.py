@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import TextIO
 
 
-def emit(line: str, stream=None) -> None:
+def emit(line: str, stream: TextIO | None = None) -> None:
     """Write a whole line in one call: launchers (mpirun --tag-output) tag each write separately."""
     stream = stream or sys.stdout
     stream.write(line + "\n")
@@ -22,7 +23,7 @@ class Progress:
     """Rank 0's view of training: a tqdm bar on a terminal, plain lines (every ``every`` steps) otherwise
     -- SLURM logs and launchers that pipe output get lines, not carriage returns."""
 
-    def __init__(self, total: int, initial: int, every: int, enabled: bool, stream=None):
+    def __init__(self, total: int, initial: int, every: int, enabled: bool, stream: TextIO | None = None):
         self._stream = stream or sys.stderr
         self._every, self._total, self._enabled = every, total, enabled
         self._bar = None

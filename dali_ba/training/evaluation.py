@@ -9,9 +9,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dali_ba.errors import UsageError
 
@@ -30,7 +30,7 @@ def evaluate(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     world: World,
     memory_format: torch.memory_format | None = None,
-    autocast=contextlib.nullcontext,
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
 ) -> dict[str, float]:
     """Loss, top-1 and top-5 (top-k for k < 5 classes) over ``batches`` of every rank, exactly:
     correct counts and sample counts are summed over ranks, not averaged.
@@ -73,7 +73,7 @@ def calibrate_batchnorm(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     world: World,
     memory_format: torch.memory_format | None = None,
-    autocast=contextlib.nullcontext,
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
 ) -> int:
     """Recompute BatchNorm running statistics from ``batches`` of training views (the authors'
     ``--calibrate-bn``): reset, then the plain average over all batches (momentum None), averaged
@@ -187,7 +187,7 @@ class Validation:
         return cls(training, world, plain, views, calibration, d.calibrate_bn)
 
     @property
-    def loaders(self) -> list:
+    def loaders(self) -> list[ValidationLoader | AugmentedValidationLoader | BatchAugmentLoader]:
         """The loaders this evaluation reads (those its options call for)."""
         return [each for each in (self.plain, self.views, self.calibration) if each]
 

@@ -11,6 +11,8 @@ import signal
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from types import FrameType
+
     from dali_ba.distributed.world import World
 
 EXIT_RESUMABLE = 75  # EX_TEMPFAIL: stopped on a signal after a checkpoint; run again with --resume auto
@@ -25,7 +27,7 @@ class StopRequest:
         for signum in STOP_SIGNALS:
             signal.signal(signum, self._handle)
 
-    def _handle(self, signum: int, frame) -> None:
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.signal_name = signal.Signals(signum).name
 
     def agreed(self, world: World) -> bool:

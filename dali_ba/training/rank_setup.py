@@ -12,7 +12,7 @@ import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dali_ba.data.dataset import ImageDataset
 from dali_ba.errors import UsageError
@@ -41,7 +41,7 @@ class Training:
     model: torch.nn.Module  # the bare model: what checkpoints, evaluation and digests see
     sync: GradientSync  # the gradient averaging around it
     memory_format: torch.memory_format
-    autocast: Callable[[], contextlib.AbstractContextManager]
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]]
     scaler: torch.amp.GradScaler | None
     peak_lr: float
 
@@ -108,7 +108,7 @@ def setup_training(recipe: Recipe, world: World, train_set: ImageDataset) -> Tra
         hw_decoder_load=d.hw_decoder_load,
     )
     memory_format = torch.channels_last if m.channels_last else torch.contiguous_format
-    model = create_model(m.arch, train_set.num_classes, m.dropout).to(device, memory_format=memory_format)
+    model = create_model(m.arch, train_set.num_classes, m.dropout).to(device, memory_format=memory_format)  # type: ignore[call-overload]  # torch's stub splits what Module.to takes together
     if m.arch not in PAPER_CIFAR:  # built elsewhere, perhaps for one input size (a ViT): try one view first
         check_input_size(model, m.arch, d.view_size, device)
     peak_lr = o.lr * d.batch_size / o.lr_batch  # unique images per step, never B*M
@@ -116,7 +116,7 @@ def setup_training(recipe: Recipe, world: World, train_set: ImageDataset) -> Tra
     sync = world.gradient_sync(model, optimizer, o.chunks)
     if m.compile:  # the training forward only (DDP's wrapper for the torch engine, torch's recommended
         # order); ``model`` stays the bare module: checkpoints, evaluation and digests see its unprefixed keys
-        sync.model = torch.compile(sync.model)
+        sync.model = torch.compile(sync.model)  # type: ignore[assignment]  # an OptimizedModule, a Module; the stub says a callable
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(m.amp)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     scaler = torch.amp.GradScaler("cuda") if m.amp == "fp16" else None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 
 class MetricsLog:
@@ -20,15 +21,17 @@ class MetricsLog:
         self._file = open(path, "a" if append else "w") if path is not None else None
         self._scalars = TensorBoardScalars(tensorboard) if path is not None and tensorboard is not None else None
 
-    def write(self, kind: str, **fields) -> None:
+    def write(self, kind: str, **fields: Any) -> None:
         """One record (a full disk: :class:`dali_ba.training.output.OutputFullError` naming the file)."""
         from dali_ba.training.output import writing
 
         if self._file:
+            assert self._path is not None  # the file is open only with a path
             with writing(self._path, self._path.parent):
                 self._file.write(json.dumps({"kind": kind, **fields}) + "\n")
                 self._file.flush()
         if self._scalars:
+            assert self._path is not None and self._tensorboard is not None  # scalars are written only with both
             with writing(self._tensorboard, self._path.parent):
                 self._scalars.add(kind, fields)
 
@@ -38,6 +41,7 @@ class MetricsLog:
         if self._file:
             self._file.close()
         if self._scalars:
+            assert self._path is not None and self._tensorboard is not None  # scalars are written only with both
             with writing(self._tensorboard, self._path.parent):
                 self._scalars.close()
 
@@ -79,7 +83,7 @@ class TensorBoardScalars:
 
         self._writer = SummaryWriter(str(folder))
 
-    def add(self, kind: str, fields: dict) -> None:
+    def add(self, kind: str, fields: dict[str, Any]) -> None:
         add = self._writer.add_scalar
         if kind == "step":
             step = fields["step"]

@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING
 from dali_ba.activity import ACTIVITY, Activity
 
 if TYPE_CHECKING:
+    from torch.distributed import TCPStore
+
     from dali_ba.distributed.world import World
 
 EXIT_STALLED = 76  # EX_PROTOCOL: a rank stopped answering; run again with --resume auto (SLURM requeues)
@@ -155,7 +157,9 @@ class StallWatch:
         )
         self.interval = max(0.5, min(5.0, timeout / 6))
         self.host = socket.gethostname()
-        self._server = self._store = None  # rank 0 serves the store for as long as it lives; every rank is a client
+        # rank 0 serves the store for as long as it lives; every rank is a client
+        self._server: TCPStore | None = None
+        self._store: TCPStore | None = None
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dali-ba-stall-watch", daemon=True)
 
@@ -201,14 +205,14 @@ class StallWatch:
                 self._post(seq)
                 if rank == 0:
                     last = (
-                        [Beat(**json.loads(raw)) for raw in self._store.multi_get([f"beat/{r}" for r in range(size)])]
+                        [Beat(**json.loads(raw)) for raw in self._store.multi_get([f"beat/{r}" for r in range(size)])]  # type: ignore[union-attr]  # set whenever size > 1
                         if size > 1
                         else [Beat.of(self.activity, 0, self.host, seq)]
                     )
-                elif self._store.check([VERDICT]):
-                    self._leave([Beat(**beat) for beat in json.loads(self._store.get(VERDICT))])
+                elif self._store.check([VERDICT]):  # type: ignore[union-attr]  # set whenever size > 1
+                    self._leave([Beat(**beat) for beat in json.loads(self._store.get(VERDICT))])  # type: ignore[union-attr]  # set whenever size > 1
                 elif rank == 1:
-                    last[0] = Beat(**json.loads(self._store.get("beat/0")))
+                    last[0] = Beat(**json.loads(self._store.get("beat/0")))  # type: ignore[union-attr]  # set whenever size > 1
                 store_lost = None
             except Exception:
                 store_lost = store_lost or time.monotonic()

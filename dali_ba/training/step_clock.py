@@ -53,7 +53,7 @@ class StepRow:
         """The phase times and the whole step (first mark to last), seconds: the phases add up to it."""
         times = dict.fromkeys(PHASES, 0.0)
         for (_, start), (name, end) in zip(self.marks, self.marks[1:]):
-            times[name] += seconds_between(start, end)
+            times[name] += seconds_between(start, end)  # type: ignore[index]  # only the first mark (the start) is nameless
         for source, target, start, end in self.moves:
             moved = min(max(seconds_between(start, end), 0.0), times[source])
             times[source] -= moved
@@ -103,7 +103,7 @@ class StepClock:
             if self._nvtx:
                 self._nvtx.range_pop()
 
-    def move(self, source: str, target: str, span: tuple | None) -> None:
+    def move(self, source: str, target: str, span: tuple[object, object] | None) -> None:
         """Charge the ``span`` (two timestamps) of phase ``source`` to ``target`` instead (at most
         all of ``source``); None: nothing to move."""
         if span is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -58,7 +58,7 @@ class StepTimes:
 
     world: World
     warmup: int
-    _rows: list[list[float]] = field(default_factory=list)
+    _rows: list[tuple[StepRow | Sequence[float], Any]] = field(default_factory=list)  # (clock row, loss)
     _meta: list[dict] = field(default_factory=list)
     steady: list[np.ndarray] = field(default_factory=list)  # rank 0: (ranks, columns) per steady step
     max_loss: float | None = None  # a mean loss not finite or above it is a divergence; None: not watched
@@ -88,13 +88,13 @@ class StepTimes:
             [*(row.seconds() if isinstance(row, StepRow) else row), loss] for (row, _), loss in zip(self._rows, losses)
         ]
         gathered = np.asarray(self.world.gather(rows))  # (ranks, steps, columns + loss)
-        meta, self._rows, self._meta = self._meta, [], []
+        metas, self._rows, self._meta = self._meta, [], []
         if self.max_loss is not None and self.diverged is None:  # every rank holds every loss: all decide alike
-            self.diverged = first_divergence(gathered[:, :, -1].mean(axis=0), meta, self.max_loss)
+            self.diverged = first_divergence(gathered[:, :, -1].mean(axis=0), metas, self.max_loss)
         if not self.world.is_root:
             return []
         records = []
-        for i, info in enumerate(meta):
+        for i, info in enumerate(metas):
             table = gathered[:, i, :]
             step_in_epoch = info.pop("step_in_epoch")
             if step_in_epoch >= self.warmup:

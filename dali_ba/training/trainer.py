@@ -186,7 +186,7 @@ class Trainer:
         """Collective: the buffered steps' records (gathered from every rank) to the log and progress;
         a diverged step among them stops the run (every rank sees the same losses)."""
         records = self.times.flush()
-        self.report.steps(records, self.step, epoch, self.schedule.get_last_lr()[0])
+        self.report.steps(records, self.step, epoch, self.schedule.get_last_lr()[0])  # type: ignore[arg-type]  # the lrs are floats here
         if self.times.diverged:
             self.stop_diverged(self.times.diverged)
 
