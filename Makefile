@@ -39,6 +39,7 @@ paper: install
 lint: install
 	$(VENV)/bin/ruff format --check --quiet .
 	$(VENV)/bin/ruff check --quiet .
+	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports --no-cache
 
 # Two passes: the suite on the CPU, then the tests marked strict_device (the GPU check's test files and
