@@ -32,6 +32,7 @@ from dali_ba.recipe import Recipe, build_parser, effective, resolve
 from dali_ba.training.checks import check_datasets, check_output
 from dali_ba.training.console import emit
 from dali_ba.training.models import check_model_name, list_archs
+from dali_ba.training.startup import StartupClock
 
 if TYPE_CHECKING:
     from dali_ba.data.dataset import ImageDataset
@@ -40,14 +41,15 @@ PROG = "python -m dali_ba.train"
 EXIT_OUT_OF_MEMORY = 3  # the GPU ran out of memory: a smaller step (or --chunks, --amp) may fit
 
 
-def run(recipe: Recipe, train_set: ImageDataset, val_set: ImageDataset) -> int:
-    """Join the ranks with the engine the launcher calls for, train, leave."""
+def run(recipe: Recipe, train_set: ImageDataset, val_set: ImageDataset, startup: StartupClock | None = None) -> int:
+    """Join the ranks with the engine the launcher calls for, train, leave (``startup``: main's clock)."""
     from dali_ba.distributed import join as distributed
     from dali_ba.training.output import last_checkpoint
     from dali_ba.training.preemption import StopRequest
     from dali_ba.training.stall import StallWatch
     from dali_ba.training.trainer import Trainer
 
+    startup = startup or StartupClock()
     stop = StopRequest()  # first: a signal during set-up stops the run after its first step
     plan = effective(recipe)
     r = plan.run
@@ -62,7 +64,8 @@ def run(recipe: Recipe, train_set: ImageDataset, val_set: ImageDataset) -> int:
         if not Path(r.horovod_timeline).parent.is_dir():
             raise UsageError(f"--horovod-timeline {r.horovod_timeline}: its folder does not exist")
         os.environ["HOROVOD_TIMELINE"] = str(Path(r.horovod_timeline).resolve())
-    world = distributed.init_world(engine, share_gpu=r.share_gpu)
+    with startup.phase("engine"):
+        world = distributed.init_world(engine, share_gpu=r.share_gpu)
     # A rank that hangs: every rank that can still act leaves with EXIT_STALLED, naming it (training/stall.py).
     watch = StallWatch(
         world,
@@ -73,7 +76,7 @@ def run(recipe: Recipe, train_set: ImageDataset, val_set: ImageDataset) -> int:
     # srun --kill-on-bad-exit (slurm/lib.sh) ends the job at the first rank that exits non-zero: ranks
     # that stop together (exit 1, 4, 74, 75) meet once more, after rank 0 has written and said its last.
     try:
-        status = Trainer(plan, recipe, world, train_set, val_set, stop).train()
+        status = Trainer(plan, recipe, world, train_set, val_set, stop, startup).train()
     except RunStopped as stopped:
         if not stopped.every_rank:
             raise
@@ -90,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     """The command: 0 when done, 2 on a usage error, EXIT_OUT_OF_MEMORY (3), DivergedError's 4, an
     output file system full (74), EXIT_RESUMABLE (75) on a stop signal, EXIT_STALLED (76) when a rank
     hung for --stall-timeout, 1 when a peer rank failed or the ranks' parameters differ."""
+    startup = StartupClock()  # the start-up record's total runs from here to the end of the first step
     # Before hvd.init's MPI_Init: a rank killed by SIGSEGV, SIGBUS, SIGILL, SIGFPE or SIGABRT prints every
     # thread's Python stack, and Open MPI (which sets its handler only where none is set) leaves those alone:
     # its own report of a crash is one frame of libc.
@@ -106,8 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         recipe = resolve(args)
         check_model_name(recipe.model.arch)
         check_output(Path(recipe.run.output), recipe.run.resume)
-        train_set, val_set = check_datasets(recipe)
-        return run(recipe, train_set, val_set)
+        with startup.phase("index"):
+            train_set, val_set = check_datasets(recipe)
+        return run(recipe, train_set, val_set, startup)
     except UsageError as exc:
         # Set-up problems are the same on every rank: rank 0 speaks. A bad file is one rank's find.
         rank = launcher_rank()

@@ -78,6 +78,7 @@ def test_resume_mid_epoch_reaches_the_same_parameters(demo_data, uninterrupted, 
     assert "resumed from" in done.stdout
     assert [r["step"] for r in records(out, "step")] == list(range(4, 11))
     assert records(out, "start")[0]["resumed_from"] == 3
+    assert [r["step"] for r in records(out, "startup")] == [4]  # its start-up ends with its first step
     assert digest(out) == digest(uninterrupted)
     assert records(out, "epoch")[-1]["train_loss"] == records(uninterrupted, "epoch")[-1]["train_loss"]
 
@@ -95,6 +96,7 @@ def test_resume_auto_skips_a_damaged_checkpoint_and_keeps_the_newest_k(demo_data
     assert again.returncode == 0, again.stderr
     assert "skipping damaged checkpoint" in again.stderr and "step-000000005.pt" in again.stderr
     assert records(out, "start")[-1]["resumed_from"] == 4
+    assert [r["step"] for r in records(out, "startup")] == [1, 5]  # one per run, after its first step
     assert [r["step"] for r in records(out, "step")][-6:] == list(range(5, 11))
 
 

@@ -6,8 +6,9 @@ restored); ``bad_files`` (one record of broken files, shared among ranks); ``eva
 (the run folder, a full disk); ``preemption``; ``step_clock`` (each step's phase times on a rank) and
 ``step_times`` (every rank's, gathered: step statistics, the divergence check, the summary);
 ``records`` (metrics.jsonl, TensorBoard), ``console`` (whole lines, the progress) and ``reporter``
-(what rank 0 records and says of a run); ``checks`` (the run's inputs before anything starts),
-``environment`` (what ran where) and ``stall`` (a rank that hangs ends the job, named).
+(what rank 0 records and says of a run); ``startup`` (the start-up's phases, timed); ``checks`` (the
+run's inputs before anything starts), ``environment`` (what ran where) and ``stall`` (a rank that hangs
+ends the job, named).
 
 May import: :mod:`dali_ba.recipe`, :mod:`dali_ba.distributed`, :mod:`dali_ba.loading`,
 :mod:`dali_ba.data` and the base modules. The command line is :mod:`dali_ba.train`; the profiler's

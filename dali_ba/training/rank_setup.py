@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
     from dali_ba.distributed.world import GradientSync, World
     from dali_ba.loading.loader import BatchAugmentLoader
+    from dali_ba.training.startup import StartupClock
     from dali_ba.training.step_clock import StepClock
 
 
@@ -68,10 +69,13 @@ class Training:
         return out
 
 
-def setup_training(recipe: Recipe, world: World, train_set: ImageDataset) -> Training:
+def setup_training(
+    recipe: Recipe, world: World, train_set: ImageDataset, startup: StartupClock | None = None
+) -> Training:
     """Device, threads, the training loader, the model and the engine's gradient averaging (weights
     not yet broadcast), AMP. The loader's tensors stay where DALI made them (CPU for the cpu decoder):
-    moving them is the caller's, so that it can be timed."""
+    moving them is the caller's, so that it can be timed. ``startup``: the run's start-up clock, on
+    which the model's build (to the engine's wrapper and torch.compile's) is timed as ``model``."""
     import torch
 
     from dali_ba.distributed.placement import training_device
@@ -108,15 +112,16 @@ def setup_training(recipe: Recipe, world: World, train_set: ImageDataset) -> Tra
         hw_decoder_load=d.hw_decoder_load,
     )
     memory_format = torch.channels_last if m.channels_last else torch.contiguous_format
-    model = create_model(m.arch, train_set.num_classes, m.dropout).to(device, memory_format=memory_format)  # type: ignore[call-overload]  # torch's stub splits what Module.to takes together
-    if m.arch not in PAPER_CIFAR:  # built elsewhere, perhaps for one input size (a ViT): try one view first
-        check_input_size(model, m.arch, d.view_size, device)
-    peak_lr = o.lr * d.batch_size / o.lr_batch  # unique images per step, never B*M
-    optimizer = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    sync = world.gradient_sync(model, optimizer, o.chunks)
-    if m.compile:  # the training forward only (DDP's wrapper for the torch engine, torch's recommended
-        # order); ``model`` stays the bare module: checkpoints, evaluation and digests see its unprefixed keys
-        sync.model = torch.compile(sync.model)  # type: ignore[assignment]  # an OptimizedModule, a Module; the stub says a callable
+    with startup.phase("model") if startup else contextlib.nullcontext():
+        model = create_model(m.arch, train_set.num_classes, m.dropout).to(device, memory_format=memory_format)  # type: ignore[call-overload]  # torch's stub splits what Module.to takes together
+        if m.arch not in PAPER_CIFAR:  # built elsewhere, perhaps for one input size (a ViT): try one view first
+            check_input_size(model, m.arch, d.view_size, device)
+        peak_lr = o.lr * d.batch_size / o.lr_batch  # unique images per step, never B*M
+        optimizer = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        sync = world.gradient_sync(model, optimizer, o.chunks)
+        if m.compile:  # the training forward only (DDP's wrapper for the torch engine, torch's recommended
+            # order); ``model`` stays the bare module: checkpoints, evaluation and digests see its unprefixed keys
+            sync.model = torch.compile(sync.model)  # type: ignore[assignment]  # an OptimizedModule, a Module; the stub says a callable
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(m.amp)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     scaler = torch.amp.GradScaler("cuda") if m.amp == "fp16" else None

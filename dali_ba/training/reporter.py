@@ -19,6 +19,7 @@ from dali_ba.recipe import Recipe, recipe_to_dict
 from dali_ba.training.console import Progress, emit
 from dali_ba.training.output import writing
 from dali_ba.training.records import MetricsLog
+from dali_ba.training.startup import startup_line
 from dali_ba.training.step_times import summary_table
 
 if TYPE_CHECKING:
@@ -60,9 +61,11 @@ class Reporter:
         step: int,
         resumed_from: tuple | None,
         start: Start,
+        startup: dict[str, float],
     ) -> None:
         """The metrics log (rank 0 writes it, after the run folder's recipe and environment), its start
-        record, and the lines that say what runs."""
+        record, and the lines that say what runs. ``startup``: the start-up's phases timed so far
+        (:class:`~dali_ba.training.startup.StartupClock`'s seconds)."""
         from dali_ba.training.environment import environment_summary
 
         d, m, o, r, world = self.plan.data, self.plan.model, self.plan.optim, self.plan.run, self.world
@@ -92,6 +95,7 @@ class Reporter:
             resumed_from=step if resumed_from else None,
             deterministic=r.deterministic,
             compile=m.compile,
+            startup_s=startup,
         )
         self.say(f"dali-ba: engine {world.engine}{f' ({world.backend})' if world.backend else ''}: {world.reason}")
         self.say(
@@ -102,6 +106,13 @@ class Reporter:
         if resumed_from:
             self.say(f"resumed from {resumed_from[0]} at step {step} (epoch {start.epoch + 1})")
         self.log = log
+
+    def startup(self, step: int, seconds: dict[str, float]) -> None:
+        """The start-up record and line, after this process's first step (``step``): ``seconds`` of
+        each phase, the rest (``other``) and the ``total``, from the command's start to the end of that
+        step (:meth:`dali_ba.training.startup.StartupClock.summary`)."""
+        self.log.write("startup", step=step, startup_s=seconds)
+        self.progress.write(startup_line(seconds))
 
     def open_progress(self, total: int, initial: int) -> None:
         """Rank 0's progress over ``total`` steps, from step ``initial``."""

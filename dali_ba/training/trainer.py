@@ -30,6 +30,7 @@ from dali_ba.training.lr_schedule import lr_factor
 from dali_ba.training.output import writing
 from dali_ba.training.rank_setup import setup_training
 from dali_ba.training.reporter import Reporter
+from dali_ba.training.startup import StartupClock
 from dali_ba.training.step import StepOutput, gradient_norm
 from dali_ba.training.step_clock import StepClock
 from dali_ba.training.step_times import StepTimes
@@ -64,12 +65,15 @@ class Trainer:
         train_set: ImageDataset,
         val_set: ImageDataset,
         stop: StopRequest,
+        startup: StartupClock | None = None,
     ) -> None:
         import torch
 
         check_world(plan, world, train_set, val_set)
         self.plan, self.recipe, self.world, self.stop = plan, recipe, world, stop
-        self.training = t = setup_training(plan, world, train_set)
+        self.startup = startup or StartupClock()  # dali_ba.train's, from the command's start
+        self.started = False  # until this process's first step is done: the end of its start-up
+        self.training = t = setup_training(plan, world, train_set, self.startup)
         self.model, self.optimizer, self.loader = t.model, t.optimizer, t.loader
         self.validation = Validation.build(plan, world, t, train_set, val_set)
         self.bad_files = one_record_of_bad_files(plan, world, self.loader, self.validation)
@@ -90,7 +94,15 @@ class Trainer:
 
         d, o, r = self.plan.data, self.plan.optim, self.plan.run
         start = self.resume()
-        self.report.open_log(self.recipe, self.training, self.steps_per_epoch, self.step, self.resumed_from, start)
+        self.report.open_log(
+            self.recipe,
+            self.training,
+            self.steps_per_epoch,
+            self.step,
+            self.resumed_from,
+            start,
+            self.startup.seconds(),
+        )
         self.segment_start = time.perf_counter()  # this process's share of the training time starts here
         clock, self.times = (
             StepClock(self.training.device),
@@ -107,9 +119,11 @@ class Trainer:
                 torch.tensor(start.sums if resumed else [0.0, 0.0, 0.0], dtype=torch.float64), self.training.device
             )
             batches = self.loader.epoch(epoch, resumed)
+            if not self.started:  # the loader builds its DALI pipeline when its first batch is asked for
+                batches = self.startup.first_item("dali_graph", batches)
             epoch_start, epoch_steps = time.perf_counter(), 0
             while done < self.steps_per_epoch:
-                out, samples, row, norm = self.train_one_step(batches, clock)
+                out, samples, row, norm = (self.train_one_step if self.started else self.first_step)(batches, clock)
                 done, self.step, epoch_steps = done + 1, self.step + 1, epoch_steps + 1
                 ACTIVITY.step_done(self.step)
                 if epoch_steps == 1:  # the stall clock runs from the end of each epoch's (or resume's) first step
@@ -157,6 +171,16 @@ class Trainer:
             self.schedule.step()
             norm = {"grad_norm": gradient_norm(self.model)} if self.plan.run.log_grad_norm else {}
         return out, len(labels), clock.end(), norm
+
+    def first_step(self, batches: Iterator, clock: StepClock) -> tuple[StepOutput, int, StepRow, dict]:
+        """This process's first step, the end of its start-up: timed to the end of its work on the
+        device, then the start-up's record and line (rank 0's)."""
+        with self.startup.phase("first_step"):  # less the wait for its batch: dali_graph, timed inside
+            step = self.train_one_step(batches, clock)
+            clock.sync()
+        self.report.startup(self.step + 1, self.startup.summary())
+        self.started = True
+        return step
 
     def wall_time(self) -> float:
         """Seconds of training so far, over this run and the runs it resumes."""
