@@ -64,6 +64,7 @@ class Reporter:
         """The metrics log (rank 0 writes it, after the run folder's recipe and environment), its start
         record, and the lines that say what runs."""
         from dali_ba.training.environment import environment_summary
+        from dali_ba.training.shared_index import index_record
 
         d, m, o, r, world = self.plan.data, self.plan.model, self.plan.optim, self.plan.run, self.world
         device, decoder, peak_lr = training.device, training.loader.decoder, training.peak_lr
@@ -92,6 +93,7 @@ class Reporter:
             resumed_from=step if resumed_from else None,
             deterministic=r.deterministic,
             compile=m.compile,
+            index=index_record(),  # who listed the data, in how long (dali_ba.training.shared_index)
         )
         self.say(f"dali-ba: engine {world.engine}{f' ({world.backend})' if world.backend else ''}: {world.reason}")
         self.say(
