@@ -77,14 +77,13 @@ class PathTable(Sequence[str]):
             group = group.astype(dtype, copy=False)
         else:
             group = np.fromiter(group, dtype=dtype, count=len(names))
-        text = "".join(names)
-        encoded = text.encode(_ENCODING, _ERRORS)
-        if len(encoded) == len(text):  # ASCII, as nearly every data set: a name's length is its bytes'
-            lengths = np.fromiter(map(len, names), dtype=np.int64, count=len(names))
-        else:
-            lengths = np.fromiter((len(n.encode(_ENCODING, _ERRORS)) for n in names), dtype=np.int64, count=len(names))
+        # One join and one encode for all names; the offsets from where the separators fell (a file
+        # name never holds NUL): no Python step per name (1.28 M of them).
+        joined = np.frombuffer("\0".join(names).encode(_ENCODING, _ERRORS), dtype=np.uint8)
+        ends = np.append(np.flatnonzero(joined == 0), len(joined)) - np.arange(len(names)) if names else []
+        encoded = joined[joined != 0].tobytes()
         offsets = np.zeros(len(names) + 1, dtype=smallest_int(len(encoded), signed=False))
-        np.cumsum(lengths, out=offsets[1:])
+        offsets[1:] = ends
         return cls(root, prefixes, group, encoded, offsets)
 
     @classmethod
