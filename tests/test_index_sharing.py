@@ -254,7 +254,8 @@ def big_list(demo_data, tmp_path_factory):
 
 
 STRACE = """#!/bin/sh
-exec strace -f -qq -s 512 --seccomp-bpf -e trace=%stat,%lstat,?access,?faccessat,?faccessat2,getdents64,?open,openat \\
+exec strace -f -qq -s 512 --seccomp-bpf \\
+  -e trace=?stat,?lstat,?newfstatat,?fstatat64,?statx,?access,?faccessat,?faccessat2,getdents64,?open,openat \\
   -o "$TRACES/rank${OMPI_COMM_WORLD_RANK:-$RANK}" "$@"
 """
 
