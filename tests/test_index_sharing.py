@@ -279,7 +279,7 @@ def test_one_rank_lists_a_100k_file_list_and_the_other_receives_it(big_list, tmp
     strace = launcher == "mpirun" and shutil.which("strace") is not None
     (tmp_path / "strace.sh").write_text(STRACE)  # each rank's python under its own strace (mpirun only)
     wrap, env = (["sh", str(tmp_path / "strace.sh")], {"TRACES": str(tmp_path)}) if strace else ([], {})
-    command = [*MPIRUN, *wrap, *TRAIN] if launcher == "mpirun" else [*TORCHRUN, *TRAIN]
+    command = [*MPIRUN, *wrap, *TRAIN] if launcher == "mpirun" else [*TORCHRUN, *TRAIN[1:]]  # torchrun runs -m
     flags = small_run(big_list / "train.txt", big_list / "val.txt", out, "--batch-size", "16", "--max-steps", "2")
     done = run_cli(*command, *flags, timeout=400, env=env)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
