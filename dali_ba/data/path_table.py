@@ -80,10 +80,10 @@ class PathTable(Sequence[str]):
         # One join and one encode for all names; the offsets from where the separators fell (a file
         # name never holds NUL): no Python step per name (1.28 M of them).
         joined = np.frombuffer("\0".join(names).encode(_ENCODING, _ERRORS), dtype=np.uint8)
-        ends = np.append(np.flatnonzero(joined == 0), len(joined)) - np.arange(len(names)) if names else []
         encoded = joined[joined != 0].tobytes()
         offsets = np.zeros(len(names) + 1, dtype=smallest_int(len(encoded), signed=False))
-        offsets[1:] = ends
+        if names:
+            offsets[1:] = np.append(np.flatnonzero(joined == 0), len(joined)) - np.arange(len(names))
         return cls(root, prefixes, group, encoded, offsets)
 
     @classmethod
