@@ -300,3 +300,16 @@ def test_one_rank_lists_a_100k_file_list_and_the_other_receives_it(big_list, tmp
         listing, read = metadata_before_first_read(tmp_path / "rank0", big_list)
         assert read and any("train.txt" in line for line in listing)  # rank 0 read the list...
         assert not any("/tree/" in line for line in listing), listing[:5]  # ...and stat'ed none of its files
+
+
+@pytest.mark.parametrize("launcher", ["mpirun", "torchrun"])
+def test_a_data_problem_under_two_ranks_is_one_line_and_exit_2_without_a_hang(big_list, tmp_path, launcher):
+    bad = tmp_path / "bad.txt"
+    bad.write_text("tree/a.JPEG 0\ntree/b.JPEG\n")
+    command = [*MPIRUN, *TRAIN] if launcher == "mpirun" else [*TORCHRUN, *TRAIN[1:]]
+    done = run_cli(*command, *small_run(bad, big_list / "val.txt", tmp_path / "run"), timeout=120)
+    assert done.returncode == (2 if launcher == "mpirun" else 1), done.stderr[-2000:]  # torchrun: 1 for any rank's exit
+    errors = [line for line in done.stderr.splitlines() if "dali_ba.train" in line and "error" in line]
+    assert errors == [
+        f"python -m dali_ba.train: error: {bad}:2: expected '<path> <label>' with a label >= 0, got 'tree/b.JPEG'"
+    ]
