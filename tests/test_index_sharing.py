@@ -71,9 +71,16 @@ def test_an_imagenet_like_index_takes_under_64_bytes_a_sample():
     # tar shards too: '<tar>:<member>' names, and where each member's bytes are
     tars = [f"/lustre/shards/shard-{n:06d}.tar" for n in range(100)]
     shard = np.arange(100_000) // 1000
-    names = [f"{tars[s]}:{p.rsplit('/', 2)[1]}/{p.rsplit('/', 1)[1]}" for s, p in zip(shard, paths)]
     members = ShardMembers.compact(tars, shard, np.arange(100_000) * 110_000, np.full(100_000, 109_000))
-    shards = ImageDataset(tuple(names), tuple(labels), tuple(IMAGENET_CLASSES), "/lustre/shards", members)
+    # as read_shards lays it out: each tar once ('shard-N.tar:'), per sample its member name ('<wnid>/<file>')
+    table = PathTable.from_groups(
+        "/lustre/shards/",
+        [f"{t.rsplit('/', 1)[1]}:" for t in tars],
+        ["/".join(p.rsplit("/", 2)[1:]) for p in paths],
+        members.shard,
+    )
+    shards = ImageDataset(table, tuple(labels), tuple(IMAGENET_CLASSES), "/lustre/shards", members)
+    assert shards.files[1001] == f"{tars[1]}:{paths[1001].rsplit('/', 2)[1]}/{paths[1001].rsplit('/', 1)[1]}"
     assert members.shard.dtype == np.uint16 and members.size.dtype == np.uint32 and members.offset.dtype == np.int64
     assert shards.index_bytes / len(shards) < 64, shards.index_bytes / len(shards)
     assert len(pickle.dumps(dataset)) / len(dataset) < 64  # what a broadcast sends
