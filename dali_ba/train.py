@@ -24,28 +24,26 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from dali_ba.distributed.launcher import choose_engine, launcher_rank
 from dali_ba.errors import RunStopped, UnreadableImageError, UsageError
 from dali_ba.recipe import Recipe, build_parser, effective, resolve
-from dali_ba.training.checks import check_datasets, check_output
+from dali_ba.training.checks import check_output
 from dali_ba.training.console import emit
 from dali_ba.training.models import check_model_name, list_archs
 from dali_ba.training.startup import StartupClock
-
-if TYPE_CHECKING:
-    from dali_ba.data.dataset import ImageDataset
 
 PROG = "python -m dali_ba.train"
 EXIT_OUT_OF_MEMORY = 3  # the GPU ran out of memory: a smaller step (or --chunks, --amp) may fit
 
 
-def run(recipe: Recipe, train_set: ImageDataset, val_set: ImageDataset, startup: StartupClock | None = None) -> int:
-    """Join the ranks with the engine the launcher calls for, train, leave (``startup``: main's clock)."""
+def run(recipe: Recipe, startup: StartupClock | None = None) -> int:
+    """Join the ranks with the engine the launcher calls for, index the data (rank 0 lists, the others
+    receive: :mod:`dali_ba.training.shared_index`), train, leave (``startup``: main's clock)."""
     from dali_ba.distributed import join as distributed
     from dali_ba.training.output import last_checkpoint
     from dali_ba.training.preemption import StopRequest
+    from dali_ba.training.shared_index import shared_datasets
     from dali_ba.training.stall import StallWatch
     from dali_ba.training.trainer import Trainer
 
@@ -66,6 +64,8 @@ def run(recipe: Recipe, train_set: ImageDataset, val_set: ImageDataset, startup:
         os.environ["HOROVOD_TIMELINE"] = str(Path(r.horovod_timeline).resolve())
     with startup.phase("engine"):
         world = distributed.init_world(engine, share_gpu=r.share_gpu)
+    with startup.phase("index"):
+        train_set, val_set = shared_datasets(recipe, world)  # a data problem: the same UsageError on every rank
     # A rank that hangs: every rank that can still act leaves with EXIT_STALLED, naming it (training/stall.py).
     watch = StallWatch(
         world,
@@ -110,9 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe = resolve(args)
         check_model_name(recipe.model.arch)
         check_output(Path(recipe.run.output), recipe.run.resume)
-        with startup.phase("index"):
-            train_set, val_set = check_datasets(recipe)
-        return run(recipe, train_set, val_set, startup)
+        return run(recipe, startup)
     except UsageError as exc:
         # Set-up problems are the same on every rank: rank 0 speaks. A bad file is one rank's find.
         rank = launcher_rank()

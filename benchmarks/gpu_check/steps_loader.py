@@ -103,7 +103,7 @@ def hw_load_sweep(ctx: Ctx, dataset) -> dict:
         row = dict(
             hw_decoder_load=load,
             default=load == default,
-            decode=dali_decode_rate(dataset.files[: 8 * s.batch], "mixed", load, s.workers, s.epoch_seconds),
+            decode=dali_decode_rate(list(dataset.files[: 8 * s.batch]), "mixed", load, s.workers, s.epoch_seconds),
         )
         if keyword:
             try:

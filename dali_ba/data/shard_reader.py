@@ -14,8 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from dali_ba.data.path_table import LabelArray, PathTable
 from dali_ba.data.samples import ImageDataset, ShardMembers, _pread
 from dali_ba.errors import UsageError
 
@@ -100,7 +99,7 @@ def read_shards(source: str | os.PathLike[str], classes: Sequence[str] | None = 
             ext, off, length, name = image[0]
             if off + length > tar_bytes:
                 raise UsageError(f"shard {tar} is truncated: {name} ends at byte {off + length}, the file has {tar_bytes}")
-            names.append(f"{tar}:{name}")
+            names.append(name)
             shard.append(n)
             offset.append(off)
             size.append(length)
@@ -111,8 +110,12 @@ def read_shards(source: str | os.PathLike[str], classes: Sequence[str] | None = 
     found_classes = tuple(manifest["classes"]) if manifest else tuple(str(c) for c in range(max(labels) + 1))
     if classes is not None and tuple(classes) != found_classes:
         labels, found_classes = _relabel(labels, found_classes, classes, source), tuple(classes)
-    located = ShardMembers(tuple(tars), np.array(shard, np.int32), np.array(offset, np.int64), np.array(size, np.int64))
-    return ImageDataset(tuple(names), tuple(labels), found_classes, str(source), located)
+    located = ShardMembers.compact(tars, shard, offset, size)
+    root = os.path.commonprefix(tars)
+    root = root[: root.rfind("/") + 1]  # the tars' common folder (empty if they have none)
+    # '<tar>:<member>': each tar once as a prefix, the shard number the members' own (one array)
+    files = PathTable.from_groups(root, [f"{tar[len(root) :]}:" for tar in tars], names, located.shard)
+    return ImageDataset(files, LabelArray(labels), found_classes, str(source), located)
 
 
 def _locate(source: str | os.PathLike[str]) -> tuple[list[str], dict[str, Any] | None]:

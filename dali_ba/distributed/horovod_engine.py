@@ -103,6 +103,15 @@ class HorovodWorld(World):
 
         return hvd.allgather_object(value, name="dali_ba.gather")
 
+    def broadcast_object(self, value: Any) -> Any:
+        if self.size == 1:
+            return value
+        if self._comm is not None:
+            return self._comm.bcast(value, root=0)
+        import horovod.torch as hvd
+
+        return hvd.broadcast_object(value, root_rank=0, name="dali_ba.broadcast_object")
+
     def _broadcast_inplace(self, tensor: torch.Tensor, name: str) -> None:
         import horovod.torch as hvd
 

@@ -141,6 +141,15 @@ class TorchWorld(World):
     def gather(self, value: Any) -> list[Any]:
         return self._gather_objects(value)
 
+    def broadcast_object(self, value: Any) -> Any:
+        import torch.distributed as dist
+
+        if self.size == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=self._cpu_group)  # Gloo: the object stays on the CPU
+        return box[0]
+
     def _broadcast_inplace(self, tensor: torch.Tensor, name: str) -> None:
         import torch.distributed as dist
 

@@ -92,6 +92,11 @@ class World:
         """Every rank's ``value`` (picklable), in rank order, on every rank."""
         return [value]
 
+    def broadcast_object(self, value: Any) -> Any:
+        """Rank 0's ``value`` (picklable) on every rank: the others pass anything (None) and get rank 0's.
+        Over the engine's own channel (a tree broadcast under MPI), not the file system."""
+        return value
+
     def _broadcast_inplace(self, tensor: torch.Tensor, name: str) -> None:
         """Overwrite ``tensor`` with rank 0's (in place, whatever its memory format)."""
 

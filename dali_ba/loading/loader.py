@@ -75,8 +75,6 @@ class _ShardedLoader(BadFileRecovery):
         else:
             self.device_id = None
             self.device = torch.device(device) if device is not None else default_device()
-        self._files = np.array(self.dataset.files, dtype=object)  # not fixed-width: ImageNet is 1.28M paths
-        self._labels = np.array(self.dataset.labels, dtype=np.int32)
         eval_shard(len(self.dataset), rank, world_size, batch_size)  # raises on more ranks than samples
         # Broken files found so far ({path: reason}); loaders of one run may share the dict. Training
         # refills a broken file's slot with another sample of its batch, evaluation leaves it out.

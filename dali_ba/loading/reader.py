@@ -110,7 +110,7 @@ class SampleSource:
     ) -> None:
         self.dataset, self.sizes, self.on_broken, self.params = dataset, sizes, on_broken, params
         self.max_pixels = max_pixels
-        self._labels = np.asarray(dataset.labels, dtype=np.int32)
+        self._labels = np.asarray(dataset.labels)  # the data set's own (int16 or int32): no copy
         self.data_pass: DataPass | None = None
         self._reads: dict[int, list[Future[tuple[bytes, str | None]]]] = {}
 
@@ -156,7 +156,10 @@ class SampleSource:
         slots, reads = data_pass.batch(batch)
         results = [read.result() for read in self._reads.pop(batch)]
         encoded = self._refill(reads, results)
-        outputs: list[list[np.ndarray] | np.ndarray] = [encoded, [self._labels[i : i + 1] for i in reads]]
+        outputs: list[list[np.ndarray] | np.ndarray] = [
+            encoded,
+            [self._labels[i : i + 1].astype(np.int32) for i in reads],
+        ]
         if self.params is not None:
             outputs += list(self.params(data_pass.epoch, slots, self.sizes[reads]))
         return outputs

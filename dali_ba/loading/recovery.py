@@ -38,8 +38,8 @@ def _undecodable(dataset: ImageDataset, indices: Sequence[int]) -> dict[str, str
 class BadFileRecovery:
     """A loader's broken files: the methods of :class:`dali_ba.loading.loader._ShardedLoader` that keep
     ``bad_files``, on the attributes it sets: ``dataset``, ``batch_size``, ``rank``, ``bad_files``
-    ({path: reason}, perhaps shared by the loaders of a run), ``max_bad_files``, ``on_bad_file``, the
-    sample paths ``_files`` and the pipelines ``_feeds``."""
+    ({path: reason}, perhaps shared by the loaders of a run), ``max_bad_files``, ``on_bad_file`` and
+    the pipelines ``_feeds``. Paths are the data set's (``dataset.files``, its compact table: no copy)."""
 
     dataset: ImageDataset
     batch_size: int
@@ -47,14 +47,14 @@ class BadFileRecovery:
     bad_files: dict[str, str]
     max_bad_files: int
     on_bad_file: Callable[[str, str], None] | None
-    _files: np.ndarray
     _feeds: dict[str, Feed]
 
     def _broken(self, indices: np.ndarray) -> np.ndarray:
         """Which of the samples ``indices`` are known broken files."""
         if not self.bad_files:
             return np.zeros(len(indices), dtype=bool)
-        return np.fromiter((path in self.bad_files for path in self._files[indices]), dtype=bool, count=len(indices))
+        files = self.dataset.files
+        return np.fromiter((files[i] in self.bad_files for i in indices.tolist()), dtype=bool, count=len(indices))
 
     def _refilled(self, order: np.ndarray) -> np.ndarray:
         """``order`` (whole batches) with each known-broken sample replaced by the first good sample of
@@ -90,7 +90,9 @@ class BadFileRecovery:
             except RuntimeError:
                 self._feeds.clear()  # a pipeline that failed is not reused
                 suspects = order[position * self.batch_size : (position + PREFETCH_DEPTH + 2) * self.batch_size]
-                found = _undecodable(self.dataset, [i for i in suspects if self._files[i] not in self.bad_files])
+                found = _undecodable(
+                    self.dataset, [i for i in suspects.tolist() if self.dataset.files[i] not in self.bad_files]
+                )
                 if not found:
                     raise
                 self._remember(found)

@@ -84,10 +84,35 @@ def find_resume_point(resume: str, output: Path, warn: Callable[[str], None]) ->
 
 
 def check_compatible(state: dict[str, Any], path: Path, expected: dict[str, Any]) -> None:
-    """A checkpoint resumes only the run that wrote it: same world size, model, data shape and seed."""
+    """A checkpoint resumes only the run that wrote it: same world size, model, data shape and seed,
+    and the same data (where the checkpoint names it: older ones do not)."""
+    if "data" in expected:  # first: a changed data set also changes what follows from it (steps_per_epoch)
+        check_same_data(state["run"].get("data"), path, expected["data"])
     for key, value in expected.items():
+        if key == "data":
+            continue
         if state["run"].get(key) != value:
             raise UsageError(
                 f"checkpoint {path} was written with {key} = {state['run'].get(key)!r}, "
                 f"this run has {value!r}; resume with the same settings or use a new --output"
             )
+
+
+def check_same_data(saved: dict[str, Any] | None, path: Path, expected: dict[str, Any]) -> None:
+    """The data sets of a checkpoint (``saved``: per split its source, sample count and index
+    fingerprint; None in a checkpoint written before they were kept) against this run's: a data set
+    changed between a crash and the resume is an error, not a silently different epoch."""
+    for split, now in expected.items():
+        then = (saved or {}).get(split)
+        if not then or then.get("sha256") == now["sha256"]:
+            continue
+        change = (
+            f"it had {then['samples']} samples, now {now['samples']}"
+            if then["samples"] != now["samples"]
+            else f"the same {now['samples']} samples, but other paths or labels"
+        )
+        raise UsageError(
+            f"{'training' if split == 'train' else 'validation'} data {now['source']} has changed since checkpoint "
+            f"{path} was written ({change}); resume with the data it was written with, or start a new run in a "
+            "new --output"
+        )

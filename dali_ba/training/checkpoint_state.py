@@ -12,20 +12,32 @@ nothing of the trainer's pieces; the trainer decides when.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dali_ba.recipe import Recipe
 
 if TYPE_CHECKING:
     import torch
 
+    from dali_ba.data.dataset import ImageDataset
     from dali_ba.distributed.world import World
     from dali_ba.training.rank_setup import Training
 
 
-def run_identity(recipe: Recipe, world: World, steps_per_epoch: int) -> dict:
-    """What a checkpoint must agree on to be resumed by this run."""
+def data_identity(datasets: Sequence[ImageDataset]) -> dict[str, dict[str, Any]]:
+    """Per split ("train", "val"): the data set's source, sample count and index fingerprint (paths
+    relative to its root, labels: the same data mounted elsewhere keeps it)."""
+    return {
+        split: {"source": data.source, "samples": len(data), "sha256": data.fingerprint()}
+        for split, data in zip(("train", "val"), datasets)
+    }
+
+
+def run_identity(recipe: Recipe, world: World, steps_per_epoch: int, datasets: Sequence[ImageDataset] = ()) -> dict:
+    """What a checkpoint must agree on to be resumed by this run (with ``datasets``, the training and
+    validation data's identity: :func:`data_identity`)."""
     d, m, o, r = recipe.data, recipe.model, recipe.optim, recipe.run
     identity = {
         "ranks": world.size,
@@ -40,6 +52,8 @@ def run_identity(recipe: Recipe, world: World, steps_per_epoch: int) -> dict:
     }
     if d.augment == "randaugment":  # only then: checkpoints of the other augmentations lack these keys
         identity.update(randaugment_n=d.randaugment_n, randaugment_m=d.randaugment_m)
+    if datasets:
+        identity["data"] = data_identity(datasets)
     return identity
 
 

@@ -130,7 +130,7 @@ def check_datasets(recipe: Recipe) -> tuple[ImageDataset, ImageDataset]:
 
 def check_labels(train_set: ImageDataset, val_set: ImageDataset) -> None:
     """Validation labels must be training classes."""
-    if max(val_set.labels) >= train_set.num_classes:
+    if val_set.labels.max() >= train_set.num_classes:
         raise UsageError(
             f"validation data {val_set.source} has labels >= {train_set.num_classes}, the training classes"
         )

@@ -12,6 +12,7 @@ from dali_ba.distributed.launcher import detect_launch
 from dali_ba.distributed.placement import gpu_placement
 from dali_ba.install_choice import installed_dali
 from dali_ba.loading.feed import DEFAULT_HW_DECODER_LOAD
+from dali_ba.training.shared_index import index_role
 
 if TYPE_CHECKING:
     import torch
@@ -88,6 +89,7 @@ def environment_summary(
         "visible_gpus": place.visible_gpus,
         "cpus": len(os.sched_getaffinity(0)),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "index": index_role(),  # "listed" (rank 0) or "received" (over the engine: no listing of its own)
     }
     ranks = world.gather(me)
     return {

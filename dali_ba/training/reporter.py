@@ -67,6 +67,7 @@ class Reporter:
         record, and the lines that say what runs. ``startup``: the start-up's phases timed so far
         (:class:`~dali_ba.training.startup.StartupClock`'s seconds)."""
         from dali_ba.training.environment import environment_summary
+        from dali_ba.training.shared_index import index_record
 
         d, m, o, r, world = self.plan.data, self.plan.model, self.plan.optim, self.plan.run, self.world
         device, decoder, peak_lr = training.device, training.loader.decoder, training.peak_lr
@@ -96,6 +97,7 @@ class Reporter:
             deterministic=r.deterministic,
             compile=m.compile,
             startup_s=startup,
+            index=index_record(),  # who listed the data, in how long (dali_ba.training.shared_index)
         )
         self.say(f"dali-ba: engine {world.engine}{f' ({world.backend})' if world.backend else ''}: {world.reason}")
         self.say(

@@ -84,7 +84,7 @@ class Trainer:
         )
         self.output = Path(r.output)
         self.report = Reporter(plan, world, self.output)  # rank 0's records and lines
-        self.identity = run_identity(plan, world, steps)
+        self.identity = run_identity(plan, world, steps, (train_set, val_set))
         self.step, self.trained_time = 0, 0.0  # until resume() finds a checkpoint
 
     def train(self) -> int:
