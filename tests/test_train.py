@@ -117,7 +117,7 @@ def test_two_ranks_end_with_identical_parameters(demo_data, tmp_path, launcher, 
     assert summary["ranks"] == 2 and len(summary["param_digests"]) == 2
     assert summary["param_digests"][0] == summary["param_digests"][1]
     assert "parameters identical on 2 rank(s)" in done.stdout
-    assert done.stdout.count("start-up: index") == 1 and len(records(out, "startup")) == 1  # rank 0's alone
+    assert done.stdout.count("start-up: engine") == 1 and len(records(out, "startup")) == 1  # rank 0's alone
     # Timing is gathered from both ranks for every step.
     steps = records(out, "step")
     assert [s["step"] for s in steps] == list(range(1, 9))

@@ -1,14 +1,14 @@
 """Where a run's start-up goes: a clock of named phases, from the command's start to its first step.
 
 ``dali_ba.train`` starts a :class:`StartupClock` first thing and times its phases where they happen:
-the data set's index (``index``), joining the ranks (``engine``), the model (``model``, in
-:func:`dali_ba.training.rank_setup.setup_training`), the loader's DALI pipeline (``dali_graph``: it is
-built when the first batch is asked for, so this is the time to that batch) and the rest of the first
-step (``first_step``). A phase timed inside another is left out of the outer one, so the phases never
-overlap; what none covers is ``other`` (importing torch, torchvision and DALI, the arguments and
-checks, the validation loaders, the weights' broadcast or a checkpoint's load, the run folder's
-first files), and with it they add up to the clock's time (:meth:`~StartupClock.summary`). Rank 0
-records and says them (:mod:`dali_ba.training.reporter`).
+joining the ranks (``engine``), the data set's index (``index``: rank 0 lists, the others receive), the
+model (``model``, in :func:`dali_ba.training.rank_setup.setup_training`), the loader's DALI pipeline
+(``dali_graph``: it is built when the first batch is asked for, so this is the time to that batch) and
+the rest of the first step (``first_step``). A phase timed inside another is left out of the outer one,
+so the phases never overlap; what none covers is ``other`` (importing torch, torchvision and DALI, the
+arguments and checks, the validation loaders, the weights' broadcast or a checkpoint's load, the run
+folder's first files), and with it they add up to the clock's time (:meth:`~StartupClock.summary`). Rank
+0 records and says them (:mod:`dali_ba.training.reporter`).
 """
 
 from __future__ import annotations
