@@ -47,7 +47,7 @@ fi
 
 # 1. Debian packages -----------------------------------------------------------------------------
 missing=()
-for pkg in libopenmpi-dev openmpi-bin cmake g++ make slurm-wlm munge libpmix-dev fuse3 strace; do  # fuse3: the stall tests' hung file system; strace: the index-sharing test's metadata count
+for pkg in libopenmpi-dev openmpi-bin cmake g++ make slurm-wlm munge libpmix-dev fuse3 strace time; do  # fuse3: the stall tests' hung file system; strace and time: metadata calls and peak RSS per rank (index tests, benchmarks.startup)
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if ((${#missing[@]})); then

@@ -114,3 +114,43 @@ def test_shards_benchmark_times_folder_and_shards_on_the_same_files(bench_images
             epoch["samples_per_s"] * epoch["views"]
         )
     assert "| warm | 2 |" in (out / "shards.md").read_text()
+
+
+def test_startup_counts_only_the_calls_that_name_the_data_set(tmp_path):
+    from benchmarks.startup import trace_counts
+
+    root = tmp_path / "data"
+    trace = tmp_path / "trace"
+    trace.write_text(
+        f'101 newfstatat(AT_FDCWD, "{root}/c0000/a.jpg", {{st_mode=S_IFREG}}, 0) = 0\n'
+        f'101 statx(AT_FDCWD, "{root}/c0001", AT_STATX_SYNC_AS_STAT, STATX_ALL, {{}}) = 0\n'
+        f"101 getdents64(3<{root}/c0000>, 0x5 /* 4 entries */, 32768) = 112\n"
+        f'101 openat(AT_FDCWD, "{root}/c0000/a.jpg", O_RDONLY|O_CLOEXEC) = 4<{root}/c0000/a.jpg>\n'
+        f'101 newfstatat(4<{root}/c0000/a.jpg>, "", {{st_mode=S_IFREG}}, AT_EMPTY_PATH) = 0\n'
+        '101 newfstatat(AT_FDCWD, "/usr/lib/python3.11/os.py", {st_mode=S_IFREG}, 0) = 0\n'
+        '101 openat(AT_FDCWD, "/etc/passwd", O_RDONLY) = 5</etc/passwd>\n'
+    )
+    assert trace_counts(trace, root) == {"stat": 2, "getdents": 1, "open": 1, "fstat_of_open_files": 1}
+
+
+def test_startup_benchmark_runs_a_small_tree(tmp_path):
+    """One size, one process: the run's seconds to its first step and its RSS, the peers, and the table."""
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "benchmarks.startup", "--sizes", "1000", "--ranks", "1", "--no-shards"]
+    done = run_cli(*command, "--root", str(tmp_path / "data"), "--out", str(out), timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads((out / "startup.json").read_text())
+    kinds = {(run["kind"], run["launcher"], run["ranks"]) for run in record["runs"]}
+    assert kinds == {("folder", "none", 1), ("list", "none", 1)}
+    for run in record["runs"]:
+        assert run["first_step_s"] > 0 and run["index_s"] >= 0 and run["rss_mb"][0] > 50
+    peers = record["peers"]["1000"]
+    assert set(peers) == {
+        "dali_index_folder",
+        "dali_reader_folder",
+        "torchvision_imagefolder",
+        "dali_index_list",
+        "dali_reader_list",
+    }
+    assert all(peer["seconds"] > 0 for peer in peers.values()), peers
+    assert record["machine"]["cpu"] and "| folder | 1,000 | none | 1 |" in (out / "startup.md").read_text()
