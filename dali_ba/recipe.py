@@ -32,7 +32,7 @@ class DataConfig:
     train: str = option(
         "data/demo/train",
         "ImageNet-style folder (class sub-folders), a '<path> <label>' .txt list, "
-        "or tar shards (a folder of them, a .tar, or a,b.tar; python -m dali_ba.data.shards)",
+        "or tar shards (a folder of them, a .tar, or a,b.tar; dali-ba shards)",
     )
     val: str = option(
         "data/demo/val", "validation images: class folders (training class names), a .txt list or tar shards"

@@ -26,7 +26,7 @@ OLD_README_HEADINGS = [
     "Checkpoints, preemption and resume",
     "Broken files",
     "Checking the data first: `dali-ba check-data`",
-    "Tar shards for parallel file systems: `python -m dali_ba.data.shards`",
+    "Tar shards for parallel file systems: `dali-ba shards`",
     "Recipes",
     "Augmentations",
     "Running on a cluster",

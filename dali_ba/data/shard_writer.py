@@ -1,7 +1,7 @@
 """Tar shards (WebDataset format) for parallel file systems: write them from a folder or a file list.
 
-    python -m dali_ba.data.shards imagenet/train shards/train --shard-size 1GB
-    python -m dali_ba.data.shards imagenet/val shards/val --classes imagenet/train
+    dali-ba shards imagenet/train shards/train --shard-size 1GB
+    dali-ba shards imagenet/val shards/val --classes imagenet/train
 
 1.28 M small files cost a metadata operation each on Lustre/GPFS, from every rank, every epoch;
 a thousand 1 GB tars cost a thousand opens. Each sample is two tar members, ``<key>.jpg`` (the
@@ -38,7 +38,7 @@ from dali_ba.data.dataset import load_dataset
 from dali_ba.data.shard_reader import FORMAT, INDEX_VERSION, LABEL_EXT, MANIFEST
 from dali_ba.errors import UsageError
 
-PROG = "python -m dali_ba.data.shards"
+PROG = "dali-ba shards"
 BLOCK = 512  # tar's record size: a header each, data padded to it
 UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
 
