@@ -328,3 +328,28 @@ def test_engine_bad_input_is_one_line(demo_data, tmp_path, without_horovod, flag
     assert done.returncode == 2 and len(lines) == 1, done.stderr
     assert __import__("re").search(message, lines[0]), lines[0]
     assert not out.exists()
+
+
+# Rank 0 leaves at once (its exit shuts Horovod down on rank 1, and Horovod finalizes MPI there); rank 1
+# then asks for a sum over mpi4py, which would abort the process: the engine says the peer has gone.
+PEER_LEFT = """
+import sys, time
+from horovod.common.exceptions import HorovodInternalError
+from dali_ba.distributed.horovod_engine import HorovodWorld
+
+world = HorovodWorld("mpirun")
+if world.rank == 0:
+    sys.exit(0)
+time.sleep(2)
+try:
+    world.sum([1.0])
+except HorovodInternalError as exc:
+    print("peer gone:", exc)
+"""
+
+
+def test_a_horovod_rank_whose_peer_left_gets_horovods_error_not_an_mpi_abort():
+    done = run_cli("mpirun", "-np", "2", *(["--allow-run-as-root"] if os.geteuid() == 0 else []), PY, "-c", PEER_LEFT)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "peer gone: MPI was finalized: another rank has left the job" in done.stdout, done.stderr[-3000:]
+    assert "MPI_FINALIZE" not in done.stderr and "NULL communicator" not in done.stderr

@@ -320,3 +320,35 @@ def test_a_data_problem_under_two_ranks_is_one_line_and_exit_2_without_a_hang(bi
     assert errors == [
         f"python -m dali_ba.train: error: {bad}:2: expected '<path> <label>' with a label >= 0, got 'tree/b.JPEG'"
     ]
+
+
+# Rank 1 asks for the index 0.3 s late: long enough for rank 0 to fail its listing, exit, and so shut
+# Horovod down on rank 1, which finalizes MPI there (the abort CI once saw at random, now every time).
+LATE_RANK_1 = """
+import runpy, sys, time
+from dali_ba.distributed import horovod_engine
+
+broadcast = horovod_engine.HorovodWorld.broadcast_object
+
+def late(self, value):
+    if self.rank:
+        time.sleep(0.3)
+    return broadcast(self, value)
+
+horovod_engine.HorovodWorld.broadcast_object = late
+runpy.run_module("dali_ba.train", run_name="__main__")
+"""
+
+
+def test_a_data_problem_found_before_rank_1_asks_still_exits_2_on_every_rank(big_list, tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_text("tree/a.JPEG 0\ntree/b.JPEG\n")
+    flags = small_run(bad, big_list / "val.txt", tmp_path / "run")
+    done = run_cli(*MPIRUN, PY, "-c", LATE_RANK_1, "--recipe", "pipelines/demo.toml", *flags, timeout=120)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "MPI_FINALIZE" not in done.stderr and "NULL communicator" not in done.stderr, done.stderr[-3000:]
+    assert "Exit code:    2" in done.stderr and "Exit code:    1" not in done.stderr, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if "dali_ba.train" in line and "error" in line]
+    assert errors == [
+        f"python -m dali_ba.train: error: {bad}:2: expected '<path> <label>' with a label >= 0, got 'tree/b.JPEG'"
+    ]

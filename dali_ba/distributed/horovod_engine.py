@@ -76,6 +76,21 @@ class HorovodWorld(World):
             self._comm = MPI.COMM_WORLD
         self.backend = "mpi" if hvd.mpi_enabled() else "gloo"
 
+    def _mpi(self) -> Any:
+        """mpi4py's world (None over Gloo). Once another rank has left, Horovod has shut down here too
+        and finalized MPI under this rank, where an mpi4py call aborts the process: this raises Horovod's
+        own error instead, which the command reports as a peer gone (exit 1). The check narrows that
+        window rather than closing it; the callers that know a peer is about to leave wait for it first
+        (the barrier in :func:`dali_ba.training.shared_index.shared_datasets`)."""
+        if self._comm is not None:
+            from mpi4py import MPI
+
+            if MPI.Is_finalized():
+                from horovod.common.exceptions import HorovodInternalError
+
+                raise HorovodInternalError("MPI was finalized: another rank has left the job")
+        return self._comm
+
     def topology(self) -> dict[str, int]:
         import horovod.torch as hvd
 
@@ -85,9 +100,9 @@ class HorovodWorld(World):
         local = np.asarray(values, dtype=np.float64)
         if self.size == 1:
             return local
-        if self._comm is not None:
+        if (comm := self._mpi()) is not None:
             total = np.empty_like(local)
-            self._comm.Allreduce(local, total)
+            comm.Allreduce(local, total)
             return total
         import horovod.torch as hvd
         import torch
@@ -97,8 +112,8 @@ class HorovodWorld(World):
     def gather(self, value: Any) -> list[Any]:
         if self.size == 1:
             return [value]
-        if self._comm is not None:
-            return self._comm.allgather(value)
+        if (comm := self._mpi()) is not None:
+            return comm.allgather(value)
         import horovod.torch as hvd
 
         return hvd.allgather_object(value, name="dali_ba.gather")
@@ -106,8 +121,8 @@ class HorovodWorld(World):
     def broadcast_object(self, value: Any) -> Any:
         if self.size == 1:
             return value
-        if self._comm is not None:
-            return self._comm.bcast(value, root=0)
+        if (comm := self._mpi()) is not None:
+            return comm.bcast(value, root=0)
         import horovod.torch as hvd
 
         return hvd.broadcast_object(value, root_rank=0, name="dali_ba.broadcast_object")

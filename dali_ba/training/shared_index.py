@@ -8,7 +8,11 @@ ranks that did not list touch nothing of the data set until training reads its f
 
 A data problem found by rank 0 is sent instead of the index: every rank raises the same
 :class:`~dali_ba.errors.UsageError` (rank 0 says it, all exit 2), none waits for an index that never
-comes. What this process did is kept in :data:`INDEX` (the start record and environment.json name it).
+comes. Rank 0 raises only once every rank holds the error (a barrier): under Horovod over MPI, rank 0's
+exit shuts Horovod down on every rank and finalizes MPI under a rank that had not yet received it, which
+then aborted in its broadcast instead of exiting 2.
+
+What this process did is kept in :data:`INDEX` (the start record and environment.json name it).
 """
 
 from __future__ import annotations
@@ -59,18 +63,17 @@ def shared_datasets(recipe: Recipe, world: World) -> tuple[ImageDataset, ImageDa
         try:
             train_set, val_set = check_datasets(recipe)
         except UsageError as exc:
-            world.broadcast_object(("error", str(exc)))
+            _send_error(world, str(exc))
             raise
         except Exception as exc:  # no rank waits for an index that never comes
-            world.broadcast_object(
-                ("error", f"rank {LISTED_BY} could not index the data ({type(exc).__name__}: {exc})")
-            )
+            _send_error(world, f"rank {LISTED_BY} could not index the data ({type(exc).__name__}: {exc})")
             raise
         seconds = time.perf_counter() - start
         world.broadcast_object(("index", (train_set, val_set, seconds)))
     else:
         kind, payload = world.broadcast_object(None)
         if kind == "error":
+            world.barrier()  # rank 0 leaves once every rank holds the error
             raise UsageError(payload)
         train_set, val_set, seconds = payload
     INDEX = IndexOrigin(
@@ -83,6 +86,12 @@ def shared_datasets(recipe: Recipe, world: World) -> tuple[ImageDataset, ImageDa
         sha256=train_set.fingerprint(),
     )
     return train_set, val_set
+
+
+def _send_error(world: World, message: str) -> None:
+    """Rank 0: send the data problem instead of the index, and return once every rank holds it."""
+    world.broadcast_object(("error", message))
+    world.barrier()
 
 
 def index_record() -> dict[str, Any] | None:
