@@ -2,6 +2,7 @@
 parser every tool shares, whose usage mistakes are one line too."""
 
 import argparse
+import math
 from typing import NoReturn
 
 
@@ -46,3 +47,14 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a float that is neither NaN nor infinite (NaN passes every range check)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,6 +198,10 @@ class Recipe:
     def validate(self) -> Recipe:
         """Range checks that need no data or GPU; raises UsageError naming the field."""
         d, m, o, r = self.data, self.model, self.optim, self.run
+        for part in (d, m, o, r):  # NaN passes every comparison below: a NaN learning rate trained NaN weights
+            for key, kind in _fields(type(part)).items():
+                if kind is float and not math.isfinite(getattr(part, key)):
+                    raise UsageError(f"{_key(part, key)} must be a finite number, got {getattr(part, key)}")
         at_least = [
             (d, "batch_size", 1),
             (d, "views", 1),

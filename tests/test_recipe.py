@@ -1,11 +1,13 @@
 import subprocess
 import sys
 from pathlib import Path
+from typing import get_type_hints
 
 import pytest
+from conftest import run_cli
 
 from dali_ba.errors import UsageError
-from dali_ba.recipe import Recipe, build_parser, load_recipe, resolve
+from dali_ba.recipe import SECTIONS, Recipe, build_parser, load_recipe, resolve
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -89,12 +91,46 @@ def test_int_accepted_for_float(tmp_path):
             r"^--hw-decoder-load \(\[data\] hw_decoder_load\) must be between 0 and 1, got 1.5$",
         ),
         (["--hw-decoder-load", "-0.1"], "hw_decoder_load.* must be between 0 and 1"),
-        (["--hw-decoder-load", "nan"], "hw_decoder_load.* must be between 0 and 1"),
+        (
+            ["--hw-decoder-load", "nan"],
+            r"^--hw-decoder-load \(\[data\] hw_decoder_load\) must be a finite number, got nan$",
+        ),
     ],
 )
 def test_out_of_range_values(argv, message):
     with pytest.raises(UsageError, match=message):
         parse(*argv)
+
+
+FLOAT_KEYS = [
+    (section, name) for section, cls in SECTIONS.items() for name, kind in get_type_hints(cls).items() if kind is float
+]
+
+
+@pytest.mark.parametrize("section, name", FLOAT_KEYS)
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_every_float_flag_and_recipe_key_refuses_nan_and_infinity(tmp_path, section, name, value):
+    """NaN passes every range check (a NaN --lr trained and saved NaN weights); infinity means nothing here."""
+    flag = f"--{name.replace('_', '-')}"
+    with pytest.raises(UsageError, match=rf"^{flag} \(\[{section}\] {name}\) must be a finite number, got {value}$"):
+        parse(f"{flag}={value}")  # -inf would read as a flag
+    (tmp_path / "r.toml").write_text(f"[{section}]\n{name} = {value}\n")
+    with pytest.raises(UsageError, match=rf"^{flag} \(\[{section}\] {name}\) must be a finite number, got {value}$"):
+        parse("--recipe", str(tmp_path / "r.toml"))
+
+
+@pytest.mark.parametrize(
+    "tool, flag",
+    [
+        (["dali_ba.tools.plot", "."], "--smooth"),
+        (["dali_ba.tools.profile", "pipeline"], "--crop-area-min"),
+        (["dali_ba.doctor"], "--timeout"),
+    ],
+)
+def test_the_tools_float_flags_refuse_nan_in_one_line(tool, flag):
+    done = run_cli(sys.executable, "-m", *tool, flag, "nan", timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().endswith(f"argument {flag}: must be a finite number, got nan")
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
 def test_missing_recipe_file():

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     from dali_ba import doctor as package  # its docstring's first line describes the command
     from dali_ba.distributed.launcher import detect_launch, launcher_rank
-    from dali_ba.errors import UsageError
+    from dali_ba.errors import UsageError, finite_float
     from dali_ba.recipe import build_parser, resolve
     from dali_ba.training.console import emit
 
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     doctor.add_argument("--json", metavar="PATH", help="rank 0 also writes every rank's findings and the problems here")
     doctor.add_argument(
         "--timeout",
-        type=float,
+        type=finite_float,
         default=300,
         metavar="S",
         help="seconds to wait for every rank at each gather (default: %(default)s)",

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dali_ba.errors import OneLineParser, UsageError
+from dali_ba.errors import OneLineParser, UsageError, finite_float
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="folder for the PNGs (default: the first RUN_DIR)")
     parser.add_argument(
         "--smooth",
-        type=float,
+        type=finite_float,
         default=0.0,
         metavar="BETA",
         help="EMA of the gradient norm, 0 <= BETA < 1 (e.g. 0.9; default 0: raw)",

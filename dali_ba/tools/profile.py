@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from dali_ba.distributed.launcher import launcher_rank
-from dali_ba.errors import OneLineParser, UnreadableImageError, UsageError
+from dali_ba.errors import OneLineParser, UnreadableImageError, UsageError, finite_float
 from dali_ba.loading.augment import AUGMENTATIONS, MAGNITUDE_BINS, MAX_AUTO_OPS
 from dali_ba.recipe import Recipe, build_parser, int_list, resolve
 from dali_ba.tools.step_timing import (
@@ -352,7 +352,7 @@ def build_cli() -> argparse.ArgumentParser:
     pipe.add_argument("--view-size", type=_at_least(1), default=32, help="view side, pixels (default: %(default)s)")
     pipe.add_argument(
         "--crop-area-min",
-        type=float,
+        type=finite_float,
         default=0.35,
         help="smallest crop area fraction (default: %(default)s, as the demo recipe)",
     )
