@@ -154,6 +154,31 @@ def test_a_model_built_for_another_input_size_is_one_line_at_set_up(demo_data, t
     )
 
 
+def test_a_validation_crop_the_model_cannot_take_is_one_line_at_set_up(demo_data, tmp_path):
+    """AlexNet takes 64 px training views but not the demo's 32 px validation crop: found before the
+    first step, not as a traceback in the first evaluation after a whole epoch."""
+    out = tmp_path / "run"
+    done = run_cli(PY, *TRAIN, *args(demo_data, out, "alexnet", "--view-size", "64"), timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(
+        "python -m dali_ba.train: error: --arch alexnet cannot take 32x32 px inputs (--val-crop 32): "
+    )
+    assert not (out / "metrics.jsonl").exists() or '"kind": "step"' not in (out / "metrics.jsonl").read_text()
+
+
+def test_the_input_check_tries_each_size_once_and_names_the_flag_that_set_it():
+    seen = []
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1))
+    model.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].shape[-1]))
+    models.check_input_size(model, "m", [(32, "--view-size"), (32, "--val-crop"), (48, "--val-crop")], "cpu")
+    assert seen == [32, 48] and model.training  # each size once; the model's mode is left as it was
+    with pytest.raises(UsageError, match=r"^--arch m cannot take 2x2 px inputs \(--val-crop 2\): "):
+        models.check_input_size(model, "m", [(32, "--view-size"), (2, "--val-crop")], "cpu")
+    with pytest.raises(UsageError, match=r"^--arch m cannot take 1x1 px views \(--view-size 1\): "):
+        models.check_input_size(model, "m", [(1, "--view-size"), (1, "--val-crop")], "cpu")
+
+
 def test_list_archs_names_every_source():
     done = run_cli(PY, "-m", "dali_ba.train", "--list-archs")
     assert done.returncode == 0, done.stderr

@@ -24,7 +24,7 @@ import importlib
 import importlib.util
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from dali_ba.errors import UsageError
@@ -97,20 +97,29 @@ def count_parameters(name: str, num_classes: int, dropout: float = 0.0) -> int |
     return None
 
 
-def check_input_size(model: nn.Module, name: str, view_size: int, device) -> None:
-    """One forward of a single view (eval mode, no gradient, nothing learnt): a model that cannot take
-    ``view_size`` px views (a ViT built for 224) is a one-line error before the first step."""
+def check_input_size(model: nn.Module, name: str, sizes: Sequence[tuple[int, str]], device) -> None:
+    """One forward of a single image at each size the run will feed the model (eval mode, no gradient,
+    nothing learnt): a size the model cannot take (a ViT built for 224, AlexNet's pooling under 63 px) is
+    a one-line error before the first step, not a traceback at the first evaluation. ``sizes``: each
+    size with what sets it, "--view-size" (training views, --eval-views and --calibrate-bn) or "--val-crop"."""
     import torch
 
     training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            model(torch.zeros(1, 3, view_size, view_size, device=device))
-    except (RuntimeError, AssertionError, ValueError) as exc:
-        raise UsageError(
-            f"--arch {name} cannot take {view_size}x{view_size} px views (--view-size {view_size}): {_first_line(exc)}"
-        ) from None
+        tried: set[int] = set()
+        for size, flag in sizes:
+            if size in tried:
+                continue
+            tried.add(size)
+            try:
+                with torch.no_grad():
+                    model(torch.zeros(1, 3, size, size, device=device))
+            except (RuntimeError, AssertionError, ValueError) as exc:
+                what = "views" if flag == "--view-size" else "inputs"
+                raise UsageError(
+                    f"--arch {name} cannot take {size}x{size} px {what} ({flag} {size}): {_first_line(exc)}"
+                ) from None
     finally:
         model.train(training)
 

@@ -114,8 +114,8 @@ def setup_training(
     memory_format = torch.channels_last if m.channels_last else torch.contiguous_format
     with startup.phase("model") if startup else contextlib.nullcontext():
         model = create_model(m.arch, train_set.num_classes, m.dropout).to(device, memory_format=memory_format)  # type: ignore[call-overload]  # torch's stub splits what Module.to takes together
-        if m.arch not in PAPER_CIFAR:  # built elsewhere, perhaps for one input size (a ViT): try one view first
-            check_input_size(model, m.arch, d.view_size, device)
+        if m.arch not in PAPER_CIFAR:  # built elsewhere, perhaps for one input size (a ViT): try each size first
+            check_input_size(model, m.arch, [(d.view_size, "--view-size"), (d.val_crop, "--val-crop")], device)
         peak_lr = o.lr * d.batch_size / o.lr_batch  # unique images per step, never B*M
         optimizer = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=o.momentum, weight_decay=o.weight_decay)
         sync = world.gradient_sync(model, optimizer, o.chunks)
