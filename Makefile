@@ -5,13 +5,18 @@ PY     := $(VENV)/bin/python
 RANKS  ?= 2
 DEMO_DATA := data/demo
 
-.PHONY: install demo demo-data lint test paper clean
+.PHONY: install lock demo demo-data lint test paper clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: launch/install.sh setup.cfg pyproject.toml
+$(VENV)/.installed: launch/install.sh launch/constraints.txt setup.cfg pyproject.toml
 	bash launch/install.sh $(VENV)
 	touch $@
+
+# Regenerate the lock (launch/constraints.txt) from a fresh install of today's newest versions; make
+# install then installs through it. On purpose only: commit it with whatever numbers it moves.
+lock:
+	bash launch/lock.sh
 
 $(DEMO_DATA)/.complete: dali_ba/data/synth.py | install
 	rm -rf $(DEMO_DATA)

@@ -3,6 +3,9 @@
 #
 #   bash launch/install.sh [--dali-cuda 120|130] [--print-dali-spec] [VENV]   (default VENV: .venv)
 #
+# Every pip install goes through the lock, launch/constraints.txt (make lock regenerates it;
+# DALI_BA_CONSTRAINTS=none or =FILE installs your own versions, and the doctor then names the differences).
+#
 # Steps: Debian packages (Open MPI, CMake, a C++ compiler; SLURM, munge and PMIx for the tests that
 # start a one-node SLURM) -> virtualenv -> torch/torchvision,
 # NVIDIA DALI, mpi4py -> Horovod 0.28.1 built with MPI + Gloo (+ NCCL when a GPU and NCCL are
@@ -29,12 +32,18 @@ while (($#)); do
 done
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY="$VENV/bin/python"
+# The lock: every pip install below goes through launch/constraints.txt (written by make lock), so a
+# new release of numpy or DALI moves nothing until the lock does. DALI_BA_CONSTRAINTS=none installs the
+# newest of everything instead (make lock does), a path installs through that file.
+CONSTRAINTS=${DALI_BA_CONSTRAINTS:-$ROOT/launch/constraints.txt}
 TORCH_GIVEN=${TORCH_SPEC:+1}
 TORCH_SPEC=${TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}  # PyPI's torch 2.14.1 is built for CUDA 13.0
 HOROVOD_VERSION=0.28.1
 
 say() { echo "[install] $*"; }
 die() { echo "install: $*" >&2; exit 1; }
+[ "$CONSTRAINTS" = none ] || [ -f "$CONSTRAINTS" ] ||
+  die "DALI_BA_CONSTRAINTS=$CONSTRAINTS: no such file (a pip constraints file, or none for the newest of everything)"
 # The DALI rule, run from the checkout (standard library only): the spec, or with --plan what to do
 # with the DALI installed in $1 (install SPEC, keep PKG==VERSION, replace OLD SPEC). Its reason goes to stderr.
 dali_choice() {
@@ -59,7 +68,10 @@ fi
 
 # 2. Virtualenv and Python packages -----------------------------------------------------------------
 [ -x "$PY" ] || { say "creating $VENV"; python3 -m venv "$VENV"; }
-pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
+pip_install() {
+  if [ "$CONSTRAINTS" = none ]; then "$PY" -m pip install -q --disable-pip-version-check "$@"
+  else "$PY" -m pip install -q --disable-pip-version-check -c "$CONSTRAINTS" "$@"; fi
+}
 dali_plan=$(dali_choice "$PY" --plan 2> >(sed 's/^/[install] /' >&2)) || exit 1
 read -r dali_action dali_first dali_second <<<"$dali_plan"  # dali_second: the spec of a replace
 if ! "$PY" -c "import torch, torchvision" 2>/dev/null; then

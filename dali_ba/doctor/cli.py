@@ -16,6 +16,7 @@ from dali_ba.doctor.node import (
     check_engine,
     check_gpu,
     check_horovod,
+    check_lock,
     check_mpi,
     check_python,
     check_slurm,
@@ -54,6 +55,8 @@ def examine(peers, recipe, wanted: dict[str, bool], hosts: list[str]) -> Finding
     found.facts["floors"] = {name: dotted(floor) for name, floor in floors.items()}
     with found.checking("python"):
         check_python(found, floors)
+    with found.checking("versions"):
+        check_lock(found)
     torch_works = False
     with found.checking("torch"):
         torch_works = check_torch(found, floors)

@@ -1,5 +1,6 @@
 """Every rank's checks of its own node: Python, torch, the GPU and driver, DALI (and the hardware JPEG
-decoder), Horovod, the engine the launcher gets, MPI, cores, SLURM. Each records facts and problems in
+decoder), Horovod, the engine the launcher gets, MPI, cores, SLURM, and the installed versions against
+make's lock. Each records facts and problems in
 a :class:`~dali_ba.doctor.findings.Findings`."""
 
 from __future__ import annotations
@@ -9,9 +10,11 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dali_ba.doctor.findings import Findings, first_line
+from dali_ba.doctor.versions import REPO_LOCK, lock_drift, read_lock
 from dali_ba.install_choice import (
     DRIVER_FLOOR,
     MIN_DALI,
@@ -45,6 +48,25 @@ def check_python(found: Findings, floors: dict[str, tuple[int, ...]]) -> None:
             "python",
             f"Python {platform.python_version()} is older than {dotted(floor)}, the oldest dali-ba "
             f"supports — use Python >= {dotted(floor)} (a new virtualenv)",
+        )
+
+
+def check_lock(found: Findings, lock: Path = REPO_LOCK) -> None:
+    """The installed versions against make's lock (launch/constraints.txt): a warning, never a failure
+    (your own versions are allowed: DALI_BA_CONSTRAINTS), but numbers measured with other versions move."""
+    pins = read_lock(lock)
+    drift = lock_drift(pins)
+    found.facts["lock"] = (
+        {"file": str(lock), "pins": len(pins), "differs": {n: [i, want] for n, i, want in drift}} if pins else None
+    )
+    if drift:
+        shown = ", ".join(f"{name} {have} (lock {want})" for name, have, want in drift[:6])
+        more = f" and {len(drift) - 6} more" if len(drift) > 6 else ""
+        found.warn(
+            "versions",
+            f"{len(drift)} installed package(s) differ from the lock {lock.name}: {shown}{more} — runs may not "
+            "repeat the documented numbers; make install puts the lock's versions back "
+            "(keep yours: DALI_BA_CONSTRAINTS)",
         )
 
 

@@ -41,3 +41,34 @@ def requirement_floors() -> dict[str, tuple[int, ...]]:
         if match:
             floors[match.group(1).lower()] = version_tuple(match.group(2))
     return floors
+
+
+REPO_LOCK = Path(__file__).resolve().parents[2] / "launch" / "constraints.txt"  # make's lock, in a checkout
+
+
+def normalize(name: str) -> str:
+    """PEP 503: package names compare case-insensitively, '-', '_' and '.' alike."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def read_lock(path: Path = REPO_LOCK) -> dict[str, str]:
+    """The lock's pins, name -> version ({} where there is no lock: an installed wheel, not a checkout)."""
+    if not path.is_file():
+        return {}
+    pins = {}
+    for line in path.read_text().splitlines():
+        match = re.fullmatch(r"([A-Za-z0-9_.-]+)==(\S+)", line.split("#", 1)[0].strip())
+        if match:
+            pins[normalize(match.group(1))] = match.group(2)
+    return pins
+
+
+def lock_drift(pins: dict[str, str]) -> list[tuple[str, str, str]]:
+    """The installed packages whose version is not the lock's: (name, installed, locked), by name. A
+    package the lock names that is not installed is no drift (the lock holds both DALI builds)."""
+    installed = {normalize(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    return [
+        (name, installed[name], pins[name])
+        for name in sorted(pins)
+        if name in installed and installed[name] != pins[name]
+    ]
