@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -73,15 +75,40 @@ def demo_data(tmp_path_factory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("demo"), train_per_class=24, val_per_class=6, seed=0)
 
 
+# Every command a test runs keeps its whole output here (a failure message shows a tail: tail()).
+LOGS = Path(os.environ.get("DALI_BA_TEST_LOGS") or tempfile.mkdtemp(prefix="dali-ba-test-logs-"))
+_runs = itertools.count()
+
+
 def run_cli(*args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run a command with the venv's bin on PATH; returns the finished process (text output)."""
+    """Run a command with the venv's bin on PATH; returns the finished process (text output), whose
+    whole stdout and stderr are also kept in a file (``.log``) under LOGS."""
     full_env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
         "OMPI_MCA_mpi_yield_when_idle": "1",
         **(env or {}),
     }
-    return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, cwd=REPO, env=full_env)
+    done = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, cwd=REPO, env=full_env)
+    done.log = keep_output(args, done.stdout, done.stderr)  # type: ignore[attr-defined]
+    return done
+
+
+def keep_output(args, stdout: str, stderr: str) -> Path:
+    """Write a command's whole output to a file of its own under LOGS; returns its path."""
+    LOGS.mkdir(parents=True, exist_ok=True)
+    name = "-".join(Path(str(a)).name for a in args if not str(a).startswith("-"))[:80] or "command"
+    path = LOGS / f"{next(_runs):04d}-{name}.log"
+    path.write_text(f"$ {' '.join(map(str, args))}\n--- stdout\n{stdout}\n--- stderr\n{stderr}")
+    return path
+
+
+def tail(done, chars: int = 6000) -> str:
+    """A failure message: where the whole output is, then the end of stderr (a rank's faulthandler
+    stack included) and of stdout."""
+    log = getattr(done, "log", None)
+    stderr, stdout = (done.stderr or "")[-chars:], (done.stdout or "")[-1500:]
+    return f"whole output: {log}\n--- stderr (end)\n{stderr}\n--- stdout (end)\n{stdout}"
 
 
 def last_logged_step(output: Path) -> int:

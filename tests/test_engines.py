@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, run_cli
+from conftest import REPO, keep_output, run_cli, tail
 
 from dali_ba.distributed.launcher import choose_engine
 from dali_ba.errors import UsageError
@@ -162,7 +162,7 @@ def test_ddp_gets_the_buffer_keyword_its_torch_knows(monkeypatch, ddp, keyword):
 def test_chunked_ddp_step_equals_one_batch_on_both_ranks_with_one_allreduce(tmp_path):
     out = tmp_path / "step.pt"
     done = run_cli(*TORCHRUN, "tests/engine_step_worker.py", str(out), timeout=180)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert done.returncode == 0, tail(done)
     result = torch.load(out)
     assert result["allreduces1"] == result["allreduces3"] >= 1  # no_sync: the 3 chunks allreduce once
     for chunks in ("chunks1", "chunks3"):  # both ranks' batches averaged = one process on both batches
@@ -174,7 +174,7 @@ def test_chunked_ddp_step_equals_one_batch_on_both_ranks_with_one_allreduce(tmp_
 def horovod_run(demo_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("horovod") / "run"
     done = run_cli(*HOROVODRUN, PY, *TRAIN, *args(demo_data, out, *EVALUATION))
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.returncode == 0, tail(done)
     return out
 
 
@@ -182,7 +182,7 @@ def horovod_run(demo_data, tmp_path_factory):
 def torch_run(demo_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("torch") / "run"
     done = run_cli(*TORCHRUN, *TRAIN, *args(demo_data, out, *EVALUATION))
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.returncode == 0, tail(done)
     assert f"engine torch ({torch_backend()}): started by torchrun" in done.stdout
     return out
 
@@ -217,14 +217,8 @@ def test_torchrun_trains_two_ranks_like_horovod(horovod_run, torch_run):
 def test_torch_engine_resume_after_a_signal_to_one_rank_is_exact(demo_data, torch_run, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PATH": f"{os.path.dirname(PY)}:{os.environ['PATH']}"}
-    job = subprocess.Popen(
-        [*TORCHRUN, *TRAIN, *args(demo_data, out, *EVALUATION)],
-        cwd=REPO,
-        env=env,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    command = [*TORCHRUN, *TRAIN, *args(demo_data, out, *EVALUATION)]
+    job = subprocess.Popen(command, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     # environment.json is written after every rank has installed its signal handlers: signal rank 1
     # then, and both ranks stop after the same (early) step.
     deadline = time.time() + 120
@@ -234,14 +228,17 @@ def test_torch_engine_resume_after_a_signal_to_one_rank_is_exact(demo_data, torc
     rank1 = json.loads((out / "environment.json").read_text())["per_rank"][1]["pid"]
     os.kill(rank1, signal.SIGUSR1)
     stdout, stderr = job.communicate(timeout=120)
+    stopped = subprocess.CompletedProcess(command, job.returncode, stdout, stderr)
+    stopped.log = keep_output(command, stopped.stdout, stopped.stderr)  # type: ignore[attr-defined]
     (stop,) = records(out, "stop")
-    assert stop["signal"] == "SIGUSR1" and stop["signalled_ranks"] == [1] and stop["step"] < 8, stderr[-2000:]
-    assert "run again with --resume auto" in stderr
-    assert f"exitcode  : {EXIT_RESUMABLE}" in stderr  # torchrun reports the ranks' exit code 75
+    assert stop["signal"] == "SIGUSR1" and stop["signalled_ranks"] == [1] and stop["step"] < 8, tail(stopped)
+    assert "run again with --resume auto" in stopped.stderr, tail(stopped)
+    # torchrun reports the ranks' exit code 75 (not a signal: a rank that aborted on its way out)
+    assert f"exitcode  : {EXIT_RESUMABLE}" in stopped.stderr and "Signal" not in stopped.stderr, tail(stopped)
     state = load_checkpoint(list_checkpoints(out)[0])
     assert state["step"] == stop["step"] and state["run"]["ranks"] == 2
     resumed = run_cli(*TORCHRUN, *TRAIN, *args(demo_data, out, *EVALUATION, "--resume", "auto"))
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed.returncode == 0, tail(resumed)
     assert records(out, "start")[-1]["resumed_from"] == stop["step"]
     assert sorted({r["step"] for r in records(out, "step")}) == list(range(1, 9))
     assert summary(out)["param_digests"] == summary(torch_run)["param_digests"]
@@ -276,7 +273,7 @@ def test_torch_engine_under_mpirun_meets_through_mpi(demo_data, torch_run, tmp_p
     out = tmp_path / "run"
     mpirun = ["mpirun", "-np", "2", *(["--allow-run-as-root"] if os.geteuid() == 0 else [])]
     done = run_cli(*mpirun, PY, *TRAIN, *args(demo_data, out, *EVALUATION, "--engine", "torch"))
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.returncode == 0, tail(done)
     (start,) = records(out, "start")
     assert (start["engine"], start["engine_backend"]) == ("torch", torch_backend()) and "MPI launcher" in start[
         "engine_reason"
@@ -301,7 +298,7 @@ def test_one_process_trains_where_horovod_is_not_installed(demo_data, tmp_path, 
     assert probe.returncode == 0 and probe.stdout.strip() == "[]", probe.stderr
     out = tmp_path / "run"
     done = run_cli(PY, *TRAIN, *args(demo_data, out, "--epochs", "1", "--max-steps", "3"), env=without_horovod)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.returncode == 0, tail(done)
     assert "engine none: one process, no launcher" in done.stdout
     assert [s["step"] for s in records(out, "step")] == [1, 2, 3] and summary(out)["params_identical"]
     # The torch engine asked for as one process: a world of one over Gloo, still no Horovod.
@@ -309,7 +306,7 @@ def test_one_process_trains_where_horovod_is_not_installed(demo_data, tmp_path, 
     done = run_cli(
         PY, *TRAIN, *args(demo_data, out, "--epochs", "1", "--max-steps", "2", "--engine", "torch"), env=without_horovod
     )
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.returncode == 0, tail(done)
     assert records(out, "start")[0]["engine_backend"] == torch_backend()
 
 
@@ -350,6 +347,6 @@ except HorovodInternalError as exc:
 
 def test_a_horovod_rank_whose_peer_left_gets_horovods_error_not_an_mpi_abort():
     done = run_cli("mpirun", "-np", "2", *(["--allow-run-as-root"] if os.geteuid() == 0 else []), PY, "-c", PEER_LEFT)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    assert "peer gone: MPI was finalized: another rank has left the job" in done.stdout, done.stderr[-3000:]
+    assert done.returncode == 0, tail(done)
+    assert "peer gone: MPI was finalized: another rank has left the job" in done.stdout, tail(done)
     assert "MPI_FINALIZE" not in done.stderr and "NULL communicator" not in done.stderr

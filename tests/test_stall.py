@@ -13,10 +13,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import REPO, last_logged_step, run_cli
 
-from dali_ba.training.stall import EXIT_STALLED, Beat, judge
+from dali_ba.activity import Activity
+from dali_ba.distributed.world import World
+from dali_ba.training.stall import EXIT_STALLED, Beat, StallWatch, judge
 
 PY = sys.executable
 TIMEOUT = 15  # --stall-timeout of these runs
@@ -236,3 +239,27 @@ def test_without_the_stall_timeout_a_read_that_never_returns_waits(hung_fs, tmp_
     with pytest.raises(subprocess.TimeoutExpired):
         hung_run(mount, tmp_path / "run", timeout=20 + 2 * TIMEOUT, stall_timeout=0)
     assert named.exists()  # the hung read was reached, and nothing ended the run
+
+
+class RankZeroOfTwo(World):
+    """Rank 0 of a two-rank world whose rank 1 never posts: the watch's store call blocks."""
+
+    def __init__(self) -> None:
+        super().__init__(0, 2)
+
+    def gather(self, value):
+        return [value, None]
+
+    def sum(self, values):
+        return np.asarray(values, dtype=np.float64)
+
+
+def test_stop_waits_for_the_watch_thread_even_inside_a_store_call():
+    """A daemon thread still inside a store call (C++, GIL released) at interpreter exit is ended by
+    CPython mid-destructor and the process aborts: stop() returns only once the thread has ended."""
+    said = []
+    watch = StallWatch(RankZeroOfTwo(), 3, lambda: None, said.append, Activity()).start()
+    time.sleep(1.0)  # the thread now waits in multi_get for rank 1's beat, for up to its 5 s timeout
+    assert watch._thread.is_alive()
+    watch.stop()
+    assert not watch._thread.is_alive() and said == []

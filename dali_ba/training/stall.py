@@ -161,6 +161,7 @@ class StallWatch:
         self._server: TCPStore | None = None
         self._store: TCPStore | None = None
         self._done = threading.Event()
+        self._wait = datetime.timedelta(seconds=max(5.0, 2 * self.interval))  # the longest a store call takes
         self._thread = threading.Thread(target=self._run, name="dali-ba-stall-watch", daemon=True)
 
     def start(self) -> StallWatch:
@@ -170,7 +171,7 @@ class StallWatch:
         if self.world.size > 1:
             from torch.distributed import TCPStore
 
-            wait = datetime.timedelta(seconds=max(5.0, 2 * self.interval))
+            wait = self._wait
             server = (
                 TCPStore("0.0.0.0", 0, None, True, timeout=wait, wait_for_workers=False)
                 if self.world.rank == 0
@@ -185,8 +186,13 @@ class StallWatch:
         return self
 
     def stop(self) -> None:
+        """End the thread and wait for it: a daemon thread still inside a store call (C++, the GIL
+        released) when the interpreter exits is ended by CPython in the middle of a C++ destructor, and
+        the process aborts (SIGABRT) instead of leaving with its exit code."""
         self._done.set()
         self.activity.changed.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=self._wait.total_seconds() + 1)  # a store call returns within its timeout
 
     # --- the thread ----------------------------------------------------------------------------------
 
@@ -200,6 +206,8 @@ class StallWatch:
                 self.interval
             )  # a post every interval, and at once when the clock starts or stops
             self.activity.changed.clear()
+            if self._done.is_set():  # stop(): no store call now, the process is on its way out
+                break
             seq += 1
             try:
                 self._post(seq)
