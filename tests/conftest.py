@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -19,6 +21,7 @@ from dali_ba import strict_device
 from dali_ba.data.synth import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
 # What the suite runs on: the first GPU and DALI's mixed decoder where one is visible (make gpu-check
 # runs the GPU-relevant tests there), else the CPU. With --strict-device (or DALI_BA_STRICT_DEVICE set)
 # and no GPU, the stand-in device of dali_ba.strict_device, in this process and every one it starts.
@@ -28,6 +31,34 @@ if STRICT:
     os.environ[strict_device.ENV] = os.environ.get(strict_device.ENV) or "1"
     strict_device.enable()
 DEVICE, DECODER = ("cuda", "mixed") if GPU else (str(strict_device.STANDIN) if STRICT else "cpu", "cpu")
+
+
+# The tiers (make test-fast runs neither; make test runs all): a test that starts processes (itself, through
+# a helper of the tests or a fixture) is slow; one that uses the simulated SLURM cluster is also multinode.
+STARTS_PROCESSES = re.compile(r"\b(run_cli|subprocess\.|Popen|os\.fork|multiprocessing)\b")
+
+
+def _starts_processes(function, seen: set) -> bool:
+    """Whether ``function``'s source, or that of a tests/ function it names, starts a process."""
+    if not inspect.isfunction(function) or function in seen or not inspect.getfile(function).startswith(str(TESTS)):
+        return False
+    seen.add(function)
+    if STARTS_PROCESSES.search(inspect.getsource(function)):
+        return True
+    names = [function.__globals__.get(name) for name in function.__code__.co_names]
+    return any(_starts_processes(f, seen) for f in names if f is not None)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        function = getattr(item, "function", None)
+        info = getattr(item, "_fixtureinfo", None)
+        fixtures = [d.func for defs in info.name2fixturedefs.values() for d in defs] if info else []
+        if "cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.multinode)
+        seen: set = set()
+        if any(_starts_processes(f, seen) for f in [function, *fixtures]):
+            item.add_marker(pytest.mark.slow)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

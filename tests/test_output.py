@@ -5,13 +5,14 @@ import errno
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, tail
 
 from dali_ba.errors import DivergedError
 from dali_ba.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
@@ -83,6 +84,7 @@ def test_the_first_diverged_step_is_the_one_reported():
 
 TRAIN = [sys.executable, "-m", "dali_ba.train", "--recipe", "pipelines/demo.toml"]
 MPIRUN = ["mpirun", "-np", "2", *(["--allow-run-as-root"] if os.geteuid() == 0 else []), "--bind-to", "none"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 
 
 def run_args(demo_data, output, *extra):
@@ -109,26 +111,31 @@ def records(output, kind):
     return [r for r in map(json.loads, (output / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
 
 
-@pytest.mark.parametrize("launcher", [[], MPIRUN], ids=["one-process", "mpirun-2-ranks"])
+@pytest.mark.parametrize("launcher", [[], MPIRUN, TORCHRUN], ids=["one-process", "mpirun-2-ranks", "torchrun-2-ranks"])
 def test_a_diverging_loss_stops_the_run_at_that_step(demo_data, tmp_path, launcher):
     """--lr 50: the first step whose loss is over --max-loss ends the run with one line (step, loss,
-    lr, last good checkpoint), exit 4, on every rank; no checkpoint of that step or later exists."""
+    lr, last good checkpoint), exit 4, on every rank (under torchrun, each rank's code as torchrun
+    reports it: no rank aborts on its way out); no checkpoint of that step or later exists."""
     out = tmp_path / "run"
     done = run_cli(
         *launcher,
-        *TRAIN,
+        *(TRAIN[1:] if launcher is TORCHRUN else TRAIN),
         *run_args(
             demo_data, out, "--lr", "50", "--checkpoint-every", "1", "--keep-checkpoints", "100", "--log-every", "3"
         ),
     )
-    errors = [line for line in done.stderr.splitlines() if "error" in line]
-    assert done.returncode == DivergedError.exit_code, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if "error" in line and "dali_ba.train" in line]
+    if launcher is TORCHRUN:  # torchrun exits 1 for any failed rank, and names each rank's own code
+        assert done.returncode == 1 and "exitcode  : 4 " in done.stderr and "Signal" not in done.stderr, tail(done)
+    else:
+        assert done.returncode == DivergedError.exit_code, tail(done)
     (line,) = errors
     (diverged,) = records(out, "diverged")
     step = diverged["step"]
     assert f"training diverged at step {step} " in line and "over --max-loss 100" in line
     assert f"lr {diverged['lr']:.4g}" in line and f"loss {diverged['loss']:.4g}" in line
-    assert f"the last good one is {diverged['last_checkpoint']}" in line and "Traceback" not in done.stderr
+    assert f"the last good one is {diverged['last_checkpoint']}" in line
+    assert not re.search(r'File "[^"]*/dali_ba/', done.stderr), tail(done)  # no rank's traceback (torchrun has its own)
     assert diverged["loss"] > 100 and all(r["loss"] <= 100 for r in records(out, "step") if r["step"] < step)
     written = [load_checkpoint(path)["step"] for path in list_checkpoints(out)]
     assert written and max(written) == step - 1  # every step before it, none of its weights

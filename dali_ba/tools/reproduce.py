@@ -1,7 +1,7 @@
 """The paper at small scale: Figures 2-5 of Hoffer et al. in direction, with seeds and a report.
 
-    dali-ba reproduce [--out runs/paper] [--seeds 0,1] [--epochs 10] [--quick]
-    make paper
+    dali-ba reproduce [--out runs/paper] [--seeds 0,1] [--epochs 10] [--quick] [--compare RESULTS_JSON]
+    make paper   (compared with the committed benchmarks/results/paper/results.json)
 
 Two data sets are made on the spot under <out>/data: the embedded synthetic demo data (10 classes of
 shapes) and scikit-learn's handwritten digits (real 8x8 scans, upscaled to 32 px JPEGs). On each, for
@@ -17,7 +17,11 @@ every seed, one process trains ResNet-20 with the demo recipe's augmentation at 
 
 Writes <out>/runs/<data>/<run>/ (each run's folder), <out>/fig2_*.png ... fig5.png, <out>/results.json
 (every number) and <out>/REPORT.md, which says for each figure whether the paper's direction held,
-as mean +- std over the seeds. ``--quick`` (the test suite's) makes tiny data and trains a few steps.
+as mean +- std over the seeds, and the machine it ran on (CPU model, torch's CPU kernels, versions,
+commit). ``--compare`` sets it beside another report: how far each run moved between the two (another
+machine's kernels move it; a second run on this machine should move nothing) against the spread between
+seeds, and whether each verdict holds on both. ``--quick`` (the test suite's) makes tiny data and trains
+a few steps.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from dali_ba.errors import OneLineParser, UsageError
+from dali_ba.machine import describe_machine, machine_line
 from dali_ba.recipe import int_list
 from dali_ba.tools.plot import Run, ema, load_run, new_figure, save
 
@@ -307,6 +312,91 @@ def verdicts(results: dict, grid: ExperimentGrid) -> dict[str, dict[str, str]]:
     return out
 
 
+def run_finals(results: dict) -> dict[str, float]:
+    """Each run's final validation error, '<data set>/<run>' -> %, from a results.json's numbers
+    (the seeds' values are in the grid's seed order; older reports have no per-run table)."""
+    finals = {}
+    for dataset, r in results.items():
+        for m, per in r["views"].items():
+            for index, value in enumerate(per["final_error"]["values"]):
+                finals[f"{dataset}/m{m}#{index}"] = value
+        for index, value in enumerate(r["ra"]["final_error"]["values"]):
+            finals[f"{dataset}/ra#{index}"] = value
+    return finals
+
+
+def between_machines(mine: dict, theirs: dict) -> dict[str, Any]:
+    """This report against another one of the same grid (another machine, or this one again): how far
+    each run's final error moved between them beside how far it moves between seeds, whether the
+    parameters came out bit for bit the same, and whether each verdict holds on both."""
+    here, there = run_finals(mine["results"]), run_finals(theirs["results"])
+    common = sorted(set(here) & set(there))
+    per_dataset: dict[str, Any] = {}
+    for dataset in mine["results"]:
+        keys = [k for k in common if k.startswith(f"{dataset}/")]
+        moves = [abs(here[k] - there[k]) for k in keys]
+        seed_std = [per["final_error"]["std"] for per in mine["results"][dataset]["views"].values()]
+        per_dataset[dataset] = {
+            "runs": len(keys),
+            "max_move": max(moves, default=0.0),
+            "mean_move": float(np.mean(moves)) if moves else 0.0,
+            "seed_std": float(np.mean(seed_std)),
+        }
+    digests_here, digests_there = mine.get("digests", {}), theirs.get("digests", {})
+    both = sorted(set(digests_here) & set(digests_there))
+    verdicts_both: dict[str, dict[str, Any]] = {}
+    for figure, by_dataset in mine["verdicts"].items():
+        if figure == "eval":  # a description, not a verdict
+            continue
+        for dataset, text in by_dataset.items():
+            other = theirs["verdicts"].get(figure, {}).get(dataset, "")
+            verdicts_both.setdefault(figure, {})[dataset] = {
+                "here": text.startswith("held"),
+                "there": other.startswith("held"),
+            }
+    return {
+        "other_machine": theirs.get("machine"),
+        "datasets": per_dataset,
+        "identical_parameters": sum(digests_here[k] == digests_there[k] for k in both),
+        "compared_parameters": len(both),
+        "verdicts": verdicts_both,
+    }
+
+
+def comparison_lines(compared: dict[str, Any], other: Path) -> list[str]:
+    """The report's section on the other report."""
+    machine = compared["other_machine"]
+    lines = [
+        "## Between machines",
+        "",
+        f"Against `{other}`, measured on "
+        + (machine_line(machine) if machine else "a machine it does not record (written before reports named theirs)")
+        + ".",
+        "",
+        "| data set | runs compared | final error moved, max | mean | spread between seeds (std, mean over M) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for dataset, d in compared["datasets"].items():
+        lines.append(
+            f"| {dataset} | {d['runs']} | {d['max_move']:.1f} points | {d['mean_move']:.1f} points | "
+            f"{d['seed_std']:.1f} points |"
+        )
+    if compared["compared_parameters"]:
+        lines += [
+            "",
+            f"Parameters identical bit for bit in {compared['identical_parameters']} of "
+            f"{compared['compared_parameters']} runs.",
+        ]
+    lines += ["", "| figure | data set | holds here | holds there | on both |", "| --- | --- | --- | --- | --- |"]
+    for figure, by_dataset in compared["verdicts"].items():
+        for dataset, v in by_dataset.items():
+            yes = {True: "yes", False: "no"}
+            lines.append(
+                f"| {figure} | {dataset} | {yes[v['here']]} | {yes[v['there']]} | {yes[v['here'] and v['there']]} |"
+            )
+    return [*lines, ""]
+
+
 # Figures -------------------------------------------------------------------------------------------
 
 
@@ -414,7 +504,14 @@ def figures(
 
 
 def write_report(
-    results: dict, found: dict, grid: ExperimentGrid, datasets: list[str], out: Path, elapsed: float
+    results: dict,
+    found: dict,
+    grid: ExperimentGrid,
+    datasets: list[str],
+    out: Path,
+    elapsed: float,
+    machine: dict[str, Any],
+    compared: tuple[dict[str, Any], Path] | None = None,
 ) -> Path:
     titles = {
         "fig3": "Figure 3 — BA reaches lower error, and the baseline's error in fewer epochs",
@@ -440,6 +537,9 @@ def write_report(
         f"Data: the synthetic demo set and scikit-learn's digits (real scans, 32 px JPEGs). "
         f"All numbers are mean ± std over the seeds; whole run {elapsed / 60:.1f} min.",
         "",
+        f"Measured on {machine_line(machine)}. The same code and seeds give other numbers on a CPU whose "
+        "kernels differ (see *Between machines* when a second report is compared).",
+        "",
     ]
     for key, title in titles.items():
         lines += [f"## {title}", ""]
@@ -447,6 +547,8 @@ def write_report(
             lines.append(f"- **{dataset}**: {found[key][dataset]}")
         lines.append("")
         lines += [f"![{name}]({name})" for name in images[key]] + ([""] if images[key] else [])
+    if compared:
+        lines += comparison_lines(*compared)
     lines += ["Every number is in `results.json`; each run's own records are under `runs/`.", ""]
     path = out / "REPORT.md"
     path.write_text("\n".join(lines))
@@ -461,7 +563,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick", action="store_true", help="tiny data, 2 epochs of 2 steps, M in {1, 2}: a smoke test"
     )
+    parser.add_argument(
+        "--compare",
+        metavar="RESULTS_JSON",
+        help="another report's results.json (another machine's, or a second run here): how far each run moved "
+        "between them beside the seeds' spread, and whether each verdict holds on both",
+    )
     args = parser.parse_args(argv)
+    other = None
+    if args.compare:
+        try:
+            other = json.loads(Path(args.compare).read_text())
+        except (OSError, ValueError) as exc:
+            parser.error(f"--compare {args.compare}: cannot read it as JSON ({type(exc).__name__}: {exc})")
+        if not isinstance(other, dict) or not {"results", "verdicts"} <= other.keys():
+            parser.error(f"--compare {args.compare}: not a results.json of {PROG} (no results and verdicts)")
     if args.epochs < 2:
         parser.error(f"--epochs must be >= 2, got {args.epochs}")
     if not args.seeds:
@@ -501,10 +617,15 @@ def main(argv: list[str] | None = None) -> int:
     found = verdicts(results, grid)
     written = figures(runs, grid, datasets, results, out)
     elapsed = time.perf_counter() - started
+    machine = describe_machine()
+    digests = {f"{spec.dataset}/{spec.name}": run.summary["param_digests"][0] for spec, run in runs.items()}  # type: ignore[index]  # finished runs: summary is set
+    report_data = {"results": results, "verdicts": found, "machine": machine, "digests": digests}
+    compared = (between_machines(report_data, other), Path(args.compare)) if other is not None else None
     # results.json names the grid "plan", as before: the file's keys are unchanged
     (out / "results.json").write_text(
         json.dumps(
             {
+                "machine": machine,
                 "plan": {
                     "epochs": grid.epochs,
                     "batch": grid.batch,
@@ -517,13 +638,15 @@ def main(argv: list[str] | None = None) -> int:
                 "elapsed_s": elapsed,
                 "results": results,
                 "verdicts": found,
+                "digests": digests,
+                "between_machines": compared[0] if compared else None,
             },
             indent=2,
             default=str,
         )
         + "\n"
     )
-    report = write_report(results, found, grid, datasets, out, elapsed)
+    report = write_report(results, found, grid, datasets, out, elapsed, machine, compared)
     print(report.read_text())
     print(f"wrote {report}, {out / 'results.json'} and {len(written)} figures in {elapsed / 60:.1f} min")
     return 0
