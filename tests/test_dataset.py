@@ -38,6 +38,25 @@ def test_file_list(tmp_path):
     assert ds.files[0].endswith("x/0.jpg")
 
 
+def test_a_file_list_reads_as_it_is_written_whatever_its_line_ends_and_spacing(tmp_path):
+    """Windows line ends, a last line without one, blanks, comments, spaces in names and around the
+    label, './' and '//' in paths, and a name that is not UTF-8 on disk all give the paths pathlib would."""
+    odd = os.fsdecode(b"latin1-\xe9.jpg")  # a surrogate escape, as os.listdir gives it
+    text = f"# made by hand\r\n\r\n  x/a b.jpg   7 \r\n./x//c.jpg 0\r\n/abs/{odd} 2\r\ny/d.jpg 1"
+    (tmp_path / "l.txt").write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(UsageError, match="cannot read file list"):  # not UTF-8 as a whole: one line, named
+        read_file_list(tmp_path / "l.txt")
+    (tmp_path / "l.txt").write_text(text.replace(odd, "e.jpg"), newline="")
+    ds = read_file_list(tmp_path / "l.txt")
+    assert list(ds.files) == [
+        str(tmp_path / "x/a b.jpg"),
+        str(tmp_path / "x/c.jpg"),
+        "/abs/e.jpg",
+        str(tmp_path / "y/d.jpg"),
+    ]
+    assert ds.labels == (7, 0, 2, 1) and ds.num_classes == 8
+
+
 @pytest.mark.parametrize(
     "setup, message",
     [
