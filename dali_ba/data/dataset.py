@@ -52,7 +52,8 @@ def scan_folder(root: str | os.PathLike[str], classes: Sequence[str] | None = No
     unknown = [name for name in found if name not in classes]
     if unknown:
         raise UsageError(f"class folder {root / unknown[0]} is not one of the {len(classes)} training classes")
-    names: list[str] = []
+    names = bytearray()  # every file name's bytes, one buffer (not 1.28 M strings at once)
+    offsets = array.array("q", [0])
     counts: list[int] = []
     labels: list[int] = []
     for name in found:
@@ -64,11 +65,19 @@ def scan_folder(root: str | os.PathLike[str], classes: Sequence[str] | None = No
             raise UsageError(f"cannot read class folder {root / name} ({exc.strerror or exc})") from None
         if not images:
             raise UsageError(f"class folder has no images: {root / name}")
-        names += images
+        for image in images:
+            names += os.fsencode(image)  # as PathTable keeps names: any file name round-trips
+            offsets.append(len(names))
         counts.append(len(images))
         labels.append(label)
-    group = np.repeat(np.arange(len(found)), counts)
-    files = PathTable.from_groups(os.path.join(str(root), ""), [f"{name}/" for name in found], names, group)
+    group = np.repeat(np.arange(len(found)), counts).astype(smallest_int(len(found) - 1, signed=False))
+    files = PathTable(
+        os.path.join(str(root), ""),
+        [f"{name}/" for name in found],
+        group,
+        bytes(names),
+        np.frombuffer(offsets, dtype=np.int64).astype(smallest_int(len(names), signed=False)),
+    )
     return ImageDataset(files, LabelArray(np.asarray(labels)[group]), tuple(classes), str(root))
 
 
