@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -52,6 +51,7 @@ from dali_ba.data.dataset import ImageDataset, load_dataset  # noqa: E402
 from dali_ba.loading.loader import BatchAugmentLoader  # noqa: E402
 from dali_ba.loading.pipeline import read_samples  # noqa: E402
 from dali_ba.loading.tensors import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from dali_ba.machine import describe_machine  # noqa: E402
 
 AREA, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
 METHODS = {
@@ -344,15 +344,9 @@ def machine() -> dict:
     import PIL
     import torchvision
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    memory = next((int(line.split()[1]) // 1024**2 for line in open("/proc/meminfo") if line.startswith("MemTotal")), 0)
     return dict(
-        cpu=cpu,
-        cores=len(os.sched_getaffinity(0)),
-        memory_gib=memory,
+        describe_machine(),
         gpu=torch.cuda.is_available(),
-        os=platform.platform(),
-        python=platform.python_version(),
         torch=torch.__version__,
         torchvision=torchvision.__version__,
         dali=nvidia.dali.__version__,

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -33,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from dali_ba.machine import describe_machine, machine_line
 
 REPO = Path(__file__).resolve().parents[1]
 PROG = "python -m benchmarks.startup"
@@ -284,23 +285,6 @@ def peer_case(name: str, train: Path, work: Path) -> dict:
     return {"seconds": seconds, "rss_mb": int(rss.read_text().split()[-1]) / 1024}
 
 
-def machine() -> dict:
-    cpu = "unknown"
-    with open("/proc/cpuinfo") as info:
-        for line in info:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "commit": commit.stdout.strip(),
-        "date": time.strftime("%Y-%m-%d"),
-    }
-
-
 def targets(results: dict, sizes: list[int]) -> list[dict]:
     """The issue's four targets at the largest size, each met, missed, or not measured."""
     big, small = max(sizes), min(sizes)
@@ -346,7 +330,7 @@ def markdown(results: dict) -> str:
     lines = [
         "# Start-up at ImageNet size",
         "",
-        f"`{PROG}` at {m['commit']} on {m['date']}: {m['cpu']}, {m['cores']} cores, Python {m['python']}.",
+        f"`{PROG}` on {machine_line(m)}; Python {m['python']}.",
         "",
         "| data | files | launcher | ranks | first step s | wall s | index s | peak RSS MB per rank | "
         "stat / getdents / open per rank (by path) |",
@@ -393,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.root)
     sources = make_sources(root / "sources", SOURCES)
     val_folder, val_list = make_val(root, sources)
-    results: dict = {"machine": machine(), "sizes": sizes, "runs": [], "peers": {}}
+    results: dict = {"machine": describe_machine(), "sizes": sizes, "runs": [], "peers": {}}
     data: list[tuple[str, int, Path, Path]] = []
     for size in sizes:
         built = time.perf_counter()
