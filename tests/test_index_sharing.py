@@ -25,7 +25,7 @@ from dali_ba.recipe import load_recipe
 from dali_ba.training import shared_index
 from dali_ba.training.checkpoint import check_same_data
 from dali_ba.training.checkpoint_state import data_identity
-from dali_ba.training.shared_index import shared_datasets
+from dali_ba.training.shared_index import listed_once, shared_datasets
 
 PY = sys.executable
 TRAIN = [PY, "-m", "dali_ba.train", "--recipe", "pipelines/demo.toml"]
@@ -148,6 +148,14 @@ def test_the_receiving_rank_holds_the_index_rank_0_built_and_looks_at_no_data(de
     for got, built in zip(received, local):  # element for element, and as the checkpoint's fingerprint sees it
         assert list(got.files) == list(built.files) and list(got.labels) == list(built.labels)
         assert got.classes == built.classes and got.fingerprint() == built.fingerprint()
+
+
+def test_what_rank_0_builds_once_the_other_ranks_receive_without_building(demo_data):
+    """The profilers' index too (dali-ba profile step and views): listed_once, as the training's."""
+    built = []
+    listed = listed_once(StandIn(0), lambda: built.append(0) or load_dataset(demo_data / "train"))
+    received = listed_once(StandIn(1), lambda: built.append(1) or load_dataset(demo_data / "train"))
+    assert built == [0] and received == listed and received.fingerprint() == listed.fingerprint()
 
 
 def test_a_data_problem_on_rank_0_is_the_same_error_on_every_rank(tmp_path):

@@ -123,7 +123,7 @@ def test_views_profile_json_table_and_plot(views_profiles, ranks):
 def test_views_profile_times_each_m_between_two_syncs(stand_ins, monkeypatch):
     """Each M: the loader alone, steps fed by it, steps from memory, each a window of STEPS steps between
     2 synchronisations after WARMUP steps that add none (stand-in world, training and clock)."""
-    monkeypatch.setattr(views_module, "load_step_data", lambda recipe: None)
+    monkeypatch.setattr(views_module, "load_step_data", lambda recipe, world: None)
     monkeypatch.setattr("dali_ba.distributed.join.init_world", lambda engine, share_gpu=False: SoloWorld())
     monkeypatch.setattr("dali_ba.training.checks.check_world", lambda recipe, world, train_set: recipe.data.batch_size)
     recipe = load_recipe(REPO / "pipelines" / "demo.toml")

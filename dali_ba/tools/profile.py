@@ -223,9 +223,11 @@ def profile_step(recipe: Recipe, steps: int, warmup: int, cache: int) -> dict | 
     """Join the ranks, time one recipe's steps (:func:`measure_step`), leave. Rank 0 gets the result, the
     others None."""
     from dali_ba.distributed import join as distributed
+    from dali_ba.training.models import check_model_name
 
-    train_set = load_step_data(recipe)
+    check_model_name(recipe.model.arch)  # before any rank starts
     world = distributed.init_world(recipe.run.engine, share_gpu=recipe.run.share_gpu)
+    train_set = load_step_data(recipe, world)
     result = measure_step(world, recipe, train_set, steps, warmup, cache)
     world.close()
     return result

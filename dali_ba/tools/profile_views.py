@@ -67,12 +67,14 @@ def profile_views(
     once for the whole sweep. Rank 0 gets the sweep, the others None."""
     from dali_ba.distributed import join as distributed
     from dali_ba.training.checks import check_world
+    from dali_ba.training.models import check_model_name
 
     sweep = [
         dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, views=m)).validate() for m in view_counts
     ]
-    train_set = load_step_data(recipe)
+    check_model_name(recipe.model.arch)  # before any rank starts
     world = distributed.init_world(recipe.run.engine, share_gpu=recipe.run.share_gpu)
+    train_set = load_step_data(recipe, world)
     for each in sweep:  # refuse an M that cannot fit before timing the others
         check_world(each, world, train_set)
     # rank 0 (the only one that reads them) gets each step's statistics, the others None

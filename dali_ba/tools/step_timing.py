@@ -107,13 +107,13 @@ def window_stats(world, window: Window, batch_size: int, views: int) -> dict:
     )
 
 
-def load_step_data(recipe: Recipe):
-    """The training set of a step profile, after the checks that need no world (every rank alike)."""
+def load_step_data(recipe: Recipe, world):
+    """Collective: the training set of a step profile, listed by rank 0 alone and sent to the others (one
+    listing per job, as dali_ba.train does)."""
     from dali_ba.data.dataset import load_dataset
-    from dali_ba.training.models import check_model_name
+    from dali_ba.training.shared_index import listed_once
 
-    check_model_name(recipe.model.arch)
-    return load_dataset(recipe.data.train)
+    return listed_once(world, lambda: load_dataset(recipe.data.train))
 
 
 def measure_step(world, recipe: Recipe, train_set, steps: int, warmup: int, cache: int) -> dict | None:

@@ -18,8 +18,9 @@ What this process did is kept in :data:`INDEX` (the start record and environment
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from dali_ba.errors import UsageError
 from dali_ba.training.checks import check_datasets
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from dali_ba.recipe import Recipe
 
 LISTED_BY = 0  # the rank that lists
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -54,28 +56,39 @@ class IndexOrigin:
 INDEX: IndexOrigin | None = None  # set by shared_datasets(): how this process got its index
 
 
-def shared_datasets(recipe: Recipe, world: World) -> tuple[ImageDataset, ImageDataset]:
-    """Collective: the training and validation data sets, indexed by rank 0 alone and sent to the
-    others (one process: indexed here). A data problem is the same UsageError on every rank."""
-    global INDEX
-    if world.rank == LISTED_BY:
-        start = time.perf_counter()
-        try:
-            train_set, val_set = check_datasets(recipe)
-        except UsageError as exc:
-            _send_error(world, str(exc))
-            raise
-        except Exception as exc:  # no rank waits for an index that never comes
-            _send_error(world, f"rank {LISTED_BY} could not index the data ({type(exc).__name__}: {exc})")
-            raise
-        seconds = time.perf_counter() - start
-        world.broadcast_object(("index", (train_set, val_set, seconds)))
-    else:
+def listed_once(world: World, build: Callable[[], T]) -> T:
+    """Collective: ``build()`` run by rank 0 alone, its result sent to the other ranks. A problem in it
+    is the same UsageError on every rank (an unexpected exception too, named), and rank 0 raises only
+    once every rank holds it."""
+    if world.rank != LISTED_BY:
         kind, payload = world.broadcast_object(None)
         if kind == "error":
             world.barrier()  # rank 0 leaves once every rank holds the error
             raise UsageError(payload)
-        train_set, val_set, seconds = payload
+        return cast(T, payload)
+    try:
+        built = build()
+    except UsageError as exc:
+        _send_error(world, str(exc))
+        raise
+    except Exception as exc:  # no rank waits for an index that never comes
+        _send_error(world, f"rank {LISTED_BY} could not index the data ({type(exc).__name__}: {exc})")
+        raise
+    world.broadcast_object(("index", built))
+    return built
+
+
+def shared_datasets(recipe: Recipe, world: World) -> tuple[ImageDataset, ImageDataset]:
+    """Collective: the training and validation data sets, indexed by rank 0 alone and sent to the
+    others (one process: indexed here). A data problem is the same UsageError on every rank."""
+    global INDEX
+
+    def timed() -> tuple[ImageDataset, ImageDataset, float]:
+        start = time.perf_counter()
+        train_set, val_set = check_datasets(recipe)
+        return train_set, val_set, time.perf_counter() - start
+
+    train_set, val_set, seconds = listed_once(world, timed)
     INDEX = IndexOrigin(
         listed_by=LISTED_BY,
         listed=world.rank == LISTED_BY,
