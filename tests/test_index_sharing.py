@@ -158,6 +158,16 @@ def test_what_rank_0_builds_once_the_other_ranks_receive_without_building(demo_d
     assert built == [0] and received == listed and received.fingerprint() == listed.fingerprint()
 
 
+def test_the_fingerprint_is_computed_once_and_never_travels(demo_data, monkeypatch):
+    dataset = load_dataset(demo_data / "train")
+    first = dataset.fingerprint()
+    monkeypatch.setattr(PathTable, "digest_into", lambda *a: pytest.fail("hashed again"))
+    assert dataset.fingerprint() == first  # cached: start-up asks more than once
+    monkeypatch.undo()
+    received = pickle.loads(pickle.dumps(dataset))  # as the index is broadcast
+    assert "_fingerprint" not in received.__dict__ and received.fingerprint() == first  # its own, recomputed
+
+
 def test_a_data_problem_on_rank_0_is_the_same_error_on_every_rank(tmp_path):
     recipe = with_data(tmp_path / "nope", tmp_path)
     with pytest.raises(UsageError, match="data directory not found") as on_rank_0:

@@ -53,7 +53,11 @@ class ImageDataset:
 
     def fingerprint(self) -> str:
         """SHA-256 of what the index holds (sample count, paths relative to the data set's root, labels,
-        classes, shard byte ranges): equal for the same data, wherever it is mounted."""
+        classes, shard byte ranges): equal for the same data, wherever it is mounted. Computed once (the
+        index is immutable): start-up asks for it more than once, and at 1.28 M samples it costs a pass."""
+        cached = self.__dict__.get("_fingerprint")
+        if cached is not None:
+            return str(cached)
         digest = hashlib.sha256()
         self.files.digest_into(digest)
         self.labels.digest_into(digest)
@@ -61,7 +65,13 @@ class ImageDataset:
         if self.members is not None:
             for column in (self.members.shard, self.members.offset, self.members.size):
                 digest.update(np.asarray(column).astype("<i8").tobytes())
-        return digest.hexdigest()
+        self.__dict__["_fingerprint"] = digest.hexdigest()  # not a field: equality and repr ignore it
+        return str(self.__dict__["_fingerprint"])
+
+    def __getstate__(self) -> dict[str, object]:
+        """Pickled (broadcast) without the cached fingerprint: a receiving rank computes its own from
+        the index it holds."""
+        return {key: value for key, value in self.__dict__.items() if key != "_fingerprint"}
 
     @property
     def num_classes(self) -> int:
