@@ -31,6 +31,7 @@ from dali_ba.recipe import Recipe, build_parser, effective, resolve
 from dali_ba.training.checks import check_output
 from dali_ba.training.console import emit
 from dali_ba.training.models import check_model_name, list_archs
+from dali_ba.training.preemption import ignore_stop_signals
 from dali_ba.training.startup import StartupClock
 
 PROG = "python -m dali_ba.train"
@@ -85,6 +86,7 @@ def run(recipe: Recipe, startup: StartupClock | None = None) -> int:
     finally:
         watch.stop()
     world.barrier()
+    ignore_stop_signals()  # the ranks have met: a peer that exits first gets the others SIGTERMed by torchrun
     world.close()  # not on another exception: a peer may be gone, and the launcher ends the job anyway
     return status
 
@@ -113,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         return run(recipe, startup)
     except UsageError as exc:
         # Set-up problems are the same on every rank: rank 0 speaks. A bad file is one rank's find.
+        ignore_stop_signals()  # leaving with 2: not killed on the way out by a launcher's SIGTERM
         rank = launcher_rank()
         if rank == 0:
             emit(f"{PROG}: error: {exc}", sys.stderr)
@@ -122,9 +125,11 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(1)  # let rank 0 report before the launcher tears the job down
         return 2
     except RunStopped as exc:  # a full disk found by one rank alone
+        ignore_stop_signals()
         say_stopped(exc)
         return exc.exit_code
     except Exception as exc:
+        ignore_stop_signals()
         if _out_of_memory(exc) and recipe is not None:
             d = recipe.data
             emit(

@@ -171,3 +171,26 @@ def test_a_full_disk_stops_the_run_and_resume_auto_continues_exactly(demo_data, 
     resumed = run_cli(*TRAIN, *run_args(demo_data, out, *extra, "--resume", "auto"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert records(out, "summary")[0]["param_digests"] == records(reference, "summary")[0]["param_digests"]
+
+
+# Rank 0 takes 3 s to leave after the ranks have met (its interpreter's finalization, where Python's
+# signal handlers are gone): torchrun SIGTERMs it as soon as rank 1 has exited 4.
+SLOW_RANK_0_EXIT = """
+import os, runpy, time
+
+class SlowToLeave:
+    def __del__(self):
+        if os.environ.get("RANK") == "0":
+            time.sleep(3)
+
+keep = SlowToLeave()
+runpy.run_module("dali_ba.train", run_name="__main__")
+"""
+
+
+def test_a_rank_slow_to_leave_still_ends_with_its_own_code_under_torchrun(demo_data, tmp_path):
+    out = tmp_path / "run"
+    flags = run_args(demo_data, out, "--lr", "50", "--log-every", "3")
+    done = run_cli(*TORCHRUN, "--no-python", sys.executable, "-c", SLOW_RANK_0_EXIT, *TRAIN[3:], *flags)
+    assert done.returncode == 1 and "Sending process" in done.stderr, tail(done)  # torchrun did signal rank 0
+    assert done.stderr.count("exitcode  : 4 ") == 2 and "SIGTERM)" not in done.stderr, tail(done)

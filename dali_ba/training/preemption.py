@@ -33,3 +33,12 @@ class StopRequest:
     def agreed(self, world: World) -> bool:
         """Collective: True on every rank if any rank has been signalled."""
         return world.sum([1.0 if self.signal_name else 0.0])[0] > 0
+
+
+def ignore_stop_signals() -> None:
+    """From here on this process only leaves: a launcher's SIGTERM (torchrun and mpirun send one to every
+    rank still running as soon as one rank exits non-zero) must not turn the exit code it has decided
+    into a death by signal. Ignored, not handled: the interpreter's finalization puts Python handlers
+    back to the default, which kills, but leaves an ignored signal ignored."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
