@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, keep_output
 from slurm_cluster import ClusterError, SlurmCluster
 
 # CPU versions of the templates: tiny model and views, one DALI and torch thread per rank.
@@ -78,7 +78,14 @@ def slurm_output(slurm, job_name: str, job_id: str) -> str:
 
 
 def assert_completed(slurm, task: dict, name: str, job_id: str) -> None:
-    assert (task["JobState"], task["ExitCode"]) == ("COMPLETED", "0:0"), (
-        f"{slurm_output(slurm, name, job_id)[-3000:]}\n--- slurmctld:\n{slurm._tail('slurmctld', 20)}\n"
+    if (task["JobState"], task["ExitCode"]) == ("COMPLETED", "0:0"):
+        return
+    output = slurm_output(slurm, name, job_id)
+    kept = keep_output([f"{name}-{job_id}.out"], output, "")  # the whole job output (a rank's stack is long)
+    errors = [line for line in output.splitlines() if "error" in line.lower() or "Traceback" in line][:30]
+    raise AssertionError(
+        f"job {job_id} ended {task['JobState']} {task['ExitCode']}; whole output: {kept}\n--- its error lines:\n"
+        + "\n".join(errors)
+        + f"\n--- its end:\n{output[-3000:]}\n--- slurmctld:\n{slurm._tail('slurmctld', 20)}\n"
         + "".join(f"--- slurmd of {node}:\n{slurm._tail(node, 30)}\n" for node in slurm.nodes)
     )

@@ -91,6 +91,18 @@ class HorovodWorld(World):
                 raise HorovodInternalError("MPI was finalized: another rank has left the job")
         return self._comm
 
+    def barrier(self) -> None:
+        """Horovod's own barrier, run by its background thread, not an mpi4py collective: this is the
+        last collective before ranks leave. The first rank out shuts Horovod down on every rank, which
+        finalizes MPI there; a peer still inside an mpi4py call at that moment crashed (SIGSEGV in
+        MPI_Allreduce, seen once when a requeued job ended). Waiting on a Horovod handle, the main thread
+        makes no MPI call of its own."""
+        if self.size == 1:
+            return
+        import horovod.torch as hvd
+
+        hvd.barrier()
+
     def topology(self) -> dict[str, int]:
         import horovod.torch as hvd
 
