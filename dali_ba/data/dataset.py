@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dali_ba.data.file_list import read_list_columns
 from dali_ba.data.path_table import LabelArray, PathTable, smallest_int
 from dali_ba.data.samples import ImageDataset
 from dali_ba.data.shard_reader import is_shard_source, read_shards
@@ -95,45 +96,28 @@ def read_file_list(list_path: str | os.PathLike[str], root: str | os.PathLike[st
         raise UsageError(f"file list not found: {list_path}")
     base = str(Path(root) if root is not None else list_path.parent)
     base = "" if base == "." else os.path.join(base, "")
-    # One line at a time into flat buffers (names' bytes, offsets, folder numbers, labels): at 1.28 M
-    # lines a list of line strings and one of name strings would be some 300 MB more at the peak.
-    folders: dict[str, int] = {}
-    names = bytearray()
-    offsets = array.array("q", [0])
-    group = array.array("q")
-    labels = array.array("q")
     try:
-        with open(list_path, encoding="utf-8") as lines:
-            for lineno, line in enumerate(lines, 1):
-                line = line.strip()
-                if not line or line.startswith("#"):
-                    continue
-                path, _, label = line.rpartition(" ")
-                path = path.strip()
-                if not path or not (label.isascii() and label.isdigit()):
-                    raise UsageError(f"{list_path}:{lineno}: expected '<path> <label>' with a label >= 0, got {line!r}")
-                if "//" in path or "/." in path or path.startswith(".") or path.endswith("/"):
-                    path = str(Path(path))  # as pathlib spells it: no './', '//' or trailing '/'
-                folder, slash, name = (path if path.startswith("/") else base + path).rpartition("/")
-                group.append(folders.setdefault(folder + slash, len(folders)))
-                names += os.fsencode(name)  # as PathTable keeps names: any file name round-trips
-                offsets.append(len(names))
-                labels.append(int(label))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read file list {list_path} ({getattr(exc, 'strerror', None) or exc})") from None
-    if not group:
+        columns = read_list_columns(list_path, base)
+    except OSError as exc:
+        raise UsageError(f"cannot read file list {list_path} ({exc.strerror or exc})") from None
+    if not len(columns):
         raise UsageError(f"file list has no entries: {list_path}")
+    folders = columns.folders
+    names = b"".join(columns.names)
+    offsets = np.concatenate(([0], np.cumsum(np.concatenate(columns.name_lengths))))
+    group = np.concatenate(columns.group)
+    labels = np.concatenate(columns.labels)
     prefixes = list(folders)
     common = os.path.commonprefix(prefixes)
     common = common[: common.rfind("/") + 1]
     files = PathTable(
         common,
         [p[len(common) :] for p in prefixes],
-        np.frombuffer(group, dtype=np.int64).astype(smallest_int(len(prefixes) - 1, signed=False)),
-        bytes(names),
-        np.frombuffer(offsets, dtype=np.int64).astype(smallest_int(len(names), signed=False)),
+        group.astype(smallest_int(len(prefixes) - 1, signed=False)),
+        names,
+        offsets.astype(smallest_int(len(names), signed=False)),
     )
-    label_array = LabelArray(np.frombuffer(labels, dtype=np.int64))
+    label_array = LabelArray(labels)
     classes = tuple(str(c) for c in range(label_array.max() + 1))
     return ImageDataset(files, label_array, classes, str(list_path))
 
