@@ -102,22 +102,7 @@ def read_file_list(list_path: str | os.PathLike[str], root: str | os.PathLike[st
         raise UsageError(f"cannot read file list {list_path} ({exc.strerror or exc})") from None
     if not len(columns):
         raise UsageError(f"file list has no entries: {list_path}")
-    folders = columns.folders
-    names = b"".join(columns.names)
-    offsets = np.concatenate(([0], np.cumsum(np.concatenate(columns.name_lengths))))
-    group = np.concatenate(columns.group)
-    labels = np.concatenate(columns.labels)
-    prefixes = list(folders)
-    common = os.path.commonprefix(prefixes)
-    common = common[: common.rfind("/") + 1]
-    files = PathTable(
-        common,
-        [p[len(common) :] for p in prefixes],
-        group.astype(smallest_int(len(prefixes) - 1, signed=False)),
-        names,
-        offsets.astype(smallest_int(len(names), signed=False)),
-    )
-    label_array = LabelArray(labels)
+    files, label_array = columns.index()
     classes = tuple(str(c) for c in range(label_array.max() + 1))
     return ImageDataset(files, label_array, classes, str(list_path))
 

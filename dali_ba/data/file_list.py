@@ -17,12 +17,13 @@ from typing import BinaryIO
 
 import numpy as np
 
+from dali_ba.data.path_table import LabelArray, PathTable, smallest_int
 from dali_ba.errors import UsageError
 
 __all__ = ["ListColumns", "read_list_columns"]
 
-BLOCK_BYTES = 4 << 20  # a block's per-byte temporaries stay a few tens of MB
-_MAX_LABEL_DIGITS = 18  # an int64 holds every label of at most 18 digits
+BLOCK_BYTES = 1 << 20  # a block's per-byte temporaries stay about 10 MB
+_MAX_LABEL_DIGITS = 9  # an int32 holds every label of at most 9 digits
 _SPACE, _NEWLINE, _SLASH, _DOT, _HASH = (ord(c) for c in " \n/.#")
 # Bytes that may be white space to str.strip at the edge of a line (all of non-ASCII, to be safe):
 # a line with one there is read line by line.
@@ -49,11 +50,27 @@ class ListColumns:
     def __len__(self) -> int:
         return sum(len(g) for g in self.group)
 
+    def index(self) -> tuple[PathTable, LabelArray]:
+        """The columns as the index keeps them, each built at its final width (no wide copy at 1.28 M)."""
+        prefixes = list(self.folders)
+        common = os.path.commonprefix(prefixes)
+        common = common[: common.rfind("/") + 1]
+        names = b"".join(self.names)
+        self.names.clear()
+        offsets = np.zeros(len(self) + 1, dtype=smallest_int(len(names), signed=False))
+        np.cumsum(np.concatenate(self.name_lengths), out=offsets[1:])
+        group = np.concatenate(self.group, dtype=smallest_int(len(prefixes) - 1, signed=False), casting="unsafe")
+        labels = np.concatenate(self.labels)  # int32 (9 digits at most); LabelArray narrows it
+        files = PathTable(common, [p[len(common) :] for p in prefixes], group, names, offsets)
+        return files, LabelArray(labels)
+
     def append(self, names: bytes, name_lengths: np.ndarray, group: np.ndarray, labels: np.ndarray) -> None:
+        """A block's entries, held narrow (a name is at most 255 bytes on Linux, a label 9 digits)."""
         self.names.append(names)
-        self.name_lengths.append(name_lengths)
-        self.group.append(group)
-        self.labels.append(labels)
+        wide = len(name_lengths) and int(name_lengths.max()) >= 2**16
+        self.name_lengths.append(name_lengths.astype(np.int64 if wide else np.uint16))
+        self.group.append(group.astype(np.int32))
+        self.labels.append(labels.astype(np.int32))
 
 
 def read_list_columns(list_path: Path, base: str) -> ListColumns:
@@ -104,8 +121,10 @@ def _line_block(lines: list[str], lineno: int, base: str, columns: ListColumns, 
             continue
         path, _, label = line.rpartition(" ")
         path = path.strip()
-        if not path or not (label.isascii() and label.isdigit()) or len(label) > _MAX_LABEL_DIGITS:
+        if not path or not (label.isascii() and label.isdigit()):
             raise UsageError(f"{list_path}:{lineno}: expected '<path> <label>' with a label >= 0, got {line!r}")
+        if len(label.lstrip("0")) > _MAX_LABEL_DIGITS:
+            raise UsageError(f"{list_path}:{lineno}: label {label} is too large (at most {_MAX_LABEL_DIGITS} digits)")
         if "//" in path or "/." in path or path.startswith(".") or path.endswith("/"):
             path = str(Path(path))  # as pathlib spells it: no './', '//' or trailing '/'
         folder, slash, name = (path if path.startswith("/") else base + path).rpartition("/")
