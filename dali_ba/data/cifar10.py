@@ -4,6 +4,7 @@
 
 writes data/cifar10/train/<class>/<n>.png (50,000) and data/cifar10/test/<class>/<n>.png (10,000).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,10 @@ SPLITS = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batc
 
 def _unpickle(path: Path) -> dict[bytes, Any]:
     if not path.is_file():
-        raise SystemExit(f"python -m dali_ba.data.cifar10: error: {path} not found (expected the official "
-                         "cifar-10-batches-py folder)")
+        raise SystemExit(
+            f"python -m dali_ba.data.cifar10: error: {path} not found (expected the official "
+            "cifar-10-batches-py folder)"
+        )
     with open(path, "rb") as file:
         return cast("dict[bytes, Any]", pickle.load(file, encoding="bytes"))
 

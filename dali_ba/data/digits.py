@@ -6,6 +6,7 @@ Each 8x8 image (16 grey levels) is scaled to 0-255, upscaled to ``size`` px (bic
 RGB JPEG (quality 95) into train/<digit>/ or val/<digit>/; the split is stratified by digit and fixed
 by ``seed``. A small real data set for the paper reproduction (``dali-ba reproduce``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,7 @@ def write_digits(out: str | Path, train: int = 800, val: int = 400, size: int = 
     # Stratified: deal each digit's images out in turn, so both splits keep the class balance.
     by_class = [order[digits.target[order] == c] for c in range(10)]
     dealt = [i for i in itertools.chain.from_iterable(itertools.zip_longest(*by_class)) if i is not None]
-    splits = {"train": dealt[:train], "val": dealt[train:train + val]}
+    splits = {"train": dealt[:train], "val": dealt[train : train + val]}
     out = Path(out)
     for split, indices in splits.items():
         for c in range(10):

@@ -5,6 +5,7 @@ Computed, not kept as reader state: every rank computes the same global permutat
 (``train_shard``, ``eval_shard``) is disjoint from the others' without communication, and a run can
 resume at any (epoch, step).
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -52,7 +52,9 @@ class PathTable(Sequence[str]):
     names: bytes
     offsets: np.ndarray
 
-    def __init__(self, root: str, prefixes: Sequence[str], group: np.ndarray, names: bytes, offsets: np.ndarray) -> None:
+    def __init__(
+        self, root: str, prefixes: Sequence[str], group: np.ndarray, names: bytes, offsets: np.ndarray
+    ) -> None:
         if len(offsets) != len(group) + 1:
             raise ValueError(f"{len(group)} samples need {len(group) + 1} offsets, got {len(offsets)}")
         object.__setattr__(self, "root", root)

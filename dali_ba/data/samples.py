@@ -1,6 +1,7 @@
 """Where a dataset's samples are, and how their encoded bytes are read: files on disk, or byte ranges
 of tar shards. The record every indexing function of :mod:`dali_ba.data.dataset` returns and the loaders read.
 """
+
 from __future__ import annotations
 
 import hashlib

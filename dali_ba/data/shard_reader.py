@@ -5,6 +5,7 @@ manifest or each sample's ``.cls`` member.
 The loaders keep their random access by dataset index, so a run on shards reshuffles, shards over
 ranks, resumes and skips broken samples exactly as on the folder it was written from.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,10 @@ def _parse_index(index_path: Path, tar_path: str) -> list[list[tuple[str, int, i
         raise UsageError(f"cannot read shard index {index_path} ({getattr(exc, 'strerror', None) or exc})") from None
     head = lines[0].split() if lines else []
     if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit() or int(head[1]) != len(lines) - 1:
-        raise UsageError(f"shard index {index_path} is not a DALI {INDEX_VERSION} index of its samples "
-                         f"(rebuild it: wds2idx {tar_path} {index_path})")
+        raise UsageError(
+            f"shard index {index_path} is not a DALI {INDEX_VERSION} index of its samples "
+            f"(rebuild it: wds2idx {tar_path} {index_path})"
+        )
     samples = []
     for lineno, line in enumerate(lines[1:], 2):
         parts = line.split()
@@ -98,7 +101,9 @@ def read_shards(source: str | os.PathLike[str], classes: Sequence[str] | None = 
                 raise UsageError(f"shard {tar}: sample {members[0][3]} has no image member")
             ext, off, length, name = image[0]
             if off + length > tar_bytes:
-                raise UsageError(f"shard {tar} is truncated: {name} ends at byte {off + length}, the file has {tar_bytes}")
+                raise UsageError(
+                    f"shard {tar} is truncated: {name} ends at byte {off + length}, the file has {tar_bytes}"
+                )
             names.append(name)
             shard.append(n)
             offset.append(off)
@@ -138,7 +143,9 @@ def _locate(source: str | os.PathLike[str]) -> tuple[list[str], dict[str, Any] |
     return [str(folder / entry["tar"]) for entry in manifest["shards"]], manifest
 
 
-def _relabel(labels: list[int], found: tuple[str, ...], classes: Sequence[str], source: str | os.PathLike[str]) -> list[int]:
+def _relabel(
+    labels: list[int], found: tuple[str, ...], classes: Sequence[str], source: str | os.PathLike[str]
+) -> list[int]:
     """Labels by the training ``classes``' numbering of the same class names."""
     missing = [name for name in found if name not in classes]
     if missing:

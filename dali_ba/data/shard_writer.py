@@ -18,6 +18,7 @@ reshuffles, shards over ranks, resumes and skips broken samples exactly as on th
 written from (and, in the default order, gives the same model bit for bit). Samples are read with
 one ``pread`` from a tar opened once per process.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -108,14 +109,20 @@ def write_shard(tar_path: str, samples: list[tuple[str, str, str, int]]) -> dict
                 digests.append(hashlib.sha256(payload).digest())
             written.append(row)
     index_text = f"{INDEX_VERSION} {len(written)}\n" + "".join(
-        " ".join(f"{ext} {offset} {size} {name}" for ext, offset, size, name in row) + "\n" for row in written)
+        " ".join(f"{ext} {offset} {size} {name}" for ext, offset, size, name in row) + "\n" for row in written
+    )
     index_path = str(Path(tar_path).with_suffix(".idx"))
     Path(index_path + ".partial").write_text(index_text)
     _verify(partial, written, digests)
     os.replace(partial, tar_path)
     os.replace(index_path + ".partial", index_path)
-    return dict(tar=Path(tar_path).name, index=Path(index_path).name, samples=len(samples),
-                bytes=os.path.getsize(tar_path), labels=[label for *_, label in samples])
+    return dict(
+        tar=Path(tar_path).name,
+        index=Path(index_path).name,
+        samples=len(samples),
+        bytes=os.path.getsize(tar_path),
+        labels=[label for *_, label in samples],
+    )
 
 
 def _verify(tar_path: str, written: list[list[tuple]], digests: list[bytes]) -> None:
@@ -132,8 +139,9 @@ def _verify(tar_path: str, written: list[list[tuple]], digests: list[bytes]) -> 
                 raise RuntimeError(f"{tar_path}: member {name} reads back different bytes")
 
 
-def write_shards(dataset, out: str | os.PathLike, shard_size: int, workers: int = 1, shuffle_seed: int | None = None,
-                 progress=None) -> dict:
+def write_shards(
+    dataset, out: str | os.PathLike, shard_size: int, workers: int = 1, shuffle_seed: int | None = None, progress=None
+) -> dict:
     """Write ``dataset`` (an :class:`~dali_ba.data.dataset.ImageDataset` of files) as shards in
     ``out`` (new or empty). In the dataset's order unless ``shuffle_seed`` is given (shuffled shards
     suit sequential readers such as ``fn.readers.webdataset``; dali-ba's own loader reads in any order)."""
@@ -157,16 +165,24 @@ def write_shards(dataset, out: str | os.PathLike, shard_size: int, workers: int 
     exts = [Path(f).suffix.lstrip(".").lower() or "jpg" for f in files]
     plan = plan_shards([os.path.getsize(f) for f in files], shard_size)
     digits = max(6, len(str(len(plan) - 1)))
-    jobs = [(str(out / f"shard-{n:0{digits}d}.tar"), [(files[i], keys[i], exts[i], labels[i]) for i in part])
-            for n, part in enumerate(plan)]
+    jobs = [
+        (str(out / f"shard-{n:0{digits}d}.tar"), [(files[i], keys[i], exts[i], labels[i]) for i in part])
+        for n, part in enumerate(plan)
+    ]
     with ProcessPoolExecutor(max(1, workers)) as pool:
         entries = []
         for entry in pool.map(write_shard, *zip(*jobs)):
             entries.append(entry)
             if progress:
                 progress(entry)
-    manifest = dict(format=FORMAT, source=str(dataset.source), classes=list(dataset.classes), samples=len(dataset),
-                    shuffle_seed=shuffle_seed, shards=entries)
+    manifest = dict(
+        format=FORMAT,
+        source=str(dataset.source),
+        classes=list(dataset.classes),
+        samples=len(dataset),
+        shuffle_seed=shuffle_seed,
+        shards=entries,
+    )
     (out / (MANIFEST + ".partial")).write_text(json.dumps(manifest))
     os.replace(out / (MANIFEST + ".partial"), out / MANIFEST)
     return manifest
@@ -208,8 +224,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     elapsed = time.perf_counter() - started
     total = sum(entry["bytes"] for entry in manifest["shards"])
-    print(f"wrote {len(manifest['shards'])} shards, {manifest['samples']} samples, {total / 1e6:.1f} MB to {args.out} "
-          f"in {elapsed:.1f} s ({workers} workers), each read back and verified")
+    print(
+        f"wrote {len(manifest['shards'])} shards, {manifest['samples']} samples, {total / 1e6:.1f} MB to {args.out} "
+        f"in {elapsed:.1f} s ({workers} workers), each read back and verified"
+    )
     return 0
 
 

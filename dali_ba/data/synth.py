@@ -7,6 +7,7 @@ drawn at a random place and scale over a tinted noise background with distractor
 of varied size and aspect ratio. The class survives a random crop and a horizontal flip, but only
 when the crop keeps the shape, so a model has to learn it rather than read one pixel.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,9 @@ FAMILIES = {"warm": (0.0, 0.14), "cool": (0.50, 0.72)}  # hue ranges
 CLASSES = tuple(f"{shape}_{family}" for family in FAMILIES for shape in SHAPES)
 
 
-def _colour(rng: np.random.Generator, hue_range: tuple[float, float], saturation: tuple[float, float]) -> tuple[int, int, int]:
+def _colour(
+    rng: np.random.Generator, hue_range: tuple[float, float], saturation: tuple[float, float]
+) -> tuple[int, int, int]:
     h = rng.uniform(*hue_range) % 1.0
     r, g, b = colorsys.hsv_to_rgb(h, rng.uniform(*saturation), rng.uniform(0.55, 1.0))
     return int(r * 255), int(g * 255), int(b * 255)
@@ -32,7 +35,9 @@ def _background(rng: np.random.Generator, width: int, height: int) -> Image.Imag
     """Low-saturation smooth noise: a coarse random grid scaled up, plus fine grain."""
     coarse = rng.uniform(60, 200, size=(4, 4, 3)).astype(np.float32)
     tint = rng.uniform(-25, 25, size=3)
-    base = np.array(Image.fromarray(coarse.astype(np.uint8)).resize((width, height), Image.Resampling.BICUBIC), np.float32)
+    base = np.array(
+        Image.fromarray(coarse.astype(np.uint8)).resize((width, height), Image.Resampling.BICUBIC), np.float32
+    )
     grain = rng.normal(0, 12, size=(height, width, 1))
     return Image.fromarray(np.clip(base + tint + grain, 0, 255).astype(np.uint8))
 
