@@ -54,8 +54,8 @@ lint: install
 # its smoke run, tests/test_gpu_check.py) on the strict device mode's stand-in device
 # (dali_ba/strict_device.py: GPU manners on the CPU, host syncs counted).
 test: lint
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" python -m pytest -q -m "not strict_device" tests
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" python -m pytest -q --strict-device -m strict_device tests
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" python -m pytest -q --durations=15 -m "not strict_device" tests
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" python -m pytest -q --durations=10 --strict-device -m strict_device tests
 
 # The edit loop's tier: the tests that start no process (tests/conftest.py marks the others slow, and
 # multinode those on the simulated cluster), in a few minutes; make test still runs everything.

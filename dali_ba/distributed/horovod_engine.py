@@ -81,7 +81,8 @@ class HorovodWorld(World):
         and finalized MPI under this rank, where an mpi4py call aborts the process: this raises Horovod's
         own error instead, which the command reports as a peer gone (exit 1). The check narrows that
         window rather than closing it; the callers that know a peer is about to leave wait for it first
-        (the barrier in :func:`dali_ba.training.shared_index.shared_datasets`)."""
+        (the barrier in :func:`dali_ba.training.shared_index.listed_once`), and the last collective before
+        ranks leave is Horovod's own (:meth:`barrier`)."""
         if self._comm is not None:
             from mpi4py import MPI
 
