@@ -194,3 +194,29 @@ def test_a_rank_slow_to_leave_still_ends_with_its_own_code_under_torchrun(demo_d
     done = run_cli(*TORCHRUN, "--no-python", sys.executable, "-c", SLOW_RANK_0_EXIT, *TRAIN[3:], *flags)
     assert done.returncode == 1 and "Sending process" in done.stderr, tail(done)  # torchrun did signal rank 0
     assert done.stderr.count("exitcode  : 4 ") == 2 and "SIGTERM)" not in done.stderr, tail(done)
+
+
+@pytest.mark.parametrize("launcher", [MPIRUN, TORCHRUN], ids=["mpirun-2-ranks", "torchrun-2-ranks"])
+def test_a_full_disk_under_two_ranks_ends_every_rank_with_its_own_code(demo_data, tmp_path, small_disk, launcher):
+    """Rank 0 writes the checkpoints and finds the disk full at the second: every rank leaves with 74
+    (under torchrun, each rank's own code: none killed by a signal on its way out), one error line,
+    no rank's traceback, no temporary file; the first checkpoint is intact for --resume auto."""
+    reference = tmp_path / "reference"
+    extra = ("--checkpoint-every", "2", "--keep-checkpoints", "1", "--log-every", "1")
+    done = run_cli(*TRAIN, *run_args(demo_data, reference, *extra, "--max-steps", "2"))
+    assert done.returncode == 0, tail(done)
+    size = list_checkpoints(reference)[0].stat().st_size
+    subprocess.run(["mount", "-o", f"remount,size={int(1.6 * size) >> 10}k", str(small_disk)], check=True)
+    out = small_disk / "run"
+    stopped = run_cli(*launcher, *(TRAIN[1:] if launcher is TORCHRUN else TRAIN), *run_args(demo_data, out, *extra))
+    code = OutputFullError.exit_code
+    if launcher is TORCHRUN:
+        assert stopped.returncode == 1 and stopped.stderr.count(f"exitcode  : {code} ") == 2, tail(stopped)
+        assert "Signal" not in stopped.stderr and "SIGTERM" not in stopped.stderr, tail(stopped)
+    else:
+        assert stopped.returncode == code, tail(stopped)
+    errors = [line for line in stopped.stderr.splitlines() if "error" in line and "dali_ba.train" in line]
+    assert errors and all("no space left to write" in line for line in errors), tail(stopped)
+    assert not re.search(r'File "[^"]*/dali_ba/', stopped.stderr), tail(stopped)
+    assert not [p for p in out.rglob("*.tmp")]
+    assert load_checkpoint(list_checkpoints(out)[-1])["step"] == 2
