@@ -70,6 +70,12 @@ clean:
 # loader against its peers and Figure 5, in at most 8 minutes on a GPU machine; gpu_check.json, .md and
 # details.tar.gz in OUT. SMOKE=1 runs the same steps on the CPU at tiny sizes (tests/test_gpu_check.py, so
 # part of make test). Needs no install: the venv's python where there is one, else python3 (GPU machines).
+# The GPU machine's torch 2.11 and torchvision 0.26 on this CPU machine (a second virtualenv, about 3 GB
+# from the registry, so not part of make test): the GPU check's test files and its smoke run in it.
+.PHONY: device-versions
+device-versions:
+	bash launch/device_versions.sh .venv-device
+
 .PHONY: gpu-check
 OUT   ?= runs/gpu-check
 SMOKE ?=

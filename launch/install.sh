@@ -95,8 +95,9 @@ pip_install numpy pillow pytest tqdm tomli-w "setuptools<81" wheel packaging psu
 # make lint (the first step of make test, and .pre-commit-config.yaml): pinned, so a new release's rules cannot fail CI.
 pip_install ruff==0.17.5 mypy==2.4.1
 
-# 3. Horovod, built from the 0.28.1 sdist ----------------------------------------------------------
-if ! "$PY" -c "import horovod.torch" 2>/dev/null; then
+# 3. Horovod, built from the 0.28.1 sdist (DALI_BA_WITHOUT_HOROVOD=1 skips it: the GPU machine's image
+# has none, and launch/device_versions.sh copies that image) ---------------------------------------
+if [ -z "${DALI_BA_WITHOUT_HOROVOD:-}" ] && ! "$PY" -c "import horovod.torch" 2>/dev/null; then
   say "building horovod==$HOROVOD_VERSION (a few minutes; pip caches the wheel for next time)"
   export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1
   export HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 MAKEFLAGS=${MAKEFLAGS:--j$(nproc)}
@@ -125,5 +126,5 @@ fi
 # 4. dali-ba itself ----------------------------------------------------------------------------------
 # Every time (a few seconds): its metadata (the supported versions the doctor reads) and console scripts follow setup.cfg.
 pip_install --no-build-isolation --no-deps -e "$ROOT"
-say "ok: $("$PY" -c 'import torch, nvidia.dali, horovod, mpi4py; print(f"torch {torch.__version__}, DALI {nvidia.dali.__version__}, horovod {horovod.__version__}, mpi4py {mpi4py.__version__}")')"
+say "ok: $("$PY" -c 'import torch, nvidia.dali, mpi4py, importlib.util as u; print(f"torch {torch.__version__}, DALI {nvidia.dali.__version__}, mpi4py {mpi4py.__version__}, horovod", __import__("horovod").__version__ if u.find_spec("horovod") else "not installed")')"
 say "check a cluster node (or a whole job, under srun/mpirun/torchrun) with: $PY -m dali_ba.doctor"
