@@ -1,6 +1,6 @@
 """What the GPU path is asked to do, checked on the CPU: --deterministic's switches (torch's, cuDNN's,
-cuBLAS's), DALI's dynamic executor on every graph, and the mixed decoder's hardware share
-(--hw-decoder-load) from the loaders down to the decoder."""
+cuBLAS's), DALI's dynamic executor on every graph, no GPU-to-CPU edge in the view graph, and the mixed
+decoder's hardware share (--hw-decoder-load) from the loaders down to the decoder."""
 
 import os
 
@@ -89,8 +89,8 @@ def no_samples(info):  # a stand-in source: the graphs are defined, never run
     ],
 )
 def test_every_graph_asks_for_the_dynamic_executor(make, kwargs):
-    """``images.shape()`` of a GPU decode needs it; DALI picks it by default only for an asynchronous,
-    pipelined executor (so it stays asked for where a caller turns those off, as a benchmark does)."""
+    """DALI picks it by default only for an asynchronous, pipelined executor: it stays asked for where a
+    caller turns those off, as a benchmark does."""
     plain = make(
         samples=no_samples,
         batch_size=2,
@@ -101,6 +101,39 @@ def test_every_graph_asks_for_the_dynamic_executor(make, kwargs):
         **kwargs,
     )
     assert plain.exec_dynamic is True
+
+
+RUN = dict(batch_size=2, num_threads=1, device_id=None)  # no GPU: the graphs are defined and serialized only
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{}, dict(augment="cifar"), dict(augment="trivial", auto_ops=1), dict(augment="randaugment", auto_ops=2)]
+)
+def test_the_gpu_paths_view_graph_has_no_gpu_to_cpu_edge(kwargs):
+    """A CPU operator on a GPU output (as ``images.shape()`` of the mixed decoder's once gave the crop
+    bounds) makes the dynamic executor wait on the host for the GPU every batch. DALI's older
+    execution model refuses every such edge when the graph is defined or serialized, which needs no
+    GPU: the mixed decoder's view graph passes, for each augmentation."""
+    views = pipeline.batch_augment_pipeline(
+        samples=no_samples, views=2, view_size=24, decoder="mixed", exec_dynamic=False, **RUN, **kwargs
+    )
+    views.serialize()
+
+
+@pytest.mark.parametrize("edge", ["shape", "cpu operator"])
+def test_dali_refuses_a_gpu_to_cpu_edge_without_the_dynamic_executor(edge):
+    """What makes the test above mean something: the same check refuses the shape of a GPU decode,
+    and a CPU operator on it."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(exec_dynamic=False)
+    def graph(samples):
+        encoded, _ = pipeline.read_samples(samples)
+        images = fn.decoders.image(encoded, device="mixed", output_type=types.RGB)
+        return images.shape() if edge == "shape" else fn.cast(images, dtype=types.FLOAT, device="cpu")
+
+    with pytest.raises(RuntimeError, match="transition from GPU to CPU|incompatible device"):
+        graph(samples=no_samples, **RUN).serialize()
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """The DALI loaders on real JPEGs, CPU decoder."""
 
+import os
 import re
 
 import numpy as np
@@ -75,6 +76,40 @@ def test_the_gpu_paths_header_sizes_follow_exif_rotation(tmp_path):
     assert (ours.float() - theirs.float()).abs().max() <= 2
 
 
+def test_a_header_that_disagrees_with_the_decoder_cuts_or_pads_the_image(tmp_path):
+    """The DALI graph takes each image's size from its header, as the reader stage read it, never from
+    the decoder (on the mixed decoder a CPU operator waiting on the GPU every batch). Where the two
+    disagree, its views are those of the decoded image cut or zero-padded to the header's size, bit
+    for bit (lossless PNGs), boxes wholly outside the decoded image included: DALI's CPU resize
+    crashes on such a ROI."""
+    from conftest import identity_image
+
+    headers = {}
+    for i in range(8):
+        image = np.asarray(identity_image(i, 60 + 9 * i, 50 + 4 * i))
+        h, w = image.shape[:2]
+        header = [(3 * h, 2 * w), (h // 2, 2 * w // 3), (h, w), (h // 3, 3 * w)][i % 4]  # larger, smaller, equal, both
+        cut = np.zeros((*header, 3), dtype=np.uint8)
+        cut[:h, :w] = image[: header[0], : header[1]]
+        for folder, pixels in (("decoded", image), ("header", cut)):
+            (tmp_path / folder).mkdir(exist_ok=True)
+            Image.fromarray(pixels).save(tmp_path / folder / f"{i}.png")
+        headers[f"{i}.png"] = header
+    for folder in ("decoded", "header"):
+        (tmp_path / folder / "list.txt").write_text("".join(f"{name} {name[0]}\n" for name in headers))
+    args = dict(batch_size=4, views=6, view_size=24, num_threads=1, seed=2)
+    told = BatchAugmentLoader(tmp_path / "decoded" / "list.txt", **args)
+    files = [os.path.basename(told.dataset.files[i]) for i in range(len(told.dataset))]
+    told.sizes[:] = [headers[name] for name in files]  # as if read in headers that disagree with the decoder
+    honest = BatchAugmentLoader(tmp_path / "header" / "list.txt", **args)  # files of the headers' sizes
+    ours, theirs = collect(told.epoch(0, stage="dali")), collect(honest.epoch(0, stage="dali"))
+    assert len(ours) == len(theirs) == 2
+    for (images, labels), (expected, their_labels) in zip(ours, theirs):
+        assert torch.equal(labels.cpu(), their_labels.cpu()) and torch.equal(images.cpu(), expected.cpu())
+    views = torch.cat([images.cpu() for images, _ in ours]).flatten(2)
+    assert (views.amax(dim=-1) == 0).any()  # some boxes lay wholly outside their decoded image
+
+
 def test_views_follow_their_drawn_parameters(identity_list):
     """View m of sample i is torchvision's resized crop + flip of the decoded image, boxes from augment.py."""
     from torchvision.transforms.v2 import functional as F
@@ -127,7 +162,9 @@ def test_one_decode_per_sample_whatever_m(demo_data, views):
         assert len(decoders) == 1  # one decoder operator in the built graph...
         reader_edges = [b for a, b in edges if a.startswith("__ExternalSource") and b.startswith("__Image")]
         assert reader_edges == decoders  # ...fed once by the reader stage's source...
-        resizes = [b for a, b in edges if a == decoders[0] and b.startswith("__Resize")]
+        cuts = [b for a, b in edges if a == decoders[0] and b.startswith("__Slice")]  # to the header's size
+        assert len(cuts) == (stage == "dali")
+        resizes = [b for a, b in edges if a in cuts and b.startswith("__Resize")]
         assert len(resizes) == view_nodes  # ...feeding M views in DALI's graph, none in torch's
     images, _ = next(iter(loader.epoch(0)))
     assert images.shape[:2] == (4, views)

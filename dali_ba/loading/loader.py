@@ -204,8 +204,16 @@ class BatchAugmentLoader(_ShardedLoader):
     def _view_params(self, epoch: int, slots: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
         """The arrays the view graph takes for a batch (:func:`dali_ba.loading.pipeline.param_outputs`)."""
         drawn = self.augmentation.draw(epoch, slots, sizes, self.views)
-        arrays = (drawn.boxes, drawn.flips, drawn.holes, drawn.ops, drawn.magnitude_bins, drawn.signs.astype(np.int32))
-        return [arrays[i] for i in param_outputs(self.augment, self.augmentation.auto_ops)]
+        arrays = dict(
+            sizes=sizes.astype(np.int32),  # the headers' sizes the boxes were drawn inside, which the graph cuts to
+            boxes=drawn.boxes,
+            flips=drawn.flips,
+            holes=drawn.holes,
+            ops=drawn.ops,
+            bins=drawn.magnitude_bins,
+            signs=drawn.signs.astype(np.int32),
+        )
+        return [arrays[name] for name in param_outputs(self.augment, self.augmentation.auto_ops)]
 
     def _stage(self, stage: str | None = None) -> str:
         """Who makes the views: ``stage`` if given, else the loader's (torch on the cpu decoder and

@@ -17,7 +17,6 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from nvidia.dali import fn, pipeline_def, types
-from nvidia.dali import math as dmath
 
 from dali_ba.loading.augment import AUTO_OPS, MAGNITUDE_BINS
 from dali_ba.loading.feed import DEFAULT_HW_DECODER_LOAD
@@ -27,26 +26,46 @@ if TYPE_CHECKING:
 
 FILL = 128  # what DALI's warps bring in from outside a view (its auto_aug default)
 # Every graph runs on DALI's dynamic executor, asked for outright (the default only where the
-# executor is asynchronous and pipelined): ``images.shape()`` of the mixed decoder's GPU output is a
-# GPU-to-CPU transfer, which only it does (DALI >= 1.44, dali_ba.install_choice.MIN_DALI).
+# executor is asynchronous and pipelined). No graph has a GPU-to-CPU edge, a CPU operator on a GPU
+# output, which that executor makes wait on the host for the GPU every batch: the view graph takes
+# the decoded sizes from the reader's headers (:func:`at_header_size`), not from ``images.shape()``.
 EXECUTOR = dict(exec_dynamic=True)
-# The external source's arrays: boxes, flips, holes, then the auto-augment ops, magnitude bins, signs.
-PARAM_TYPES = (types.INT64, types.BOOL, types.INT64, types.INT32, types.INT32, types.INT32)
+# The external source's arrays after the bytes and labels, by name: the decoded (height, width) the
+# reader read in each header and drew the boxes inside, the boxes, flips, holes, then the
+# auto-augment ops, magnitude bins and signs.
+PARAM_TYPES = {
+    "sizes": types.INT32,  # as fn.slice takes a shape
+    "boxes": types.INT64,
+    "flips": types.BOOL,
+    "holes": types.INT64,
+    "ops": types.INT32,
+    "bins": types.INT32,
+    "signs": types.INT32,
+}
 
 
-def imagenet_view(images, bounds, box, flip, hole, view_size: int):
+def at_header_size(images, sizes):
+    """The decoded images cut or zero-padded to ``sizes``, the (height, width) the reader read in
+    their headers: every imagenet box was drawn inside that size, so no resize ROI leaves its image.
+
+    The sizes come with the samples rather than from ``images.shape()``: on the mixed decoder that
+    is a CPU operator on a GPU output, which the dynamic executor makes wait on the host for the GPU
+    every batch. A header can disagree with its decoder (header_size applies the EXIF turn DALI's
+    decoder applies; a broken header may still disagree), and DALI's CPU resize crashes on a ROI
+    wholly outside its image (seen with DALI 2.4): this cut keeps every ROI inside, on either
+    decoder, for one copy of each decoded image on the decoder's device."""
+    return fn.slice(images, start=(0, 0), shape=sizes, axis_names="HW", out_of_bounds_policy="pad", fill_values=0)
+
+
+def imagenet_view(images, box, flip, hole, view_size: int):
     """The box (top, left, height, width) resized to ``view_size`` squared (bilinear, antialiased), mirrored
-    on ``flip``.
-
-    ``bounds`` is the decoded (height, width): the box is clipped to it, as DALI's CPU resize reads
-    outside the image otherwise (a box drawn from a header that disagrees with the decoder)."""
+    on ``flip``. The box lies inside ``images`` (:func:`at_header_size`)."""
     box = fn.cast(box, dtype=types.FLOAT)
-    start, end = dmath.min(box[0:2], bounds - 1), dmath.min(box[0:2] + box[2:4], bounds)
     view = fn.resize(
         images,
         size=(view_size, view_size),
-        roi_start=start,
-        roi_end=end,
+        roi_start=box[0:2],
+        roi_end=box[0:2] + box[2:4],
         roi_relative=False,
         antialias=True,
         interp_type=types.INTERP_LINEAR,
@@ -54,7 +73,7 @@ def imagenet_view(images, bounds, box, flip, hole, view_size: int):
     return fn.flip(view, horizontal=flip)
 
 
-def cifar_view(images, bounds, box, flip, hole, view_size: int):
+def cifar_view(images, box, flip, hole, view_size: int):
     """The ``view_size`` window at the box's corner (zero outside the image), mirrored, with its hole zeroed."""
     box, hole = fn.cast(box, dtype=types.INT32), fn.cast(hole, dtype=types.FLOAT)
     view = fn.slice(images, start=box[0:2], shape=box[2:4], axis_names="HW", out_of_bounds_policy="pad", fill_values=0)
@@ -97,21 +116,23 @@ def auto_augment_view(view, suite: list, ops, bins, signs, count: int):
 VIEW_GRAPHS: dict[str, Callable] = {"imagenet": imagenet_view, "cifar": cifar_view}
 
 
-def param_outputs(augment: str, auto_ops: int) -> list[int]:
-    """Which of :data:`PARAM_TYPES` a view graph takes: boxes and flips, holes for cifar, the
+def param_outputs(augment: str, auto_ops: int) -> list[str]:
+    """Which of :data:`PARAM_TYPES` a view graph takes: the header sizes, boxes and flips for an
+    imagenet crop; boxes, flips and holes for cifar (its zero-padding slice needs no sizes); the
     auto-augment ops, bins and signs when there are ops to apply."""
-    return [0, 1] + [2] * (augment == "cifar") + [3, 4, 5] * bool(auto_ops)
+    crop = ["boxes", "flips", "holes"] if augment == "cifar" else ["sizes", "boxes", "flips"]
+    return crop + ["ops", "bins", "signs"] * bool(auto_ops)
 
 
-def read_samples(samples: SampleSource, params: Sequence[int] = ()):
+def read_samples(samples: SampleSource, params: Sequence[str] = ()):
     """The pass's samples' encoded bytes and labels (and the ``params`` of :data:`PARAM_TYPES`
     the source also serves), from the reader stage (:mod:`dali_ba.loading.reader`)."""
-    dtypes = [types.UINT8, types.INT32] + [PARAM_TYPES[i] for i in params]
+    dtypes = [types.UINT8, types.INT32] + [PARAM_TYPES[name] for name in params]
     return fn.external_source(samples, num_outputs=len(dtypes), batch_info=True, dtype=dtypes)
 
 
 def _read_and_decode(
-    samples: SampleSource, decoder: str, params: Sequence[int] = (), hw_decoder_load: float = DEFAULT_HW_DECODER_LOAD
+    samples: SampleSource, decoder: str, params: Sequence[str] = (), hw_decoder_load: float = DEFAULT_HW_DECODER_LOAD
 ):
     """The samples decoded to RGB; on the mixed decoder with ``hw_decoder_load`` of each batch for the
     hardware JPEG decoder (the rest on CUDA), never DALI's default, which changed between releases."""
@@ -140,16 +161,14 @@ def _batch_augment_graph(
     outputs = param_outputs(augment, auto_ops)
     images, label, params = _read_and_decode(samples, decoder, outputs, hw_decoder_load)
     drawn = dict(zip(outputs, params))
-    boxes, flips, holes = drawn[0], fn.cast(drawn[1], dtype=types.INT32), drawn.get(2)
-    bounds = images.shape(dtype=types.FLOAT)[0:2]
+    boxes, flips, holes = drawn["boxes"], fn.cast(drawn["flips"], dtype=types.INT32), drawn.get("holes")
+    if "sizes" in drawn:
+        images = at_header_size(images, drawn["sizes"])
     make_view = VIEW_GRAPHS["cifar" if augment == "cifar" else "imagenet"]
-    out = [
-        make_view(images, bounds, boxes[m], flips[m], holes if holes is None else holes[m], view_size)
-        for m in range(views)
-    ]
+    out = [make_view(images, boxes[m], flips[m], holes if holes is None else holes[m], view_size) for m in range(views)]
     if auto_ops:
         suite = dali_suite(augment)
-        ops, bins, signs = drawn[3], drawn[4], drawn[5]
+        ops, bins, signs = drawn["ops"], drawn["bins"], drawn["signs"]
         out = [auto_augment_view(view, suite, ops[m], bins[m], signs[m], auto_ops) for m, view in enumerate(out)]
     return fn.stack(*out), label
 
@@ -162,8 +181,8 @@ def batch_augment_pipeline(*, augment: str = "imagenet", auto_ops: int = 0, **kw
     """Per sample: (M, view_size, view_size, 3) uint8 views of one decode, and its label.
 
     ``samples`` serves, after the bytes and labels, the batch's view parameters of
-    :func:`param_outputs`: boxes (B, M, 4), flips (B, M), holes (B, M, 4), then for ``auto_ops``
-    n > 0 ops (B, M, n), magnitude bins (B, M, n) and signs (B, M, n) as int32 (see
+    :func:`param_outputs`: header sizes (B, 2) int32, boxes (B, M, 4), flips (B, M), holes (B, M, 4), then
+    for ``auto_ops`` n > 0 ops (B, M, n), magnitude bins (B, M, n) and signs (B, M, n) as int32 (see
     :class:`dali_ba.loading.augment.ViewParams`). Conditionals (for the auto-augment op selection) are
     enabled only when there are ops to select.
     """
