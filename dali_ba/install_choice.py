@@ -28,10 +28,9 @@ from importlib import metadata
 
 DALI_VERSION = "2.4.0"
 # The oldest DALI the graphs run on (docs/installing.md, the versions table): DALI 1.44 made the dynamic executor
-# (``exec_dynamic``, asked for by every pipeline of dali_ba.loading.pipeline) non-experimental, with the GPU
-# to CPU transfer that ``images.shape()`` of the mixed decoder's output needs (1.42 had it only as
-# ``experimental_exec_dynamic``, 1.43 added ``DataNode.shape()``); the auto_aug suites (1.24) and
-# the decoder's ``hw_decoder_load`` are older. ``python -m dali_ba.doctor`` fails on an older DALI.
+# (``exec_dynamic``, asked for by every pipeline of dali_ba.loading.pipeline) non-experimental (1.42 had it
+# only as ``experimental_exec_dynamic``); the auto_aug suites (1.24) and the decoder's ``hw_decoder_load``
+# are older. ``python -m dali_ba.doctor`` fails on an older DALI.
 MIN_DALI = "1.44"
 DRIVER_FLOOR = {13: (580,), 12: (525, 60), 11: (450, 80, 2)}  # CUDA major -> oldest Linux driver
 BUILDS = {"120": 12, "130": 13}  # --dali-cuda / DALI_CUDA values -> CUDA major
