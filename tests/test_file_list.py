@@ -110,6 +110,13 @@ def test_a_malformed_line_after_blocks_read_with_arrays_is_named_by_its_number(t
         read_file_list(tmp_path / "l.txt")
 
 
+def test_a_list_of_bare_names_has_no_folder_but_its_own(tmp_path, monkeypatch):
+    (tmp_path / "l.txt").write_text("b.jpg 1\na.jpg 0\n")
+    ds = read_file_list(tmp_path / "l.txt")
+    assert list(ds.files) == [str(tmp_path / "b.jpg"), str(tmp_path / "a.jpg")] and ds.labels == (1, 0)
+    assert_same(ds, read_line_by_line(tmp_path / "l.txt", monkeypatch))
+
+
 def test_a_list_of_only_comments_has_no_entries(tmp_path):
     (tmp_path / "l.txt").write_text("# one\n\n# two\n")
     with pytest.raises(UsageError, match="has no entries"):

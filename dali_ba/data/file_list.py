@@ -176,7 +176,7 @@ def _vector_block(block: bytes, base: str, columns: ListColumns) -> bool:
         labels[has] += (buf[end[has] - 1 - place].astype(np.int64) - ord("0")) * 10**place
     slashes = np.flatnonzero(buf == _SLASH)
     last = np.searchsorted(slashes, space) - 1  # each path's last slash, if it has one in its line
-    slash = np.where(last >= 0, slashes[np.maximum(last, 0)], -1)
+    slash = np.where(last >= 0, slashes[np.maximum(last, 0)], -1) if len(slashes) else np.full(len(start), -1)
     name_start = np.where(slash >= start, slash + 1, start)
     names = buf[_ranges(name_start, space)].tobytes()
     group = _folder_numbers(block, buf, start, name_start, base, columns.folders)
