@@ -325,7 +325,7 @@ def rank_processes(cluster, job_id: str) -> dict[int, tuple[int, str]]:
 
 def stall_job(cluster, env: dict[str, str], stall_timeout: int, timeout: float) -> dict:
     """A long Horovod run with --stall-timeout; SIGSTOP of the last rank after its second step. The job must
-    end with exit 76 (NO_REQUEUE: not requeued) and the stall line naming that rank and its node."""
+    end with exit 76 (NO_REQUEUE: not requeued) and the stall line must name that rank and its node."""
     job_env = {
         **env,
         "ENGINE": "horovod",
@@ -374,8 +374,8 @@ def stall_job(cluster, env: dict[str, str], stall_timeout: int, timeout: float) 
     line = re.search(
         rf"stalled \(--stall-timeout {stall_timeout}\): rank (\d+) \(node ([^)]*)\) silent for (\d+) s", output
     )
-    batch = f"batch: a rank stalled (exit 76) on {node}" in output
     named = bool(line) and line.group(1) == str(RANKS - 1) and line.group(2) == node  # type: ignore[union-attr]
+    whole = next((text for text in output.splitlines() if "stalled (--stall-timeout" in text), None)
     result.update(
         stopped_rank=RANKS - 1,
         stopped_node=node,
@@ -384,9 +384,9 @@ def stall_job(cluster, env: dict[str, str], stall_timeout: int, timeout: float) 
         seconds_from_sigstop_to_job_end=ended,
         state=task["JobState"],
         exit=task["ExitCode"],
-        stall_line=line.group(0) if line else None,
-        batch_line=batch,
-        answered=named and batch and task["ExitCode"] == "76:0",
+        stall_line=whole,
+        # NO_REQUEUE: lib.sh does not requeue (it would, up to MAX_STALL_REQUEUES times); the job's status is 76.
+        answered=named and task["ExitCode"] == "76:0",
     )
     if not result["answered"]:
         result["output_tail"] = output[-3000:]
@@ -438,11 +438,12 @@ def markdown(results: dict) -> str:
         "Seconds from `sbatch`: to the batch script's start (its job.txt), to rank 0's `start` record, to its "
         "`startup` record (written at the end of the first step), to the job's end. Rank 0's start-up per "
         "phase (its own clock, from its process's start to the end of its first step; `other` = imports, "
-        "checks, validation loaders, broadcast of the weights, the run folder).",
+        "checks, validation loaders, broadcast of the weights, the run folder). Load: the machine's 1-minute "
+        "load average before and after the job (other users of the 2 cores included).",
         "",
         "| job | launcher | ranks | state | sbatch → batch | → start record | → first step | → end | "
-        "rank 0 start-up: engine / index / model / DALI graph / first step / other = total s |",
-        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | --- |",
+        "rank 0 start-up: engine / index / model / DALI graph / first step / other = total s | load 1 min |",
+        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | --- | --- |",
     ]
     for run in results["runs"]:
         s = run["seconds_from_sbatch"]
@@ -455,7 +456,7 @@ def markdown(results: dict) -> str:
         lines.append(
             f"| {label} | {run['launcher']} | {run.get('ranks', '—')} | {run['state']} {run['exit']} | "
             f"{fmt(s.get('batch_started'))} | {fmt(s.get('start_record'))} | {fmt(s.get('first_step'))} | "
-            f"{fmt(s.get('job_end'))} | {split} = {total} |"
+            f"{fmt(s.get('job_end'))} | {split} = {total} | {' → '.join(fmt(v) for v in run.get('load_1min', []))} |"
         )
     lines += [""]
     for run in results["runs"]:
@@ -493,6 +494,10 @@ def markdown(results: dict) -> str:
             f"{doctor.get('ranks')}, nodes {', '.join(doctor.get('nodes') or []) or '—'}, ok {doctor.get('ok')}: "
             f"**{'answered' if doctor['answered'] else 'did not answer'}**."
         )
+        table = doctor.get("table") or []
+        if table:
+            lines += ["", "| " + " | ".join(map(str, table[0])) + " |", "|" + " --- |" * len(table[0])]
+            lines += ["| " + " | ".join(map(str, row)) + " |" for row in table[1:]]
         for p in doctor.get("problems") or []:
             lines.append(f"- {p['level']}: {p['check']} ({', '.join(p.get('nodes') or [])}): {p['text']}")
     else:
@@ -504,10 +509,10 @@ def markdown(results: dict) -> str:
             f"`--stall-timeout {stall['stall_timeout']}`; SIGSTOP to rank {stall['stopped_rank']} on "
             f"{stall['stopped_node']} after step {stall['stopped_at_step']} "
             f"({stall['seconds_to_stop_from_sbatch']:.0f} s after sbatch): the job ended {stall['state']} "
-            f"{stall['exit']} {stall['seconds_from_sigstop_to_job_end']:.1f} s after the SIGSTOP; stall line: "
-            f"`{stall.get('stall_line')}`; lib.sh's line naming the node: {stall['batch_line']}: "
-            f"**{'answered' if stall['answered'] else 'did not answer'}**."
+            f"{stall['exit']} {stall['seconds_from_sigstop_to_job_end']:.1f} s after the SIGSTOP (NO_REQUEUE=1: "
+            f"lib.sh does not requeue it): **{'answered' if stall['answered'] else 'did not answer'}**. The line:"
         )
+        lines += ["", f"> {stall.get('stall_line')}"]
     elif stall:
         lines.append(f"**Did not answer**: {stall.get('why')}")
     else:
@@ -581,8 +586,10 @@ def main(argv: list[str] | None = None) -> int:
         if "torchrun" in launchers:
             steps.append(("torchrun", lambda: torchrun_job(cluster, env, work, data, args.timeout)))
         for name, step in steps:
+            load_before = os.getloadavg()[0]
             try:
                 done = step()
+                done["load_1min"] = [load_before, os.getloadavg()[0]]  # other users of the 2 cores, before/after
             except Exception as exc:  # one job's failure is recorded; the others still run
                 failed = True
                 results["errors"].append(f"{name}: {type(exc).__name__}: {exc}")
