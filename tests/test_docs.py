@@ -125,3 +125,17 @@ def test_every_docs_page_starts_with_one_title(page):
 def test_the_readme_stays_a_landing_page():
     lines = len(README.read_text().splitlines())
     assert lines <= MAX_README_LINES, f"README.md has {lines} lines; move detail to docs/ (at most {MAX_README_LINES})"
+
+
+def test_the_package_index_description_has_no_link_into_the_tree():
+    """setup.cfg's long_description is what a package index renders: a relative link there leads nowhere."""
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(REPO / "setup.cfg")
+    written = config["metadata"]["long_description"]
+    assert written.startswith("file: "), written
+    page = REPO / written.removeprefix("file: ").strip()
+    assert page.is_file() and page.read_text().startswith("# ")
+    links = re.findall(r"\]\(([^)]+)\)", page.read_text())
+    assert all(link.startswith(("https://", "http://", "#")) for link in links), links
