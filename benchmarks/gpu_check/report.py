@@ -285,7 +285,8 @@ def _loader_md(r: dict) -> list[str]:
     lines = [
         f"{r.get('files')} JPEGs (~500x375, ~110 KB), B = {r.get('batch')}, {r.get('view_size')} px views, "
         f"{r.get('workers')} DataLoader workers / DALI threads, epochs cut at {r.get('epoch_seconds')} s; "
-        "running = without each epoch's start.",
+        "running = without each epoch's start. Cases in the order they ran: "
+        f"{', '.join(r.get('order') or []) or '–'} ({r.get('order_rule', 'round-robin')}).",
         "",
     ]
     return (
@@ -305,12 +306,12 @@ def _loader_md(r: dict) -> list[str]:
                 [
                     f"({x['method']}) {x['name']}",
                     x["views"],
-                    x["samples_per_s"],
-                    x["views_per_s"],
-                    x["running_samples_per_s"],
-                    x["running_views_per_s"],
-                    x["cores_used"],
-                    x["first_batch_s"],
+                    f"error: {x['error']}" if "error" in x else x.get("samples_per_s"),
+                    x.get("views_per_s"),
+                    x.get("running_samples_per_s"),
+                    x.get("running_views_per_s"),
+                    x.get("cores_used"),
+                    x.get("first_batch_s"),
                 ]
                 for x in r.get("results", [])
             ],
