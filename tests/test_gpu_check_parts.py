@@ -1,13 +1,18 @@
 """Parts of the GPU check (benchmarks/gpu_check/) run for real on the CPU at smoke sizes: the loader step's
-cases (guarded one by one, closed before the next, in an order that favours no side)."""
+cases (guarded one by one, closed before the next, in an order that favours no side), the budget's share
+for compile, figure5's shares of its time per M, and a step killed at its limit keeping what it finished."""
 
 import json
+import subprocess
+import sys
 import time
 from types import SimpleNamespace
 
 import psutil
 import pytest
+from conftest import REPO
 
+from benchmarks.gpu_check import driver
 from benchmarks.gpu_check.context import SMOKE, Ctx
 
 
@@ -93,3 +98,88 @@ def test_a_failing_loader_case_is_one_error_row_and_the_others_are_measured(imag
             assert row["error"] == "RuntimeError: nvJPEG: decode failed" and "samples_per_s" not in row
         else:
             assert "error" not in row and row["samples_per_s"] > 0 and row["epochs"]
+
+
+def test_compile_has_its_own_share_of_the_budget():
+    steps = {s.name: s for s in driver.STEPS}
+    required = [s for s in driver.STEPS if not s.needs_s]
+    assert not steps["compile"].needs_s and steps["compile"].budget_s >= 100
+    assert sum(s.budget_s for s in required) <= driver.BUDGET_S
+    assert [s.name for s in driver.STEPS].index("compile") < min(
+        i for i, s in enumerate(driver.STEPS) if s.needs_s
+    )  # ahead of every optional step
+    assert (SMOKE.compile_steps, SMOKE.compile_warmup) == (3, 1)
+    from benchmarks.gpu_check.context import FULL
+
+    assert (FULL.compile_steps, FULL.compile_warmup) == (10, 3)
+
+
+def test_figure5_gives_each_m_its_own_share_of_the_time():
+    from benchmarks.gpu_check.steps_train import m_share
+
+    # 90 s left: M = 1, 4 and 10 get 4/24, 7/20 and all of what is then left; M = 10 its 13/24 at least
+    assert m_share([1, 4, 10]) == pytest.approx(4 / 24) and m_share([4, 10]) == pytest.approx(7 / 20)
+    assert m_share([10]) == 1.0
+    left = 90.0
+    first = left * m_share([1, 4, 10])
+    second = (left - first) * m_share([4, 10])
+    assert left - first - second == pytest.approx(90 * 13 / 24)
+
+
+def test_the_views_step_whose_profile_is_killed_at_its_limit_keeps_the_ms_it_finished(images, tmp_path):
+    """The GPU check's views step (profile views over M = 1, 4, 10 on the smoke recipe) whose profile run is
+    killed, as the step's limit kills it, once M = 1 is saved: the step records M = 1, marked incomplete, and
+    fails; the profile it leaves (archived with the step's folder) holds M = 1 too."""
+    from benchmarks.gpu_check.processes import child_env, kill_tree
+
+    folder = tmp_path / "views"
+    command = [sys.executable, "-m", "benchmarks.gpu_check.steps", "views", "--smoke"]
+    command += ["--dir", str(folder), "--work", str(images), "--limit", "600"]
+    step = subprocess.Popen(command, cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL)
+    profile_file = folder / "views" / "profile_views.json"
+    try:
+        while step.poll() is None and not profile_file.exists():
+            time.sleep(0.02)
+        assert step.poll() is None, "the views step ended before its profile showed a partial sweep"
+        for child in psutil.Process(step.pid).children():  # the profile run: killed as at its limit
+            kill_tree(child.pid)
+        assert step.wait(timeout=120) == 1
+    finally:
+        kill_tree(step.pid)
+    left = json.loads(profile_file.read_text())
+    assert left["complete"] is False and left["measured"][0] == 1 and left["views"] == [1, 4, 10]
+    assert [r["views"] for r in left["results"]] == left["measured"] and len(left["measured"]) < 3
+    result = json.loads((folder / "result.json").read_text())
+    assert result["complete"] is False and result["rc"] is not None and result["rc"] < 0  # killed by a signal
+    assert result["measured"] == left["measured"] and [r["views"] for r in result["results"]] == left["measured"]
+    assert result["results"][0]["steps_per_s"] > 0
+
+
+def test_figure5_keeps_the_windows_of_an_m_killed_at_its_limit(images, tmp_path):
+    """figure5 (profile step at M = 1, 4, 10, smoke recipe) with M = 1's run killed, as at its limit, once its
+    first window is saved: M = 1's row holds that window and says it was cut; M = 4 and 10 are measured whole."""
+    from benchmarks.gpu_check.processes import child_env, kill_tree
+
+    folder = tmp_path / "figure5"
+    command = [sys.executable, "-m", "benchmarks.gpu_check.steps", "figure5", "--smoke"]
+    command += ["--dir", str(folder), "--work", str(images), "--limit", "600"]
+    step = subprocess.Popen(command, cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL)
+    profile_file = folder / "m1" / "profile_step.json"
+    try:
+        while step.poll() is None and not profile_file.exists():
+            time.sleep(0.02)
+        assert step.poll() is None, "figure5 ended before M = 1's profile showed a window"
+        for child in psutil.Process(step.pid).children():  # M = 1's profile run: killed as at its limit
+            kill_tree(child.pid)
+        assert step.wait(timeout=300) == 1
+    finally:
+        kill_tree(step.pid)
+    result = json.loads((folder / "result.json").read_text())
+    rows = {row["views"]: row for row in result["results"]}
+    assert sorted(rows) == [1, 4, 10] and result["runs"]["1"]["rc"] < 0
+    cut = rows[1]
+    assert cut["complete"] is False and "pipeline" in cut["windows"] and cut["loader_alone_samples_per_s"] > 0
+    assert cut["data_stall"] is None  # needs all three windows
+    for m in (4, 10):
+        assert rows[m]["complete"] is True and rows[m]["data_stall"] is not None and rows[m]["steps_per_s"] > 0
+    assert all(0 < run["limit_s"] for run in result["runs"].values()) and "share_rule" in result
