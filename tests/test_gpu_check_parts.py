@@ -117,13 +117,13 @@ def test_compile_has_its_own_share_of_the_budget():
 def test_figure5_gives_each_m_its_own_share_of_the_time():
     from benchmarks.gpu_check.steps_train import m_share
 
-    # 90 s left: M = 1, 4 and 10 get 4/24, 7/20 and all of what is then left; M = 10 its 13/24 at least
-    assert m_share([1, 4, 10]) == pytest.approx(4 / 24) and m_share([4, 10]) == pytest.approx(7 / 20)
+    # 90 s left: M = 1, 4 and 10 get 6/30, 9/24 and all of what is then left; M = 10 half of it at least
+    assert m_share([1, 4, 10]) == pytest.approx(6 / 30) and m_share([4, 10]) == pytest.approx(9 / 24)
     assert m_share([10]) == 1.0
     left = 90.0
     first = left * m_share([1, 4, 10])
     second = (left - first) * m_share([4, 10])
-    assert left - first - second == pytest.approx(90 * 13 / 24)
+    assert left - first - second == pytest.approx(90 * 15 / 30)
 
 
 def test_the_views_step_whose_profile_is_killed_at_its_limit_keeps_the_ms_it_finished(images, tmp_path):
