@@ -144,6 +144,43 @@ class Runner:
 
     epoch: Callable[[int], Iterable]
     pids: Callable[[], list[int]] = list
+    settle: Callable[[], None] = lambda: None  # after an epoch, outside its timing: the work it left in flight done
+    close: Callable[[], None] = lambda: None  # its worker processes ended and joined
+
+
+def settle_workers(loader: torch.utils.data.DataLoader) -> None:
+    """Wait until a persistent-worker DataLoader's workers are idle: an epoch cut short (a time limit) leaves up
+    to prefetch_factor x workers batches in flight, which the workers would go on making under the next
+    timed case's clock (or, at this loader's next epoch start, under its own). Receives them, asks for no
+    more; the next epoch starts from a clean iterator as usual. Through torch's private iterator state (no
+    public API waits for in-flight batches): where that is not there, the workers are ended instead."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is None or getattr(iterator, "_shutdown", True):
+        return
+    if not (hasattr(iterator, "_tasks_outstanding") and hasattr(iterator, "_get_data")):
+        end_workers(loader)
+        return
+    while iterator._tasks_outstanding > 0:
+        iterator._get_data()
+        iterator._tasks_outstanding -= 1
+
+
+def end_workers(loader: torch.utils.data.DataLoader) -> None:
+    """Shut a persistent-worker DataLoader's workers down and wait until they have exited (none left running
+    under a later case's clock); its next epoch would start new ones."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is None:
+        return
+    workers = [w.pid for w in getattr(iterator, "_workers", [])]
+    iterator._shutdown_workers()
+    loader._iterator = None
+    alive = []
+    for pid in workers:
+        try:
+            alive.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=10)
 
 
 def torch_loader(method: str, dataset: ImageDataset, views: int, args) -> Runner:
@@ -166,7 +203,12 @@ def torch_loader(method: str, dataset: ImageDataset, views: int, args) -> Runner
             **common,
         )
     # The workers live in the persistent iterator (torch keeps it on the loader, a private attribute).
-    return Runner(lambda epoch: loader, lambda: [w.pid for w in getattr(loader._iterator, "_workers", [])])
+    return Runner(
+        lambda epoch: loader,
+        lambda: [w.pid for w in getattr(loader._iterator, "_workers", [])],
+        lambda: settle_workers(loader),
+        lambda: end_workers(loader),
+    )
 
 
 # --- DALI peers (a, e, f) ------------------------------------------------------------------------
@@ -258,9 +300,9 @@ def run_epoch(runner: Runner, epoch: int) -> dict:
         first = first if first is not None else time.perf_counter() - start
         batches += 1
     seconds = time.perf_counter() - start
-    return dict(
-        seconds=seconds, cpu_seconds=cpu_seconds(runner.pids()) - cpu, first_batch_s=first or 0.0, batches=batches
-    )
+    used = cpu_seconds(runner.pids()) - cpu
+    runner.settle()  # outside the timing: what a cut epoch left in flight done before anything else is timed
+    return dict(seconds=seconds, cpu_seconds=used, first_batch_s=first or 0.0, batches=batches)
 
 
 def summarise(method: str, views: int, epochs: list[dict], batch: int) -> dict:

@@ -18,7 +18,7 @@ from benchmarks.gpu_check.steps_tests import OWN_TEST, SMOKE_FILES, SMOKE_TESTS,
 
 pytestmark = pytest.mark.strict_device  # the smoke run belongs to make test's strict-device pass
 
-STEPS = ("env", "doctor", "tests", "demo", "loader", "augment", "figure5", "views", "compile")
+STEPS = ("env", "doctor", "tests", "demo", "loader", "figure5", "compile", "views", "augment")
 
 
 @pytest.fixture(scope="module")
@@ -282,7 +282,8 @@ def test_the_steps_limits_fit_the_eight_minutes_of_a_gpu_machine():
     optional = [step for step in driver.STEPS if step.needs_s]
     assert sum(step.budget_s for step in required) <= driver.BUDGET_S <= 8 * 60
     assert [s.name for s in driver.STEPS][: len(required)] == [s.name for s in required]  # the optional ones last
-    assert [s.name for s in optional] == ["compile"] and all(s.needs_s <= s.budget_s for s in optional)
+    assert [s.name for s in optional] == ["views", "augment"] and all(s.needs_s <= s.budget_s for s in optional)
+    assert "compile" in [s.name for s in required]  # its own share: a cold compile would not fit in what is left
     assert [s.name for s in driver.STEPS][:2] == ["env", "doctor"]  # the doctor right after env, on its own limit
 
 

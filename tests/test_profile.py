@@ -326,3 +326,54 @@ def test_step_profile_times_its_steps_between_two_syncs(stand_ins):
     alone = p["pipeline"]  # the loader alone: its batches timed the same way
     assert DRAIN + sum(alone["batch_times"][0]) <= alone["window_seconds"][0] < 2 * DRAIN
     assert alone["batch_time"] == pytest.approx(alone["window_seconds"][0] / STEPS)
+
+
+def test_step_profile_hands_over_each_finished_window(stand_ins):
+    """A run killed at a time limit (the GPU check's) keeps what it finished: rank 0 is handed the profile
+    after the loader alone and after the loader-fed steps, marked incomplete; only the end is complete."""
+    partials: list[dict] = []
+    recipe = load_recipe(REPO / "pipelines" / "demo.toml")
+    p = step_timing.measure_step(SoloWorld(), recipe, None, STEPS, WARMUP, 2, progress=partials.append)
+    assert [(q["complete"], q["windows"]) for q in partials] == [(False, ["pipeline"]), (False, ["pipeline", "loader"])]
+    assert "loader" not in partials[0] and "steps_per_s" not in partials[0] and "memory" not in partials[1]
+    assert partials[1]["steps_per_s"] == partials[1]["loader"]["steps_per_s"]
+    assert partials[0]["pipeline"]["batch_times"] == p["pipeline"]["batch_times"]
+    assert p["complete"] is True and p["windows"] == ["pipeline", "loader", "memory"] and "data_stall" in p
+
+
+def wait_for_partial(process, path, ready, timeout: float = 240) -> dict:
+    """Poll ``path`` while ``process`` runs until ``ready(json)``; then kill the process's whole tree, as the
+    GPU check does at a step's limit, and return what was read. Fails if the process ended first."""
+    from benchmarks.gpu_check.processes import kill_tree
+
+    start = time.time()
+    try:
+        while time.time() - start < timeout:
+            assert process.poll() is None, f"ended (rc {process.returncode}) before a partial {path.name} showed"
+            try:
+                seen = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                seen = None
+            if seen is not None and ready(seen):
+                return seen
+            time.sleep(0.02)
+        raise AssertionError(f"no partial {path.name} in {timeout} s")
+    finally:
+        kill_tree(process.pid)
+        process.wait()
+
+
+def test_a_step_profile_killed_after_its_first_window_leaves_it(demo_data, tmp_path):
+    """A real run (the demo recipe) killed once its first window is saved: a valid JSON with that window."""
+    import subprocess
+
+    out = tmp_path / "killed"
+    args = [*step_args(demo_data, out)]
+    args[args.index("--steps") + 1] = "200"  # long enough windows after the first for the kill to come first
+    process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seen = wait_for_partial(process, out / profile.STEP_FILE, lambda p: "pipeline" in p)
+    left = json.loads((out / profile.STEP_FILE).read_text())  # after the kill: still whole JSON
+    assert seen["complete"] is False and left["complete"] is False and "pipeline" in left["windows"]
+    assert left["views"] == M and left["pipeline"]["samples_per_s"] > 0
+    done = run_cli(*PROFILE, "collect", str(out), "--out", str(tmp_path / "table.md"))
+    assert done.returncode == 2 and "incomplete step profile" in done.stderr and len(done.stderr.splitlines()) == 1

@@ -201,3 +201,40 @@ def test_help_exits_zero():
     assert done.returncode == 0, done.stderr
     assert "--tolerance" in done.stdout and "--cache-batches" in done.stdout and "1,2,4,8,16" in done.stdout
     assert "--view-size" in done.stdout  # the recipe's flags, all but its --views
+
+
+def test_views_profile_hands_over_each_finished_m(stand_ins, monkeypatch):
+    """After each M but the last, rank 0 is handed the sweep so far, marked incomplete, M = 1 (the
+    reference) measured first whatever the order given."""
+    monkeypatch.setattr(views_module, "load_step_data", lambda recipe, world: None)
+    monkeypatch.setattr("dali_ba.distributed.join.init_world", lambda engine, share_gpu=False: SoloWorld())
+    monkeypatch.setattr("dali_ba.training.checks.check_world", lambda recipe, world, train_set: recipe.data.batch_size)
+    recipe = load_recipe(REPO / "pipelines" / "demo.toml")
+    partials: list[dict] = []
+    p = views_module.profile_views(recipe, [1, 2, 4], 0.5, STEPS, WARMUP, 2, progress=partials.append)
+    assert [(q["complete"], q["measured"], [r["views"] for r in q["results"]]) for q in partials] == [
+        (False, [1], [1]),
+        (False, [1, 2], [1, 2]),
+    ]
+    assert p["complete"] is True and p["measured"] == [1, 2, 4] and len(p["results"]) == 3
+    assert partials[1]["results"][:2] == p["results"][:2]
+
+
+def test_a_views_profile_killed_after_its_first_m_leaves_it(demo_data, tmp_path):
+    """A real sweep (the demo recipe) killed once M = 1 is saved, as the GPU check kills a step at its
+    limit: a valid JSON holding M = 1, marked incomplete, and no plot (that comes with the whole sweep)."""
+    import subprocess
+
+    from test_profile import wait_for_partial
+
+    out = tmp_path / "killed"
+    args = views_args(demo_data, out)
+    args[args.index("--views") + 1] = "1,8"
+    args[args.index("--steps") + 1] = "40"  # M = 8's windows long enough for the kill to come first
+    process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seen = wait_for_partial(process, out / "profile_views.json", lambda p: True)
+    left = json.loads((out / "profile_views.json").read_text())
+    for p in (seen, left):
+        assert p["complete"] is False and p["measured"] == [1] and p["views"] == [1, 8]
+        assert [r["views"] for r in p["results"]] == [1] and p["results"][0]["step_time"] > 0
+    assert not (out / "profile_views.png").exists()

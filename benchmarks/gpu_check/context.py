@@ -40,6 +40,8 @@ class Sizes:
     hw_load_views: int  # loader step: M of the loader's runs at those values
     test_parallel: int  # tests step: test files run at once, each in its own pytest process
     compile_views: int  # compile step: M of Figure 5's run with --compile
+    compile_steps: int  # compile step: its timed steps and warm-up (fewer than figure5's: the compile is the
+    compile_warmup: int  # long part, and the step has a fixed share of the budget)
 
 
 FULL = Sizes(
@@ -65,6 +67,8 @@ FULL = Sizes(
     hw_load_views=4,
     test_parallel=4,
     compile_views=4,
+    compile_steps=10,
+    compile_warmup=3,
 )
 SMOKE = Sizes(
     images=24,
@@ -89,6 +93,8 @@ SMOKE = Sizes(
     hw_load_views=4,
     test_parallel=2,
     compile_views=4,
+    compile_steps=3,
+    compile_warmup=1,
 )
 
 

@@ -285,7 +285,8 @@ def _loader_md(r: dict) -> list[str]:
     lines = [
         f"{r.get('files')} JPEGs (~500x375, ~110 KB), B = {r.get('batch')}, {r.get('view_size')} px views, "
         f"{r.get('workers')} DataLoader workers / DALI threads, epochs cut at {r.get('epoch_seconds')} s; "
-        "running = without each epoch's start.",
+        "running = without each epoch's start. Cases in the order they ran: "
+        f"{', '.join(r.get('order') or []) or '–'} ({r.get('order_rule', 'round-robin')}).",
         "",
     ]
     return (
@@ -305,12 +306,12 @@ def _loader_md(r: dict) -> list[str]:
                 [
                     f"({x['method']}) {x['name']}",
                     x["views"],
-                    x["samples_per_s"],
-                    x["views_per_s"],
-                    x["running_samples_per_s"],
-                    x["running_views_per_s"],
-                    x["cores_used"],
-                    x["first_batch_s"],
+                    f"error: {x['error']}" if "error" in x else x.get("samples_per_s"),
+                    x.get("views_per_s"),
+                    x.get("running_samples_per_s"),
+                    x.get("running_views_per_s"),
+                    x.get("cores_used"),
+                    x.get("first_batch_s"),
                 ]
                 for x in r.get("results", [])
             ],
@@ -401,7 +402,7 @@ def _figure5_md(r: dict) -> list[str]:
         ],
         [
             [
-                x["views"],
+                _cut(x),
                 x["steps_per_s"],
                 x["images_per_s"],
                 x["memory_images_per_s"],
@@ -415,8 +416,21 @@ def _figure5_md(r: dict) -> list[str]:
     )
 
 
+def _cut(row: dict) -> str:
+    """M, and where its profile was cut at its limit, the windows it finished."""
+    if row.get("complete", True):
+        return str(row["views"])
+    return f"{row['views']} (cut: {', '.join(row.get('windows') or []) or 'no'} window done)"
+
+
 def _views_md(r: dict) -> list[str]:
-    return [f"Free views (step time within {r.get('tolerance')} of M = 1's): M = {r.get('free_views')}.", ""] + table(
+    cut = (
+        ""
+        if r.get("complete", True)
+        else f" Cut at its limit: M = {', '.join(map(str, r.get('measured') or [])) or 'none'} measured."
+    )
+    head = f"Free views (step time within {r.get('tolerance')} of M = 1's): M = {r.get('free_views')}.{cut}"
+    return [head, ""] + table(
         ["M", "steps/s", "img/s", "views/s", "img/s, memory", "data stall", "step time / M=1's"],
         [
             [
@@ -439,9 +453,10 @@ def _compile_md(r: dict) -> list[str]:
     compiled, plain = r.get("compiled") or {}, r.get("uncompiled") or {}
     compile_s = fmt(r["compile_s"]) + " s" if r.get("compile_s") is not None else r.get("compile_note", "–")
     return [
-        f"M = {r.get('views')}, {r.get('arch')}: compile time **{compile_s}** with inductor's cache "
-        f"{r.get('inductor_cache', '–')} (this run's {fmt(r.get('seconds'))} s "
-        f"minus figure5's uncompiled run at this M, {fmt(r.get('uncompiled_seconds'))} s: the same steps); "
+        f"M = {r.get('views')}, {r.get('arch')}, {r.get('steps')} steps after {r.get('warmup')} per window: "
+        f"compile time **{compile_s}** with inductor's cache {r.get('inductor_cache', '–')} (this run "
+        f"{fmt(r.get('seconds'))} s, figure5's uncompiled run at this M {fmt(r.get('uncompiled_seconds'))} s; "
+        f"each less its steps: {r.get('compile_rule', 'the difference')}); "
         f"steps/s compiled {fmt(compiled.get('steps_per_s'))} against {fmt(plain.get('steps_per_s'))} uncompiled "
         f"(speed-up {fmt(r.get('speedup'))}); data stall compiled {fmt(compiled.get('data_stall'))}.",
         "",

@@ -21,23 +21,43 @@ METHODS = {
 }
 
 
+ORDER_RULE = (
+    "one case at a time: the cases of one M together, dali-ba (a) and its peers taking turns to go first "
+    "(peers first at the 1st and 3rd M, a first at the 2nd; DALI's decode alone, f, after a at M = 1); "
+    "each case builds its method, runs its own warm-up epoch right before its timed epochs (so it is "
+    "timed on a machine it warmed itself, whatever ran before), and is closed before the next starts "
+    "(a DataLoader's persistent workers shut down and joined, a pipeline deleted); after every epoch cut "
+    "at its limit, a DataLoader's batches still in flight are received outside the timing, so no case's "
+    "leftover work runs under another's clock"
+)
+
+
+def case_order(views: tuple[int, ...]) -> list[tuple[str, int]]:
+    """The (method, M) cases in the order :data:`ORDER_RULE` states."""
+    order: list[tuple[str, int]] = []
+    for position, m in enumerate(views):
+        methods = ["c", "g", "a"] if position % 2 == 0 else ["a", "g", "c"]
+        order += [(method, m) for method in methods] + ([("f", m)] if position == 0 else [])
+    return order
+
+
 def step_loader(ctx: Ctx) -> int:
     """dali-ba against a tuned torchvision DataLoader, torchvision's own GPU decode + v2 on the GPU, and
-    DALI's decode alone (the ceiling), on the ImageNet-like JPEGs, M = 1, 4, 10 (benchmarks/peers.py's
-    timing: a warm-up epoch per case, then timed epochs round-robin). Each epoch stops after
-    ``epoch_seconds``. Rates are per method's fastest epoch; ``running`` rates leave out each epoch's
-    start (a DALI pipeline built or reset, a prefetch queue refilled), which an ImageNet epoch of
-    20,000 batches amortises."""
+    DALI's decode alone (the ceiling), on the ImageNet-like JPEGs, M = 1, 4, 10, one case at a time in
+    the order of :data:`ORDER_RULE` (benchmarks/peers.py's epochs: a warm-up epoch, then timed ones, each
+    stopped after ``epoch_seconds``). Each case is guarded and saved as it ends: one that fails (a peer's
+    nvJPEG, say) is one error row, the others are still measured. Rates are per case's fastest epoch;
+    ``running`` rates leave out each epoch's start (a DALI pipeline built or reset, a prefetch queue
+    refilled), which an ImageNet epoch of 20,000 batches amortises."""
+    import psutil
     import torch
 
-    from benchmarks.peers import run_epoch
     from dali_ba.data.dataset import load_dataset
 
     dataset = load_dataset(ensure_images(ctx))
     s = ctx.sizes
     torch.set_num_threads(s.workers)
-    # The DataLoaders first: their workers fork before this process starts CUDA (DALI, the GPU peer).
-    cases = [("c", v) for v in s.views] + [(m, v) for v in s.views for m in "ag"] + [("f", s.views[0])]
+    cases = case_order(s.views)
     ctx.result.update(
         files=len(dataset),
         batch=s.batch,
@@ -45,30 +65,69 @@ def step_loader(ctx: Ctx) -> int:
         workers=s.workers,
         epoch_seconds=s.epoch_seconds,
         methods=METHODS,
+        order_rule=ORDER_RULE,
+        order=[f"{method} M={m}" for method, m in cases],
         results=[],
+        errors=0,
     )
-    runners, epochs = {}, {case: [] for case in cases}
-    for case in cases:
-        print(f"warm-up {case}", flush=True)
-        runners[case] = make_method(*case, dataset, s)
-        run_epoch(runners[case], 0)
-    ctx.result["cuda"] = gpu()
-    for round_ in range(s.loader_epochs):
-        for case in cases:
-            epochs[case].append(run_epoch(runners[case], 1 + round_))
-            e = epochs[case][-1]
+    ctx.save()
+    for position, (method, views) in enumerate(cases):
+        needed = 2 + s.epoch_seconds * (0.5 + s.loader_epochs)  # a build, the warm-up and the timed epochs
+        if ctx.left() < needed:
+            ctx.result["cut"] = f"no time left for {method} M = {views} and after"
+            break
+        # Measured, not assumed: the processes this one still has (a DataLoader's workers) as the case starts.
+        before = len(psutil.Process().children(recursive=True))
+        row = run_case(method, views, dataset, s)
+        row.update(position=position, processes_before=before)
+        ctx.result["errors"] += "error" in row
+        ctx.result["results"].append(row)
+        ctx.result["cuda"] = gpu()
+        ctx.save()
+    try:
+        ctx.result["hw_decoder_load"] = hw_load_sweep(ctx, dataset)
+    except Exception as exc:  # measured beside the cases: its failure loses none of them
+        ctx.result["hw_decoder_load"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        ctx.result["errors"] += 1
+    ctx.save()
+    return 0 if not ctx.result["errors"] and "cut" not in ctx.result else 1
+
+
+def run_case(method: str, views: int, dataset, s: Sizes) -> dict:
+    """One case of :data:`ORDER_RULE`: built, warmed up, timed, closed (always, even when it failed); its
+    summary row, or an error row (method, M, the error) when any of that raised."""
+    import torch
+
+    from benchmarks.peers import run_epoch
+
+    runner = None
+    try:
+        print(f"{method} M={views}: warm-up", flush=True)
+        runner = make_method(method, views, dataset, s)
+        run_epoch(runner, 0)  # settles itself: nothing in flight when the timed epochs start
+        epochs = []
+        for index in range(s.loader_epochs):
+            epochs.append(run_epoch(runner, 1 + index))
+            e = epochs[-1]
             print(
-                f"round {round_ + 1} {case}: {e['batches'] * s.batch / e['seconds']:.0f} samples/s, "
+                f"{method} M={views} epoch {index + 1}: {e['batches'] * s.batch / e['seconds']:.0f} samples/s, "
                 f"{e['cpu_seconds'] / e['seconds']:.1f} cores",
                 flush=True,
             )
-        ctx.result["results"] = [summary(*case, epochs[case], s.batch) for case in cases if epochs[case]]
-        ctx.save()
-    del runners  # the DataLoaders' workers and the pipelines go before the runs below
-    gc.collect()
-    ctx.result["hw_decoder_load"] = hw_load_sweep(ctx, dataset)
-    ctx.save()
-    return 0
+        return summary(method, views, epochs, s.batch)
+    except Exception as exc:  # one case that fails leaves the others to measure
+        print(f"{method} M={views}: {type(exc).__name__}: {exc}", flush=True)
+        return dict(method=method, name=METHODS[method], views=views, error=f"{type(exc).__name__}: {exc}"[:500])
+    finally:
+        if runner is not None:
+            try:
+                runner.close()  # a DataLoader's workers ended and joined before the next case starts
+            except Exception as exc:  # said in the log; the next case's processes_before shows what was left
+                print(f"{method} M={views}: closing: {type(exc).__name__}: {exc}", flush=True)
+        del runner
+        gc.collect()  # a DALI pipeline (a, f) goes with its loader
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
 
 
 def hw_load_sweep(ctx: Ctx, dataset) -> dict:
@@ -159,19 +218,21 @@ def make_method(method: str, views: int, dataset, s: Sizes):
         runner = Runner(BatchAugmentLoader(dataset, views=views, **options).epoch)
     else:
         runner = Runner(decode_only_epochs(BatchAugmentLoader(dataset, views=1, **options)))
-    return Runner(time_limited(runner.epoch, s.epoch_seconds), runner.pids)
+    return Runner(time_limited(runner.epoch, s.epoch_seconds), runner.pids, runner.settle, runner.close)
 
 
 def time_limited(epoch: Callable[[int], Iterable], seconds: float) -> Callable[[int], Iterator]:
     """Epochs that stop after ``seconds``, epoch 0 (the warm-up) after half of it, and wait for the GPU's
-    work before they end."""
+    work before they end. A timed epoch yields 2 batches at least: its running rate leaves the first out
+    (a slow peer on a busy CPU, the smoke run's, may take all of ``seconds`` for one)."""
     import torch
 
     def limited(index: int) -> Iterator:
         start, limit = time.perf_counter(), seconds / 2 if index == 0 else seconds
-        for batch in epoch(index):
+        at_least = 1 if index == 0 else 2
+        for count, batch in enumerate(epoch(index), 1):
             yield batch
-            if time.perf_counter() - start > limit:
+            if time.perf_counter() - start > limit and count >= at_least:
                 break
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # DALI's own outputs (f) are not touched by the consumer

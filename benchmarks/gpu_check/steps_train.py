@@ -227,7 +227,7 @@ def step_figure5(ctx: Ctx) -> int:
     """dali-ba profile step at each M: steps/s, the phases of a step, and the data stall
     against the same steps fed from batches in memory."""
     recipe, s = figure5_recipe(ctx), ctx.sizes
-    ctx.result.update(recipe=recipe.read_text(), runs={}, results=[])
+    ctx.result.update(recipe=recipe.read_text(), runs={}, results=[], share_rule=M_SHARE_RULE)
     for position, m in enumerate(s.views):
         out = ctx.dir / f"m{m}"
         command = [
@@ -249,36 +249,66 @@ def step_figure5(ctx: Ctx) -> int:
             "--out",
             str(out),
         ]
-        later = len(s.views) - position - 1  # keep 20 s for each M still to come
-        rc, seconds = run_logged(command, ctx.dir / f"m{m}.log", ctx.left(3 + 20 * later), profile_env())
-        ctx.result["runs"][m] = dict(rc=rc, seconds=round(seconds, 1))
-        profile = read_json(out / "profile_step.json")
+        limit = ctx.left() * m_share(s.views[position:])
+        rc, seconds = run_logged(command, ctx.dir / f"m{m}.log", limit, profile_env())
+        ctx.result["runs"][m] = dict(rc=rc, seconds=round(seconds, 1), limit_s=round(limit, 1))
+        profile = read_json(out / "profile_step.json")  # a run killed at its limit leaves its finished windows
         if profile:
             ctx.result["results"].append(figure5_row(profile))
         ctx.save()
     return 0 if all(run["rc"] == 0 for run in ctx.result["runs"].values()) else 1
 
 
+# One profile step run's start-up (torch, DALI, the model, the first steps' autotuning: ~10 s estimated on
+# an H100/H200, unmeasured) in views' worth of its steps (ResNet-50, B = 64: ~0.2 s of the 114 steps' time
+# per view, estimated): M = 1, 4, 10 estimated at ~13, ~19, ~33 s, in proportion to M + 5.
+M_SHARE_COST = 5
+M_SHARE_RULE = (
+    f"each M's profile step gets the share (M + {M_SHARE_COST}) / (the sum of that over the Ms still to run) "
+    "of the time left: M = 10 its own share, not what M = 1 and 4 left; a run killed at its limit leaves "
+    "the windows it finished (complete: false)"
+)
+
+
+def m_share(views: list[int] | tuple[int, ...]) -> float:
+    """The share of the time left for the first of ``views`` (the Ms still to run): :data:`M_SHARE_RULE`."""
+    weights = [m + M_SHARE_COST for m in views]
+    return weights[0] / sum(weights)
+
+
 def figure5_row(p: dict) -> dict:
-    fed, memory = p["loader"], p["memory"]
+    """One M's row from its profile_step.json; a profile cut short (``complete`` false) gives what its
+    finished windows measured and None for the rest (the data stall needs all three)."""
+    fed, memory, pipeline = p.get("loader", {}), p.get("memory", {}), p.get("pipeline", {})
     return dict(
         views=p["views"],
+        complete=p.get("complete", True),  # profiles from before partial writes were always complete
+        windows=p.get("windows", ["pipeline", "loader", "memory"]),
         arch=p["arch"],
         amp=p["amp"],
         device=p["device"],
         decoder=p["decoder"],
-        steps_per_s=p["steps_per_s"],
-        images_per_s=p["images_per_s"],
-        views_per_s=p["views_per_s"],
-        memory_steps_per_s=memory["steps_per_s"],
-        memory_images_per_s=memory["images_per_s"],
-        data_stall=p["data_stall"],
-        data_stall_raw=p["data_stall_raw"],
-        data_wait_share=p["data_wait_share"],
-        loader_alone_samples_per_s=p["pipeline"]["samples_per_s"],
+        steps_per_s=p.get("steps_per_s"),
+        images_per_s=p.get("images_per_s"),
+        views_per_s=p.get("views_per_s"),
+        memory_steps_per_s=memory.get("steps_per_s"),
+        memory_images_per_s=memory.get("images_per_s"),
+        data_stall=p.get("data_stall"),
+        data_stall_raw=p.get("data_stall_raw"),
+        data_wait_share=p.get("data_wait_share"),
+        loader_alone_samples_per_s=pipeline.get("samples_per_s"),
         phases_ms={k: 1e3 * v for k, v in fed.get("phases", {}).items()},
         memory_phases_ms={k: 1e3 * v for k, v in memory.get("phases", {}).items()},
     )
+
+
+def steps_seconds(p: dict) -> float | None:
+    """The seconds a complete step profile spent in its three windows' steps, warm-up included (each at its
+    window's step time); None for a profile cut short."""
+    if not p.get("complete", True) or not all(k in p for k in ("pipeline", "loader", "memory")):
+        return None
+    per_window = p["warmup"] + p["steps"]
+    return per_window * (p["pipeline"]["batch_time"] + p["loader"]["step_time"] + p["memory"]["step_time"])
 
 
 def step_views(ctx: Ctx) -> int:
@@ -324,6 +354,8 @@ def step_views(ctx: Ctx) -> int:
     ctx.result.update(
         rc=rc,
         seconds=round(seconds, 1),
+        complete=profile.get("complete", bool(profile)),  # false: killed at its limit, the Ms it finished
+        measured=profile.get("measured", [r["views"] for r in rows]),
         free_views=profile.get("free_views"),
         tolerance=profile.get("tolerance"),
         results=rows,
@@ -333,14 +365,14 @@ def step_views(ctx: Ctx) -> int:
 
 
 def step_compile(ctx: Ctx) -> int:
-    """Figure 5 at M = ``compile_views`` with ``--compile`` (torch.compile, [model] compile): steps/s and
-    data stall once compiled, against figure5's run at that M without it, and the compile time apart:
-    the compiled run's wall time minus the uncompiled one's (both run the same steps; the difference is
-    the first steps' extra time). Runs last, on the time the other steps left (the driver skips it, with
-    a note, when too little is left); without the flag in this checkout it says so and measures nothing."""
+    """Figure 5 at M = ``compile_views`` with ``--compile`` (torch.compile, [model] compile), ``compile_steps``
+    steps after ``compile_warmup`` per window: steps/s and data stall once compiled, against figure5's run at
+    that M without it, and the compile time apart (:data:`COMPILE_RULE`). A required step with a fixed
+    share of the budget (a cold inductor compile of ResNet-50 takes a minute or more); without the flag in
+    this checkout it says so and measures nothing."""
     s = ctx.sizes
     m = s.compile_views
-    ctx.result.update(views=m, arch=s.arch, runs={})
+    ctx.result.update(views=m, arch=s.arch, steps=s.compile_steps, warmup=s.compile_warmup, runs={})
     if not recipe_flag("--compile"):
         ctx.result["skipped"] = "--compile is not in this checkout's recipe ([model] compile): nothing measured"
         ctx.save()
@@ -359,11 +391,11 @@ def step_compile(ctx: Ctx) -> int:
         str(m),
         "--compile",
         "--steps",
-        str(s.steps),
+        str(s.compile_steps),
         "--warmup",
-        str(s.warmup),
+        str(s.compile_warmup),
         "--cache-batches",
-        str(s.cache),
+        str(min(s.cache, s.compile_steps)),
         "--out",
         str(out),
     ]
@@ -372,26 +404,42 @@ def step_compile(ctx: Ctx) -> int:
         env["TORCHINDUCTOR_CACHE_DIR"] = str(ctx.work / "inductor_cache")
     ctx.result["inductor_cache"] = "cold (a new folder)" if not ctx.smoke else "this machine's (warm after a first run)"
     rc, seconds = run_logged(command, ctx.dir / f"m{m}.log", ctx.left(), env)
-    profile = read_json(out / "profile_step.json")
+    profile = read_json(out / "profile_step.json")  # a run killed at its limit leaves its finished windows
     compiled = figure5_row(profile) if profile else None
-    if profile:
+    if profile and compiled:
         compiled.update({key: value for key, value in profile.items() if "compile" in key})  # what profile says of it
     figure5 = read_json(ctx.dir.parent / "figure5" / "result.json") or {}
     plain_run = figure5.get("runs", {}).get(str(m))  # JSON keys are strings
     plain = next((row for row in figure5.get("results", []) if row.get("views") == m), None)
+    plain_profile = read_json(ctx.dir.parent / "figure5" / f"m{m}" / "profile_step.json") or {}
     ctx.result.update(
         rc=rc,
         seconds=round(seconds, 1),
         compiled=compiled,
         uncompiled=plain,
         uncompiled_seconds=plain_run and plain_run.get("seconds"),
+        compile_rule=COMPILE_RULE,
     )
-    if rc == 0 and plain_run and plain_run.get("rc") == 0:
-        ctx.result["compile_s"] = round(seconds - plain_run["seconds"], 1)
-    else:
-        ctx.result["compile_s"] = None
+    ctx.result["compile_s"] = compile_seconds(seconds, profile, plain_run, plain_profile) if rc == 0 else None
+    if ctx.result["compile_s"] is None:
         ctx.result["compile_note"] = "not measured: needs both this run and figure5's run at this M to have finished"
-    if compiled and plain:
+    if compiled and plain and compiled.get("steps_per_s") and plain.get("steps_per_s"):
         ctx.result["speedup"] = compiled["steps_per_s"] / plain["steps_per_s"]
     ctx.save()
     return 0 if rc == 0 else 1
+
+
+COMPILE_RULE = (
+    "compile_s: the compiled run's wall time less its steps (each window's warm-up and timed steps at that "
+    "window's step time) and less the start-up of figure5's uncompiled run at this M (its wall time less its "
+    "steps, likewise): the extra time of the compiled run's first steps. The two runs time different numbers "
+    "of steps, so their wall times are not compared directly"
+)
+
+
+def compile_seconds(seconds: float, compiled: dict | None, plain_run: dict | None, plain: dict) -> float | None:
+    """:data:`COMPILE_RULE`; None unless both runs finished."""
+    ours, theirs = steps_seconds(compiled or {}), steps_seconds(plain)
+    if ours is None or theirs is None or not plain_run or plain_run.get("rc") != 0:
+        return None
+    return round(seconds - ours - (plain_run["seconds"] - theirs), 1)

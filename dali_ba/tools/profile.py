@@ -22,7 +22,8 @@ come from the step clock's rows, read after the second. ``views`` runs ``step`` 
 rank) with the ranks joined once, and names the free views: the largest measured M whose step time
 fed by the loader is at most (1 + tolerance) x M = 1's, each M judged on its own (the paper's
 Figure 5: where compute is to spare, M views cost almost nothing; on a CPU it is honestly 1). Rank 0
-writes <out>/profile_pipeline.{json,png}, profile_step.json or profile_views.{json,png}.
+writes <out>/profile_pipeline.{json,png}, profile_step.json or profile_views.{json,png}; the last two
+also as they go (after each window, after each M), marked "complete": false until the end.
 """
 
 from __future__ import annotations
@@ -219,25 +220,32 @@ def run_pipeline(args: argparse.Namespace) -> int:
 # --- step: training steps fed by the loader vs from memory ------------------------------------------
 
 
-def profile_step(recipe: Recipe, steps: int, warmup: int, cache: int) -> dict | None:
-    """Join the ranks, time one recipe's steps (:func:`measure_step`), leave. Rank 0 gets the result, the
-    others None."""
+def profile_step(
+    recipe: Recipe, steps: int, warmup: int, cache: int, progress: Callable[[dict], None] | None = None
+) -> dict | None:
+    """Join the ranks, time one recipe's steps (:func:`measure_step`, which hands rank 0's finished windows
+    to ``progress``), leave. Rank 0 gets the result, the others None."""
     from dali_ba.distributed import join as distributed
     from dali_ba.training.models import check_model_name
 
     check_model_name(recipe.model.arch)  # before any rank starts
     world = distributed.init_world(recipe.run.engine, share_gpu=recipe.run.share_gpu)
     train_set = load_step_data(recipe, world)
-    result = measure_step(world, recipe, train_set, steps, warmup, cache)
+    result = measure_step(world, recipe, train_set, steps, warmup, cache, progress)
     world.close()
     return result
 
 
 def run_step(args: argparse.Namespace) -> int:
-    result = profile_step(resolve(args), args.steps, args.warmup, args.cache_batches)
+    path = Path(args.out) / STEP_FILE
+    # Rewritten after each timed window ("complete": false until the last): a run killed at a time limit
+    # (the GPU check's) leaves the windows it finished.
+    result = profile_step(
+        resolve(args), args.steps, args.warmup, args.cache_batches, lambda partial: write_json(path, partial)
+    )
     if result is None:
         return 0
-    write_json(Path(args.out) / STEP_FILE, result)
+    write_json(path, result)
     p, mem, fed = result["pipeline"], result["memory"], result["loader"]
     print(
         f"profile step: {result['arch']}, {result['ranks']} rank(s) on {result['device']}, "
@@ -302,10 +310,13 @@ def collect(paths: list[str]) -> list[dict]:
             raise UsageError(f"no step profile: {path} not found (run `{PROG} step --out DIR` first)")
         try:
             data = json.loads(path.read_text())
+            if data.get("complete") is False:  # written as it went by a run that did not finish
+                windows = ", ".join(data.get("windows", [])) or "no"
+                raise UsageError(f"{path}: an incomplete step profile (its run stopped after the {windows} window)")
             row = {key: data[key] for _, key, _ in COLUMNS if key not in ("nodes", "loader_alone_images_per_s")}
             row["loader_alone_images_per_s"] = data["pipeline"]["samples_per_s"]
             row["nodes"] = ",".join(data.get("nodes", ["?"]))  # profiles from before nodes were recorded: "?"
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
             raise UsageError(f"{path}: not a step profile ({type(exc).__name__}: {exc})") from None
         rows.append({**row, "source": str(path)})
     return sorted(rows, key=lambda row: (row["ranks"], row["views"], row["batch_size"], row["source"]))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import cast
 
@@ -61,10 +61,18 @@ def _views_row(step: dict, reference_time: float, tolerance: float) -> dict:
 
 
 def profile_views(
-    recipe: Recipe, view_counts: list[int], tolerance: float, steps: int, warmup: int, cache: int
+    recipe: Recipe,
+    view_counts: list[int],
+    tolerance: float,
+    steps: int,
+    warmup: int,
+    cache: int,
+    progress: Callable[[dict], None] | None = None,
 ) -> dict | None:
     """:func:`measure_step` at each M of ``view_counts`` (the recipe otherwise as given), the ranks joined
-    once for the whole sweep. Rank 0 gets the sweep, the others None."""
+    once for the whole sweep. Rank 0 gets the sweep, the others None. After each M but the last, rank 0
+    hands ``progress`` the sweep so far (``complete`` False, ``measured`` its Ms): a run killed at a time
+    limit still leaves the Ms it finished."""
     from dali_ba.distributed import join as distributed
     from dali_ba.training.checks import check_world
     from dali_ba.training.models import check_model_name
@@ -78,13 +86,20 @@ def profile_views(
     for each in sweep:  # refuse an M that cannot fit before timing the others
         check_world(each, world, train_set)
     # rank 0 (the only one that reads them) gets each step's statistics, the others None
-    steps_by_m = cast(
-        "dict[int, dict]",
-        {each.data.views: measure_step(world, each, train_set, steps, warmup, cache) for each in sweep},
-    )
+    steps_by_m: dict[int, dict] = {}
+    for each in sweep:  # M = 1 first (view_counts is sorted, 1 among them): every partial sweep has its reference
+        steps_by_m[each.data.views] = cast("dict", measure_step(world, each, train_set, steps, warmup, cache))
+        if progress is not None and world.is_root and 1 in steps_by_m and len(steps_by_m) < len(sweep):
+            progress(_views_result(steps_by_m, view_counts, tolerance))
     world.close()
     if not world.is_root:
         return None
+    return dict(_views_result(steps_by_m, view_counts, tolerance), complete=True)
+
+
+def _views_result(steps_by_m: dict[int, dict], view_counts: list[int], tolerance: float) -> dict:
+    """The sweep over the Ms measured so far (``complete`` False: the caller marks a finished one);
+    free_views is judged among those Ms only."""
     reference_time = steps_by_m[1]["loader"]["step_time"]
     rows = [_views_row(step, reference_time, tolerance) for step in steps_by_m.values()]
     first = steps_by_m[1]
@@ -116,8 +131,10 @@ def profile_views(
     }
     return dict(
         kind="profile_views",
+        complete=False,
         **setting,
         views=view_counts,
+        measured=list(steps_by_m),
         tolerance=tolerance,
         free_views=free_views({row["views"]: row["step_time"] for row in rows}, tolerance),
         free_views_rule=FREE_VIEWS_RULE,
@@ -189,10 +206,20 @@ def views_table(result: dict) -> str:
 def run_views(args: argparse.Namespace) -> int:
     from dali_ba.tools.plot import save
 
-    result = profile_views(resolve(args), args.view_counts, args.tolerance, args.steps, args.warmup, args.cache_batches)
+    out = Path(args.out)
+    # Rewritten after each M ("complete": false until the last, the plot only then): a run killed at a time
+    # limit (the GPU check's) leaves the Ms it finished.
+    result = profile_views(
+        resolve(args),
+        args.view_counts,
+        args.tolerance,
+        args.steps,
+        args.warmup,
+        args.cache_batches,
+        lambda partial: write_json(out / VIEWS_FILE, partial),
+    )
     if result is None:
         return 0
-    out = Path(args.out)
     write_json(out / VIEWS_FILE, result)
     save(views_figure(result), out / VIEWS_PLOT)
     print(

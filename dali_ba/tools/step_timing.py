@@ -76,8 +76,12 @@ def time_window(batches: Iterator, warmup: int, steps: int, work: Callable | Non
 
 
 def write_json(path: Path, data: dict) -> None:
+    """Written beside, then renamed over ``path``: a process killed while writing (a time limit) leaves
+    the previous whole file, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    part = path.with_name(path.name + ".partial")
+    part.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(part, path)
 
 
 def window_stats(world, window: Window, batch_size: int, views: int) -> dict:
@@ -116,9 +120,19 @@ def load_step_data(recipe: Recipe, world):
     return listed_once(world, lambda: load_dataset(recipe.data.train))
 
 
-def measure_step(world, recipe: Recipe, train_set, steps: int, warmup: int, cache: int) -> dict | None:
+def measure_step(
+    world,
+    recipe: Recipe,
+    train_set,
+    steps: int,
+    warmup: int,
+    cache: int,
+    progress: Callable[[dict], None] | None = None,
+) -> dict | None:
     """Time the loader alone, then training steps fed by the loader, then from cached batches, on an
-    open world (so that a sweep joins the ranks once). Rank 0 gets the statistics over all ranks, the others None."""
+    open world (so that a sweep joins the ranks once). Rank 0 gets the statistics over all ranks, the others None.
+    After each of the three windows rank 0 hands ``progress`` what is measured so far (``complete``
+    False, ``windows`` the finished ones): a run killed at a time limit still leaves its finished windows."""
     from dali_ba.training.rank_setup import setup_training
 
     d, m = recipe.data, recipe.model
@@ -142,26 +156,12 @@ def measure_step(world, recipe: Recipe, train_set, steps: int, warmup: int, cach
     count = warmup + steps
     batches = endless(loader)
     cached = [(images.clone(), labels.clone()) for images, labels in itertools.islice(batches, min(cache, steps))]
-    # Loader-fed steps before memory-fed ones: what warm-up is left after `warmup` steps counts against the loader.
-    windows = {
-        "pipeline": time_window(batches, warmup, steps, None, clock),
-        "loader": time_window(batches, warmup, steps, work, clock),
-        "memory": time_window(itertools.cycle(cached), warmup, steps, work, clock),
-    }
-    stats = {name: window_stats(world, window, d.batch_size, d.views) for name, window in windows.items()}
-    nodes = sorted(set(world.gather(socket.gethostname())))
-    if not world.is_root:
-        return None
-    pipeline, memory, fed = stats["pipeline"], stats["memory"], stats["loader"]
-    stall = (fed["step_time"] - memory["step_time"]) / fed["step_time"]
-    # Which timed loader-fed steps began an epoch (the loader builds each epoch's pipeline when it starts).
-    first = len(cached) + count + warmup  # position of the first of them in `batches`
-    starts = np.arange(first, first + steps) % len(loader) == 0
-    waits = np.array(fed["data_waits"])  # (ranks, steps): the share of all ranks' timed seconds waited there
-    epoch_start_wait = waits[:, starts].sum() / (waits.size * fed["step_time"])
+    nodes = sorted(set(world.gather(socket.gethostname())))  # collective, like each window's statistics below
     threads = (d.dali_threads + torch_threads) * world.local_size
-    return dict(
+    setting = dict(
         kind="profile_step",
+        complete=False,
+        windows=[],
         train=d.train,
         engine=world.engine,
         engine_backend=world.backend,
@@ -187,9 +187,31 @@ def measure_step(world, recipe: Recipe, train_set, steps: int, warmup: int, cach
         timing=TIMING_RULE,
         cached_batches=len(cached),
         steps_per_epoch=len(loader),
-        steps_per_s=fed["steps_per_s"],
-        images_per_s=fed["images_per_s"],
-        views_per_s=fed["views_per_s"],
+    )
+    # Loader-fed steps before memory-fed ones: what warm-up is left after `warmup` steps counts against the loader.
+    # Each window's statistics are gathered right after it (outside its two synchronisations), in the same
+    # order on every rank, so that rank 0 can save the finished windows before the next one starts.
+    stats: dict[str, dict] = {}
+    for name, source, step_work in (
+        ("pipeline", batches, None),
+        ("loader", batches, work),
+        ("memory", itertools.cycle(cached), work),
+    ):
+        stats[name] = window_stats(world, time_window(source, warmup, steps, step_work, clock), d.batch_size, d.views)
+        if progress is not None and world.is_root and len(stats) < 3:
+            progress(_partial_step(setting, stats))
+    if not world.is_root:
+        return None
+    pipeline, memory, fed = stats["pipeline"], stats["memory"], stats["loader"]
+    stall = (fed["step_time"] - memory["step_time"]) / fed["step_time"]
+    # Which timed loader-fed steps began an epoch (the loader builds each epoch's pipeline when it starts).
+    first = len(cached) + count + warmup  # position of the first of them in `batches`
+    starts = np.arange(first, first + steps) % len(loader) == 0
+    waits = np.array(fed["data_waits"])  # (ranks, steps): the share of all ranks' timed seconds waited there
+    epoch_start_wait = waits[:, starts].sum() / (waits.size * fed["step_time"])
+    return dict(
+        _partial_step(setting, stats),
+        complete=True,
         data_stall=min(1.0, max(0.0, stall)),
         data_stall_raw=stall,
         data_wait_share=fed["data_wait"] / fed["step_time"],
@@ -197,14 +219,25 @@ def measure_step(world, recipe: Recipe, train_set, steps: int, warmup: int, cach
         epoch_start_wait_share=float(epoch_start_wait),
         data_stall_median=(fed["step_time_median"] - memory["step_time_median"]) / fed["step_time_median"],
         compute_per_loader_batch=memory["step_time"] / pipeline["step_time"],
-        pipeline=dict(
+    )
+
+
+def _partial_step(setting: dict, stats: dict[str, dict]) -> dict:
+    """The step profile as far as its finished windows go: the loader alone's batch times, and the loader-fed
+    steps' rates once that window is done (what Figure 5 plots); the data stall needs all three."""
+    out = dict(setting, windows=list(stats))
+    if "loader" in stats:
+        fed = stats["loader"]
+        out.update(steps_per_s=fed["steps_per_s"], images_per_s=fed["images_per_s"], views_per_s=fed["views_per_s"])
+    if "pipeline" in stats:
+        pipeline = stats["pipeline"]
+        out["pipeline"] = dict(
             batch_time=pipeline["step_time"],
             batch_time_std=pipeline["step_time_std"],
             samples_per_s=pipeline["images_per_s"],
             views_per_s=pipeline["views_per_s"],
             batch_times=pipeline["step_times"],
             window_seconds=pipeline["window_seconds"],
-        ),
-        memory=memory,
-        loader=fed,
-    )
+        )
+    out.update({name: stats[name] for name in ("memory", "loader") if name in stats})
+    return out

@@ -1,0 +1,185 @@
+"""Parts of the GPU check (benchmarks/gpu_check/) run for real on the CPU at smoke sizes: the loader step's
+cases (guarded one by one, closed before the next, in an order that favours no side), the budget's share
+for compile, figure5's shares of its time per M, and a step killed at its limit keeping what it finished."""
+
+import json
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import psutil
+import pytest
+from conftest import REPO
+
+from benchmarks.gpu_check import driver
+from benchmarks.gpu_check.context import SMOKE, Ctx
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """The smoke run's ImageNet-like JPEGs, made once."""
+    from benchmarks.gpu_check.context import ensure_images
+
+    work = tmp_path_factory.mktemp("work")
+    ensure_images(Ctx(True, work, work, time.time() + 600))
+    return work
+
+
+def test_the_loader_cases_take_turns_and_each_warms_up_on_its_own():
+    from benchmarks.gpu_check.steps_loader import case_order
+
+    order = case_order((1, 4, 10))
+    assert sorted(order) == sorted({*[(m, v) for m in "acg" for v in (1, 4, 10)], ("f", 1)})
+    first = {v: [m for m, w in order if w == v and m in "ac"][0] for v in (1, 4, 10)}
+    assert first == {1: "c", 4: "a", 10: "c"}  # neither side always the first (or the last) of its M
+    assert [v for _, v in order] == sorted(v for _, v in order)  # one M at a time: no case after a larger M's
+
+
+def worker_cpu(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            total += sum(psutil.Process(pid).cpu_times()[:2])
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def test_a_cut_epoch_leaves_the_dataloader_workers_idle_and_close_ends_them(images):
+    """A DataLoader epoch cut after its second batch leaves batches in flight; run_epoch receives them outside
+    its timing, so the workers are idle when the next case would be timed; close() ends them."""
+    from benchmarks.gpu_check.steps_loader import time_limited
+    from benchmarks.peers import Runner, run_epoch, torch_loader
+    from dali_ba.data.dataset import load_dataset
+
+    dataset = load_dataset(images / "imagenet_like" / "train")
+    args = SimpleNamespace(threads=2, batch=8, size=128, seed=0)
+    runner = torch_loader("c", dataset, 32, args)  # 6 batches an epoch, 2 x 2 asked for ahead
+    cut = Runner(time_limited(runner.epoch, 0.0), runner.pids, runner.settle, runner.close)  # cut at the 2nd batch
+    try:
+        epoch = run_epoch(cut, 1)
+        assert epoch["batches"] == 2  # a timed epoch: 2 batches at least
+        pids = runner.pids()
+        assert len(pids) == 2
+        before = worker_cpu(pids)
+        time.sleep(1.0)
+        assert worker_cpu(pids) - before < 0.05  # idle; else making the 4 batches in flight
+        assert run_epoch(cut, 2)["batches"] == 2  # the next epoch starts as usual on the same workers
+        assert runner.pids() == pids
+    finally:
+        runner.close()
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in pids)
+
+
+def test_a_failing_loader_case_is_one_error_row_and_the_others_are_measured(images, tmp_path, monkeypatch):
+    """torchvision's GPU decode failing (here: made to raise on its first batch) costs its three cases only;
+    every other case is measured, in the order of the rule, with no worker of an earlier case left running."""
+    from benchmarks.gpu_check import steps_loader
+    from benchmarks.gpu_check.torchvision_on_device import TorchvisionOnDevice
+
+    def failing(self, index):
+        raise RuntimeError("nvJPEG: decode failed")
+        yield
+
+    monkeypatch.setattr(TorchvisionOnDevice, "epoch", failing)
+    folder = tmp_path / "loader"
+    folder.mkdir()
+    ctx = Ctx(True, folder, images, time.time() + 300)
+    assert steps_loader.step_loader(ctx) == 1  # a failed case: the step is not ok
+    saved = json.loads((folder / "result.json").read_text())
+    rows = {(r["method"], r["views"]): r for r in saved["results"]}
+    assert [f"{r['method']} M={r['views']}" for r in saved["results"]] == saved["order"]
+    assert saved["order"] == [f"{m} M={v}" for m, v in steps_loader.case_order(SMOKE.views)]
+    assert saved["errors"] == 3 and "order_rule" in saved
+    for (method, _), row in rows.items():
+        assert row["processes_before"] == 0  # the previous case's DataLoader workers ended and joined
+        if method == "g":
+            assert row["error"] == "RuntimeError: nvJPEG: decode failed" and "samples_per_s" not in row
+        else:
+            assert "error" not in row and row["samples_per_s"] > 0 and row["epochs"]
+
+
+def test_compile_has_its_own_share_of_the_budget():
+    steps = {s.name: s for s in driver.STEPS}
+    required = [s for s in driver.STEPS if not s.needs_s]
+    assert not steps["compile"].needs_s and steps["compile"].budget_s >= 100
+    assert sum(s.budget_s for s in required) <= driver.BUDGET_S
+    assert [s.name for s in driver.STEPS].index("compile") < min(
+        i for i, s in enumerate(driver.STEPS) if s.needs_s
+    )  # ahead of every optional step
+    assert (SMOKE.compile_steps, SMOKE.compile_warmup) == (3, 1)
+    from benchmarks.gpu_check.context import FULL
+
+    assert (FULL.compile_steps, FULL.compile_warmup) == (10, 3)
+
+
+def test_figure5_gives_each_m_its_own_share_of_the_time():
+    from benchmarks.gpu_check.steps_train import m_share
+
+    # 90 s left: M = 1, 4 and 10 get 6/30, 9/24 and all of what is then left; M = 10 half of it at least
+    assert m_share([1, 4, 10]) == pytest.approx(6 / 30) and m_share([4, 10]) == pytest.approx(9 / 24)
+    assert m_share([10]) == 1.0
+    left = 90.0
+    first = left * m_share([1, 4, 10])
+    second = (left - first) * m_share([4, 10])
+    assert left - first - second == pytest.approx(90 * 15 / 30)
+
+
+def test_the_views_step_whose_profile_is_killed_at_its_limit_keeps_the_ms_it_finished(images, tmp_path):
+    """The GPU check's views step (profile views over M = 1, 4, 10 on the smoke recipe) whose profile run is
+    killed, as the step's limit kills it, once M = 1 is saved: the step records M = 1, marked incomplete, and
+    fails; the profile it leaves (archived with the step's folder) holds M = 1 too."""
+    from benchmarks.gpu_check.processes import child_env, kill_tree
+
+    folder = tmp_path / "views"
+    command = [sys.executable, "-m", "benchmarks.gpu_check.steps", "views", "--smoke"]
+    command += ["--dir", str(folder), "--work", str(images), "--limit", "600"]
+    step = subprocess.Popen(command, cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL)
+    profile_file = folder / "views" / "profile_views.json"
+    try:
+        while step.poll() is None and not profile_file.exists():
+            time.sleep(0.02)
+        assert step.poll() is None, "the views step ended before its profile showed a partial sweep"
+        for child in psutil.Process(step.pid).children():  # the profile run: killed as at its limit
+            kill_tree(child.pid)
+        assert step.wait(timeout=120) == 1
+    finally:
+        kill_tree(step.pid)
+    left = json.loads(profile_file.read_text())
+    assert left["complete"] is False and left["measured"][0] == 1 and left["views"] == [1, 4, 10]
+    assert [r["views"] for r in left["results"]] == left["measured"] and len(left["measured"]) < 3
+    result = json.loads((folder / "result.json").read_text())
+    assert result["complete"] is False and result["rc"] is not None and result["rc"] < 0  # killed by a signal
+    assert result["measured"] == left["measured"] and [r["views"] for r in result["results"]] == left["measured"]
+    assert result["results"][0]["steps_per_s"] > 0
+
+
+def test_figure5_keeps_the_windows_of_an_m_killed_at_its_limit(images, tmp_path):
+    """figure5 (profile step at M = 1, 4, 10, smoke recipe) with M = 1's run killed, as at its limit, once its
+    first window is saved: M = 1's row holds that window and says it was cut; M = 4 and 10 are measured whole."""
+    from benchmarks.gpu_check.processes import child_env, kill_tree
+
+    folder = tmp_path / "figure5"
+    command = [sys.executable, "-m", "benchmarks.gpu_check.steps", "figure5", "--smoke"]
+    command += ["--dir", str(folder), "--work", str(images), "--limit", "600"]
+    step = subprocess.Popen(command, cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL)
+    profile_file = folder / "m1" / "profile_step.json"
+    try:
+        while step.poll() is None and not profile_file.exists():
+            time.sleep(0.02)
+        assert step.poll() is None, "figure5 ended before M = 1's profile showed a window"
+        for child in psutil.Process(step.pid).children():  # M = 1's profile run: killed as at its limit
+            kill_tree(child.pid)
+        assert step.wait(timeout=300) == 1
+    finally:
+        kill_tree(step.pid)
+    result = json.loads((folder / "result.json").read_text())
+    rows = {row["views"]: row for row in result["results"]}
+    assert sorted(rows) == [1, 4, 10] and result["runs"]["1"]["rc"] < 0
+    cut = rows[1]
+    assert cut["complete"] is False and "pipeline" in cut["windows"] and cut["loader_alone_samples_per_s"] > 0
+    assert cut["data_stall"] is None  # needs all three windows
+    for m in (4, 10):
+        assert rows[m]["complete"] is True and rows[m]["data_stall"] is not None and rows[m]["steps_per_s"] > 0
+    assert all(0 < run["limit_s"] for run in result["runs"].values()) and "share_rule" in result
