@@ -210,7 +210,9 @@ def test_targets_are_ratios_of_one_run_and_unmeasured_where_a_step_gave_nothing(
     ]
     figure5 = [
         dict(views=1, data_stall=0.01, images_per_s=97, memory_images_per_s=100),
-        dict(views=4, data_stall=0.05, images_per_s=90, memory_images_per_s=100),
+        dict(
+            views=4, data_stall=0.05, images_per_s=90, memory_images_per_s=100, syncs_per_step=2, sync_sites=["a.py:3"]
+        ),
     ]
     found = {
         (t["target"].split()[0] + " " + t["target"].split()[1], t["views"]): t
@@ -224,8 +226,10 @@ def test_targets_are_ratios_of_one_run_and_unmeasured_where_a_step_gave_nothing(
     assert found["data stall", 1]["met"] and not found["data stall", 4]["met"]
     assert found["training images/s", 1]["met"] and not found["training images/s", 4]["met"]
     assert found["dali-ba views/s", 4]["detail"] == "a 3600 / c 1200 views/s (whole epochs: 3.00)"
+    assert found["host syncs", 4]["value"] == 2 and not found["host syncs", 4]["met"]
+    assert "a.py:3" in found["host syncs", 4]["detail"]
     unmeasured = gpu_report.targets({})
-    assert len(unmeasured) == 9 and all(t["met"] is None and t["value"] is None for t in unmeasured)
+    assert len(unmeasured) == 10 and all(t["met"] is None and t["value"] is None for t in unmeasured)
 
 
 def test_test_outcomes_are_read_from_a_verbose_log_even_when_cut_short():

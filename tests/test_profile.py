@@ -8,6 +8,7 @@ import statistics
 import sys
 import time
 import types
+import warnings
 from dataclasses import dataclass, field
 
 import pytest
@@ -149,6 +150,14 @@ def test_step_profile_fields(step_profiles, ranks):
     assert p["images_per_s"] == pytest.approx(B * p["steps_per_s"])
     assert p["views_per_s"] == pytest.approx(M * p["images_per_s"])
     assert p["pipeline"]["samples_per_s"] == pytest.approx(B / p["pipeline"]["batch_time"])
+    # host syncs are counted on CUDA only (torch's sync debug mode); one report per rank either way
+    assert len(p["host_syncs"]) == ranks
+    if DEVICE == "cuda":
+        assert (
+            p["syncs_per_step"] == max(r["max_per_step"] for r in p["host_syncs"]) and p["host_syncs"][0]["steps"] == 3
+        )
+    else:
+        assert p["syncs_per_step"] is None and not any(r["counted"] for r in p["host_syncs"])
     assert stdout.count("profile step:") == 1  # rank 0 alone reports
     assert re.search(r"data stall [\d.]+% of the step", stdout)
 
@@ -377,3 +386,33 @@ def test_a_step_profile_killed_after_its_first_window_leaves_it(demo_data, tmp_p
     assert left["views"] == M and left["pipeline"]["samples_per_s"] > 0
     done = run_cli(*PROFILE, "collect", str(out), "--out", str(tmp_path / "table.md"))
     assert done.returncode == 2 and "incomplete step profile" in done.stderr and len(done.stderr.splitlines()) == 1
+
+
+def test_host_syncs_are_counted_per_step_with_their_call_sites(monkeypatch):
+    """The counter's bookkeeping, with torch's sync debug mode stood in for (it needs a CUDA driver;
+    on a GPU the GPU check's profile step counts real syncs): each step's sync warnings counted where
+    they were raised, other warnings passed on, the mode put back after each step."""
+    from dali_ba.tools.host_syncs import SYNC_WARNING, SyncCounter
+
+    modes = [0]
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: modes[-1])
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: modes.append(mode))
+
+    def sync() -> None:
+        warnings.warn(f"called a synchronizing CUDA operation ({SYNC_WARNING})", UserWarning, stacklevel=1)
+
+    counter = SyncCounter(torch.device("cuda"))
+    with counter.step():
+        assert modes[-1] == "warn"
+    with pytest.warns(DeprecationWarning, match="something else"), counter.step():
+        sync()
+        sync()
+        warnings.warn("something else", DeprecationWarning, stacklevel=1)
+    with counter.step():
+        sync()
+    assert modes[-1] == 0
+    report = counter.report()
+    assert report["per_step"] == [0, 2, 1] and report["total"] == 3 and report["max_per_step"] == 2
+    ((site, count),) = report["sites"].items()
+    assert count == 3 and site.endswith(f"test_profile.py:{sync.__code__.co_firstlineno + 1}")
+    assert SyncCounter(torch.device("cpu")).report()["counted"] is False

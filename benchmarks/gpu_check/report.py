@@ -78,6 +78,19 @@ def targets(steps: dict[str, dict]) -> list[dict]:
                 threshold=0.95,
             )
         )
+        if row["views"] == 4:  # torch's sync debug mode over the timed loader-fed steps, after the warm-up
+            syncs = row.get("syncs_per_step")
+            sites = ", ".join(row.get("sync_sites", [])[:3]) or "none"
+            out.append(
+                dict(
+                    target="host syncs in a steady training step = 0",
+                    views=4,
+                    value=syncs,
+                    threshold=0,
+                    met=None if syncs is None else syncs == 0,
+                    detail=f"most in one step over the ranks; sites: {sites}; from {source}",
+                )
+            )
     return out
 
 

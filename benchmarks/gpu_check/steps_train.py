@@ -299,6 +299,8 @@ def figure5_row(p: dict) -> dict:
         loader_alone_samples_per_s=pipeline.get("samples_per_s"),
         phases_ms={k: 1e3 * v for k, v in fed.get("phases", {}).items()},
         memory_phases_ms={k: 1e3 * v for k, v in memory.get("phases", {}).items()},
+        syncs_per_step=p.get("syncs_per_step"),  # the most host syncs in one timed step (CUDA only)
+        sync_sites=[site for report in p.get("host_syncs", []) for site in report.get("sites", {})],
     )
 
 

@@ -9,6 +9,7 @@ nothing else uses it.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -22,6 +23,7 @@ import numpy as np
 
 from dali_ba.device import to_device
 from dali_ba.recipe import Recipe
+from dali_ba.tools.host_syncs import SyncCounter
 from dali_ba.training.step_clock import PHASES, StepClock, StepRow
 
 YIELD_VARIABLE = "OMPI_MCA_mpi_yield_when_idle"
@@ -59,17 +61,28 @@ def clocked_step(batches: Iterator, work: Callable | None, clock: StepClock) -> 
     return clock.end()
 
 
-def time_window(batches: Iterator, warmup: int, steps: int, work: Callable | None, clock: StepClock) -> Window:
+def time_window(
+    batches: Iterator,
+    warmup: int,
+    steps: int,
+    work: Callable | None,
+    clock: StepClock,
+    syncs: SyncCounter | None = None,
+) -> Window:
     """``warmup`` untimed steps, then ``steps`` steps between two synchronisations (:data:`TIMING_RULE`).
     The trainer never waits for the GPU inside a step: a wait after each would time a serialised loop,
     in which the loader's next batch cannot overlap this step's compute, and so not the data stall that
     training sees. The warm-up adds no synchronisation (the first one also waits for its queued work);
-    the rows are read after the second (reading a CUDA event waits for it)."""
+    the rows are read after the second (reading a CUDA event waits for it). ``syncs`` counts the timed
+    steps' host syncs (on CUDA)."""
     for _ in range(warmup):
         clocked_step(batches, work, clock)
     clock.sync()
     start = time.perf_counter()
-    rows = [clocked_step(batches, work, clock) for _ in range(steps)]
+    rows = []
+    for _ in range(steps):
+        with syncs.step() if syncs is not None else contextlib.nullcontext():
+            rows.append(clocked_step(batches, work, clock))
     clock.sync()
     seconds = time.perf_counter() - start
     return Window(seconds, [row.seconds() for row in rows])
@@ -191,13 +204,18 @@ def measure_step(
     # Loader-fed steps before memory-fed ones: what warm-up is left after `warmup` steps counts against the loader.
     # Each window's statistics are gathered right after it (outside its two synchronisations), in the same
     # order on every rank, so that rank 0 can save the finished windows before the next one starts.
+    # The loader-fed steps (training as it runs) also count their host syncs, on CUDA.
     stats: dict[str, dict] = {}
-    for name, source, step_work in (
-        ("pipeline", batches, None),
-        ("loader", batches, work),
-        ("memory", itertools.cycle(cached), work),
+    syncs = SyncCounter(device)
+    for name, source, step_work, counter in (
+        ("pipeline", batches, None, None),
+        ("loader", batches, work, syncs),
+        ("memory", itertools.cycle(cached), work, None),
     ):
-        stats[name] = window_stats(world, time_window(source, warmup, steps, step_work, clock), d.batch_size, d.views)
+        window = time_window(source, warmup, steps, step_work, clock, counter)
+        stats[name] = window_stats(world, window, d.batch_size, d.views)
+        if counter is not None:
+            setting.update(host_syncs(world.gather(counter.report())))
         if progress is not None and world.is_root and len(stats) < 3:
             progress(_partial_step(setting, stats))
     if not world.is_root:
@@ -219,6 +237,16 @@ def measure_step(
         epoch_start_wait_share=float(epoch_start_wait),
         data_stall_median=(fed["step_time_median"] - memory["step_time_median"]) / fed["step_time_median"],
         compute_per_loader_batch=memory["step_time"] / pipeline["step_time"],
+    )
+
+
+def host_syncs(reports: list[dict]) -> dict:
+    """The ranks' sync counts as the profile records them: ``syncs_per_step`` the most any rank had in
+    one timed loader-fed step (the target is 0), None where they were not counted (not CUDA)."""
+    counted = all(report["counted"] for report in reports)
+    return dict(
+        syncs_per_step=max(report["max_per_step"] for report in reports) if counted else None,
+        host_syncs=reports,
     )
 
 
