@@ -154,3 +154,25 @@ def test_startup_benchmark_runs_a_small_tree(tmp_path):
     }
     assert all(peer["seconds"] > 0 for peer in peers.values()), peers
     assert record["machine"]["cpu"] and "| folder | 1,000 | none | 1 |" in (out / "startup.md").read_text()
+
+
+def test_auto_augment_benchmark_counts_the_graph_and_prices_each_m(bench_images, tmp_path):
+    out = tmp_path / "out"
+    done = run_cli(
+        sys.executable,
+        "-m",
+        "benchmarks.auto_augment",
+        *("--data", str(bench_images[0]), "--views", "1,2", "--batch", "8", "--size", "32", "--seconds", "0.5"),
+        *("--out", str(out)),
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads((out / "auto_augment.json").read_text())
+    rows = {(r["augment"], r["views"]): r for r in record["results"]}
+    assert set(rows) == {(a, m) for a in ("trivial", "randaugment") for m in (1, 2)}
+    for augment in ("trivial", "randaugment"):  # a select branch per op and per view: more operators per view
+        assert rows[augment, 2]["operators"] > rows[augment, 1]["operators"]
+        assert all(rows[augment, m]["batches"] >= 3 and rows[augment, m]["batch_cpu_s"] > 0 for m in (1, 2))
+    assert record["ratios"] == []  # no M = 4 and 10 in this run
+    assert "| trivial | 2 |" in (out / "auto_augment.md").read_text()
+    assert record["machine"]["cores"] >= 1
