@@ -158,6 +158,8 @@ def test_step_profile_fields(step_profiles, ranks):
         )
     else:
         assert p["syncs_per_step"] is None and not any(r["counted"] for r in p["host_syncs"])
+    # the training thread's time inside the loader's source, per batch it handed over in the loader-fed window
+    assert p["source_callback_batches"] >= ranks and p["source_callback_time"] > 0
     assert stdout.count("profile step:") == 1  # rank 0 alone reports
     assert re.search(r"data stall [\d.]+% of the step", stdout)
 
@@ -266,17 +268,26 @@ class SoloWorld:
 
 
 class StandInLoader:
-    """Batches of zeros, 8 an epoch, each a millisecond in coming."""
+    """Batches of zeros, 8 an epoch, each a millisecond in coming: all of it in its source."""
 
     decoder = "stand-in"
+
+    def __init__(self) -> None:
+        self.source_seconds, self.source_batches = 0.0, 0
 
     def __len__(self) -> int:
         return 8
 
     def epoch(self, epoch: int):
         for _ in range(len(self)):
+            start = time.perf_counter()
             time.sleep(0.001)
+            self.source_seconds += time.perf_counter() - start
+            self.source_batches += 1
             yield torch.zeros(4, 2, 3, 8, 8, dtype=torch.uint8), torch.zeros(4, dtype=torch.int64)
+
+    def source_time(self) -> tuple[float, int]:
+        return self.source_seconds, self.source_batches
 
 
 def stand_in_training() -> types.SimpleNamespace:
@@ -332,6 +343,8 @@ def test_step_profile_times_its_steps_between_two_syncs(stand_ins):
         check_window(p[name])
         assert p[name]["phases"]["forward_backward"] >= 0.002
     assert p["loader"]["phases"]["data"] >= 0.001 and p["steps_per_s"] == p["loader"]["steps_per_s"]
+    # the source's time per batch in the loader-fed window, warm-up included: each batch a 1 ms sleep
+    assert p["source_callback_batches"] == WARMUP + STEPS and 0.001 <= p["source_callback_time"] < 0.1
     alone = p["pipeline"]  # the loader alone: its batches timed the same way
     assert DRAIN + sum(alone["batch_times"][0]) <= alone["window_seconds"][0] < 2 * DRAIN
     assert alone["batch_time"] == pytest.approx(alone["window_seconds"][0] / STEPS)

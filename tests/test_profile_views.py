@@ -39,6 +39,7 @@ ROW_KEYS = {
     "data_wait_share",
     "memory_step_time",
     "loader_alone_batch_time",
+    "source_callback_time",
     "phases",
 }
 
@@ -114,7 +115,7 @@ def test_views_profile_json_table_and_plot(views_profiles, ranks):
     assert p["free_views"] == free_views({r["views"]: r["step_time"] for r in rows}, tolerance)
     percent = {1: "25%", 2: "10%"}[ranks]
     assert stdout.count("profile views:") == 1  # rank 0 alone reports
-    assert f"| M | ms/step | ± std | x M=1 | within {percent} |" in stdout
+    assert f"| M | ms/step | ± std | x M=1 | within {percent} |" in stdout and "| source ms/batch |" in stdout
     assert re.search(rf"^free views: M = {p['free_views']} \(step time within {percent} of M = 1\)$", stdout, re.M)
     with Image.open(out / "profile_views.png") as image:
         assert image.format == "PNG" and image.width > 100 and image.height > 100

@@ -116,6 +116,12 @@ class _ShardedLoader(BadFileRecovery):
             feed = self._feeds[kind] = Feed(make(source), source, iterate)
         return feed
 
+    def source_time(self) -> tuple[float, int]:
+        """The seconds the caller's thread (DALI calls a source inside ``next()``) spent in this loader's
+        sources so far, and the batches they handed over: what reading costs the training thread."""
+        sources = [feed.source for feed in self._feeds.values()]
+        return sum(s.callback_seconds for s in sources), sum(s.callback_batches for s in sources)
+
     def _dali_batches(self, batches: Iterator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """A pass of DALI's torch tensors, moved to ``self.device``."""
         for images, labels in batches:

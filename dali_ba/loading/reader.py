@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -113,6 +114,8 @@ class SampleSource:
         self._labels = np.asarray(dataset.labels)  # the data set's own (int16 or int32): no copy
         self.data_pass: DataPass | None = None
         self._reads: dict[int, list[Future[tuple[bytes, str | None]]]] = {}
+        # The training thread's time inside the source (DALI calls it in next()) and the batches it handed.
+        self.callback_seconds, self.callback_batches = 0.0, 0
 
     def start(self, data_pass: DataPass) -> None:
         """Serve ``data_pass`` from its first batch (DALI's iteration counter restarts with each pass)."""
@@ -148,6 +151,7 @@ class SampleSource:
             self._reads[batch] = [pool.submit(self._read, index) for index in self.data_pass.batch(batch)[1]]
 
     def __call__(self, info: Any) -> list[Any]:
+        start = time.perf_counter()
         data_pass, batch = self.data_pass, info.iteration
         if data_pass is None or batch >= data_pass.batches:
             raise StopIteration
@@ -162,6 +166,8 @@ class SampleSource:
         ]
         if self.params is not None:
             outputs += list(self.params(data_pass.epoch, slots, self.sizes[reads]))
+        self.callback_seconds += time.perf_counter() - start
+        self.callback_batches += 1
         return outputs
 
     def _refill(self, reads: np.ndarray, results: list[tuple[bytes, str | None]]) -> list[np.ndarray]:

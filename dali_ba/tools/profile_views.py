@@ -37,6 +37,10 @@ def _percent(fraction: float) -> str:
     return f"{100 * fraction:g}%"
 
 
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{1e3 * seconds:.2f}"
+
+
 def _views_row(step: dict, reference_time: float, tolerance: float) -> dict:
     """One M's line of the views profile, from its step profile (``reference_time``: the step time at M = 1)."""
     fed = step["loader"]
@@ -56,6 +60,7 @@ def _views_row(step: dict, reference_time: float, tolerance: float) -> dict:
         data_wait_share=step["data_wait_share"],
         memory_step_time=step["memory"]["step_time"],
         loader_alone_batch_time=step["pipeline"]["batch_time"],
+        source_callback_time=step["source_callback_time"],
         phases=fed["phases"],
     )
 
@@ -191,13 +196,14 @@ def views_table(result: dict) -> str:
     """The sweep as a Markdown table, one row per M."""
     tolerance = _percent(result["tolerance"])
     lines = [
-        f"| M | ms/step | ± std | x M=1 | within {tolerance} | views/s | samples/s | data stall | data wait ms |",
-        "|" + " --- |" * 9,
+        f"| M | ms/step | ± std | x M=1 | within {tolerance} | views/s | samples/s | data stall | data wait ms "
+        "| source ms/batch |",
+        "|" + " --- |" * 10,
     ]
     lines += [
         f"| {r['views']} | {1e3 * r['step_time']:.1f} | {1e3 * r['step_time_std']:.1f} | {r['step_time_ratio']:.2f} "
         f"| {'yes' if r['within_tolerance'] else 'no'} | {r['views_per_s']:.0f} | {r['samples_per_s']:.0f} "
-        f"| {r['data_stall']:.1%} | {1e3 * r['data_wait']:.1f} |"
+        f"| {r['data_stall']:.1%} | {1e3 * r['data_wait']:.1f} | {_ms(r.get('source_callback_time'))} |"
         for r in result["results"]
     ]
     return "\n".join(lines) + "\n"

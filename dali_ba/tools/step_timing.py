@@ -212,10 +212,12 @@ def measure_step(
         ("loader", batches, work, syncs),
         ("memory", itertools.cycle(cached), work, None),
     ):
+        before = loader.source_time()
         window = time_window(source, warmup, steps, step_work, clock, counter)
         stats[name] = window_stats(world, window, d.batch_size, d.views)
         if counter is not None:
             setting.update(host_syncs(world.gather(counter.report())))
+            setting.update(source_callback(world.gather(np.subtract(loader.source_time(), before).tolist())))
         if progress is not None and world.is_root and len(stats) < 3:
             progress(_partial_step(setting, stats))
     if not world.is_root:
@@ -248,6 +250,14 @@ def host_syncs(reports: list[dict]) -> dict:
         syncs_per_step=max(report["max_per_step"] for report in reports) if counted else None,
         host_syncs=reports,
     )
+
+
+def source_callback(spent: list[list[float]]) -> dict:
+    """The training thread's time inside the loader's source per batch it handed over, during the
+    loader-fed window (warm-up included), averaged over ranks: ``[seconds, batches]`` per rank. None
+    where no batch came through a source in that window (cached batches, say)."""
+    seconds, count = (sum(values) for values in zip(*spent))
+    return dict(source_callback_time=seconds / count if count else None, source_callback_batches=int(count))
 
 
 def _partial_step(setting: dict, stats: dict[str, dict]) -> dict:
