@@ -303,3 +303,27 @@ def test_torch_views_decode_on_the_cpu_whatever_the_decoder(demo_data, monkeypat
     loader.build_pipeline(0, stage="torch")
     loader.build_pipeline(0, stage="dali")
     assert asked == {"decode_pipeline": "cpu", "batch_augment_pipeline": "mixed"}
+
+
+def test_the_view_parameters_are_drawn_off_the_thread_that_dali_calls(demo_data):
+    """DALI calls the source inside next(), on the training thread: each batch's view parameters (a
+    Philox generator per sample) are drawn ahead on the reader's batch thread, once per batch, and the
+    source times what is left on the calling thread."""
+    import threading
+
+    loader = BatchAugmentLoader(
+        demo_data / "train", batch_size=4, views=2, view_size=24, num_threads=1, stage="dali", seed=3
+    )
+    drawn_on = []
+    draw = loader._view_params
+
+    def recorded(*args):
+        drawn_on.append(threading.current_thread().name)
+        return draw(*args)
+
+    loader._view_params = recorded  # type: ignore[method-assign]
+    batches = collect(loader.epoch(0))
+    assert len(batches) == len(loader) == len(drawn_on)
+    assert all(name.startswith("dali-ba-batches") for name in drawn_on), set(drawn_on)
+    seconds, handed = loader.source_time()
+    assert handed == len(loader) and seconds > 0

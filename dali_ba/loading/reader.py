@@ -10,6 +10,10 @@ view parameters are drawn from (kept for the rest of the run), and the problems 
 sample a broken file before any decoder sees it (an unreadable file or header, an image larger
 than ``max_pixels``). A broken sample is reported (``on_broken``) and its slot refilled with the
 first good sample of its batch: the same batch as a pass that knew of the file from the start.
+
+Each batch read ahead is also put together ahead, on a batch thread: its arrays and its view
+parameters (a Philox generator per sample). DALI calls the source inside ``next()``, on the training
+thread, which then only takes the finished batch (:attr:`SampleSource.callback_seconds` times that).
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ if TYPE_CHECKING:
 
 READ_AHEAD = 2  # batches read ahead of the one DALI asks for (as DALI's own file reader does)
 READ_THREADS = 4  # reads wait on the file system, not the CPU: a few more threads than cores is fine
+# Batches are put together (arrays, view parameters) by one thread per process, in the order they are
+# read ahead, apart from the reading threads: a batch waits for its reads, which never wait for a batch.
+BATCH_THREADS = 1
 EXIF_ORIENTATION = 0x0112
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS)
 
@@ -53,6 +60,15 @@ class DataPass:
     def batch(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         at = index * self.batch_size
         return self.slots[at : at + self.batch_size], self.reads[at : at + self.batch_size].copy()
+
+
+@dataclass
+class ReadBatch:
+    """A batch put together ahead of DALI's request: what the source hands DALI (None: every sample is
+    broken), and the samples found broken on the way ({path: reason}), reported when it is handed."""
+
+    outputs: list[Any] | None
+    broken: dict[str, str]
 
 
 def header_size(image: bytes | str | IO[bytes]) -> tuple[int, int]:
@@ -113,13 +129,13 @@ class SampleSource:
         self.max_pixels = max_pixels
         self._labels = np.asarray(dataset.labels)  # the data set's own (int16 or int32): no copy
         self.data_pass: DataPass | None = None
-        self._reads: dict[int, list[Future[tuple[bytes, str | None]]]] = {}
+        self._batches: dict[int, Future[ReadBatch]] = {}
         # The training thread's time inside the source (DALI calls it in next()) and the batches it handed.
         self.callback_seconds, self.callback_batches = 0.0, 0
 
     def start(self, data_pass: DataPass) -> None:
         """Serve ``data_pass`` from its first batch (DALI's iteration counter restarts with each pass)."""
-        self.data_pass, self._reads = data_pass, {}
+        self.data_pass, self._batches = data_pass, {}
 
     def stop(self) -> None:
         """End the current pass after the batches already asked for (to drain an abandoned pass):
@@ -145,10 +161,15 @@ class SampleSource:
         return data, pixels_problem(*self.sizes[index], self.max_pixels)  # type: ignore[call-arg]  # a sizes row is (height, width): mypy cannot count an array's items
 
     def _read_ahead(self, batch: int) -> None:
-        assert self.data_pass is not None  # called from __call__ once it has checked the pass
-        if batch < self.data_pass.batches and batch not in self._reads:
-            pool = _read_pool()
-            self._reads[batch] = [pool.submit(self._read, index) for index in self.data_pass.batch(batch)[1]]
+        """Start reading ``batch`` of the current pass, and putting it together once read."""
+        data_pass = self.data_pass
+        assert data_pass is not None  # called from __call__ once it has checked the pass
+        if batch < data_pass.batches and batch not in self._batches:
+            slots, reads = data_pass.batch(batch)
+            pool = _pool(_READ_POOLS, READ_THREADS, "dali-ba-reads")
+            results = [pool.submit(self._read, index) for index in reads]
+            batches = _pool(_BATCH_POOLS, BATCH_THREADS, "dali-ba-batches")
+            self._batches[batch] = batches.submit(self._put_together, data_pass.epoch, slots, reads, results)
 
     def __call__(self, info: Any) -> list[Any]:
         start = time.perf_counter()
@@ -157,35 +178,40 @@ class SampleSource:
             raise StopIteration
         for ahead in range(batch, batch + READ_AHEAD + 1):
             self._read_ahead(ahead)
-        slots, reads = data_pass.batch(batch)
-        results = [read.result() for read in self._reads.pop(batch)]
-        encoded = self._refill(reads, results)
-        outputs: list[list[np.ndarray] | np.ndarray] = [
-            encoded,
+        ready = self._batches.pop(batch).result()
+        if ready.broken:
+            self.on_broken(ready.broken)
+        if ready.outputs is None:
+            path, reason = next(iter(ready.broken.items()))
+            raise UnreadableImageError(
+                f"every sample of a batch is broken (e.g. {path}: {reason}); check the data with dali-ba check-data"
+            )
+        self.callback_seconds += time.perf_counter() - start
+        self.callback_batches += 1
+        return ready.outputs
+
+    def _put_together(
+        self, epoch: int, slots: np.ndarray, reads: np.ndarray, results: list[Future[tuple[bytes, str | None]]]
+    ) -> ReadBatch:
+        """On the batch thread: the batch's encoded samples and labels (each broken sample replaced, in
+        ``reads`` too, by the first good sample of the batch), then its view parameters, drawn at the
+        sizes of what was read into each slot."""
+        read = [result.result() for result in results]
+        broken = {self.dataset.files[i]: reason for i, (_, reason) in zip(reads, read) if reason}
+        if broken:
+            good = [k for k, (_, reason) in enumerate(read) if not reason]
+            if not good:
+                return ReadBatch(None, broken)
+            for k, (_, reason) in enumerate(read):
+                if reason:
+                    reads[k], read[k] = reads[good[0]], read[good[0]]
+        outputs: list[Any] = [
+            [np.frombuffer(data, dtype=np.uint8) for data, _ in read],
             [self._labels[i : i + 1].astype(np.int32) for i in reads],
         ]
         if self.params is not None:
-            outputs += list(self.params(data_pass.epoch, slots, self.sizes[reads]))
-        self.callback_seconds += time.perf_counter() - start
-        self.callback_batches += 1
-        return outputs
-
-    def _refill(self, reads: np.ndarray, results: list[tuple[bytes, str | None]]) -> list[np.ndarray]:
-        """The batch's encoded samples, each broken one reported and replaced (in ``reads`` too) by
-        the first good sample of the batch."""
-        broken = {self.dataset.files[i]: reason for i, (_, reason) in zip(reads, results) if reason}
-        if broken:
-            self.on_broken(broken)
-            good = [k for k, (_, reason) in enumerate(results) if not reason]
-            if not good:
-                raise UnreadableImageError(
-                    f"every sample of a batch is broken (e.g. {next(iter(broken))}: "
-                    f"{next(iter(broken.values()))}); check the data with dali-ba check-data"
-                )
-            for k, (_, reason) in enumerate(results):
-                if reason:
-                    reads[k], results[k] = reads[good[0]], results[good[0]]
-        return [np.frombuffer(data, dtype=np.uint8) for data, _ in results]
+            outputs += list(self.params(epoch, slots, self.sizes[reads]))
+        return ReadBatch(outputs, broken)
 
 
 def _reason(exc: Exception) -> str:
@@ -196,13 +222,14 @@ def _reason(exc: Exception) -> str:
 
 
 _READ_POOLS: dict[int, ThreadPoolExecutor] = {}
+_BATCH_POOLS: dict[int, ThreadPoolExecutor] = {}
 
 
-def _read_pool() -> ThreadPoolExecutor:
-    """This process's pool of reading threads (a forked child makes its own)."""
-    pool = _READ_POOLS.get(os.getpid())
+def _pool(pools: dict[int, ThreadPoolExecutor], threads: int, name: str) -> ThreadPoolExecutor:
+    """This process's pool of ``pools``' kind (a forked child makes its own)."""
+    pool = pools.get(os.getpid())
     if pool is None:
-        pool = _READ_POOLS[os.getpid()] = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="dali-ba-reads")
+        pool = pools[os.getpid()] = ThreadPoolExecutor(threads, thread_name_prefix=name)
     return pool
 
 
