@@ -212,7 +212,10 @@ def test_a_full_disk_under_two_ranks_ends_every_rank_with_its_own_code(demo_data
     code = OutputFullError.exit_code
     if launcher is TORCHRUN:
         assert stopped.returncode == 1 and stopped.stderr.count(f"exitcode  : {code} ") == 2, tail(stopped)
-        assert "Signal" not in stopped.stderr and "SIGTERM" not in stopped.stderr, tail(stopped)
+        # A rank killed on its way out shows as "Signal N (...) received by PID" or a negative exit code,
+        # which the count above excludes. torchrun's own "Sending process N closing signal SIGTERM" is
+        # not one: it sends that to the other rank whenever one leaves first, which here is by chance.
+        assert "Signal" not in stopped.stderr and "exitcode  : -" not in stopped.stderr, tail(stopped)
     else:
         assert stopped.returncode == code, tail(stopped)
     errors = [line for line in stopped.stderr.splitlines() if "error" in line and "dali_ba.train" in line]
