@@ -1,6 +1,7 @@
 """benchmarks/: the benchmark JPEGs and a small run of the side-by-side loader benchmark."""
 
 import json
+import subprocess
 import sys
 
 import pytest
@@ -176,3 +177,28 @@ def test_auto_augment_benchmark_counts_the_graph_and_prices_each_m(bench_images,
     assert record["ratios"] == []  # no M = 4 and 10 in this run
     assert "| trivial | 2 |" in (out / "auto_augment.md").read_text()
     assert record["machine"]["cores"] >= 1
+
+
+def test_source_callback_benchmark_times_both_trees(demo_data, tmp_path):
+    """A small run against this very commit: the earlier tree comes from a temporary git worktree."""
+    out = tmp_path / "out"
+    done = run_cli(
+        sys.executable,
+        "-m",
+        "benchmarks.source_callback",
+        *("--before", "HEAD", "--data", str(demo_data / "train"), "--batch-size", "16", "--views", "1,2"),
+        *("--steps", "2", "--warmup", "1", "--out", str(out)),
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads((out / "source_callback.json").read_text())
+    assert [(r["tree"], r["views"]) for r in record["rows"]] == [
+        ("before", 1),
+        ("before", 2),
+        ("after", 1),
+        ("after", 2),
+    ]
+    assert all(r["source_callback_time"] > 0 and r["step_time"] > 0 for r in record["rows"])
+    assert "| after |" in (out / "source_callback.md").read_text() and record["machine"]["cores"] >= 1
+    worktrees = subprocess.run(["git", "worktree", "list"], capture_output=True, text=True, check=True).stdout
+    assert "before" not in worktrees  # the temporary worktree is gone
