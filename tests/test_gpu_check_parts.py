@@ -1,7 +1,7 @@
 """Parts of the GPU check (benchmarks/gpu_check/) run for real on the CPU at smoke sizes: the loader step's
 cases (guarded one by one, closed before the next, in an order that favours no side), the budget's share
 for compile, figure5's shares of its time per M, a step killed at its limit keeping what it finished, and
-the parts of the two facts only a GPU can tell (facts.py)."""
+the parts of the two facts only a GPU can tell (facts.py), their rows unmeasured on the CPU."""
 
 import itertools
 import json
@@ -19,6 +19,7 @@ from conftest import REPO
 
 from benchmarks.gpu_check import driver
 from benchmarks.gpu_check.context import SMOKE, Ctx
+from dali_ba.loading.feed import MIXED_DECODE_TOLERANCE
 
 
 @pytest.fixture(scope="module")
@@ -289,3 +290,61 @@ def test_the_loader_step_keeps_the_facts_its_process_finished(monkeypatch, tmp_p
         "error": "the facts' process was killed at its limit (30 s) before this fact"
     }
     assert saved["errors"] == 1 and saved["facts_process"] == dict(rc=None, seconds=30.0, limit_s=30.0)
+
+
+def test_the_facts_are_target_rows_unmeasured_on_the_cpu_and_judged_on_a_gpu():
+    from benchmarks.gpu_check import report
+
+    def rows(lifetime: dict, decoded: dict) -> tuple[dict, dict]:
+        found = {
+            t["target"]: t
+            for t in report.targets({"loader": {"result": dict(batch_lifetime=lifetime, decoder_difference=decoded)}})
+        }
+        return found[report.BATCH_INTACT], found[report.DECODER_DIFFERENCE]
+
+    cpu = rows({"views": 4, "skipped": "needs a GPU: DLPack"}, {"views": 4, "skipped": "needs a GPU: mixed"})
+    for row in cpu:
+        assert row["value"] is None and row["met"] is None
+        assert row["detail"] == "unmeasured on the CPU: needs a GPU; from loader"
+    assert cpu[0]["views"] == 4 and cpu[0]["threshold"] == 0 and cpu[1]["threshold"] == MIXED_DECODE_TOLERANCE
+    failed = rows({"error": "RuntimeError: x"}, {})
+    assert [row["met"] for row in failed] == [None, None] and failed[0]["detail"].startswith(
+        "not measured: RuntimeError"
+    )
+
+    def difference(largest: int) -> dict:
+        return dict(
+            equal=largest == 0,
+            arrays=1,
+            values=10,
+            max_abs_difference=largest,
+            mean_abs_difference=0.5,
+            share_differing=0.1,
+        )
+
+    def lifetime(kept: int, late: int) -> dict:
+        return dict(
+            decoder="mixed",
+            batch=64,
+            views=4,
+            kept=dict(difference(kept), memory_reused=kept > 0),
+            late=dict(difference(late), queued_s=0.5, queued=True),
+        )
+
+    def decoded(whole: int) -> dict:
+        return dict(whole=difference(whole), as_views=difference(5), views=4, view_size=224, hw_decoder_load=0.65)
+
+    intact, within = rows(lifetime(0, 0), decoded(MIXED_DECODE_TOLERANCE))
+    assert (intact["value"], intact["met"], within["value"], within["met"]) == (0, True, MIXED_DECODE_TOLERANCE, True)
+    assert (
+        "kept: intact yes" in intact["detail"]
+        and "still queued when the two batches were made: yes" in intact["detail"]
+    )
+    assert "as dali-ba's views (M = 4, 224 px" in within["detail"] and "max 5" in within["detail"]
+    overwritten, beyond = rows(lifetime(0, 7), decoded(MIXED_DECODE_TOLERANCE + 1))
+    assert (overwritten["value"], overwritten["met"], beyond["met"]) == (7, False, False)
+    assert (
+        "kept: intact yes" in overwritten["detail"] and "work: intact no (largest difference 7" in overwritten["detail"]
+    )
+    rendered = (*cpu, *failed, intact, within, overwritten, beyond)
+    assert not any("|" in row["target"] + row["detail"] for row in rendered)  # cells of the Markdown table
