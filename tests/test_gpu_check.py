@@ -40,6 +40,7 @@ def test_the_smoke_run_goes_through_every_step(smoke):
     assert machine["cores"] >= 1 and machine["torch"] and machine["dali"] and machine["gpu"] == "no GPU"
     md = (out / "gpu_check.md").read_text()
     assert "SMOKE RUN" in md and "| env | " in md and "## Targets" in md
+    assert md.count("| not measured | unmeasured on the CPU: needs a GPU; from loader |") == 2  # the two facts
 
 
 def test_the_smoke_run_has_the_numbers_of_every_step(smoke):
@@ -111,10 +112,20 @@ def test_the_smoke_run_has_the_numbers_of_every_step(smoke):
         assert [r["views"] for r in fig] == [1, 4, 10]
         assert all(r["steps_per_s"] > 0 and r["memory_images_per_s"] > 0 and 0 <= r["data_stall"] <= 1 for r in fig)
         assert all(set(r["phases_ms"]) == {"data", "h2d", "forward_backward", "allreduce_step"} for r in fig)
-    targets = [t for t in report["targets"] if not t["target"].startswith("host syncs")]
+    targets = [t for t in report["targets"] if t["target"] not in gpu_report.GPU_ONLY]
     assert len(targets) == 9 and all(t["met"] in (True, False) and t["value"] >= 0 for t in targets)
-    (syncs,) = [t for t in report["targets"] if t["target"].startswith("host syncs")]
+    gpu_only = {t["target"]: t for t in report["targets"] if t["target"] in gpu_report.GPU_ONLY}
+    assert list(gpu_only) == list(gpu_report.GPU_ONLY)  # one row each
+    syncs = gpu_only[gpu_report.HOST_SYNCS]
     assert syncs["views"] == 4 and syncs["value"] is None and syncs["met"] is None  # counted on CUDA only
+    for name in (gpu_report.BATCH_INTACT, gpu_report.DECODER_DIFFERENCE):  # measured on a GPU only: nothing faked
+        fact = gpu_only[name]
+        assert fact["value"] is None and fact["met"] is None
+        assert fact["detail"] == "unmeasured on the CPU: needs a GPU; from loader"
+    for name in ("batch_lifetime", "decoder_difference"):
+        assert set(result["loader"][name]) == {"views", "skipped"}
+        assert result["loader"][name]["skipped"].startswith("needs a GPU")
+    assert result["loader"]["facts_process"]["rc"] == 0
 
 
 def test_the_archive_holds_every_steps_log_and_raw_outputs(smoke):
@@ -231,7 +242,7 @@ def test_targets_are_ratios_of_one_run_and_unmeasured_where_a_step_gave_nothing(
     assert found["host syncs", 4]["value"] == 2 and not found["host syncs", 4]["met"]
     assert "a.py:3" in found["host syncs", 4]["detail"]
     unmeasured = gpu_report.targets({})
-    assert len(unmeasured) == 10 and all(t["met"] is None and t["value"] is None for t in unmeasured)
+    assert len(unmeasured) == 12 and all(t["met"] is None and t["value"] is None for t in unmeasured)
 
 
 def test_test_outcomes_are_read_from_a_verbose_log_even_when_cut_short():

@@ -1,19 +1,25 @@
 """Parts of the GPU check (benchmarks/gpu_check/) run for real on the CPU at smoke sizes: the loader step's
 cases (guarded one by one, closed before the next, in an order that favours no side), the budget's share
-for compile, figure5's shares of its time per M, and a step killed at its limit keeping what it finished."""
+for compile, figure5's shares of its time per M, a step killed at its limit keeping what it finished, and
+the parts of the two facts only a GPU can tell (facts.py), their rows unmeasured on the CPU."""
 
+import itertools
 import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import psutil
 import pytest
+import torch
 from conftest import REPO
 
 from benchmarks.gpu_check import driver
 from benchmarks.gpu_check.context import SMOKE, Ctx
+from dali_ba.loading.feed import MIXED_DECODE_TOLERANCE
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +189,162 @@ def test_figure5_keeps_the_windows_of_an_m_killed_at_its_limit(images, tmp_path)
     for m in (4, 10):
         assert rows[m]["complete"] is True and rows[m]["data_stall"] is not None and rows[m]["steps_per_s"] > 0
     assert all(0 < run["limit_s"] for run in result["runs"].values()) and "share_rule" in result
+
+
+# --- the two facts only a GPU can tell (benchmarks/gpu_check/facts.py), their parts on the CPU -------------
+
+
+def test_pixel_difference_finds_the_largest_and_the_share_that_differ():
+    from benchmarks.gpu_check.facts import pixel_difference
+
+    ours = [np.zeros((2, 3, 3), np.uint8), np.full((4, 1, 3), 200, np.uint8)]
+    assert pixel_difference(ours, [a.copy() for a in ours]) == dict(
+        equal=True, arrays=2, values=30, max_abs_difference=0, mean_abs_difference=0.0, share_differing=0.0
+    )
+    theirs = [a.copy() for a in ours]
+    theirs[0][0, 0, 0], theirs[1][3, 0, 2] = 5, 190  # uint8: no wrap-around in the difference
+    found = pixel_difference(ours, theirs)
+    assert found["equal"] is False and found["max_abs_difference"] == 10
+    assert found["mean_abs_difference"] == pytest.approx(15 / 30) and found["share_differing"] == pytest.approx(2 / 30)
+    with pytest.raises(ValueError, match="differ in shape"):
+        pixel_difference(ours, [theirs[0], theirs[1][:2]])
+
+
+def batches_in(buffer: torch.Tensor | None):
+    """Batches of consecutive values: each a new tensor, or (``buffer``) each written over the last one."""
+    for index in itertools.count():
+        values = torch.full((2, 3), index, dtype=torch.uint8)
+        if buffer is None:
+            yield values, torch.zeros(2)
+        else:
+            buffer.copy_(values)
+            yield buffer, torch.zeros(2)
+
+
+def test_a_batch_kept_is_told_intact_only_when_no_later_batch_writes_over_it():
+    from benchmarks.gpu_check.facts import kept_batch, late_read
+
+    fresh = kept_batch(batches_in(None), cuda=False)
+    assert fresh["equal"] is True and fresh["max_abs_difference"] == 0 and fresh["memory_reused"] is False
+    reused = kept_batch(batches_in(torch.empty(2, 3, dtype=torch.uint8)), cuda=False)
+    assert reused["equal"] is False and reused["max_abs_difference"] == 2 and reused["memory_reused"] is True
+    # On the CPU nothing is queued: the late copy is made at once, and whether it waited is not known.
+    late = late_read(batches_in(torch.empty(2, 3, dtype=torch.uint8)), cuda=False, seconds=0.5)
+    assert late["equal"] is True and late["queued"] is None and late["queued_s"] == 0.0
+
+
+def test_the_facts_code_runs_on_the_cpu_loader(images):
+    """The facts' GPU code on the cpu decoder (DALI making the views, its outputs through DLPack), so that its
+    first GPU run is not its first run; the torch stage's buffer, written over each batch, is caught."""
+    from benchmarks.gpu_check.facts import batch_lifetime, decoder_difference, fact_loader, kept_batch
+    from dali_ba.data.dataset import load_dataset
+
+    dataset = load_dataset(images / "imagenet_like" / "train")
+    lifetime = batch_lifetime(dataset, SMOKE, decoder="cpu")
+    assert (lifetime["decoder"], lifetime["device"], lifetime["batch"], lifetime["views"]) == ("cpu", "cpu", 8, 4)
+    assert lifetime["kept"]["values"] == lifetime["late"]["values"] == 8 * 4 * 3 * SMOKE.view_size**2
+    assert lifetime["late"]["queued"] is None and lifetime["late"]["queued_s"] == 0.0
+    # torch's stage renders the views into one reused buffer: a batch is valid until the next one only
+    reused = kept_batch(fact_loader(dataset, SMOKE, "cpu").epoch(0, stage="torch"), cuda=False)
+    assert reused["equal"] is False and reused["max_abs_difference"] > 0 and reused["memory_reused"] is True
+    same = decoder_difference(dataset, SMOKE, decoders=("cpu", "cpu"))
+    assert same["decoders"] == ["cpu", "cpu"] and same["whole"]["arrays"] == SMOKE.batch
+    assert same["whole"]["equal"] and same["as_views"]["equal"] and same["as_views"]["arrays"] == 1
+
+
+def test_a_fact_that_fails_is_its_own_error_and_the_other_is_measured(monkeypatch, tmp_path):
+    from benchmarks.gpu_check import facts
+
+    def failing(dataset, s):
+        raise RuntimeError("DLPack: no")
+
+    monkeypatch.setattr(facts, "gpu", lambda: True)
+    monkeypatch.setattr("dali_ba.data.dataset.load_dataset", lambda folder: [])
+    monkeypatch.setattr(
+        facts, "FACTS", {"batch_lifetime": (failing, "why"), "decoder_difference": (lambda d, s: {"whole": 1}, "why")}
+    )
+    out = tmp_path / "facts.json"
+    assert facts.main(["--data", str(tmp_path), "--out", str(out), "--smoke"]) == 1
+    assert json.loads(out.read_text()) == {
+        "batch_lifetime": {"error": "RuntimeError: DLPack: no"},
+        "decoder_difference": {"whole": 1},
+    }
+
+
+def test_the_loader_step_keeps_the_facts_its_process_finished(monkeypatch, tmp_path):
+    """The facts' process killed at its limit after the first fact: that one is kept, the other is an error
+    (an error row of its own in the report), both saved in the step's result."""
+    from benchmarks.gpu_check import steps_loader
+
+    def killed(command, log, limit, env):
+        out = Path(command[command.index("--out") + 1])
+        out.write_text(json.dumps({"batch_lifetime": {"views": 4, "skipped": "needs a GPU: no"}}))
+        return None, limit
+
+    monkeypatch.setattr(steps_loader, "run_logged", killed)
+    ctx = Ctx(True, tmp_path, tmp_path, time.time() + 600, result={"errors": 0})
+    steps_loader.measure_facts(ctx, tmp_path)
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert saved["batch_lifetime"] == {"views": 4, "skipped": "needs a GPU: no"}
+    assert saved["decoder_difference"] == {
+        "error": "the facts' process was killed at its limit (30 s) before this fact"
+    }
+    assert saved["errors"] == 1 and saved["facts_process"] == dict(rc=None, seconds=30.0, limit_s=30.0)
+
+
+def test_the_facts_are_target_rows_unmeasured_on_the_cpu_and_judged_on_a_gpu():
+    from benchmarks.gpu_check import report
+
+    def rows(lifetime: dict, decoded: dict) -> tuple[dict, dict]:
+        found = {
+            t["target"]: t
+            for t in report.targets({"loader": {"result": dict(batch_lifetime=lifetime, decoder_difference=decoded)}})
+        }
+        return found[report.BATCH_INTACT], found[report.DECODER_DIFFERENCE]
+
+    cpu = rows({"views": 4, "skipped": "needs a GPU: DLPack"}, {"views": 4, "skipped": "needs a GPU: mixed"})
+    for row in cpu:
+        assert row["value"] is None and row["met"] is None
+        assert row["detail"] == "unmeasured on the CPU: needs a GPU; from loader"
+    assert cpu[0]["views"] == 4 and cpu[0]["threshold"] == 0 and cpu[1]["threshold"] == MIXED_DECODE_TOLERANCE
+    failed = rows({"error": "RuntimeError: x"}, {})
+    assert [row["met"] for row in failed] == [None, None] and failed[0]["detail"].startswith(
+        "not measured: RuntimeError"
+    )
+
+    def difference(largest: int) -> dict:
+        return dict(
+            equal=largest == 0,
+            arrays=1,
+            values=10,
+            max_abs_difference=largest,
+            mean_abs_difference=0.5,
+            share_differing=0.1,
+        )
+
+    def lifetime(kept: int, late: int) -> dict:
+        return dict(
+            decoder="mixed",
+            batch=64,
+            views=4,
+            kept=dict(difference(kept), memory_reused=kept > 0),
+            late=dict(difference(late), queued_s=0.5, queued=True),
+        )
+
+    def decoded(whole: int) -> dict:
+        return dict(whole=difference(whole), as_views=difference(5), views=4, view_size=224, hw_decoder_load=0.65)
+
+    intact, within = rows(lifetime(0, 0), decoded(MIXED_DECODE_TOLERANCE))
+    assert (intact["value"], intact["met"], within["value"], within["met"]) == (0, True, MIXED_DECODE_TOLERANCE, True)
+    assert (
+        "kept: intact yes" in intact["detail"]
+        and "still queued when the two batches were made: yes" in intact["detail"]
+    )
+    assert "as dali-ba's views (M = 4, 224 px" in within["detail"] and "max 5" in within["detail"]
+    overwritten, beyond = rows(lifetime(0, 7), decoded(MIXED_DECODE_TOLERANCE + 1))
+    assert (overwritten["value"], overwritten["met"], beyond["met"]) == (7, False, False)
+    assert (
+        "kept: intact yes" in overwritten["detail"] and "work: intact no (largest difference 7" in overwritten["detail"]
+    )
+    rendered = (*cpu, *failed, intact, within, overwritten, beyond)
+    assert not any("|" in row["target"] + row["detail"] for row in rendered)  # cells of the Markdown table

@@ -56,6 +56,7 @@ class Step:
 # compile has a fixed share among the required steps (a cold inductor compile of ResNet-50 needs more than
 # the 60 s it used to get from what was left): 100 s, taken from tests (90 -> 80) and demo (75 -> 70) and
 # by making views (a shorter repeat of figure5's sweep) and augment optional, run last on what is left.
+# loader has 5 s more (85 -> 90, the last 5 s of BUDGET_S) for the two facts of gpu_check/facts.py.
 STEPS = (
     Step("env", "Environment: GPU, driver, versions, DALI's hardware JPEG decoder", 25, 120),
     Step("doctor", "python -m dali_ba.doctor on this machine (its GPU paths)", 20, 90),
@@ -69,8 +70,8 @@ STEPS = (
     Step(
         "loader",
         "Loader alone, M = 1, 4, 10: dali-ba vs torchvision (16 workers), torchvision on the GPU, "
-        "DALI decode alone; the mixed decoder at three hw_decoder_load",
-        85,
+        "DALI decode alone; the mixed decoder at three hw_decoder_load; two facts of the GPU path",
+        90,
         180,
     ),
     Step("figure5", "Figure 5: ResNet-50, bf16, channels_last, B = 64, M = 1, 4, 10 (profile step)", 85, 240),

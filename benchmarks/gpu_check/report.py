@@ -12,9 +12,18 @@ import io
 import json
 import os
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
+from dali_ba.loading.feed import MIXED_DECODE_TOLERANCE
+
 ARCHIVED = (".log", ".json", ".jsonl", ".md", ".png", ".txt", ".toml", ".xml")  # what details.tar.gz keeps
+HOST_SYNCS = "host syncs in a steady training step = 0"
+BATCH_INTACT = (
+    "batch tensor intact two batches later (DALI's GPU memory through DLPack): largest difference from its clone = 0"
+)
+DECODER_DIFFERENCE = "mixed decoder's largest pixel difference from the cpu decoder <= MIXED_DECODE_TOLERANCE"
+GPU_ONLY = (HOST_SYNCS, BATCH_INTACT, DECODER_DIFFERENCE)  # measured on CUDA only: "not measured" in a smoke run
 
 
 def _ratio_target(name: str, views: int, value: float | None, detail: str, threshold: float) -> dict:
@@ -83,7 +92,7 @@ def targets(steps: dict[str, dict]) -> list[dict]:
             sites = ", ".join(row.get("sync_sites", [])[:3]) or "none"
             out.append(
                 dict(
-                    target="host syncs in a steady training step = 0",
+                    target=HOST_SYNCS,
                     views=4,
                     value=syncs,
                     threshold=0,
@@ -91,7 +100,56 @@ def targets(steps: dict[str, dict]) -> list[dict]:
                     detail=f"most in one step over the ranks; sites: {sites}; from {source}",
                 )
             )
+    facts = steps.get("loader", {}).get("result", {})  # benchmarks/gpu_check/facts.py's, measured by the loader step
+    lifetime = facts.get("batch_lifetime")
+    out.append(_fact_target(BATCH_INTACT, lifetime, _intact, 0, (lifetime or {}).get("views")))
+    out.append(_fact_target(DECODER_DIFFERENCE, facts.get("decoder_difference"), _decoded, MIXED_DECODE_TOLERANCE))
     return out
+
+
+def _fact_target(
+    target: str, fact: dict | None, read: Callable[[dict], tuple[int, str]], threshold: int, views: int | None = None
+) -> dict:
+    """A fact of the loader step as a target row, met when its value is at most ``threshold``. Unmeasured
+    (value and met None), and why, where the step has no number for it: on the CPU (the smoke run), after
+    an error, or when the step did not get to it."""
+    if not fact:
+        value, detail = None, "not measured: the loader step recorded nothing"
+    elif "skipped" in fact:
+        value, detail = None, f"unmeasured on the CPU: {fact['skipped'].split(':')[0]}"
+    elif "error" in fact:
+        value, detail = None, f"not measured: {fact['error']}"
+    else:
+        value, detail = read(fact)
+    met = None if value is None else value <= threshold
+    return dict(target=target, views=views, value=value, threshold=threshold, met=met, detail=f"{detail}; from loader")
+
+
+def _yes(flag: bool | None) -> str:
+    return "unknown" if flag is None else "yes" if flag else "no"
+
+
+def _intact(fact: dict) -> tuple[int, str]:
+    """batch_lifetime's largest difference from a clone made at once, a kept batch's or a late read's."""
+    kept, late = fact["kept"], fact["late"]
+    return max(kept["max_abs_difference"], late["max_abs_difference"]), (
+        f"kept: intact {_yes(kept['equal'])} (largest difference {kept['max_abs_difference']}; a later batch in its "
+        f"memory: {_yes(kept['memory_reused'])}); let go, read by a copy queued behind {late['queued_s']} s of GPU "
+        f"work: intact {_yes(late['equal'])} (largest difference {late['max_abs_difference']}; the copy still queued "
+        f"when the two batches were made: {_yes(late['queued'])}); {fact['decoder']} decoder, B = {fact['batch']}"
+    )
+
+
+def _decoded(fact: dict) -> tuple[int, str]:
+    """decoder_difference's largest pixel difference on whole images, and the views' beside it."""
+    whole, views = fact["whole"], fact["as_views"]
+    return whole["max_abs_difference"], (
+        f"{whole['arrays']} files decoded whole: mean difference {whole['mean_abs_difference']:.3g}, "
+        f"{100 * whole['share_differing']:.3g} % of values differ; as dali-ba's views (M = {fact['views']}, "
+        f"{fact['view_size']} px, the same boxes and flips, DALI's GPU operators against its CPU ones): max "
+        f"{views['max_abs_difference']}, mean {views['mean_abs_difference']:.3g}; hw_decoder_load "
+        f"{fact['hw_decoder_load']}"
+    )
 
 
 def figure5_rows(steps: dict[str, dict]) -> tuple[str, list[dict]]:

@@ -1,15 +1,19 @@
-"""The GPU check's loader steps: ``loader`` (dali-ba against torchvision on the CPU and on the GPU and
-against DALI's decode alone; the mixed decoder at several ``hw_decoder_load``) and ``augment`` (the
-auto-augment graphs: their build time and views/s)."""
+"""The GPU check's loader steps: ``loader`` (two facts of dali-ba's GPU path, benchmarks/gpu_check/facts.py;
+dali-ba against torchvision on the CPU and on the GPU and against DALI's decode alone; the mixed decoder
+at several ``hw_decoder_load``) and ``augment`` (the auto-augment graphs: their build time and views/s)."""
 
 from __future__ import annotations
 
 import gc
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from types import SimpleNamespace
 
-from benchmarks.gpu_check.context import Ctx, Sizes, ensure_images, gpu
+from benchmarks.gpu_check.context import Ctx, Sizes, ensure_images, gpu, read_json
+from benchmarks.gpu_check.facts import FACTS
+from benchmarks.gpu_check.processes import child_env, run_logged
 
 # --- 5. the loader alone --------------------------------------------------------------------------------
 
@@ -48,13 +52,16 @@ def step_loader(ctx: Ctx) -> int:
     stopped after ``epoch_seconds``). Each case is guarded and saved as it ends: one that fails (a peer's
     nvJPEG, say) is one error row, the others are still measured. Rates are per case's fastest epoch;
     ``running`` rates leave out each epoch's start (a DALI pipeline built or reset, a prefetch queue
-    refilled), which an ImageNet epoch of 20,000 batches amortises."""
+    refilled), which an ImageNet epoch of 20,000 batches amortises. The facts of
+    benchmarks/gpu_check/facts.py come first (:func:`measure_facts`: seconds, under a limit of their own),
+    so that no case run long leaves them no time."""
     import psutil
     import torch
 
     from dali_ba.data.dataset import load_dataset
 
-    dataset = load_dataset(ensure_images(ctx))
+    data = ensure_images(ctx)
+    dataset = load_dataset(data)
     s = ctx.sizes
     torch.set_num_threads(s.workers)
     cases = case_order(s.views)
@@ -71,6 +78,7 @@ def step_loader(ctx: Ctx) -> int:
         errors=0,
     )
     ctx.save()
+    measure_facts(ctx, data)
     for position, (method, views) in enumerate(cases):
         needed = 2 + s.epoch_seconds * (0.5 + s.loader_epochs)  # a build, the warm-up and the timed epochs
         if ctx.left() < needed:
@@ -91,6 +99,27 @@ def step_loader(ctx: Ctx) -> int:
         ctx.result["errors"] += 1
     ctx.save()
     return 0 if not ctx.result["errors"] and "cut" not in ctx.result else 1
+
+
+FACTS_LIMIT_S = 30.0  # the facts' process: ~10 s on a GPU (torch and DALI imported, three loaders built)
+
+
+def measure_facts(ctx: Ctx, data: Path) -> None:
+    """The facts of benchmarks/gpu_check/facts.py (``ctx.result[name]`` each), measured in a process of
+    their own under :data:`FACTS_LIMIT_S`: one that fails, or a process that hangs, is an error (counted
+    in ``errors``: its own row) and costs at most that, no other result; and CUDA starts there, not in
+    this process, whose DataLoader workers fork. On the CPU each says why it was not measured."""
+    out = ctx.dir / "facts.json"
+    command = [sys.executable, "-m", "benchmarks.gpu_check.facts", "--data", str(data), "--out", str(out)]
+    limit = min(FACTS_LIMIT_S, ctx.left())
+    rc, seconds = run_logged(command + ["--smoke"] * ctx.smoke, ctx.dir / "facts.log", limit, child_env())
+    found = read_json(out) or {}
+    ended = f"was killed at its limit ({limit:.0f} s)" if rc is None else f"ended (rc {rc})"
+    for name in FACTS:
+        ctx.result[name] = found.get(name) or {"error": f"the facts' process {ended} before this fact"}
+        ctx.result["errors"] += "error" in ctx.result[name]
+    ctx.result["facts_process"] = dict(rc=rc, seconds=round(seconds, 1), limit_s=round(limit, 1))
+    ctx.save()
 
 
 def run_case(method: str, views: int, dataset, s: Sizes) -> dict:
