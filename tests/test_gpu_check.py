@@ -112,6 +112,7 @@ def test_the_smoke_run_has_the_numbers_of_every_step(smoke):
         assert [r["views"] for r in fig] == [1, 4, 10]
         assert all(r["steps_per_s"] > 0 and r["memory_images_per_s"] > 0 and 0 <= r["data_stall"] <= 1 for r in fig)
         assert all(set(r["phases_ms"]) == {"data", "h2d", "forward_backward", "allreduce_step"} for r in fig)
+    assert all(r["source_ms"] > 0 for r in result["views"]["results"])  # the training thread's time in the source
     targets = [t for t in report["targets"] if t["target"] not in gpu_report.GPU_ONLY]
     assert len(targets) == 9 and all(t["met"] in (True, False) and t["value"] >= 0 for t in targets)
     gpu_only = {t["target"]: t for t in report["targets"] if t["target"] in gpu_report.GPU_ONLY}

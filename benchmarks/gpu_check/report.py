@@ -502,7 +502,7 @@ def _views_md(r: dict) -> list[str]:
     )
     head = f"Free views (step time within {r.get('tolerance')} of M = 1's): M = {r.get('free_views')}.{cut}"
     return [head, ""] + table(
-        ["M", "steps/s", "img/s", "views/s", "img/s, memory", "data stall", "step time / M=1's"],
+        ["M", "steps/s", "img/s", "views/s", "img/s, memory", "data stall", "step time / M=1's", "source ms/batch"],
         [
             [
                 x["views"],
@@ -512,6 +512,7 @@ def _views_md(r: dict) -> list[str]:
                 x["memory_images_per_s"],
                 x["data_stall"],
                 x["step_time_ratio"],
+                x.get("source_ms"),
             ]
             for x in r.get("results", [])
         ],

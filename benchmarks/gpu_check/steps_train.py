@@ -349,6 +349,8 @@ def step_views(ctx: Ctx) -> int:
             memory_images_per_s=profile["per_rank_batch"] / r["memory_step_time"],
             data_stall=r["data_stall"],
             step_time_ratio=r["step_time_ratio"],
+            # the training thread's time in the reader's source per batch (issue 37: off that thread)
+            source_ms=None if r.get("source_callback_time") is None else 1e3 * r["source_callback_time"],
             phases_ms={k: 1e3 * v for k, v in r.get("phases", {}).items()},
         )
         for r in profile.get("results", [])
