@@ -355,6 +355,31 @@ def test_the_hardware_decoder_probe_says_no_without_a_gpu():
     assert available is False and reason
 
 
+def test_a_hardware_decoder_probe_that_never_answers_is_killed_and_says_where_it_hung(tmp_path, monkeypatch):
+    """The probe runs in a child under a limit, so a hardware backend that never answers cannot hang the
+    doctor. Here a stand-in nvImageCodec that sleeps forever."""
+    fake = tmp_path / "nvidia"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("")
+    (fake / "nvimgcodec.py").write_text(
+        "import time\n"
+        "class BackendKind:\n    HW_GPU_ONLY = CPU_ONLY = 0\n"
+        "def Backend(kind):\n    return kind\n"
+        "class Decoder:\n    def __init__(self, **options):\n        time.sleep(600)\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{REPO}")
+    started = time.monotonic()
+    available, reason = doctor.hardware_jpeg(0, timeout=4)
+    assert time.monotonic() - started < 30  # killed at its limit, not after the sleep
+    assert available is False
+    assert reason.startswith("nvImageCodec gave no answer in 4 s (stuck at File ") and "nvimgcodec.py" in reason
+    found = Findings(0, "n1")
+    monkeypatch.setattr(doctor, "hardware_jpeg", lambda index: (False, reason))
+    doctor.check_dali(found, "580.65.06", 0)
+    (problem,) = found.problems
+    assert problem.level == "warn" and "nvImageCodec gave no answer in 4 s" in problem.text
+
+
 HOROVOD = {"installed": True, "version": "0.28.1", "mpi": True, "gloo": True, "nccl": True, "cuda": True}
 MPI_ENV = {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"}
 GLOO_ENV = {"HOROVOD_RANK": "0", "HOROVOD_SIZE": "2"}

@@ -348,3 +348,43 @@ def test_the_facts_are_target_rows_unmeasured_on_the_cpu_and_judged_on_a_gpu():
     )
     rendered = (*cpu, *failed, intact, within, overwritten, beyond)
     assert not any("|" in row["target"] + row["detail"] for row in rendered)  # cells of the Markdown table
+
+
+def test_a_test_file_killed_at_its_limit_still_says_why_its_tests_failed(tmp_path):
+    """The first GPU run lost why a test failed: its pytest was killed before the summary. The step's
+    plugin writes each failure when it happens; the step reads the first ``E`` line back."""
+    from benchmarks.gpu_check import pytest_failures
+    from benchmarks.gpu_check.processes import child_env
+    from benchmarks.gpu_check.steps_tests import failure_reasons
+
+    (tmp_path / "test_late.py").write_text(
+        "import time\n"
+        "def test_fails():\n    assert 1 == 2, 'mpirun needs Horovod'\n"
+        "def test_hangs():\n    time.sleep(600)\n"
+    )
+    failures = tmp_path / "failures.txt"
+    env = dict(child_env(), **{pytest_failures.ENV: str(failures)})
+    command = [sys.executable, "-m", "pytest", "-p", "benchmarks.gpu_check.pytest_failures", "-p", "no:cacheprovider"]
+    process = subprocess.Popen([*command, str(tmp_path / "test_late.py")], cwd=tmp_path, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not failures.is_file() and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.1)
+        assert process.poll() is None  # still inside test_hangs: the failure came before the end
+    finally:
+        process.kill()
+        process.wait()
+    reasons = failure_reasons(failures.read_text())
+    assert list(reasons) == ["test_late.py::test_fails"]
+    assert "AssertionError: mpirun needs Horovod" in reasons["test_late.py::test_fails"]
+
+
+def test_a_rerun_gives_chosen_steps_other_limits(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert driver.main(["--out", str(out), "--smoke", "--steps", "env,doctor", "--limits", "env=1"]) == 1
+    steps = {s["name"]: s for s in json.loads((out / "gpu_check.json").read_text())["steps"]}
+    assert steps["env"]["limit_s"] == 1 and steps["env"]["status"] == "skipped (no time left)"
+    assert steps["doctor"]["budget_s"] == driver.STEPS[1].smoke_budget_s  # the others keep theirs
+    with pytest.raises(SystemExit):
+        driver.main(["--out", str(out), "--steps", "env", "--limits", "figure5=150"])
+    assert "--limits names steps not run: ['figure5']" in capsys.readouterr().err

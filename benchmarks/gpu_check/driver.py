@@ -27,7 +27,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from benchmarks.gpu_check.processes import child_env, run_logged
@@ -45,8 +45,8 @@ SMOKE_NOTE = (
 class Step:
     name: str
     title: str
-    budget_s: int  # time limit on the GPU machine: the required steps' limits add up to BUDGET_S
-    smoke_budget_s: int  # time limit on the CPU smoke run: only a guard against hangs, ample for 2 shared cores
+    budget_s: float  # time limit on the GPU machine: the required steps' limits add up to BUDGET_S
+    smoke_budget_s: float  # time limit on the CPU smoke run: only a guard against hangs, ample for 2 shared cores
     needs_s: int = 0  # an optional step (outside BUDGET_S's sum, run last on what the others left): skipped,
     # with a note, when less than this is left
 
@@ -163,12 +163,29 @@ def main(argv: list[str] | None = None) -> int:
         help=f"seconds for the whole run (default {BUDGET_S}; smoke: the sum of its step limits)",
     )
     parser.add_argument("--steps", default=",".join(s.name for s in STEPS), help="comma-separated steps to run")
+    parser.add_argument(
+        "--limits",
+        default="",
+        help="STEP=SECONDS,...: other limits on the GPU for a rerun of some steps (a first run's steps cut at "
+        "their limits)",
+    )
     args = parser.parse_args(argv)
     args.command = " ".join([PROG, *(sys.argv[1:] if argv is None else argv)])
     chosen = [s for s in STEPS if s.name in args.steps.split(",")]
     unknown = set(args.steps.split(",")) - {s.name for s in STEPS}
     if unknown:
         parser.error(f"unknown steps {sorted(unknown)}; known: {', '.join(s.name for s in STEPS)}")
+    try:
+        limits = {
+            name: float(seconds) for name, seconds in (item.split("=") for item in args.limits.split(",") if item)
+        }
+    except ValueError:
+        parser.error(f"--limits {args.limits!r}: expected STEP=SECONDS,..., e.g. figure5=150")
+    if set(limits) - {s.name for s in chosen}:
+        parser.error(f"--limits names steps not run: {sorted(set(limits) - {s.name for s in chosen})}")
+    chosen = [
+        replace(s, budget_s=limits[s.name], smoke_budget_s=limits[s.name]) if s.name in limits else s for s in chosen
+    ]
     budget = args.budget or (sum(s.smoke_budget_s for s in chosen) if args.smoke else BUDGET_S)
     work = args.work.resolve() if args.work else Path(tempfile.mkdtemp(prefix="gpu-check-"))
     shutil.rmtree(work, ignore_errors=True)

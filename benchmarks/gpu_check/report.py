@@ -306,7 +306,8 @@ def _tests_md(r: dict) -> list[str]:
             for name, f in r.get("per_file", {}).items()
         ],
     )
-    lines += [f"- failed: `{name}`" for name in r.get("failed", [])]
+    reasons = r.get("reasons", {})
+    lines += [f"- failed: `{name}`" + (f": {reasons[name]}" if name in reasons else "") for name in r.get("failed", [])]
     lines += [f"- deselected `{key}`: {why}" for key, why in r.get("deselected", {}).items()]
     return lines + [""]
 

@@ -8,10 +8,11 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
+from collections.abc import Callable
 
 from benchmarks.gpu_check.context import Ctx, ensure_images, module_version, read_json
 from benchmarks.gpu_check.processes import child_env, run_logged
+from dali_ba.doctor import hardware_jpeg
 
 # --- 1. environment -----------------------------------------------------------------------------------
 
@@ -58,7 +59,7 @@ def step_env(ctx: Ctx) -> int:
         m[name] = module_version(module)
     m["tools"] = {tool: shutil.which(tool) for tool in ("nvidia-smi", "mpirun", "horovodrun", "make")}
     ctx.save()
-    r["hardware_decoder"] = hardware_decoder(files, cuda, ctx.sizes.workers)
+    hardware_decoder(r.setdefault("hardware_decoder", {}), files, cuda, ctx.sizes.workers, ctx.save)
     ctx.save()
     return 0
 
@@ -81,20 +82,24 @@ def nvidia_smi() -> dict:
     return {"nvidia_smi": dict(zip(query, values)), "driver": values[1]}
 
 
-def hardware_decoder(files: list[str], cuda: bool, threads: int) -> dict:
+def hardware_decoder(out: dict, files: list[str], cuda: bool, threads: int, save: Callable[[], None]) -> None:
     """Evidence that DALI's mixed decoder runs on the hardware JPEG decoder (NVJPG engines): nvImageCodec
     (the library DALI decodes with) decoding with its hardware backend alone; DALI's mixed decoder with
     all work kept off the hardware (``hw_decoder_load=0``) against its default (0.65, what dali-ba uses),
     in images/s and CPU ms per image; and nvidia-smi's JPG-engine utilisation while the default runs.
-    On the CPU (smoke) the same code runs with nvImageCodec's and DALI's CPU decoders."""
-    out: dict = {"files": len(files)}
+    On the CPU (smoke) the same code runs with nvImageCodec's and DALI's CPU decoders. ``out`` is filled
+    as it goes, and saved after each part, so that a step killed at its limit keeps what it measured."""
+    out["files"] = len(files)
     out["nvimgcodec_backend"] = "hw_gpu_only" if cuda else "cpu_only"
-    out["nvimgcodec_decoded"] = nvimgcodec_decodes(files[:64], hardware=cuda)
+    # In a child under a limit: a hardware engine in a bad state costs this step 20 s, not all of it.
+    out["nvimgcodec_decoded"] = hardware_jpeg.decodes(0 if cuda else None, files[:64], timeout=20)
+    save()
     if not cuda:
         out["dali_cpu"] = dali_decode_rate(files, "cpu", None, threads, 0.5)
         out["in_use"] = "no GPU"
-        return out
+        return
     out["dali_mixed_hw_load_0"] = dali_decode_rate(files, "mixed", 0.0, threads, 3.0)
+    save()
     with JpgUtilisation(samples=3) as jpg:  # dali-ba's default, set explicitly: DALI's own changed between releases
         out["dali_mixed_default"] = dali_decode_rate(files, "mixed", default_hw_decoder_load(), threads, 4.0)
     out["nvidia_smi_jpg_utilisation"] = jpg.samples
@@ -110,7 +115,6 @@ def hardware_decoder(files: list[str], cuda: bool, threads: int) -> dict:
     out["evidence"] = (
         "nvidia-smi JPG utilisation" if busy is not None else "CPU per image, default vs hw_decoder_load=0"
     )
-    return out
 
 
 def default_hw_decoder_load() -> float:
@@ -118,23 +122,6 @@ def default_hw_decoder_load() -> float:
     import dali_ba.loading.loader
 
     return getattr(dali_ba.loading.loader, "DEFAULT_HW_DECODER_LOAD", 0.65)
-
-
-def nvimgcodec_decodes(files: list[str], hardware: bool) -> int | str:
-    """How many of ``files`` nvImageCodec decodes with its hardware backend only (CPU backend on the smoke)."""
-    try:
-        from nvidia import nvimgcodec as nv
-
-        if hardware:
-            decoder = nv.Decoder(backends=[nv.Backend(nv.BackendKind.HW_GPU_ONLY)])
-        else:
-            decoder = nv.Decoder(
-                device_id=nv.NVIMGCODEC_DEVICE_CPU_ONLY, backends=[nv.Backend(nv.BackendKind.CPU_ONLY)]
-            )
-        images = decoder.decode([nv.CodeStream(Path(f).read_bytes()) for f in files])
-        return sum(image is not None for image in images)
-    except Exception as exc:
-        return f"{type(exc).__name__}: {exc}"[:300]
 
 
 def dali_decode_rate(files: list[str], device: str, hw_load: float | None, threads: int, seconds: float) -> dict:

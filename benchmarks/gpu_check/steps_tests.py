@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.gpu_check import pytest_failures
 from benchmarks.gpu_check.context import Ctx, gpu
 from benchmarks.gpu_check.processes import REPO, child_env, kill_tree
 
@@ -65,9 +66,11 @@ def step_tests(ctx: Ctx) -> int:
         deselected.update(
             horovodrun="Horovod is not installed",
             more_ranks_than_samples="uses horovodrun",
+            mpirun="its ranks under mpirun need Horovod",  # failed so on the first GPU run
+            signal_to_one_rank="uses mpirun",
             **{"test_step.py": "imports Horovod"},
         )
-    if shutil.which("mpirun") is None:
+    elif shutil.which("mpirun") is None:
         deselected.update(mpirun="mpirun is not installed", signal_to_one_rank="uses mpirun")
     select = " and ".join(f"not {name}" for name in deselected if not name.endswith(".py"))
     if ctx.smoke:
@@ -108,11 +111,13 @@ def step_tests(ctx: Ctx) -> int:
 
 class PytestFile:
     """``pytest -v -m strict_device`` on one test file in the background, its output to ``<file>.log``, its
-    JUnit report beside it; its whole process tree killed at ``limit`` seconds."""
+    JUnit report beside it and each failure's report to ``<file>.failures.txt`` as it happens; its whole
+    process tree killed at ``limit`` seconds."""
 
     def __init__(self, name: str, select: str, folder: Path, limit: float) -> None:
         stem = name.removesuffix(".py")
         self.name, self.limit, self.log = name, limit, folder / f"{stem}.log"
+        self.failures = folder / f"{stem}.failures.txt"
         cmd = [
             sys.executable,
             "-m",
@@ -123,6 +128,8 @@ class PytestFile:
             "-o",
             "addopts=",
             "-rfE",
+            "-p",
+            "benchmarks.gpu_check.pytest_failures",
             f"--junitxml={folder / f'{stem}.junit.xml'}",
             "-m",
             MARKER,
@@ -131,8 +138,9 @@ class PytestFile:
             f"tests/{name}",
         ]
         self.start, self.rc, self.timed_out = time.perf_counter(), None, False
+        env = dict(child_env(), **{pytest_failures.ENV: str(self.failures)})
         with open(self.log, "wb") as out:
-            self.process = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=child_env())
+            self.process = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
 
     def done(self) -> bool:
         """Whether it has ended (killed first, where it ran past its limit)."""
@@ -167,7 +175,20 @@ class PytestFile:
             limit_s=round(self.limit, 1),
             counts=counts,
             failed=failed,
+            reasons=failure_reasons(self.failures.read_text(errors="replace") if self.failures.is_file() else ""),
         )
+
+
+def failure_reasons(text: str) -> dict[str, str]:
+    """{test id: the first ``E`` line of its failure} from the plugin's ``<file>.failures.txt``."""
+    reasons: dict[str, str] = {}
+    test = None
+    for line in text.splitlines():
+        if line.startswith("=== ") and line.endswith(")"):
+            test = line[4:].rsplit(" (", 1)[0]
+        elif test and test not in reasons and line.startswith("E "):
+            reasons[test] = line[1:].strip()[:300]
+    return reasons
 
 
 def totals(per_file: dict[str, dict]) -> dict:
@@ -179,6 +200,7 @@ def totals(per_file: dict[str, dict]) -> dict:
     return dict(
         counts=dict(sorted(counts.items())),
         failed=[t for f in per_file.values() for t in f.get("failed", [])],
+        reasons={t: why for f in per_file.values() for t, why in f.get("reasons", {}).items()},
         timed_out=[name for name, f in per_file.items() if f["status"] == "timed out"],
         not_ok=[name for name, f in per_file.items() if f["status"] not in ("ok", "nothing selected")],
     )

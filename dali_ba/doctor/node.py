@@ -5,7 +5,6 @@ a :class:`~dali_ba.doctor.findings.Findings`."""
 
 from __future__ import annotations
 
-import io
 import os
 import platform
 import subprocess
@@ -14,6 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dali_ba.doctor.findings import Findings, first_line
+from dali_ba.doctor.hardware_jpeg import PROBE_TIMEOUT_S
+from dali_ba.doctor.hardware_jpeg import decodes as hardware_jpeg_decodes
 from dali_ba.doctor.versions import REPO_LOCK, lock_drift, read_lock
 from dali_ba.install_choice import (
     DRIVER_FLOOR,
@@ -214,30 +215,14 @@ def check_dali(found: Findings, driver: str | None, gpu_index: int | None) -> No
             )
 
 
-def hardware_jpeg(gpu_index: int) -> tuple[bool, str]:
+def hardware_jpeg(gpu_index: int, timeout: float = PROBE_TIMEOUT_S) -> tuple[bool, str]:
     """Whether nvImageCodec (the library DALI's mixed decoder uses) decodes a small JPEG with its
-    hardware backend alone on GPU ``gpu_index`` (A100, H100 and others have such engines), and why not."""
-    try:
-        import nvidia.nvimgcodec as nv
-    except ImportError as exc:
-        return False, f"nvImageCodec does not import: {first_line(exc)}"
-    try:
-        decoder = nv.Decoder(device_id=gpu_index, backends=[nv.Backend(nv.BackendKind.HW_GPU_ONLY)])
-        images = decoder.decode([nv.CodeStream(small_jpeg())])
-    except Exception as exc:
-        return False, f"nvImageCodec's hardware backend failed: {first_line(exc)}"
-    return (
-        (True, "") if images and images[0] is not None else (False, "nvImageCodec's hardware backend decoded nothing")
-    )
-
-
-def small_jpeg() -> bytes:
-    """A 64x64 baseline 4:2:0 JPEG, made in memory."""
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.linear_gradient("L").resize((64, 64)).convert("RGB").save(buffer, "JPEG", quality=90)
-    return buffer.getvalue()
+    hardware backend alone on GPU ``gpu_index`` (A100, H100 and others have such engines), and why not;
+    asked in a child process under a time limit (:mod:`dali_ba.doctor.hardware_jpeg`)."""
+    answer = hardware_jpeg_decodes(gpu_index, timeout=timeout)
+    if isinstance(answer, str):
+        return False, answer
+    return (True, "") if answer else (False, "nvImageCodec's hardware backend decoded nothing")
 
 
 def check_horovod(found: Findings, floors: dict[str, tuple[int, ...]]) -> bool:
