@@ -67,8 +67,9 @@ clean:
 	rm -rf runs data .pytest_cache
 
 # The GPU check (benchmarks/gpu_check/): environment, the GPU-relevant tests, the demo trainings, the
-# loader against its peers and Figure 5, in at most 8 minutes on a GPU machine; gpu_check.json, .md and
-# details.tar.gz in OUT. SMOKE=1 runs the same steps on the CPU at tiny sizes (tests/test_gpu_check.py, so
+# loader against its peers and Figure 5, on a GPU machine in two parts of at most 380 s, one device call
+# each (PART=1, then PART=2 on the same machine; WORK keeps part 1's JPEGs for part 2); gpu_check.json,
+# .md and details.tar.gz in OUT. SMOKE=1 runs the same steps on the CPU at tiny sizes (tests/test_gpu_check.py, so
 # part of make test). Needs no install: the venv's python where there is one, else python3 (GPU machines).
 # The GPU machine's torch 2.11 and torchvision 0.26 on this CPU machine (a second virtualenv, about 3 GB
 # from the registry, so not part of make test): the GPU check's test files and its smoke run in it.
@@ -79,5 +80,8 @@ device-versions:
 .PHONY: gpu-check
 OUT   ?= runs/gpu-check
 SMOKE ?=
+PART  ?=
+WORK  ?= /tmp/gpu-check-work
 gpu-check:
-	$(if $(wildcard $(PY)),$(PY),python3) -m benchmarks.gpu_check --out $(OUT) $(if $(filter-out 0,$(SMOKE)),--smoke)
+	$(if $(wildcard $(PY)),$(PY),python3) -m benchmarks.gpu_check --out $(OUT) $(if $(filter-out 0,$(SMOKE)),--smoke) \
+		$(if $(PART),--part $(PART) --work $(WORK))

@@ -5,6 +5,7 @@ ImageNet-like JPEGs the steps read."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import time
@@ -137,21 +138,25 @@ def gpu() -> bool:
 
 
 def ensure_images(ctx: Ctx) -> Path:
-    """The ImageNet-like training folder, made once for every step that needs it (in parallel)."""
+    """The ImageNet-like training folder, made once for every step that needs it (in parallel), and kept
+    for a later part in the same ``--work`` folder (the same seeded JPEGs) where its sizes match."""
     root = ctx.work / "imagenet_like"
-    if (root / ".complete").exists():
+    made = f"{ctx.sizes.images} images x {ctx.sizes.copies}"
+    if (root / ".complete").is_file() and (root / ".complete").read_text() == made:
         return root / "train"
     shutil.rmtree(root, ignore_errors=True)
     workers = min(16, len(os.sched_getaffinity(0)))
     counts = [ctx.sizes.images // workers + (k < ctx.sizes.images % workers) for k in range(workers)]
-    with ProcessPoolExecutor(workers) as pool:
+    # Spawned, not forked: a caller with threads (DALI's, a reader's pool, torch's) forks children that
+    # can hang on a lock held at the fork (the strict test pass did, in a test that makes them in-process).
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         list(pool.map(_make_part, [(root / "parts" / str(k), count, k) for k, count in enumerate(counts) if count]))
     for path in sorted((root / "parts").rglob("*.jpg")):
         folder = root / "train" / path.parent.name
         folder.mkdir(parents=True, exist_ok=True)
         for copy in range(ctx.sizes.copies):
             os.link(path, folder / f"{path.parent.parent.name}_{copy}_{path.name}")
-    (root / ".complete").touch()
+    (root / ".complete").write_text(made)
     return root / "train"
 
 

@@ -1,15 +1,16 @@
 """The GPU check: one command runs everything a lent GPU machine should show, under a time limit.
 
-    python3 -m benchmarks.gpu_check --out DIR            # on the GPU machine: at most 8 minutes
+    python3 -m benchmarks.gpu_check --out DIR --part 1   # on the GPU machine: one call of at most 380 s,
+    python3 -m benchmarks.gpu_check --out DIR2 --part 2  # then the other, at once on the same machine
     python3 -m benchmarks.gpu_check --out DIR --smoke    # the same steps on the CPU at tiny sizes
     make gpu-check OUT=DIR [SMOKE=1]                     # the same, through make
 
 A GPU is lent rarely and briefly, so the check must work the first time: the smoke run (part of
 ``make test``) goes through every step on the CPU first. Each step of :data:`STEPS` runs as its own
 process (``python -m benchmarks.gpu_check.steps STEP``) under its own time limit; a failing or
-timed-out step never stops the next, and the whole run keeps inside ``--budget`` seconds. The
-required steps' limits add up to at most :data:`BUDGET_S`; the optional steps (``views``, ``augment``)
-run last on the time they left, each skipped with a note where too little is left. After every step the three
+timed-out step never stops the next, and the whole run keeps inside ``--budget`` seconds (by default
+the sum of its steps' limits: at most :data:`PART_BUDGET_S` for each part); the optional steps
+(``views``, ``augment``) run last, each skipped with a note where too little is left. After every step the three
 files in ``--out`` are rewritten, so a run killed from outside still leaves what it had:
 
 - ``gpu_check.json`` — the machine, every step's status, time and result, the targets met or missed;
@@ -45,47 +46,55 @@ SMOKE_NOTE = (
 class Step:
     name: str
     title: str
-    budget_s: float  # time limit on the GPU machine: the required steps' limits add up to BUDGET_S
+    budget_s: float  # time limit on the GPU machine: a part's steps' limits add up to PART_BUDGET_S at most
     smoke_budget_s: float  # time limit on the CPU smoke run: only a guard against hangs, ample for 2 shared cores
-    needs_s: int = 0  # an optional step (outside BUDGET_S's sum, run last on what the others left): skipped,
-    # with a note, when less than this is left
+    needs_s: int = 0  # an optional step (run last in its part on what the others left): skipped, with a
+    # note, when less than this is left
+    part: int = 1  # the device call it runs in (--part)
 
 
-# The GPU limits are estimates for one H100/H200 with 16 cores (no GPU run has measured them yet); each
-# is the step's expected time with a margin, and a step that ends early leaves its time to the later ones.
-# compile has a fixed share among the required steps (a cold inductor compile of ResNet-50 needs more than
-# the 60 s it used to get from what was left): 100 s, taken from tests (90 -> 80) and demo (75 -> 70) and
-# by making views (a shorter repeat of figure5's sweep) and augment optional, run last on what is left.
-# loader has 5 s more (85 -> 90, the last 5 s of BUDGET_S) for the two facts of gpu_check/facts.py.
+# The GPU limits come from the first runs on an H200 (benchmarks/results/gpu/2026-12-04-h200-1 and -2),
+# where the first estimates (470 s in all) cut seven of nine steps: env took 31.5 s, the doctor 12-16 s,
+# the demo 37 s, figure5 28-35 s per M (M = 1, first, pays the cold machine), compile 96 s and more; each
+# limit is that with a margin, and a step that ends early leaves its time to the later ones. The steps are
+# in two parts, each one device call (a call runs at most 10 minutes; the two, the machine's start and
+# DALI's three parts fit in a task's 15 minutes of device time): ``--part 1`` right after DALI's last
+# part, ``--part 2`` at once after it, on the same warm machine. An optional step (views, augment) runs
+# last in its part on what the others left.
 STEPS = (
-    Step("env", "Environment: GPU, driver, versions, DALI's hardware JPEG decoder", 25, 120),
-    Step("doctor", "python -m dali_ba.doctor on this machine (its GPU paths)", 20, 90),
-    Step("tests", "Test suite's GPU-relevant files on CUDA, a pytest process and a limit each", 80, 240),
+    Step("env", "Environment: GPU, driver, versions, DALI's hardware JPEG decoder", 45, 120, part=1),
+    Step("doctor", "python -m dali_ba.doctor on this machine (its GPU paths)", 25, 90, part=1),
+    Step("tests", "Test suite's GPU-relevant files on CUDA, a pytest process and a limit each", 120, 240, part=1),
     Step(
         "demo",
         "Demo recipe: bf16; fp16 + --chunks 2; --engine torch; accuracy; exact mid-epoch resume (--deterministic)",
-        70,
+        55,
         240,
+        part=1,
     ),
     Step(
         "loader",
         "Loader alone, M = 1, 4, 10: dali-ba vs torchvision (16 workers), torchvision on the GPU, "
         "DALI decode alone; the mixed decoder at three hw_decoder_load; two facts of the GPU path",
-        90,
+        135,
         180,
+        part=1,
     ),
-    Step("figure5", "Figure 5: ResNet-50, bf16, channels_last, B = 64, M = 1, 4, 10 (profile step)", 85, 240),
-    Step("compile", "Figure 5 at M = 4 with --compile: compile time apart, steps/s compiled", 100, 420),
-    Step("views", "dali-ba profile views, M = 1, 4, 10", 40, 180, needs_s=25),
+    Step("figure5", "Figure 5: ResNet-50, bf16, channels_last, B = 64, M = 1, 4, 10 (profile step)", 120, 240, part=2),
+    Step("compile", "Figure 5 at M = 4 with --compile: compile time apart, steps/s compiled", 110, 420, part=2),
+    Step("views", "dali-ba profile views, M = 1, 4, 10", 90, 180, needs_s=25, part=2),
     Step(
         "augment",
         "Auto-augment graphs (trivial, randaugment), M = 1, 4: graph build time, views/s",
-        50,
+        55,
         180,
         needs_s=20,
+        part=2,
     ),
 )
-BUDGET_S = 470  # the whole GPU run, under the 8 minutes a lent machine gives it
+PARTS = (1, 2)
+PART_BUDGET_S = 380  # one part's steps: one device call, under its 10 minutes with DALI's unpacking
+DEVICE_TIME_S = 15 * 60  # a task's device time: the machine's start, DALI's parts and the two calls
 
 
 # --- running a step ---------------------------------------------------------------------------------
@@ -160,9 +169,17 @@ def main(argv: list[str] | None = None) -> int:
         "--budget",
         type=float,
         default=None,
-        help=f"seconds for the whole run (default {BUDGET_S}; smoke: the sum of its step limits)",
+        help="seconds for the whole run (default: the sum of its steps' limits, on the GPU or the smoke run's)",
     )
-    parser.add_argument("--steps", default=",".join(s.name for s in STEPS), help="comma-separated steps to run")
+    parser.add_argument("--steps", default=None, help="comma-separated steps to run (default: all, or --part's)")
+    parser.add_argument(
+        "--part",
+        type=int,
+        choices=PARTS,
+        default=None,
+        help="the steps of one device call: 1 (env, doctor, tests, demo, loader), then 2 (figure5, compile, "
+        "views, augment) on the same machine",
+    )
     parser.add_argument(
         "--limits",
         default="",
@@ -171,8 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     args.command = " ".join([PROG, *(sys.argv[1:] if argv is None else argv)])
-    chosen = [s for s in STEPS if s.name in args.steps.split(",")]
-    unknown = set(args.steps.split(",")) - {s.name for s in STEPS}
+    names = args.steps.split(",") if args.steps else [s.name for s in STEPS if args.part in (None, s.part)]
+    chosen = [s for s in STEPS if s.name in names]
+    unknown = set(names) - {s.name for s in STEPS}
     if unknown:
         parser.error(f"unknown steps {sorted(unknown)}; known: {', '.join(s.name for s in STEPS)}")
     try:
@@ -186,9 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [
         replace(s, budget_s=limits[s.name], smoke_budget_s=limits[s.name]) if s.name in limits else s for s in chosen
     ]
-    budget = args.budget or (sum(s.smoke_budget_s for s in chosen) if args.smoke else BUDGET_S)
+    budget = args.budget or sum(s.smoke_budget_s if args.smoke else s.budget_s for s in chosen)
     work = args.work.resolve() if args.work else Path(tempfile.mkdtemp(prefix="gpu-check-"))
-    shutil.rmtree(work, ignore_errors=True)
+    empty(work)
     details = work / "details"
     details.mkdir(parents=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -197,6 +215,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def empty(work: Path) -> None:
+    """Empties the scratch folder, keeping the ImageNet-like JPEGs that part 1 made for part 2 (made again
+    where their sizes differ: ``context.ensure_images``)."""
+    work.mkdir(parents=True, exist_ok=True)
+    for entry in work.iterdir():
+        if entry.name != "imagenet_like":
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
 
 def run_all(args: argparse.Namespace, chosen: list[Step], budget: float, work: Path, details: Path) -> int:

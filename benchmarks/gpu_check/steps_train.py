@@ -262,7 +262,7 @@ def step_figure5(ctx: Ctx) -> int:
 # One profile step run's start-up (torch, DALI, the model, the first steps' autotuning: ~10 s estimated on
 # an H100/H200, unmeasured) in views' worth of its steps (ResNet-50, B = 64: ~0.2 s of the 114 steps' time
 # per view, estimated): M = 1, 4, 10 estimated at ~13, ~19, ~33 s, in proportion to M + 5.
-M_SHARE_COST = 5
+M_SHARE_COST = 30  # each M's process start (torch, CUDA, DALI, cuDNN's autotuning): about 25 s on the H200
 M_SHARE_RULE = (
     f"each M's profile step gets the share (M + {M_SHARE_COST}) / (the sum of that over the Ms still to run) "
     "of the time left: M = 10 its own share, not what M = 1 and 4 left; a run killed at its limit leaves "
