@@ -89,6 +89,9 @@ def test_the_smoke_run_has_the_numbers_of_every_step(smoke):
     rows = {(r["method"], r["views"]): r for r in result["loader"]["results"]}
     assert set(rows) == {(m, v) for m in "acg" for v in (1, 4, 10)} | {("f", 1)}
     assert all(r["views_per_s"] > 0 and r["running_views_per_s"] > 0 and r["cores_used"] > 0 for r in rows.values())
+    headers = result["loader"]["headers"]  # read once before the cases, which share the sizes
+    assert headers["samples"] == result["loader"]["files"] and headers["samples_per_s"] > 0
+    assert "Headers read first" in (out / "gpu_check.md").read_text()
     hw = result["loader"]["hw_decoder_load"]  # on the CPU: said to need a GPU, nothing faked
     assert hw["skipped"].startswith("needs a GPU") and hw["rows"] == [] and len(hw["loads"]) == 3
     assert hw["default"] == hw["loads"][0] and hw["loader_keyword"] is True

@@ -388,3 +388,24 @@ def test_a_rerun_gives_chosen_steps_other_limits(tmp_path, capsys):
     with pytest.raises(SystemExit):
         driver.main(["--out", str(out), "--steps", "env", "--limits", "figure5=150"])
     assert "--limits names steps not run: ['figure5']" in capsys.readouterr().err
+
+
+def test_the_dali_ba_cases_share_the_headers_sizes_read_before_them(images):
+    """On the H200 the loader cases were timed mostly over first reads, each parsing its samples'
+    headers: the sizes are now read once before them, and each dali-ba loader starts with them."""
+    from benchmarks.gpu_check.context import ensure_images
+    from benchmarks.gpu_check.steps_loader import read_headers, with_sizes
+    from dali_ba.data.dataset import load_dataset
+    from dali_ba.loading.loader import BatchAugmentLoader
+    from dali_ba.loading.reader import header_size
+
+    dataset = load_dataset(ensure_images(Ctx(True, images, images, time.time() + 600)))
+    sizes, rate = read_headers(dataset)
+    assert rate["samples"] == len(dataset) and rate["samples_per_s"] > 0
+    assert [tuple(sizes[i]) for i in (0, len(dataset) - 1)] == [
+        header_size(dataset.read(i)) for i in (0, len(dataset) - 1)
+    ]
+    loader = with_sizes(BatchAugmentLoader(dataset, batch_size=4, views=2, view_size=32, decoder="cpu"), sizes)
+    next(iter(loader))  # its reader fills nothing new: every size was there
+    assert loader.sizes is sizes and (sizes >= 0).all()
+    assert with_sizes(loader, None).sizes is sizes  # None: the loader keeps its own

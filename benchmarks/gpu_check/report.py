@@ -361,6 +361,17 @@ def _loader_md(r: dict) -> list[str]:
         f"{', '.join(r.get('order') or []) or '–'} ({r.get('order_rule', 'round-robin')}).",
         "",
     ]
+    headers = r.get("headers") or {}
+    if "samples_per_s" in headers:
+        lines += [
+            f"Headers read first, as a run's first pass over data does (then kept for the run): "
+            f"{headers['samples_per_s']:.0f} samples/s on {headers['threads']} threads "
+            f"({headers['cores_busy']:.1f} cores busy); dali-ba's cases (a, f) are timed with those sizes "
+            "cached, as from a run's second epoch on.",
+            "",
+        ]
+    elif headers:
+        lines += [f"Headers read first: {headers.get('error')}; each dali-ba case read its own.", ""]
     return (
         lines
         + table(

@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
+
 from benchmarks.gpu_check.context import Ctx, Sizes, ensure_images, gpu, read_json
 from benchmarks.gpu_check.facts import FACTS
 from benchmarks.gpu_check.processes import child_env, run_logged
@@ -79,6 +81,8 @@ def step_loader(ctx: Ctx) -> int:
     )
     ctx.save()
     measure_facts(ctx, data)
+    sizes, ctx.result["headers"] = read_headers(dataset)
+    ctx.save()
     for position, (method, views) in enumerate(cases):
         needed = 2 + s.epoch_seconds * (0.5 + s.loader_epochs)  # a build, the warm-up and the timed epochs
         if ctx.left() < needed:
@@ -86,7 +90,7 @@ def step_loader(ctx: Ctx) -> int:
             break
         # Measured, not assumed: the processes this one still has (a DataLoader's workers) as the case starts.
         before = len(psutil.Process().children(recursive=True))
-        row = run_case(method, views, dataset, s)
+        row = run_case(method, views, dataset, s, sizes)
         row.update(position=position, processes_before=before)
         ctx.result["errors"] += "error" in row
         ctx.result["results"].append(row)
@@ -122,7 +126,34 @@ def measure_facts(ctx: Ctx, data: Path) -> None:
     ctx.save()
 
 
-def run_case(method: str, views: int, dataset, s: Sizes) -> dict:
+def read_headers(dataset) -> tuple[np.ndarray | None, dict]:
+    """Every sample's decoded size, read from its header on :data:`READ_THREADS` threads as dali-ba's
+    reader does on a sample's first read in a run (then it keeps the size for the run): the cache the
+    dali-ba cases share, so that they are timed as from a run's second epoch on, whatever case ran
+    first; and that first pass's own rate. On the H200 the cases' timed epochs were mostly first reads
+    (2,200 samples/s at any M), which this separates. None where a header fails: each case reads its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dali_ba.loading.reader import READ_THREADS, header_size, new_size_cache
+
+    sizes = new_size_cache(dataset)
+
+    def read(index: int) -> None:
+        sizes[index] = header_size(dataset.read(index))
+
+    start, cpu = time.perf_counter(), time.process_time()
+    try:
+        with ThreadPoolExecutor(READ_THREADS) as pool:
+            list(pool.map(read, range(len(dataset))))
+    except Exception as exc:
+        return None, {"error": f"{type(exc).__name__}: {exc}"[:500]}
+    wall = time.perf_counter() - start
+    rate = dict(samples=len(dataset), threads=READ_THREADS, seconds=round(wall, 2), samples_per_s=len(dataset) / wall)
+    print(f"headers: {rate['samples_per_s']:.0f} samples/s (read and parsed, {READ_THREADS} threads)", flush=True)
+    return sizes, dict(rate, cores_busy=(time.process_time() - cpu) / wall)
+
+
+def run_case(method: str, views: int, dataset, s: Sizes, sizes: np.ndarray | None = None) -> dict:
     """One case of :data:`ORDER_RULE`: built, warmed up, timed, closed (always, even when it failed); its
     summary row, or an error row (method, M, the error) when any of that raised."""
     import torch
@@ -132,7 +163,7 @@ def run_case(method: str, views: int, dataset, s: Sizes) -> dict:
     runner = None
     try:
         print(f"{method} M={views}: warm-up", flush=True)
-        runner = make_method(method, views, dataset, s)
+        runner = make_method(method, views, dataset, s, sizes)
         run_epoch(runner, 0)  # settles itself: nothing in flight when the timed epochs start
         epochs = []
         for index in range(s.loader_epochs):
@@ -227,8 +258,9 @@ def hw_load_sweep(ctx: Ctx, dataset) -> dict:
     return out
 
 
-def make_method(method: str, views: int, dataset, s: Sizes):
-    """One method at one M as a peers.Runner whose epochs stop after ``s.epoch_seconds``."""
+def make_method(method: str, views: int, dataset, s: Sizes, sizes: np.ndarray | None = None):
+    """One method at one M as a peers.Runner whose epochs stop after ``s.epoch_seconds``; dali-ba's
+    loaders (a, f) with ``sizes``, the headers' sizes read before (:func:`read_headers`), where given."""
     import torch
 
     from benchmarks.gpu_check.torchvision_on_device import TorchvisionOnDevice
@@ -244,10 +276,17 @@ def make_method(method: str, views: int, dataset, s: Sizes):
         device = "cuda" if torch.cuda.is_available() else "cpu"
         runner = Runner(TorchvisionOnDevice(dataset, s.batch, views, s.view_size, device).epoch)
     elif method == "a":
-        runner = Runner(BatchAugmentLoader(dataset, views=views, **options).epoch)
+        runner = Runner(with_sizes(BatchAugmentLoader(dataset, views=views, **options), sizes).epoch)
     else:
-        runner = Runner(decode_only_epochs(BatchAugmentLoader(dataset, views=1, **options)))
+        runner = Runner(decode_only_epochs(with_sizes(BatchAugmentLoader(dataset, views=1, **options), sizes)))
     return Runner(time_limited(runner.epoch, s.epoch_seconds), runner.pids, runner.settle, runner.close)
+
+
+def with_sizes(loader, sizes: np.ndarray | None):
+    """``loader`` reading with a run's cache of decoded sizes already filled (shareable, as documented)."""
+    if sizes is not None:
+        loader.sizes = sizes
+    return loader
 
 
 def time_limited(epoch: Callable[[int], Iterable], seconds: float) -> Callable[[int], Iterator]:
