@@ -57,7 +57,6 @@ def step_loader(ctx: Ctx) -> int:
     refilled), which an ImageNet epoch of 20,000 batches amortises. The facts of
     benchmarks/gpu_check/facts.py come first (:func:`measure_facts`: seconds, under a limit of their own),
     so that no case run long leaves them no time."""
-    import psutil
     import torch
 
     from dali_ba.data.dataset import load_dataset
@@ -89,7 +88,7 @@ def step_loader(ctx: Ctx) -> int:
             ctx.result["cut"] = f"no time left for {method} M = {views} and after"
             break
         # Measured, not assumed: the processes this one still has (a DataLoader's workers) as the case starts.
-        before = len(psutil.Process().children(recursive=True))
+        before = len(leftover_processes())
         row = run_case(method, views, dataset, s, sizes)
         row.update(position=position, processes_before=before)
         ctx.result["errors"] += "error" in row
@@ -124,6 +123,21 @@ def measure_facts(ctx: Ctx, data: Path) -> None:
         ctx.result["errors"] += "error" in ctx.result[name]
     ctx.result["facts_process"] = dict(rc=rc, seconds=round(seconds, 1), limit_s=round(limit, 1))
     ctx.save()
+
+
+def leftover_processes() -> list:
+    """This process's children that a case could have left running (a DataLoader's workers), less
+    multiprocessing's resource tracker, which lives as long as this process once ``ensure_images``
+    has spawned its JPEG makers here."""
+    import psutil
+
+    def tracker(child) -> bool:
+        try:
+            return "multiprocessing.resource_tracker" in " ".join(child.cmdline())
+        except psutil.Error:  # ended meanwhile
+            return False
+
+    return [child for child in psutil.Process().children(recursive=True) if not tracker(child)]
 
 
 def read_headers(dataset) -> tuple[np.ndarray | None, dict]:
