@@ -50,12 +50,24 @@ lint: install
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports --no-cache
 
-# Two passes: the suite on the CPU, then the tests marked strict_device (the GPU check's test files and
-# its smoke run, tests/test_gpu_check.py) on the strict device mode's stand-in device
-# (dali_ba/strict_device.py: GPU manners on the CPU, host syncs counted).
+# Two passes at once (make -j2 --output-sync: each pass prints when it ends): the suite on the CPU, on two
+# pytest-xdist workers (one file to a worker, in tests/conftest.py's order: the longest first), and the tests marked
+# strict_device (the GPU check's test files and its smoke run, tests/test_gpu_check.py) on the strict
+# device mode's stand-in device (dali_ba/strict_device.py: GPU manners on the CPU, host syncs counted).
+# Most tests start 2-rank jobs that wait on each other, on files and on timeouts: three streams keep both
+# cores busy (docs/measured.md has the times). TEST_WORKERS=0 runs the CPU pass in one process.
+TEST_WORKERS ?= 2
+PYTEST = PATH="$(CURDIR)/$(VENV)/bin:$$PATH" python -m pytest -q
 test: lint
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" python -m pytest -q --durations=15 -m "not strict_device" tests
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" python -m pytest -q --durations=10 --strict-device -m strict_device tests
+	@echo "make test: the CPU pass and the strict-device pass run at once; each prints its report when it ends"
+	@$(MAKE) --no-print-directory -j2 --output-sync=target test-cpu test-strict-device
+
+.PHONY: test-cpu test-strict-device
+test-cpu: install
+	$(PYTEST) -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15 -m "not strict_device" tests
+
+test-strict-device: install
+	$(PYTEST) -p no:xdist --durations=10 --strict-device -m strict_device tests
 
 # The edit loop's tier: the tests that start no process (tests/conftest.py marks the others slow, and
 # multinode those on the simulated cluster), in a few minutes; make test still runs everything.
