@@ -50,17 +50,22 @@ lint: install
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports --no-cache
 
-# Two passes at once (make -j2 --output-sync: each pass prints when it ends): the suite on the CPU, on two
-# pytest-xdist workers (one file to a worker, in tests/conftest.py's order: the longest first), and the tests marked
-# strict_device (the GPU check's test files and its smoke run, tests/test_gpu_check.py) on the strict
-# device mode's stand-in device (dali_ba/strict_device.py: GPU manners on the CPU, host syncs counted).
-# Most tests start 2-rank jobs that wait on each other, on files and on timeouts: three streams keep both
-# cores busy (docs/measured.md has the times). TEST_WORKERS=0 runs the CPU pass in one process.
+# Two passes at once: the suite on the CPU (test-cpu), on two pytest-xdist workers (one file to a worker,
+# in tests/conftest.py's order: the longest first), and beside it the tests marked strict_device (the GPU
+# check's test files and its smoke run, tests/test_gpu_check.py) on the strict device mode's stand-in
+# device (test-strict-device; dali_ba/strict_device.py: GPU manners on the CPU, host syncs counted). The
+# CPU pass prints as it goes; the strict pass's report ($(STRICT_LOG)) follows it. Most tests start
+# 2-rank jobs that wait on each other, on files and on timeouts: three streams keep both cores busy
+# (docs/measured.md has the times). TEST_WORKERS=0 runs the CPU pass in one process.
 TEST_WORKERS ?= 2
+STRICT_LOG   ?= runs/test-strict-device.log
 PYTEST = PATH="$(CURDIR)/$(VENV)/bin:$$PATH" python -m pytest -q
 test: lint
-	@echo "make test: the CPU pass and the strict-device pass run at once; each prints its report when it ends"
-	@$(MAKE) --no-print-directory -j2 --output-sync=target test-cpu test-strict-device
+	@mkdir -p $(dir $(STRICT_LOG)); echo "make test: the strict-device pass runs beside the CPU pass; its report follows"
+	@$(MAKE) --no-print-directory test-strict-device > $(STRICT_LOG) 2>&1 & strict=$$!; \
+	$(MAKE) --no-print-directory test-cpu; cpu=$$?; \
+	wait $$strict; strict_rc=$$?; echo "--- the strict-device pass ($(STRICT_LOG))"; cat $(STRICT_LOG); \
+	[ $$cpu = 0 ] && [ $$strict_rc = 0 ]
 
 .PHONY: test-cpu test-strict-device
 test-cpu: install
