@@ -1,4 +1,4 @@
-"""Peers side by side: six ways to feed B samples x M views, on the same files, cores and view size.
+"""Peers side by side: seven ways to feed B samples x M views, on the same files, cores and view size.
 
     python -m benchmarks.peers [--data data/bench] [--views 1,4,10] [--batch 32] [--epochs 4]
                                [--threads 2] [--size 224] [--out benchmarks/results]
@@ -12,6 +12,8 @@
                        each copy is read, decoded and augmented on its own (decode_jpeg + v2, uint8)
 (e) DALI decode/view   DALI decodes again for every view (fused decode + random crop, then resize, flip)
 (f) DALI decode only   the ceiling: DALI reader + decoder, nothing else, no copy to torch
+(w) dali-ba, whole     (a) decoding each whole image instead of the union of its views' boxes
+                       (``roi_decode=False``): what the ROI decode saves
 
 Equal footing: every method gets ``--threads`` threads of each kind (DataLoader workers for b-d, DALI
 threads for e and f; for a, as many DALI decoding threads and view threads, which take turns on the
@@ -61,8 +63,10 @@ METHODS = {
     "d": "re-read per view (repeated aug.)",
     "e": "DALI decode per view",
     "f": "DALI decode only (ceiling)",
+    "w": "dali-ba, whole images decoded",
 }
-TARGET_F = 0.6  # a/f samples/s at M = 1
+TARGET_F = 0.7  # a/f samples/s at M = 1
+TARGET_W = 1.0  # a/w samples/s: decoding only the views' region never costs time
 
 
 def target_ratio(peer: str, views: int) -> float:
@@ -277,8 +281,8 @@ def make_method(method: str, dataset: ImageDataset, views: int, args) -> Runner:
     options = dict(
         batch_size=args.batch, views=views, view_size=args.size, decoder="cpu", num_threads=args.threads, seed=args.seed
     )
-    if method == "a":
-        return Runner(BatchAugmentLoader(dataset, **options).epoch)
+    if method in "aw":
+        return Runner(BatchAugmentLoader(dataset, roi_decode=method == "a", **options).epoch)
     if method == "e":
         return Runner(DecodePerViewLoader(dataset, **options).epoch)
     return Runner(decode_only_epochs(BatchAugmentLoader(dataset, **options)))
@@ -360,10 +364,11 @@ def ratios(results: list[dict], views: list[int]) -> list[dict]:
     rate = {(r["method"], r["views"]): r for r in results}
     out = []
     pairs = [(peer, target_ratio(peer, m), m) for m in views for peer in "cb"] + [("f", TARGET_F, 1)]
+    pairs += [("w", TARGET_W, m) for m in views]
     for peer, target, m in pairs:
         if ("a", m) in rate and (peer, m) in rate:
             ours, theirs = rate["a", m], rate[peer, m]
-            key = "samples_per_s" if peer == "f" else "views_per_s"
+            key = "samples_per_s" if peer in "fw" else "views_per_s"
             value = ours[key] / theirs[key]
             cpu = theirs["cpu_ms_per_view"] * theirs["views"] / m / ours["cpu_ms_per_view"]
             out.append(
@@ -488,7 +493,7 @@ def parse_args(argv: list[str] | None):
     )
     parser.add_argument("--count", type=int, default=1024, help="images to make when --data is missing (default 1024)")
     parser.add_argument("--views", default="1,4,10", help="comma-separated M values (default 1,4,10)")
-    parser.add_argument("--methods", default="abcdef", help="which of a-f to run (default abcdef)")
+    parser.add_argument("--methods", default="abcdefw", help="which of a-f and w to run (default abcdefw)")
     parser.add_argument("--batch", type=int, default=32, help="samples per batch B (default 32)")
     parser.add_argument("--size", type=int, default=224, help="view size (default 224)")
     parser.add_argument("--threads", type=int, default=2, help="DataLoader workers / DALI threads (default 2)")

@@ -1,5 +1,6 @@
 """Augmentation parameters: a pure function of (seed, epoch, sample, view), distributed as torchvision's."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -111,3 +112,43 @@ def test_bad_augmentation_arguments():
         Augmentation(crop_area_min=0)
     with pytest.raises(UsageError, match="view_size must be >= 1"):
         Augmentation(view_size=0)
+
+
+@pytest.mark.parametrize("kind, views", [("imagenet", 1), ("imagenet", 4), ("cifar", 3), ("randaugment", 2)])
+def test_the_views_of_a_region_are_the_views_of_the_whole_image(kind, views):
+    """Torch's view stage renders the views of each decoded region, boxes moved into it, exactly as
+    those of the whole image: the region holds every pixel of the image a box covers (cifar's boxes
+    reach past the image, into zero padding either way)."""
+    from dali_ba.loading.augment import view_regions
+    from dali_ba.loading.views import TorchViews
+
+    sizes = np.array([[61, 80], [40, 90], [75, 33], [50, 50], [28, 28]])
+    aug = Augmentation(kind, 24, 0.08, seed=6)
+    drawn = aug.draw(0, np.arange(5), sizes, views)
+    regions, moved = view_regions(drawn.boxes, sizes)
+    images = [np.random.default_rng(i).integers(0, 256, (*size, 3), dtype=np.uint8) for i, size in enumerate(sizes)]
+    cut = [image[top : top + h, left : left + w] for image, (top, left, h, w) in zip(images, regions.tolist())]
+    whole = TorchViews(1, 5, views, 24)(images, drawn).clone()
+    from_regions = TorchViews(1, 5, views, 24)(cut, dataclasses.replace(drawn, boxes=moved))
+    assert torch.equal(whole, from_regions)
+    assert (regions[:, :2] >= 0).all() and (regions[:, :2] + regions[:, 2:] <= sizes).all()
+    if kind != "cifar":  # imagenet boxes lie inside the image: the region is exactly their union
+        ends = drawn.boxes[..., :2] + drawn.boxes[..., 2:]
+        assert np.array_equal(regions[:, :2], drawn.boxes[..., :2].min(axis=1))
+        assert np.array_equal(regions[:, :2] + regions[:, 2:], ends.max(axis=1))
+    if views == 1:
+        assert np.array_equal(moved[:, 0, :2], np.zeros((5, 2))) and np.array_equal(
+            moved[..., 2:], drawn.boxes[..., 2:]
+        )
+
+
+def test_a_region_is_never_empty_and_can_be_the_whole_image():
+    from dali_ba.loading.augment import view_regions
+
+    sizes = np.array([[10, 20], [10, 20]])
+    outside = np.array([[[12, 25, 4, 4]], [[-9, -9, 5, 5]]])  # boxes wholly past the image's far and near corners
+    regions, moved = view_regions(outside, sizes)
+    assert regions.tolist() == [[9, 19, 1, 1], [0, 0, 1, 1]] and regions.dtype == np.int32
+    assert moved.tolist() == [[[3, 6, 4, 4]], [[-9, -9, 5, 5]]]
+    whole, same = view_regions(outside, sizes, union=False)
+    assert whole.tolist() == [[0, 0, 10, 20]] * 2 and np.array_equal(same, outside)

@@ -143,6 +143,7 @@ def test_the_loader_views_differ_stay_identifiable_and_match_across_stages(ident
     those stretch the identity images' near-flat red channel (JPEG noise of 1-2 levels) to the
     full range, so the resamplers' 1-level differences become tens of levels there (the ops
     themselves agree on equal inputs: test_torch_and_dali_render_every_op_alike)."""
+    from dali_ba.loading.pipeline import decode_pipeline
     from dali_ba.loading.views import TorchViews
 
     file_list, _ = identity_list
@@ -150,7 +151,8 @@ def test_the_loader_views_differ_stay_identifiable_and_match_across_stages(ident
     ours, theirs = collect(loader.epoch(0, stage="torch")), collect(loader.epoch(0, stage="dali"))
     order = loader.shard(0)
     render = TorchViews(1, 5, 4, 64)
-    decoder = loader.build_pipeline(0, stage="torch")  # the images exactly as the loader decoded them
+    # the whole images, decoded by the loader's decoder: the loader decodes only its views' regions
+    decoder = decode_pipeline(**loader._pipeline_args(order, seed=0))
     decoder.build()
     names = [op.name for op in AUTO_OPS[kind]]
     for step, ((images, labels), (dali_images, dali_labels)) in enumerate(zip(ours, theirs)):

@@ -47,20 +47,25 @@ def test_peers_times_every_method_and_reports_the_ratios(bench_images, tmp_path)
         "--batch",
         "4",
         "--methods",
-        "acf",
+        "acfw",
         "--out",
         str(out),
     )
     assert done.returncode == 0, done.stderr[-2000:]
     record = json.loads((out / "peers.json").read_text())
     rows = {(r["method"], r["views"]): r for r in record["results"]}
-    assert set(rows) == {("a", 1), ("a", 2), ("c", 1), ("c", 2), ("f", 1)}  # f does not depend on M
+    assert set(rows) == {("a", 1), ("a", 2), ("c", 1), ("c", 2), ("f", 1), ("w", 1), ("w", 2)}  # f: no M
     for (_method, views), row in rows.items():
         assert row["samples"] == 20 // 4 * 4  # one timed epoch, the last partial batch dropped
         assert row["views_per_s"] == pytest.approx(row["samples_per_s"] * views)
         assert row["cpu_ms_per_view"] > 0 and row["views_per_s"] > 0
     ratios = {(r["ratio"], r["views"]): r for r in record["ratios"]}
-    assert set(ratios) == {("a/c views/s", 1), ("a/c views/s", 2), ("a/f samples/s", 1)}
+    assert set(ratios) == {("a/c views/s", 1), ("a/c views/s", 2), ("a/f samples/s", 1)} | {
+        ("a/w samples/s", m) for m in (1, 2)
+    }
+    assert ratios["a/w samples/s", 1]["value"] == pytest.approx(
+        rows["a", 1]["samples_per_s"] / rows["w", 1]["samples_per_s"]
+    )
     a2, c2 = rows["a", 2], rows["c", 2]
     assert ratios["a/c views/s", 2]["value"] == pytest.approx(a2["views_per_s"] / c2["views_per_s"])
     assert record["machine"]["cores"] >= 1 and record["data"]["files"] == 20
@@ -73,7 +78,7 @@ def test_peers_times_every_method_and_reports_the_ratios(bench_images, tmp_path)
     [
         ("--views", "1,0", "--views must be >= 1"),
         ("--views", "four", "--views must be comma-separated integers"),
-        ("--methods", "az", "--methods must be letters from abcdef"),
+        ("--methods", "az", "--methods must be letters from abcdefw"),
     ],
 )
 def test_peers_rejects_bad_flags(flag, value, message):

@@ -138,17 +138,22 @@ def test_dali_refuses_a_gpu_to_cpu_edge_without_the_dynamic_executor(edge):
 
 @pytest.fixture
 def decoder_calls(monkeypatch):
-    """The keywords of every fn.decoders.image the graphs define (decoding on the CPU whatever was asked:
-    the graphs are only defined here)."""
+    """The keywords of every DALI decoder the graphs define, whole-image or ROI (decoding on the CPU
+    whatever was asked: the graphs are only defined here)."""
     from nvidia.dali import fn
 
-    calls, real = [], fn.decoders.image
+    calls = []
 
-    def spy(encoded, **kwargs):
-        calls.append(kwargs)
-        return real(encoded, device="cpu", output_type=kwargs["output_type"])
+    def spy(real):
+        def decoder(encoded, *inputs, **kwargs):
+            calls.append(kwargs)
+            on_cpu = {k: v for k, v in kwargs.items() if k not in ("device", "hw_decoder_load")}
+            return real(encoded, *inputs, **on_cpu, device="cpu")
 
-    monkeypatch.setattr(fn.decoders, "image", spy)
+        return decoder
+
+    monkeypatch.setattr(fn.decoders, "image", spy(fn.decoders.image))
+    monkeypatch.setattr(fn.decoders, "image_slice", spy(fn.decoders.image_slice))
     return calls
 
 
@@ -158,11 +163,13 @@ def test_the_mixed_decoder_gets_the_share_and_the_cpu_decoder_none(decoder_calls
     pipeline.batch_augment_pipeline(views=2, view_size=24, decoder="mixed", **args)
     pipeline.center_crop_pipeline(resize=36, crop=32, decoder="cpu", hw_decoder_load=0.3, **args)
     pipeline.decode_pipeline(decoder="cpu", **args)
+    pipeline.decode_pipeline(decoder="cpu", params=pipeline.param_outputs("imagenet", 0), **args)
     assert [(c["device"], c.get("hw_decoder_load")) for c in decoder_calls] == [
         ("mixed", 0.3),
-        ("mixed", DEFAULT_HW_DECODER_LOAD),
+        ("mixed", DEFAULT_HW_DECODER_LOAD),  # the views' ROI decoder
         ("cpu", None),
         ("cpu", None),
+        ("cpu", None),  # torch's view stage's ROI decoder
     ]
 
 

@@ -1,5 +1,6 @@
 """The DALI loaders on real JPEGs, CPU decoder."""
 
+import itertools
 import os
 import re
 
@@ -76,12 +77,13 @@ def test_the_gpu_paths_header_sizes_follow_exif_rotation(tmp_path):
     assert (ours.float() - theirs.float()).abs().max() <= 2
 
 
-def test_a_header_that_disagrees_with_the_decoder_cuts_or_pads_the_image(tmp_path):
+@pytest.mark.parametrize("stage", ["dali", "torch"])
+def test_a_header_that_disagrees_with_the_decoder_cuts_or_pads_the_image(tmp_path, stage):
     """The DALI graph takes each image's size from its header, as the reader stage read it, never from
     the decoder (on the mixed decoder a CPU operator waiting on the GPU every batch). Where the two
     disagree, its views are those of the decoded image cut or zero-padded to the header's size, bit
     for bit (lossless PNGs), boxes wholly outside the decoded image included: DALI's CPU resize
-    crashes on such a ROI."""
+    crashes on such a ROI, and its ROI decoders on a region past the image."""
     from conftest import identity_image
 
     headers = {}
@@ -102,12 +104,48 @@ def test_a_header_that_disagrees_with_the_decoder_cuts_or_pads_the_image(tmp_pat
     files = [os.path.basename(told.dataset.files[i]) for i in range(len(told.dataset))]
     told.sizes[:] = [headers[name] for name in files]  # as if read in headers that disagree with the decoder
     honest = BatchAugmentLoader(tmp_path / "header" / "list.txt", **args)  # files of the headers' sizes
-    ours, theirs = collect(told.epoch(0, stage="dali")), collect(honest.epoch(0, stage="dali"))
+    ours, theirs = collect(told.epoch(0, stage=stage)), collect(honest.epoch(0, stage=stage))
     assert len(ours) == len(theirs) == 2
     for (images, labels), (expected, their_labels) in zip(ours, theirs):
         assert torch.equal(labels.cpu(), their_labels.cpu()) and torch.equal(images.cpu(), expected.cpu())
     views = torch.cat([images.cpu() for images, _ in ours]).flatten(2)
     assert (views.amax(dim=-1) == 0).any()  # some boxes lay wholly outside their decoded image
+
+
+@pytest.mark.parametrize("augment, views", [("imagenet", 1), ("imagenet", 4), ("cifar", 2), ("trivial", 3)])
+def test_decoding_only_the_views_region_changes_no_view(demo_data, augment, views):
+    """Each sample's region (the union of its M boxes) is all that is decoded. Torch's stage (which
+    decodes on the CPU) then makes the views of the whole image bit for bit: libjpeg-turbo decodes a
+    region of a 4:2:0 JPEG as the whole image has it. DALI's resize reads a little past a box (its
+    filter's reach), where torchvision's crop stops at the box: at a region's edge it now stops too,
+    so DALI's views come no further from torch's than when the whole image is decoded."""
+    from dali_ba.loading.augment import view_regions
+
+    args = dict(batch_size=4, views=views, view_size=32, augment=augment, num_threads=1, seed=5)
+    regions = BatchAugmentLoader(demo_data / "train", **args)
+    whole = BatchAugmentLoader(demo_data / "train", roi_decode=False, **args)
+    seen = {}
+    for stage in ("torch", "dali"):
+        for name, loader in (("regions", regions), ("whole", whole)):
+            seen[stage, name] = collect(itertools.islice(loader.epoch(1, stage=stage), 3))
+    for (x, y), (ex, ey) in zip(seen["torch", "regions"], seen["torch", "whole"], strict=True):
+        assert torch.equal(y, ey) and torch.equal(x, ex)
+
+    def from_torch(name):
+        pairs = zip(seen["dali", name], seen["torch", "whole"], strict=True)
+        return torch.cat([(x.float() - ex.float()).abs().flatten() for (x, _), (ex, _) in pairs]).mean()
+
+    assert from_torch("regions") <= from_torch("whole") + 0.01
+    assert all(torch.equal(y, ey) for (_, y), (_, ey) in zip(seen["dali", "regions"], seen["torch", "whole"]))
+    pipe = regions.build_pipeline(1, stage="torch")  # what torch's stage is handed: the regions alone
+    pipe.build()
+    images = pipe.run()[0]
+    order = regions.shard(1)[:4]
+    drawn = regions.augmentation.draw(1, order, regions.sizes[order], views)
+    expected, _ = view_regions(drawn.boxes, regions.sizes[order])
+    assert [np.asarray(images[i]).shape[:2] for i in range(4)] == [tuple(r[2:]) for r in expected.tolist()]
+    if augment == "imagenet" and views == 1:
+        assert (expected[:, 2] * expected[:, 3] < regions.sizes[order].prod(axis=1)).all()
 
 
 def test_views_follow_their_drawn_parameters(identity_list):
@@ -162,8 +200,9 @@ def test_one_decode_per_sample_whatever_m(demo_data, views):
         assert len(decoders) == 1  # one decoder operator in the built graph...
         reader_edges = [b for a, b in edges if a.startswith("__ExternalSource") and b.startswith("__Image")]
         assert reader_edges == decoders  # ...fed once by the reader stage's source...
-        cuts = [b for a, b in edges if a == decoders[0] and b.startswith("__Slice")]  # to the header's size
-        assert len(cuts) == (stage == "dali")
+        assert decoders[0].startswith("__ImageSlice")  # ...decoding only the region its views read...
+        cuts = [b for a, b in edges if a == decoders[0] and b.startswith("__Slice")]  # padded to the region
+        assert len(cuts) == 1
         resizes = [b for a, b in edges if a in cuts and b.startswith("__Resize")]
         assert len(resizes) == view_nodes  # ...feeding M views in DALI's graph, none in torch's
     images, _ = next(iter(loader.epoch(0)))

@@ -214,6 +214,11 @@ class Augmentation:
         return {"trivial": 1, "randaugment": self.randaugment_n}.get(self.kind, 0)
 
     @property
+    def suite(self) -> tuple[AutoOp, ...]:
+        """The auto-augment ops its views draw from (none for imagenet and cifar)."""
+        return AUTO_OPS.get(self.kind, ())
+
+    @property
     def draws(self) -> int:
         """Uniforms per view. The imagenet and cifar streams never change: old runs stay reproducible."""
         return DRAWS.get(self.kind, DRAWS["imagenet"]) + AUTO_DRAWS * self.auto_ops
@@ -231,6 +236,42 @@ class Augmentation:
         else:
             boxes, _ = random_resized_crop(u[..., :-1], sizes, self.crop_area_min)
             holes = np.zeros_like(boxes)
-        suite = AUTO_OPS.get(self.kind, ())
+        suite = self.suite
         ops, bins, signs = auto_augment(auto, suite, self.randaugment_m if self.kind == "randaugment" else None)
         return ViewParams(boxes, flips, holes, ops, bins, signs, magnitudes(suite, ops, bins, signs), suite)
+
+
+def view_regions(boxes: np.ndarray, sizes: np.ndarray, union: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """What to decode of each image for its views: the union of its M boxes (B, M, 4) cut to the image
+    (``sizes`` (B, 2), at least one pixel), or with ``union`` False the whole image. Returns the
+    regions (B, 4) int32 (top, left, height, width) and the boxes moved into them: a view of the
+    decoded region is the view of the whole image, pixel for pixel (what lies outside a region
+    lies outside the image, zero padding in both)."""
+    sizes = np.asarray(sizes, dtype=np.int64).reshape(len(boxes), 1, 2)
+    if union:
+        first = np.clip(boxes[..., :2], 0, sizes - 1).min(axis=1)  # (B, 2)
+        last = np.clip(boxes[..., :2] + boxes[..., 2:], 1, sizes).max(axis=1)
+    else:
+        first, last = np.zeros((len(boxes), 2), dtype=np.int64), sizes[:, 0]
+    last = np.maximum(last, first + 1)
+    moved = boxes.copy()
+    moved[..., :2] -= first[:, None]
+    return np.concatenate([first, last - first], axis=-1).astype(np.int32), moved
+
+
+def rendered_params(
+    suite: tuple[AutoOp, ...],
+    boxes: np.ndarray,
+    flips: np.ndarray,
+    holes: np.ndarray | None = None,
+    ops: np.ndarray | None = None,
+    bins: np.ndarray | None = None,
+    signs: np.ndarray | None = None,
+) -> ViewParams:
+    """The :class:`ViewParams` of the arrays a view graph takes (the decode graph hands them on to
+    torch's view stage with the regions it decoded): no holes and no auto-augment ops where absent."""
+    none = np.zeros((*flips.shape, 0), dtype=np.int32)
+    holes = np.zeros_like(boxes) if holes is None else holes
+    ops, bins = (none, none) if ops is None or bins is None else (ops, bins)
+    signs = none.astype(bool) if signs is None else signs.astype(bool)
+    return ViewParams(boxes, flips.astype(bool), holes, ops, bins, signs, magnitudes(suite, ops, bins, signs), suite)

@@ -32,7 +32,7 @@ from dali_ba.data.dataset import ImageDataset, load_dataset
 from dali_ba.data.partition import eval_shard, train_shard
 from dali_ba.device import default_device, to_device
 from dali_ba.errors import UsageError
-from dali_ba.loading.augment import Augmentation
+from dali_ba.loading.augment import Augmentation, rendered_params, view_regions
 from dali_ba.loading.feed import DEFAULT_HW_DECODER_LOAD, Feed, checked_hw_decoder_load, resolve_decoder
 from dali_ba.loading.pipeline import batch_augment_pipeline, center_crop_pipeline, decode_pipeline, param_outputs
 from dali_ba.loading.reader import DEFAULT_MAX_IMAGE_PIXELS, DataPass, SampleSource, new_size_cache
@@ -138,7 +138,8 @@ class BatchAugmentLoader(_ShardedLoader):
     On the "cpu" decoder torch makes the views in ``num_threads`` threads (:mod:`dali_ba.loading.views`);
     on "mixed" DALI's GPU operators do, from the same parameters. ``stage`` chooses otherwise:
     "torch" with "mixed" decodes on the CPU (torch's view stage is CPU code), "dali" with "cpu"
-    runs the GPU path's graph on DALI's CPU operators.
+    runs the GPU path's graph on DALI's CPU operators. Either way only the part of each image that
+    its views read is decoded (the union of its M boxes; ``roi_decode`` False: the whole image).
     """
 
     def __init__(
@@ -160,6 +161,7 @@ class BatchAugmentLoader(_ShardedLoader):
         num_threads: int = 2,
         stage: str | None = None,
         hw_decoder_load: float = DEFAULT_HW_DECODER_LOAD,
+        roi_decode: bool = True,
     ) -> None:
         if views < 1:
             raise UsageError(f"views must be >= 1, got {views}")
@@ -170,6 +172,7 @@ class BatchAugmentLoader(_ShardedLoader):
             augment, view_size, crop_area_min, seed, randaugment_n, randaugment_m
         )  # checks them
         self.views, self.view_size, self.augment, self.crop_area_min = views, view_size, augment, crop_area_min
+        self.roi_decode = roi_decode  # decode only the union of each sample's boxes (False: the whole image)
         super().__init__(data, batch_size, rank, world_size, decoder, device, num_threads, seed)
         self._next_epoch = 0
         self._position: tuple[int, int] | None = None  # (epoch, batches yielded in it) once an epoch started
@@ -189,13 +192,14 @@ class BatchAugmentLoader(_ShardedLoader):
         decoding only when torch makes the views (``stage`` "torch", the cpu decoder's), decoding and
         views otherwise ("dali", the mixed decoder's; on the cpu decoder, only for tests and
         comparisons). The loader's own passes run through one such pipeline per stage, kept."""
-        source = self._source(None if self._stage(stage) == "torch" else self._view_params)
+        source = self._source(self._view_params)
         source.start(self._data_pass(epoch, self.shard(epoch)[start * self.batch_size :]))
         return self._graph(source, stage)
 
     def _graph(self, source: SampleSource, stage: str | None):
         if self._stage(stage) == "torch":  # torch's view stage works on the CPU: decode there
-            return decode_pipeline(samples=source, decoder="cpu", **self._run_args(self.seed))
+            params = param_outputs(self.augment, self.augmentation.auto_ops)
+            return decode_pipeline(samples=source, decoder="cpu", params=params, **self._run_args(self.seed))
         return batch_augment_pipeline(
             samples=source,
             views=self.views,
@@ -208,11 +212,13 @@ class BatchAugmentLoader(_ShardedLoader):
         )
 
     def _view_params(self, epoch: int, slots: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
-        """The arrays the view graph takes for a batch (:func:`dali_ba.loading.pipeline.param_outputs`)."""
+        """The arrays a graph takes for a batch (:func:`dali_ba.loading.pipeline.param_outputs`), drawn
+        at the headers' sizes: the regions to decode and the boxes moved into them."""
         drawn = self.augmentation.draw(epoch, slots, sizes, self.views)
+        regions, boxes = view_regions(drawn.boxes, sizes, union=self.roi_decode)
         arrays = dict(
-            sizes=sizes.astype(np.int32),  # the headers' sizes the boxes were drawn inside, which the graph cuts to
-            boxes=drawn.boxes,
+            regions=regions,
+            boxes=boxes,
             flips=drawn.flips,
             holes=drawn.holes,
             ops=drawn.ops,
@@ -257,8 +263,8 @@ class BatchAugmentLoader(_ShardedLoader):
         def batches_from(position: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
             data_pass = self._data_pass(epoch, order[position * self.batch_size :])
             if stage == "torch":
-                feed = self._feed(stage, lambda source: self._graph(source, stage), iterate=False)
-                return self._torch_batches(feed.run(data_pass), data_pass)
+                feed = self._feed(stage, lambda source: self._graph(source, stage), self._view_params, iterate=False)
+                return self._torch_batches(feed.run(data_pass))
             feed = self._feed(stage, lambda source: self._graph(source, stage), self._view_params)
             return self._dali_batches(feed.run(data_pass))
 
@@ -266,16 +272,17 @@ class BatchAugmentLoader(_ShardedLoader):
             self._position = (epoch, self._position[1] + 1)
             yield images.permute(0, 1, 4, 2, 3), labels
 
-    def _torch_batches(
-        self, decoded_batches: Iterator, data_pass: DataPass
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """DALI decodes; torch's view stage renders each batch into its reused buffer."""
+    def _torch_batches(self, decoded_batches: Iterator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """DALI decodes each sample's region and hands on the view parameters the reader drew with it
+        (a refilled slot keeps its own sample's views); torch's view stage renders each batch into
+        its reused buffer."""
         if self._torch_views is None:
             self._torch_views = TorchViews(self.num_threads, self.batch_size, self.views, self.view_size)
-        for batch, (decoded, labels) in enumerate(decoded_batches):
+        names = param_outputs(self.augment, self.augmentation.auto_ops)[1:]  # what follows the regions
+        for decoded, labels, *drawn in decoded_batches:
             images = [np.asarray(decoded[i]) for i in range(len(decoded))]
-            slots = data_pass.batch(batch)[0]  # a refilled slot keeps its own sample's views
-            params = self.augmentation.draw(data_pass.epoch, slots, [image.shape[:2] for image in images], self.views)  # type: ignore[arg-type]  # draw takes any (B, 2) array-like: np.asarray
+            arrays = {name: array.as_array() for name, array in zip(names, drawn)}
+            params = rendered_params(self.augmentation.suite, **arrays)
             labels = torch.from_numpy(labels.as_array().reshape(-1).astype(np.int64))
             yield to_device(self._torch_views(images, params), self.device), to_device(labels, self.device)
 

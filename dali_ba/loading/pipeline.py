@@ -1,8 +1,9 @@
 """Decode once, then M views: the DALI graphs behind the loaders.
 
-Each training graph reads B encoded samples and decodes each one exactly once. The samples come
-from the reader stage (:class:`dali_ba.loading.reader.SampleSource`, an external source), in the order
-of the loader's pass, with the view parameters of their batch (drawn by :mod:`dali_ba.loading.augment`):
+Each training graph reads B encoded samples and decodes each one exactly once, and of each only the
+region its views read (:func:`decode_regions`). The samples come from the reader stage
+(:class:`dali_ba.loading.reader.SampleSource`, an external source), in the order of the loader's
+pass, with the regions and view parameters of their batch (drawn by :mod:`dali_ba.loading.augment`):
 a graph is built once per run and each pass is a new :class:`~dali_ba.loading.reader.DataPass` for its
 source. On the CPU path the graph stops after decoding (:func:`decode_pipeline`) and torch makes the
 views (:mod:`dali_ba.loading.views`); on the GPU path (:func:`batch_augment_pipeline`, "mixed" decoder)
@@ -16,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import fn, math, pipeline_def, types
 
 from dali_ba.loading.augment import AUTO_OPS, MAGNITUDE_BINS
 from dali_ba.loading.feed import DEFAULT_HW_DECODER_LOAD
@@ -28,13 +29,13 @@ FILL = 128  # what DALI's warps bring in from outside a view (its auto_aug defau
 # Every graph runs on DALI's dynamic executor, asked for outright (the default only where the
 # executor is asynchronous and pipelined). No graph has a GPU-to-CPU edge, a CPU operator on a GPU
 # output, which that executor makes wait on the host for the GPU every batch: the view graph takes
-# the decoded sizes from the reader's headers (:func:`at_header_size`), not from ``images.shape()``.
+# its regions from the reader's headers (:func:`decode_regions`), not from ``images.shape()``.
 EXECUTOR = dict(exec_dynamic=True)
-# The external source's arrays after the bytes and labels, by name: the decoded (height, width) the
-# reader read in each header and drew the boxes inside, the boxes, flips, holes, then the
-# auto-augment ops, magnitude bins and signs.
+# The external source's arrays after the bytes and labels, by name: the region of each image to
+# decode (drawn from the size the reader read in its header), the boxes (in the region's pixels),
+# flips, holes, then the auto-augment ops, magnitude bins and signs.
 PARAM_TYPES = {
-    "sizes": types.INT32,  # as fn.slice takes a shape
+    "regions": types.INT32,  # as fn.slice takes a shape
     "boxes": types.INT64,
     "flips": types.BOOL,
     "holes": types.INT64,
@@ -44,22 +45,36 @@ PARAM_TYPES = {
 }
 
 
-def at_header_size(images, sizes):
-    """The decoded images cut or zero-padded to ``sizes``, the (height, width) the reader read in
-    their headers: every imagenet box was drawn inside that size, so no resize ROI leaves its image.
+def decode_regions(encoded, regions, decoder: str, **split):
+    """Each image's region (top, left, height, width), and only it, decoded: DALI's ROI decode
+    (libjpeg-turbo skips the rows and columns around it; the mixed decoder's hardware path decodes
+    the region alone), the rest of the image never decoded. The region is its views' boxes' union
+    (:func:`dali_ba.loading.augment.view_regions`), so the views are those of the whole image: on
+    the cpu decoder bit for bit.
 
-    The sizes come with the samples rather than from ``images.shape()``: on the mixed decoder that
-    is a CPU operator on a GPU output, which the dynamic executor makes wait on the host for the GPU
-    every batch. A header can disagree with its decoder (header_size applies the EXIF turn DALI's
-    decoder applies; a broken header may still disagree), and DALI's CPU resize crashes on a ROI
-    wholly outside its image (seen with DALI 2.4): this cut keeps every ROI inside, on either
-    decoder, for one copy of each decoded image on the decoder's device."""
-    return fn.slice(images, start=(0, 0), shape=sizes, axis_names="HW", out_of_bounds_policy="pad", fill_values=0)
+    The output is the region's shape whatever the decoder finds: a region reaching past the
+    decoded image (a header that disagrees with its decoder: header_size applies the EXIF turn
+    DALI's decoder applies, a broken header may still disagree) is cut to the image before
+    decoding (DALI's ROI decoders fail on such a region) and zero-padded to its shape after, so no
+    resize ROI leaves its image (DALI's CPU resize crashes on one wholly outside, seen with DALI
+    2.4). The decoded size comes from ``peek_image_shape`` (a CPU operator on the encoded bytes),
+    never from the decoder's output: on the mixed decoder that is a CPU operator on a GPU output,
+    which the dynamic executor makes wait on the host for the GPU every batch."""
+    start, shape = regions[0:2], regions[2:4]
+    decoded = fn.cast(fn.peek_image_shape(encoded)[0:2], dtype=types.INT32)
+    begin = math.min(start, decoded - 1)
+    end = math.max(math.min(start + shape, decoded), begin + 1)
+    images = fn.decoders.image_slice(
+        encoded, begin, end - begin, axis_names="HW", device=decoder, output_type=types.RGB, **split
+    )
+    return fn.slice(
+        images, start=start - begin, shape=shape, axis_names="HW", out_of_bounds_policy="pad", fill_values=0
+    )
 
 
 def imagenet_view(images, box, flip, hole, view_size: int):
     """The box (top, left, height, width) resized to ``view_size`` squared (bilinear, antialiased), mirrored
-    on ``flip``. The box lies inside ``images`` (:func:`at_header_size`)."""
+    on ``flip``. The box lies inside ``images`` (:func:`decode_regions`)."""
     box = fn.cast(box, dtype=types.FLOAT)
     view = fn.resize(
         images,
@@ -117,10 +132,9 @@ VIEW_GRAPHS: dict[str, Callable] = {"imagenet": imagenet_view, "cifar": cifar_vi
 
 
 def param_outputs(augment: str, auto_ops: int) -> list[str]:
-    """Which of :data:`PARAM_TYPES` a view graph takes: the header sizes, boxes and flips for an
-    imagenet crop; boxes, flips and holes for cifar (its zero-padding slice needs no sizes); the
-    auto-augment ops, bins and signs when there are ops to apply."""
-    crop = ["boxes", "flips", "holes"] if augment == "cifar" else ["sizes", "boxes", "flips"]
+    """Which of :data:`PARAM_TYPES` a loader's graph takes: the regions to decode, boxes and flips
+    (and holes for cifar), then the auto-augment ops, bins and signs when there are ops to apply."""
+    crop = ["regions", "boxes", "flips"] + ["holes"] * (augment == "cifar")
     return crop + ["ops", "bins", "signs"] * bool(auto_ops)
 
 
@@ -134,19 +148,33 @@ def read_samples(samples: SampleSource, params: Sequence[str] = ()):
 def _read_and_decode(
     samples: SampleSource, decoder: str, params: Sequence[str] = (), hw_decoder_load: float = DEFAULT_HW_DECODER_LOAD
 ):
-    """The samples decoded to RGB; on the mixed decoder with ``hw_decoder_load`` of each batch for the
-    hardware JPEG decoder (the rest on CUDA), never DALI's default, which changed between releases."""
+    """The samples decoded to RGB (only their regions, when ``params`` has ``regions``), their labels
+    and the other ``params`` by name; on the mixed decoder with ``hw_decoder_load`` of each batch for
+    the hardware JPEG decoder (the rest on CUDA), never DALI's default, which changed between releases."""
     encoded, label, *drawn = read_samples(samples, params)
     # the cpu decoder has no such split
     split: dict[str, Any] = {"hw_decoder_load": hw_decoder_load} if decoder == "mixed" else {}
-    return fn.decoders.image(encoded, device=decoder, output_type=types.RGB, **split), label, drawn
+    named = dict(zip(params, drawn))
+    if "regions" in named:
+        images = decode_regions(encoded, named.pop("regions"), decoder, **split)
+    else:
+        images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB, **split)
+    return images, label, named
 
 
 @pipeline_def(**EXECUTOR)
-def decode_pipeline(samples: SampleSource, decoder: str = "cpu", hw_decoder_load: float = DEFAULT_HW_DECODER_LOAD):
-    """The CPU path's graph: per sample, the decoded (H, W, 3) uint8 image (sizes vary) and its label."""
-    images, label, _ = _read_and_decode(samples, decoder, hw_decoder_load=hw_decoder_load)
-    return images, label
+def decode_pipeline(
+    samples: SampleSource,
+    decoder: str = "cpu",
+    hw_decoder_load: float = DEFAULT_HW_DECODER_LOAD,
+    params: Sequence[str] = (),
+):
+    """The CPU path's graph: per sample, the decoded (H, W, 3) uint8 image (sizes vary) and its label.
+    With ``params`` (:func:`param_outputs`), only each image's region is decoded, and the view
+    parameters after ``regions`` come out with it, as the source served them: torch's view stage
+    renders the batch from them."""
+    images, label, drawn = _read_and_decode(samples, decoder, params, hw_decoder_load)
+    return images, label, *drawn.values()
 
 
 def _batch_augment_graph(
@@ -158,12 +186,8 @@ def _batch_augment_graph(
     auto_ops: int = 0,
     hw_decoder_load: float = DEFAULT_HW_DECODER_LOAD,
 ):
-    outputs = param_outputs(augment, auto_ops)
-    images, label, params = _read_and_decode(samples, decoder, outputs, hw_decoder_load)
-    drawn = dict(zip(outputs, params))
+    images, label, drawn = _read_and_decode(samples, decoder, param_outputs(augment, auto_ops), hw_decoder_load)
     boxes, flips, holes = drawn["boxes"], fn.cast(drawn["flips"], dtype=types.INT32), drawn.get("holes")
-    if "sizes" in drawn:
-        images = at_header_size(images, drawn["sizes"])
     make_view = VIEW_GRAPHS["cifar" if augment == "cifar" else "imagenet"]
     out = [make_view(images, boxes[m], flips[m], holes if holes is None else holes[m], view_size) for m in range(views)]
     if auto_ops:
@@ -181,7 +205,7 @@ def batch_augment_pipeline(*, augment: str = "imagenet", auto_ops: int = 0, **kw
     """Per sample: (M, view_size, view_size, 3) uint8 views of one decode, and its label.
 
     ``samples`` serves, after the bytes and labels, the batch's view parameters of
-    :func:`param_outputs`: header sizes (B, 2) int32, boxes (B, M, 4), flips (B, M), holes (B, M, 4), then
+    :func:`param_outputs`: regions (B, 4) int32, boxes (B, M, 4), flips (B, M), holes (B, M, 4), then
     for ``auto_ops`` n > 0 ops (B, M, n), magnitude bins (B, M, n) and signs (B, M, n) as int32 (see
     :class:`dali_ba.loading.augment.ViewParams`). Conditionals (for the auto-augment op selection) are
     enabled only when there are ops to select.
