@@ -78,7 +78,7 @@ test-strict-device: install
 # multinode those on the simulated cluster), in a few minutes; make test still runs everything.
 .PHONY: test-fast
 test-fast: install
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" python -m pytest -q -m "not slow and not multinode and not strict_device" tests
+	$(PYTEST) -p no:xdist -m "not slow and not multinode and not strict_device" tests
 
 clean:
 	rm -rf runs data .pytest_cache

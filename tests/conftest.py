@@ -49,8 +49,8 @@ def _starts_processes(function, seen: set) -> bool:
     return any(_starts_processes(f, seen) for f in names if f is not None)
 
 
-# make test runs each pass on parallel workers (pytest-xdist, one file to a worker: --dist loadfile), which
-# take files in collection order: the longest files first, so that no worker is left with one at the end.
+# make test runs its CPU pass on parallel workers (pytest-xdist, one file to a worker: --dist loadfile),
+# which take files in collection order: the longest files first, so that no worker is left with one at the end.
 # Measured at dc849f0 on 2 cores (seconds, one after another): multinode 191, stall 179, models 87,
 # reproduce 84, slurm 78, output 75, benchmarks 72, engines 62; in the strict pass the GPU check's smoke
 # run 130, train, resume, bad_files.
