@@ -71,6 +71,10 @@ def test_peers_times_every_method_and_reports_the_ratios(bench_images, tmp_path)
     assert record["machine"]["cores"] >= 1 and record["data"]["files"] == 20
     assert (out / "peers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| (a) dali-ba | 2 |" in (out / "peers.md").read_text()
+    assert (
+        set(record["decoded_share"]) == {"1", "2"}
+        and 0 < record["decoded_share"]["1"] < record["decoded_share"]["2"] <= 1
+    )
 
 
 @pytest.mark.parametrize(
