@@ -202,7 +202,7 @@ def test_one_decode_per_sample_whatever_m(demo_data, views):
         assert reader_edges == decoders  # ...fed once by the reader stage's source...
         assert decoders[0].startswith("__ImageSlice")  # ...decoding only the region its views read...
         cuts = [b for a, b in edges if a == decoders[0] and b.startswith("__Slice")]  # padded to the region
-        assert len(cuts) == 1
+        assert len(cuts) == (stage == "dali")  # (torch's views pad by themselves)
         resizes = [b for a, b in edges if a in cuts and b.startswith("__Resize")]
         assert len(resizes) == view_nodes  # ...feeding M views in DALI's graph, none in torch's
     images, _ = next(iter(loader.epoch(0)))

@@ -279,9 +279,12 @@ class BatchAugmentLoader(_ShardedLoader):
         if self._torch_views is None:
             self._torch_views = TorchViews(self.num_threads, self.batch_size, self.views, self.view_size)
         names = param_outputs(self.augment, self.augmentation.auto_ops)[1:]  # what follows the regions
-        for decoded, labels, *drawn in decoded_batches:
+        for decoded, labels, shifts, *drawn in decoded_batches:
             images = [np.asarray(decoded[i]) for i in range(len(decoded))]
             arrays = {name: array.as_array() for name, array in zip(names, drawn)}
+            # into each decoded part's pixels: the region's corner lies at its shift (zero but where a
+            # header disagrees with its decoder); boxes reaching past the part read zero padding
+            arrays["boxes"] = arrays["boxes"] + np.pad(shifts.as_array(), ((0, 0), (0, 2)))[:, None]
             params = rendered_params(self.augmentation.suite, **arrays)
             labels = torch.from_numpy(labels.as_array().reshape(-1).astype(np.int64))
             yield to_device(self._torch_views(images, params), self.device), to_device(labels, self.device)

@@ -52,14 +52,14 @@ def decode_regions(encoded, regions, decoder: str, **split):
     (:func:`dali_ba.loading.augment.view_regions`), so the views are those of the whole image: on
     the cpu decoder bit for bit.
 
-    The output is the region's shape whatever the decoder finds: a region reaching past the
-    decoded image (a header that disagrees with its decoder: header_size applies the EXIF turn
-    DALI's decoder applies, a broken header may still disagree) is cut to the image before
-    decoding (DALI's ROI decoders fail on such a region) and zero-padded to its shape after, so no
-    resize ROI leaves its image (DALI's CPU resize crashes on one wholly outside, seen with DALI
-    2.4). The decoded size comes from ``peek_image_shape`` (a CPU operator on the encoded bytes),
-    never from the decoder's output: on the mixed decoder that is a CPU operator on a GPU output,
-    which the dynamic executor makes wait on the host for the GPU every batch."""
+    Returns the part of each region inside the decoded image, and where the region's corner lies in
+    it (``shifts``, (2,) int32 per sample: zero unless the region begins past the decoded image). A
+    region reaching past the decoded image (a header that disagrees with its decoder: header_size
+    applies the EXIF turn DALI's decoder applies, a broken header may still disagree) is cut to the
+    image before decoding, as DALI's ROI decoders fail on it; a region wholly past it decodes one
+    pixel of the image's corner. The decoded size comes from ``peek_image_shape`` (a CPU operator on
+    the encoded bytes), never from the decoder's output: on the mixed decoder that is a CPU operator
+    on a GPU output, which the dynamic executor makes wait on the host for the GPU every batch."""
     start, shape = regions[0:2], regions[2:4]
     decoded = fn.cast(fn.peek_image_shape(encoded)[0:2], dtype=types.INT32)
     begin = math.min(start, decoded - 1)
@@ -67,14 +67,21 @@ def decode_regions(encoded, regions, decoder: str, **split):
     images = fn.decoders.image_slice(
         encoded, begin, end - begin, axis_names="HW", device=decoder, output_type=types.RGB, **split
     )
+    return images, start - begin
+
+
+def padded_regions(images, shifts, regions):
+    """The regions of :func:`decode_regions` at their full shape, zero where they leave the decoded
+    image: every box of DALI's views then lies inside its image (DALI's CPU resize crashes on a ROI
+    wholly outside one, seen with DALI 2.4). Torch's views pad by themselves and skip this copy."""
     return fn.slice(
-        images, start=start - begin, shape=shape, axis_names="HW", out_of_bounds_policy="pad", fill_values=0
+        images, start=shifts, shape=regions[2:4], axis_names="HW", out_of_bounds_policy="pad", fill_values=0
     )
 
 
 def imagenet_view(images, box, flip, hole, view_size: int):
     """The box (top, left, height, width) resized to ``view_size`` squared (bilinear, antialiased), mirrored
-    on ``flip``. The box lies inside ``images`` (:func:`decode_regions`)."""
+    on ``flip``. The box lies inside ``images`` (:func:`padded_regions`)."""
     box = fn.cast(box, dtype=types.FLOAT)
     view = fn.resize(
         images,
@@ -148,15 +155,16 @@ def read_samples(samples: SampleSource, params: Sequence[str] = ()):
 def _read_and_decode(
     samples: SampleSource, decoder: str, params: Sequence[str] = (), hw_decoder_load: float = DEFAULT_HW_DECODER_LOAD
 ):
-    """The samples decoded to RGB (only their regions, when ``params`` has ``regions``), their labels
-    and the other ``params`` by name; on the mixed decoder with ``hw_decoder_load`` of each batch for
-    the hardware JPEG decoder (the rest on CUDA), never DALI's default, which changed between releases."""
+    """The samples decoded to RGB (only their regions, when ``params`` has ``regions``: then with
+    their ``shifts``), their labels and the ``params`` by name; on the mixed decoder with
+    ``hw_decoder_load`` of each batch for the hardware JPEG decoder (the rest on CUDA), never DALI's
+    default, which changed between releases."""
     encoded, label, *drawn = read_samples(samples, params)
     # the cpu decoder has no such split
     split: dict[str, Any] = {"hw_decoder_load": hw_decoder_load} if decoder == "mixed" else {}
     named = dict(zip(params, drawn))
     if "regions" in named:
-        images = decode_regions(encoded, named.pop("regions"), decoder, **split)
+        images, named["shifts"] = decode_regions(encoded, named["regions"], decoder, **split)
     else:
         images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB, **split)
     return images, label, named
@@ -170,11 +178,13 @@ def decode_pipeline(
     params: Sequence[str] = (),
 ):
     """The CPU path's graph: per sample, the decoded (H, W, 3) uint8 image (sizes vary) and its label.
-    With ``params`` (:func:`param_outputs`), only each image's region is decoded, and the view
-    parameters after ``regions`` come out with it, as the source served them: torch's view stage
-    renders the batch from them."""
+    With ``params`` (:func:`param_outputs`), only each image's region is decoded (:func:`decode_regions`),
+    and its shift and the view parameters after ``regions`` come out with it, as the source served
+    them: torch's view stage renders the batch from them."""
     images, label, drawn = _read_and_decode(samples, decoder, params, hw_decoder_load)
-    return images, label, *drawn.values()
+    if not params:
+        return images, label
+    return images, label, drawn["shifts"], *[drawn[name] for name in params[1:]]
 
 
 def _batch_augment_graph(
@@ -187,6 +197,7 @@ def _batch_augment_graph(
     hw_decoder_load: float = DEFAULT_HW_DECODER_LOAD,
 ):
     images, label, drawn = _read_and_decode(samples, decoder, param_outputs(augment, auto_ops), hw_decoder_load)
+    images = padded_regions(images, drawn["shifts"], drawn["regions"])
     boxes, flips, holes = drawn["boxes"], fn.cast(drawn["flips"], dtype=types.INT32), drawn.get("holes")
     make_view = VIEW_GRAPHS["cifar" if augment == "cifar" else "imagenet"]
     out = [make_view(images, boxes[m], flips[m], holes if holes is None else holes[m], view_size) for m in range(views)]
