@@ -75,6 +75,11 @@ def test_the_gpu_paths_header_sizes_follow_exif_rotation(tmp_path):
     ((ours, _),) = collect(loader.epoch(0))
     ((theirs, _),) = collect(loader.epoch(0, stage="dali"))
     assert (ours.float() - theirs.float()).abs().max() <= 2
+    whole = BatchAugmentLoader(
+        tmp_path / "list.txt", batch_size=6, views=3, view_size=24, num_threads=1, roi_decode=False
+    )
+    ((of_whole_images, _),) = collect(whole.epoch(0))
+    assert torch.equal(ours, of_whole_images)  # DALI's ROI decode turns the region as it turns the image
 
 
 @pytest.mark.parametrize("stage", ["dali", "torch"])
