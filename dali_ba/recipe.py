@@ -76,6 +76,11 @@ class DataConfig:
         "with mixed), torch (decoding on the CPU then), or dali (the GPU path's graph, "
         "on DALI's CPU operators with the cpu decoder)",
     )
+    roi_decode: bool = option(
+        True,
+        "decode of each training image only the region its views read, the union of its M "
+        "boxes (DALI's ROI decode); --no-roi-decode: whole images",
+    )
     max_image_pixels: int = option(
         89_478_485,
         "an image whose header says it has more pixels is a broken file, never "
@@ -96,6 +101,7 @@ class DataConfig:
             randaugment_n=self.randaugment_n,
             randaugment_m=self.randaugment_m,
             stage=None if self.view_stage == "auto" else self.view_stage,
+            roi_decode=self.roi_decode,
         )
 
 

@@ -183,3 +183,14 @@ def test_the_hardware_decoder_share_is_written_out(tmp_path):
     assert parse("--hw-decoder-load", "0.9").data.hw_decoder_load == 0.9
     (tmp_path / "r.toml").write_text("[data]\nhw_decoder_load = 1\n")  # an int is a float here
     assert load_recipe(tmp_path / "r.toml").validate().data.hw_decoder_load == 1.0
+
+
+def test_the_region_decode_is_on_unless_turned_off(tmp_path):
+    """Every view loader of a run decodes only its views' regions, unless --no-roi-decode (or
+    [data] roi_decode = false) asks for whole images."""
+    assert parse().data.augmentation()["roi_decode"] is True
+    assert parse("--no-roi-decode").data.augmentation()["roi_decode"] is False
+    recipe = tmp_path / "whole.toml"
+    recipe.write_text("[data]\nroi_decode = false\n")
+    assert parse("--recipe", str(recipe)).data.augmentation()["roi_decode"] is False
+    assert parse("--recipe", str(recipe), "--roi-decode").data.augmentation()["roi_decode"] is True
