@@ -23,6 +23,38 @@ def collect(batches):
     return [(x.clone(), y.clone()) for x, y in batches]
 
 
+def test_a_forked_child_never_destroys_what_it_inherited():
+    """A DataLoader worker forked after DALI pipelines ran must not collect them: DALI's shutdown
+    there waits for threads the child does not have (dali_ba.loading.feed freezes the inherited heap
+    at each fork). Garbage left in a cycle before the fork stays undestroyed in the child's collection
+    and is destroyed in the parent's."""
+    import gc
+    import multiprocessing
+
+    import dali_ba.loading.feed  # noqa: F401  # registers the fork hook
+
+    destroyed_in = multiprocessing.get_context("fork").SimpleQueue()
+
+    class Pipelineish:
+        def __init__(self) -> None:
+            self.me = self  # a cycle: freed by the collector only
+
+        def __del__(self) -> None:
+            destroyed_in.put(os.getpid())
+
+    gc.disable()
+    try:
+        Pipelineish()
+        child = multiprocessing.get_context("fork").Process(target=gc.collect)
+        child.start()
+        child.join(60)
+        assert child.exitcode == 0
+        gc.collect()
+    finally:
+        gc.enable()
+    assert [destroyed_in.get()] == [os.getpid()] and destroyed_in.empty()  # once, here
+
+
 def test_train_batch_shapes_dtypes_and_layout(demo_data):
     loader = BatchAugmentLoader(demo_data / "train", batch_size=6, views=3, view_size=40, num_threads=1)
     batches = collect(loader.epoch(0))

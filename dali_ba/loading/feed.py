@@ -9,6 +9,8 @@ The graphs themselves are :mod:`dali_ba.loading.pipeline`'s; the bytes they read
 
 from __future__ import annotations
 
+import gc
+import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +18,15 @@ from dali_ba.errors import UsageError
 
 if TYPE_CHECKING:
     from dali_ba.loading.reader import DataPass, SampleSource
+
+# A process forked from one that has run DALI pipelines (a torch DataLoader's workers, say) inherits
+# their Python objects but not their threads. A loader is freed by the cyclic collector (its
+# pipelines' source calls back into it), and if that collection comes in the child, DALI's
+# Pipeline.__del__ shuts down an executor whose threads, and perhaps a lock one of them held at the
+# fork, are not there: it waits forever (seen: a DataLoader worker hung in Pipeline._shutdown, a test
+# left waiting on it). The child freezes what it inherited, so the collector never destroys it
+# there; what the child makes itself is collected as usual.
+os.register_at_fork(after_in_child=gc.freeze)
 
 DECODERS = ("auto", "cpu", "mixed")
 # The mixed decoder's share of each batch for the hardware JPEG decoder (the rest: CUDA), written
