@@ -2,8 +2,10 @@
 
     python -m benchmarks.auto_augment [--data data/bench] [--views 1,4,10,16] [--out benchmarks/results]
 
-The GPU path renders ``trivial`` and ``randaugment`` views in DALI, one ``select`` branch per op and
-per view: a graph of M × n × 14 branches. This runs that graph (``BatchAugmentLoader(...,
+The GPU path renders ``trivial`` and ``randaugment`` views in DALI on a graph of a view per DALI
+sample (B·M of them), one ``select`` of 14 branches per op over all the views, so the graph's size
+does not grow with M (it once had a branch per op and per view: M × n × 14 branches, dearer per view
+as M grew). This runs that graph (``BatchAugmentLoader(...,
 stage="dali")``) on DALI's CPU operators, where every machine can: the graph's operator count, its
 build (the first batch ever), the CPU seconds of a batch after it (the process's, all threads), and
 views/s. The target: M = 10 costs at most 2.5× M = 4 (linear in M) per batch and to build. A GPU

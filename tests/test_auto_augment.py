@@ -174,6 +174,33 @@ def test_the_loader_views_differ_stay_identifiable_and_match_across_stages(ident
             assert (distance[b] == 0).all() and (others > 0.1).all()
 
 
+@pytest.mark.parametrize("kind", list(AUTO_OPS))
+def test_the_auto_augment_graph_does_not_grow_with_m(demo_data, tmp_path, kind):
+    """DALI's auto-augment graph takes a view per DALI sample, so each op is one ``select`` over all
+    B·M views: the same operators at every M > 1 (a branch per view made it M × n × 14 branches),
+    one decoder, fed by the source, and batches of (B, M, 3, H, W) with B labels. The views equal torch's
+    (test_the_loader_views_differ_stay_identifiable_and_match_across_stages)."""
+    import re
+
+    operators = {}
+    for views in (1, 3, 8):
+        loader = BatchAugmentLoader(
+            demo_data / "train", batch_size=4, views=views, view_size=24, augment=kind, num_threads=1, stage="dali"
+        )
+        pipe = loader.build_pipeline(0)
+        pipe.build()
+        operators[views] = len(pipe._ops)
+        path = tmp_path / f"graph_{views}.dot"
+        pipe.save_graph_to_dot_file(str(path))
+        edges = re.findall(r"^(\S+) -> (\S+);", path.read_text(), re.M)
+        decoders = {node for edge in edges for node in edge if node.startswith("__Image")}
+        assert len(decoders) == 1 and next(iter(decoders)).startswith("__ImageSlice")
+        images, labels = next(iter(loader.epoch(0)))
+        assert images.shape == (4, views, 3, 24, 24) and labels.shape == (4,)
+        assert torch.equal(labels, torch.from_numpy(np.asarray(loader.dataset.labels)[loader.shard(0)[:4]]).long())
+    assert operators[1] < operators[3] == operators[8], operators  # one view per sample: no copy between slots
+
+
 def test_bad_randaugment_settings():
     with pytest.raises(UsageError, match=r"randaugment_m must be in \[0, 30\], got 31"):
         Augmentation("randaugment", randaugment_m=31)

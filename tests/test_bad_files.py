@@ -86,15 +86,17 @@ def test_a_run_on_a_folder_with_broken_files_finishes_and_names_them(messy, tmp_
     )
 
 
-@pytest.mark.parametrize("stage", ["torch", "dali"])
-def test_every_loader_skips_broken_files_on_either_view_stage(messy, stage):
+@pytest.mark.parametrize("stage, augment", [("torch", "imagenet"), ("dali", "imagenet"), ("dali", "trivial")])
+def test_every_loader_skips_broken_files_on_either_view_stage(messy, stage, augment):
     """The GPU path's graph ("dali": on DALI's CPU operators here) reads each sample's size from its
-    header for the view parameters: an empty or non-image file is a broken file there too, named once."""
+    header for the view parameters: an empty or non-image file is a broken file there too, named once;
+    so too on its auto-augment graph, whose batch is B samples' M view slots each."""
     from dali_ba import AugmentedValidationLoader
 
     broken = {str(messy / "ring_cool" / name) for name in BROKEN}
-    train = BatchAugmentLoader(messy, batch_size=8, views=2, view_size=24, num_threads=1, stage=stage)
-    views = AugmentedValidationLoader(messy, batch_size=8, views=2, view_size=24, num_threads=1, stage=stage)
+    args = dict(batch_size=8, views=2, view_size=24, num_threads=1, stage=stage, augment=augment)
+    train = BatchAugmentLoader(messy, **args)
+    views = AugmentedValidationLoader(messy, **args)
     named = []
     for loader in (train, views):
         loader.on_bad_file = lambda path, reason: named.append(path)

@@ -180,7 +180,7 @@ def test_auto_augment_benchmark_counts_the_graph_and_prices_each_m(bench_images,
     record = json.loads((out / "auto_augment.json").read_text())
     rows = {(r["augment"], r["views"]): r for r in record["results"]}
     assert set(rows) == {(a, m) for a in ("trivial", "randaugment") for m in (1, 2)}
-    for augment in ("trivial", "randaugment"):  # a select branch per op and per view: more operators per view
+    for augment in ("trivial", "randaugment"):  # a view per DALI sample: M > 1 adds the copy to later view slots
         assert rows[augment, 2]["operators"] > rows[augment, 1]["operators"]
         assert all(rows[augment, m]["batches"] >= 3 and rows[augment, m]["batch_cpu_s"] > 0 for m in (1, 2))
     assert record["ratios"] == []  # no M = 4 and 10 in this run

@@ -34,7 +34,13 @@ from dali_ba.device import default_device, to_device
 from dali_ba.errors import UsageError
 from dali_ba.loading.augment import Augmentation, rendered_params, view_regions
 from dali_ba.loading.feed import DEFAULT_HW_DECODER_LOAD, Feed, checked_hw_decoder_load, resolve_decoder
-from dali_ba.loading.pipeline import batch_augment_pipeline, center_crop_pipeline, decode_pipeline, param_outputs
+from dali_ba.loading.pipeline import (
+    batch_augment_pipeline,
+    center_crop_pipeline,
+    decode_pipeline,
+    param_outputs,
+    views_as_samples,
+)
 from dali_ba.loading.reader import DEFAULT_MAX_IMAGE_PIXELS, DataPass, SampleSource, new_size_cache
 from dali_ba.loading.recovery import BadFileRecovery
 from dali_ba.loading.views import TorchViews
@@ -92,8 +98,8 @@ class _ShardedLoader(BadFileRecovery):
         samples are refilled."""
         return DataPass(epoch, order, self._refilled(order), self.batch_size)
 
-    def _source(self, params: Callable | None = None) -> SampleSource:
-        return SampleSource(self.dataset, self.sizes, self._remember, params, self.max_image_pixels)
+    def _source(self, params: Callable | None = None, views_per_sample: int = 1) -> SampleSource:
+        return SampleSource(self.dataset, self.sizes, self._remember, params, self.max_image_pixels, views_per_sample)
 
     def _run_args(self, seed: int) -> dict:
         """Where and how a pipeline of this loader runs."""
@@ -107,12 +113,17 @@ class _ShardedLoader(BadFileRecovery):
         return dict(samples=source, decoder=self.decoder, **self._run_args(seed))
 
     def _feed(
-        self, kind: str, make: Callable[[SampleSource], Any], params: Callable | None = None, iterate: bool = True
+        self,
+        kind: str,
+        make: Callable[[SampleSource], Any],
+        params: Callable | None = None,
+        iterate: bool = True,
+        views_per_sample: int = 1,
     ) -> Feed:
         """The loader's pipeline for ``kind`` of pass (``make(source)`` builds its graph), built once."""
         feed = self._feeds.get(kind)
         if feed is None:
-            source = self._source(params)
+            source = self._source(params, views_per_sample)
             feed = self._feeds[kind] = Feed(make(source), source, iterate)
         return feed
 
@@ -122,10 +133,15 @@ class _ShardedLoader(BadFileRecovery):
         sources = [feed.source for feed in self._feeds.values()]
         return sum(s.callback_seconds for s in sources), sum(s.callback_batches for s in sources)
 
-    def _dali_batches(self, batches: Iterator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """A pass of DALI's torch tensors, moved to ``self.device``."""
+    def _dali_batches(self, batches: Iterator, view_slots: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """A pass of DALI's torch tensors, moved to ``self.device``; from a graph of ``view_slots`` M
+        slots per sample (a view per DALI sample), the B·M views as (B, M, ...) (no copy) and each
+        sample's label."""
         for images, labels in batches:
-            yield to_device(images, self.device), to_device(labels.view(-1), self.device).long()
+            labels = labels.view(-1)
+            if view_slots:
+                images, labels = images.unflatten(0, (-1, view_slots)), labels[::view_slots]
+            yield to_device(images, self.device), to_device(labels, self.device).long()
 
 
 class BatchAugmentLoader(_ShardedLoader):
@@ -192,7 +208,7 @@ class BatchAugmentLoader(_ShardedLoader):
         decoding only when torch makes the views (``stage`` "torch", the cpu decoder's), decoding and
         views otherwise ("dali", the mixed decoder's; on the cpu decoder, only for tests and
         comparisons). The loader's own passes run through one such pipeline per stage, kept."""
-        source = self._source(self._view_params)
+        source = self._source(self._params(stage), self._views_per_sample(stage))
         source.start(self._data_pass(epoch, self.shard(epoch)[start * self.batch_size :]))
         return self._graph(source, stage)
 
@@ -200,7 +216,7 @@ class BatchAugmentLoader(_ShardedLoader):
         if self._stage(stage) == "torch":  # torch's view stage works on the CPU: decode there
             params = param_outputs(self.augment, self.augmentation.auto_ops)
             return decode_pipeline(samples=source, decoder="cpu", params=params, **self._run_args(self.seed))
-        return batch_augment_pipeline(
+        return batch_augment_pipeline(  # on a source of _views_per_sample(stage) slots per sample
             samples=source,
             views=self.views,
             view_size=self.view_size,
@@ -210,6 +226,32 @@ class BatchAugmentLoader(_ShardedLoader):
             hw_decoder_load=self.hw_decoder_load,
             **self._run_args(self.seed),
         )
+
+    def _view_slots(self, stage: str | None) -> bool:
+        """Whether the ``stage``'s graph takes a view per DALI sample, M slots per sample
+        (:func:`dali_ba.loading.pipeline.views_as_samples`)."""
+        return self._stage(stage) == "dali" and views_as_samples(self.augment, self.augmentation.auto_ops)
+
+    def _views_per_sample(self, stage: str | None) -> int:
+        """DALI samples per sample in the ``stage``'s graph."""
+        return self.views if self._view_slots(stage) else 1
+
+    def _params(self, stage: str | None) -> Callable | None:
+        """What the ``stage``'s source serves after each batch's bytes and labels: :meth:`_view_params`,
+        per view slot where each view is a DALI sample."""
+        views, draw = self.views, self._view_params
+        if not self._view_slots(stage) or draw is None:
+            return draw
+
+        def per_view_slot(epoch: int, slots: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
+            names = param_outputs(self.augment, self.augmentation.auto_ops)
+            # a sample's region in each of its slots (only the first decodes it), a view's own parameters in its slot
+            return [
+                np.repeat(array, views, axis=0) if name == "regions" else array.reshape(-1, *array.shape[2:])
+                for name, array in zip(names, draw(epoch, slots, sizes))
+            ]
+
+        return per_view_slot
 
     def _view_params(self, epoch: int, slots: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
         """The arrays a graph takes for a batch (:func:`dali_ba.loading.pipeline.param_outputs`), drawn
@@ -265,8 +307,9 @@ class BatchAugmentLoader(_ShardedLoader):
             if stage == "torch":
                 feed = self._feed(stage, lambda source: self._graph(source, stage), self._view_params, iterate=False)
                 return self._torch_batches(feed.run(data_pass))
-            feed = self._feed(stage, lambda source: self._graph(source, stage), self._view_params)
-            return self._dali_batches(feed.run(data_pass))
+            views = self._views_per_sample(stage)
+            feed = self._feed(stage, lambda source: self._graph(source, stage), self._params(stage), True, views)
+            return self._dali_batches(feed.run(data_pass), views if self._view_slots(stage) else 0)
 
         for images, labels in self._recovering(batches_from, order, start):
             self._position = (epoch, self._position[1] + 1)

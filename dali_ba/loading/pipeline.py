@@ -9,7 +9,8 @@ source. On the CPU path the graph stops after decoding (:func:`decode_pipeline`)
 views (:mod:`dali_ba.loading.views`); on the GPU path (:func:`batch_augment_pipeline`, "mixed" decoder)
 DALI's GPU operators make them. Both render the same parameters; for ``trivial`` and ``randaugment``
 those include each view's ops, magnitude bins and signs, which DALI's own ``auto_aug`` augmentations
-apply (:func:`auto_augment_view`).
+apply (:func:`auto_augment_view`), on a graph of a view per DALI sample (:func:`_view_slots_graph`):
+one ``select`` per op over all B·M views, whatever M.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from nvidia.dali import fn, math, pipeline_def, types
+from nvidia.dali.pipeline import Pipeline
 
 from dali_ba.loading.augment import AUTO_OPS, MAGNITUDE_BINS
 from dali_ba.loading.feed import DEFAULT_HW_DECODER_LOAD
@@ -193,38 +195,85 @@ def _batch_augment_graph(
     view_size: int,
     augment: str = "imagenet",
     decoder: str = "mixed",
-    auto_ops: int = 0,
     hw_decoder_load: float = DEFAULT_HW_DECODER_LOAD,
 ):
-    images, label, drawn = _read_and_decode(samples, decoder, param_outputs(augment, auto_ops), hw_decoder_load)
+    """A sample per DALI sample, its M views stacked: M view branches off one decode."""
+    images, label, drawn = _read_and_decode(samples, decoder, param_outputs(augment, 0), hw_decoder_load)
     images = padded_regions(images, drawn["shifts"], drawn["regions"])
     boxes, flips, holes = drawn["boxes"], fn.cast(drawn["flips"], dtype=types.INT32), drawn.get("holes")
     make_view = VIEW_GRAPHS["cifar" if augment == "cifar" else "imagenet"]
     out = [make_view(images, boxes[m], flips[m], holes if holes is None else holes[m], view_size) for m in range(views)]
-    if auto_ops:
-        suite = dali_suite(augment)
-        ops, bins, signs = drawn["ops"], drawn["bins"], drawn["signs"]
-        out = [auto_augment_view(view, suite, ops[m], bins[m], signs[m], auto_ops) for m, view in enumerate(out)]
     return fn.stack(*out), label
 
 
+def _view_slots_graph(
+    samples: SampleSource,
+    views: int,
+    view_size: int,
+    augment: str,
+    auto_ops: int,
+    decoder: str = "mixed",
+    hw_decoder_load: float = DEFAULT_HW_DECODER_LOAD,
+):
+    """A view per DALI sample: the batch is B samples' M view slots each, the sample's bytes in its
+    first slot (the others empty). Each sample's region is decoded once (:func:`in_every_view_slot`),
+    then each auto-augment op is one ``select`` over all B·M views: a graph whose size does not grow
+    with M (a branch per view made it M × n × 14 branches, dearer per view as M grew)."""
+    encoded, label, regions, boxes, flips, ops, bins, signs = read_samples(samples, param_outputs(augment, auto_ops))
+    split: dict[str, Any] = {"hw_decoder_load": hw_decoder_load} if decoder == "mixed" else {}
+    images = in_every_view_slot(encoded, regions, views, decoder, **split)
+    view = imagenet_view(images, boxes, fn.cast(flips, dtype=types.INT32), None, view_size)
+    return auto_augment_view(view, dali_suite(augment), ops, bins, signs, auto_ops), label
+
+
+def in_every_view_slot(encoded, regions, views: int, decoder: str, **split):
+    """Each sample's region (:func:`padded_regions`) in each of its ``views`` slots: decoded in its
+    first slot only (a conditional: the later slots' bytes are empty), then copied to the later ones
+    (``permute_batch``). Needs ``enable_conditionals``; with one view per sample, a plain decode."""
+    if views == 1:
+        images, shifts = decode_regions(encoded, regions, decoder, **split)
+        return padded_regions(images, shifts, regions)
+    if encoded.shape()[0] > 0:  # a sample's first slot
+        images, shifts = decode_regions(encoded, regions, decoder, **split)
+        images = padded_regions(images, shifts, regions)
+    else:  # nothing to decode: an empty image, never read (the copy below skips it)
+        images = fn.reshape(encoded, shape=[-1, 1, 1], layout="HWC")
+        images = images.gpu() if decoder == "mixed" else images
+    # every batch is whole (a pass serves whole batches): the slots' first slots are fixed
+    first_slots = [slot - slot % views for slot in range(Pipeline.current().max_batch_size)]
+    return fn.permute_batch(images, indices=first_slots)
+
+
 _views_pipeline = pipeline_def(_batch_augment_graph, **EXECUTOR)
-_auto_views_pipeline = pipeline_def(_batch_augment_graph, enable_conditionals=True, **EXECUTOR)
+_view_slots_pipeline = pipeline_def(_view_slots_graph, enable_conditionals=True, **EXECUTOR)
 
 
-def batch_augment_pipeline(*, augment: str = "imagenet", auto_ops: int = 0, **kwargs):
-    """Per sample: (M, view_size, view_size, 3) uint8 views of one decode, and its label.
+def batch_augment_pipeline(*, augment: str = "imagenet", auto_ops: int = 0, batch_size: int, views: int, **kwargs):
+    """The GPU path's graph for batches of ``batch_size`` B samples, each as ``views`` M views of
+    one decode (``view_size`` squared, uint8 HWC).
 
     ``samples`` serves, after the bytes and labels, the batch's view parameters of
-    :func:`param_outputs`: regions (B, 4) int32, boxes (B, M, 4), flips (B, M), holes (B, M, 4), then
-    for ``auto_ops`` n > 0 ops (B, M, n), magnitude bins (B, M, n) and signs (B, M, n) as int32 (see
-    :class:`dali_ba.loading.augment.ViewParams`). Conditionals (for the auto-augment op selection) are
-    enabled only when there are ops to select.
+    :func:`param_outputs`: regions (B, 4) int32, boxes (B, M, 4), flips (B, M), holes (B, M, 4); it
+    yields per sample (M, view_size, view_size, 3) and its label. For ``trivial`` and
+    ``randaugment`` (:func:`views_as_samples`), with ``auto_ops`` n > 0, the batch is instead B·M
+    view slots (:func:`_view_slots_graph`), served by a source of ``views`` slots per sample: per
+    slot its region (B·M, 4), box, flip, ops, magnitude bins and signs (B·M, n) as int32 (see
+    :class:`dali_ba.loading.augment.ViewParams`); it yields per slot one (view_size, view_size, 3)
+    view and its sample's label, a sample's views in consecutive slots.
     """
     if augment in AUTO_OPS and not auto_ops:
         raise ValueError(f"augment {augment!r} needs auto_ops >= 1")
-    make = _auto_views_pipeline if auto_ops else _views_pipeline
-    return make(augment=augment, auto_ops=auto_ops, **kwargs)
+    if views_as_samples(augment, auto_ops):
+        return _view_slots_pipeline(
+            augment=augment, auto_ops=auto_ops, views=views, batch_size=batch_size * views, **kwargs
+        )
+    return _views_pipeline(augment=augment, views=views, batch_size=batch_size, **kwargs)
+
+
+def views_as_samples(augment: str, auto_ops: int) -> bool:
+    """Whether the GPU path's graph takes a view per DALI sample (B·M of them) rather than a
+    sample's M views stacked: for the auto-augmentations, whose ops cost per operator."""
+    return bool(auto_ops) and augment in AUTO_OPS
 
 
 @pipeline_def(**EXECUTOR)

@@ -42,6 +42,7 @@ READ_THREADS = 4  # reads wait on the file system, not the CPU: a few more threa
 BATCH_THREADS = 1
 EXIF_ORIENTATION = 0x0112
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS)
+_NOTHING = np.empty(0, dtype=np.uint8)  # the bytes of a sample's later view slots (SampleSource)
 
 
 @dataclass
@@ -114,7 +115,9 @@ class SampleSource:
 
     ``params(epoch, slots, sizes)`` returns a tuple of arrays (see :mod:`dali_ba.loading.pipeline`).
     ``sizes`` is the run's (N, 2) cache of decoded sizes (-1: not read yet), shareable between
-    loaders of one dataset. ``on_broken({name: reason})`` is told of each new broken sample.
+    loaders of one dataset. ``on_broken({name: reason})`` is told of each new broken sample. With
+    ``views_per_sample`` M > 1, each sample fills M consecutive samples of DALI's batch (a graph of a
+    view per DALI sample): its bytes in the first (the others empty), its label in each.
     """
 
     def __init__(
@@ -124,9 +127,10 @@ class SampleSource:
         on_broken: Callable[[dict[str, str]], None],
         params: Callable[[int, np.ndarray, np.ndarray], Sequence[np.ndarray]] | None = None,
         max_pixels: int = 0,
+        views_per_sample: int = 1,
     ) -> None:
         self.dataset, self.sizes, self.on_broken, self.params = dataset, sizes, on_broken, params
-        self.max_pixels = max_pixels
+        self.max_pixels, self.views_per_sample = max_pixels, views_per_sample
         self._labels = np.asarray(dataset.labels)  # the data set's own (int16 or int32): no copy
         self.data_pass: DataPass | None = None
         self._batches: dict[int, Future[ReadBatch]] = {}
@@ -205,10 +209,13 @@ class SampleSource:
             for k, (_, reason) in enumerate(read):
                 if reason:
                     reads[k], read[k] = reads[good[0]], read[good[0]]
-        outputs: list[Any] = [
-            [np.frombuffer(data, dtype=np.uint8) for data, _ in read],
-            [self._labels[i : i + 1].astype(np.int32) for i in reads],
-        ]
+        encoded = [np.frombuffer(data, dtype=np.uint8) for data, _ in read]
+        labels = [self._labels[i : i + 1].astype(np.int32) for i in reads]
+        if self.views_per_sample > 1:
+            later = [_NOTHING] * (self.views_per_sample - 1)
+            encoded = [slot for data in encoded for slot in (data, *later)]
+            labels = [label for label in labels for _ in range(self.views_per_sample)]
+        outputs: list[Any] = [encoded, labels]
         if self.params is not None:
             outputs += list(self.params(epoch, slots, self.sizes[reads]))
         return ReadBatch(outputs, broken)
