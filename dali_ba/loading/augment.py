@@ -238,7 +238,7 @@ class Augmentation:
             holes = np.zeros_like(boxes)
         suite = self.suite
         ops, bins, signs = auto_augment(auto, suite, self.randaugment_m if self.kind == "randaugment" else None)
-        return ViewParams(boxes, flips, holes, ops, bins, signs, magnitudes(suite, ops, bins, signs), suite)
+        return rendered_params(suite, boxes, flips, holes, ops, bins, signs)
 
 
 def view_regions(boxes: np.ndarray, sizes: np.ndarray, union: bool = True) -> tuple[np.ndarray, np.ndarray]:
