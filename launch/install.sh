@@ -90,7 +90,7 @@ case $dali_action in
   replace) say "replacing $dali_first by $dali_second"; "$PY" -m pip uninstall -q -y "$dali_first"; pip_install $dali_second ;;
 esac
 "$PY" -c "import mpi4py" 2>/dev/null || { say "installing mpi4py (built against Open MPI)"; pip_install "mpi4py==4.1.2"; }
-pip_install numpy pillow pytest pytest-xdist tqdm tomli-w "setuptools<81" wheel packaging psutil pyyaml cloudpickle cffi matplotlib scikit-image scikit-learn tensorboard \
+pip_install numpy pillow pytest pytest-xdist pytest-timeout tqdm tomli-w "setuptools<81" wheel packaging psutil pyyaml cloudpickle cffi matplotlib scikit-image scikit-learn tensorboard \
   import-linter mfusepy timm  # make test: the import structure check (setup.cfg [importlinter]), its hung FUSE file system; --arch timm:<name>
 # make lint (the first step of make test, and .pre-commit-config.yaml): pinned, so a new release's rules cannot fail CI.
 pip_install ruff==0.17.5 mypy==2.4.1

@@ -17,7 +17,10 @@ from benchmarks.gpu_check import report as gpu_report
 from benchmarks.gpu_check.steps_env import JpgUtilisation, nvidia_smi
 from benchmarks.gpu_check.steps_tests import OWN_TEST, SMOKE_FILES, SMOKE_TESTS, marked_files, read_outcomes
 
-pytestmark = pytest.mark.strict_device  # the smoke run belongs to make test's strict-device pass
+pytestmark = [
+    pytest.mark.strict_device,  # the smoke run belongs to make test's strict-device pass
+    pytest.mark.timeout(1800),  # as long as its command may take (the suite's 900 s is for one test)
+]
 
 STEPS = ("env", "doctor", "tests", "demo", "loader", "figure5", "compile", "views", "augment")
 
