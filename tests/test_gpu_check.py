@@ -100,7 +100,8 @@ def test_the_smoke_run_has_the_numbers_of_every_step(smoke):
     assert hw["default"] == hw["loads"][0] and hw["loader_keyword"] is True
     augment = {(r["augment"], r["views"]): r for r in result["augment"]["results"]}
     assert (
-        set(augment) == {(a, v) for a in ("trivial", "randaugment") for v in (1, 4)} and not result["augment"]["errors"]
+        set(augment) == {(a, v) for a in ("trivial", "randaugment") for v in (1, 4, 10)}
+        and not result["augment"]["errors"]
     )
     assert all(
         r["decoder"] == "cpu"
@@ -121,7 +122,7 @@ def test_the_smoke_run_has_the_numbers_of_every_step(smoke):
         assert all(set(r["phases_ms"]) == {"data", "h2d", "forward_backward", "allreduce_step"} for r in fig)
     assert all(r["source_ms"] > 0 for r in result["views"]["results"])  # the training thread's time in the source
     targets = [t for t in report["targets"] if t["target"] not in gpu_report.GPU_ONLY]
-    assert len(targets) == 9 and all(t["met"] in (True, False) and t["value"] >= 0 for t in targets)
+    assert len(targets) == 10 and all(t["met"] in (True, False) and t["value"] >= 0 for t in targets)
     gpu_only = {t["target"]: t for t in report["targets"] if t["target"] in gpu_report.GPU_ONLY}
     assert list(gpu_only) == list(gpu_report.GPU_ONLY)  # one row each
     syncs = gpu_only[gpu_report.HOST_SYNCS]
@@ -235,11 +236,14 @@ def test_targets_are_ratios_of_one_run_and_unmeasured_where_a_step_gave_nothing(
             views=4, data_stall=0.05, images_per_s=90, memory_images_per_s=100, syncs_per_step=2, sync_sites=["a.py:3"]
         ),
     ]
+    augment = [
+        dict(augment="randaugment", views=4, views_per_s=400.0),
+        dict(augment="randaugment", views=10, views_per_s=800.0),
+    ]
+    steps = {"loader": {"result": {"results": loader}}, "figure5": {"result": {"results": figure5}}}
     found = {
         (t["target"].split()[0] + " " + t["target"].split()[1], t["views"]): t
-        for t in gpu_report.targets(
-            {"loader": {"result": {"results": loader}}, "figure5": {"result": {"results": figure5}}}
-        )
+        for t in gpu_report.targets({**steps, "augment": {"result": {"results": augment}}})
     }
     assert found["dali-ba views/s", 4]["value"] == pytest.approx(3.0) and found["dali-ba views/s", 4]["met"]
     assert found["dali-ba views/s", 10]["value"] == pytest.approx(2.5) and not found["dali-ba views/s", 10]["met"]
@@ -249,8 +253,17 @@ def test_targets_are_ratios_of_one_run_and_unmeasured_where_a_step_gave_nothing(
     assert found["dali-ba views/s", 4]["detail"] == "a 3600 / c 1200 views/s (whole epochs: 3.00)"
     assert found["host syncs", 4]["value"] == 2 and not found["host syncs", 4]["met"]
     assert "a.py:3" in found["host syncs", 4]["detail"]
+    scaling = found["randaugment on", 10]  # a batch at M = 10: 10 / 800 s, at M = 4: 4 / 400 s
+    assert scaling["value"] == pytest.approx(1.25) and scaling["met"] and "800 at M = 10" in scaling["detail"]
+    augment[1]["views_per_s"] = 400.0 * 10 / 4 / 2.6
+    (slow,) = [
+        t
+        for t in gpu_report.targets({"augment": {"result": {"results": augment}}})
+        if t["views"] == 10 and "randaugment" in t["target"]
+    ]
+    assert slow["value"] == pytest.approx(2.6) and slow["met"] is False
     unmeasured = gpu_report.targets({})
-    assert len(unmeasured) == 12 and all(t["met"] is None and t["value"] is None for t in unmeasured)
+    assert len(unmeasured) == 13 and all(t["met"] is None and t["value"] is None for t in unmeasured)
 
 
 def test_test_outcomes_are_read_from_a_verbose_log_even_when_cut_short():

@@ -35,7 +35,7 @@ class Sizes:
     warmup: int
     cache: int
     views_steps: int  # profile views: timed steps per M (a shorter repeat of Figure 5)
-    augment_views: tuple[int, ...]  # M of the auto-augment step
+    augment_views: tuple[int, ...]  # M of the auto-augment step, in its order (4 and 10 first: their ratio is a target)
     augment_seconds: float  # auto-augment step: timed batches per (augmentation, M) for this long, after one
     hw_loads: tuple[float, ...]  # loader step: hw_decoder_load values measured beside the default (GPU only)
     hw_load_views: int  # loader step: M of the loader's runs at those values
@@ -62,7 +62,7 @@ FULL = Sizes(
     warmup=8,
     cache=8,
     views_steps=15,
-    augment_views=(1, 4),
+    augment_views=(4, 10, 1),
     augment_seconds=2.0,
     hw_loads=(0.35, 0.9),
     hw_load_views=4,
@@ -88,7 +88,7 @@ SMOKE = Sizes(
     warmup=1,
     cache=2,
     views_steps=2,
-    augment_views=(1, 4),
+    augment_views=(4, 10, 1),
     augment_seconds=1.0,
     hw_loads=(0.35, 0.9),
     hw_load_views=4,

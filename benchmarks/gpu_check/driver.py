@@ -85,7 +85,7 @@ STEPS = (
     Step("views", "dali-ba profile views, M = 1, 4, 10", 90, 180, needs_s=25, part=2),
     Step(
         "augment",
-        "Auto-augment graphs (trivial, randaugment), M = 1, 4: graph build time, views/s",
+        "Auto-augment graphs (randaugment, trivial), M = 4, 10, 1: graph build time, views/s",
         55,
         180,
         needs_s=20,

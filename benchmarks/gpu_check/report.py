@@ -23,6 +23,7 @@ BATCH_INTACT = (
     "batch tensor intact two batches later (DALI's GPU memory through DLPack): largest difference from its clone = 0"
 )
 DECODER_DIFFERENCE = "mixed decoder's largest pixel difference from the cpu decoder <= MIXED_DECODE_TOLERANCE"
+AUTO_AUGMENT_SCALING = "randaugment on DALI's graph: a batch at M = 10 costs <= 2.5 x one at M = 4"
 GPU_ONLY = (HOST_SYNCS, BATCH_INTACT, DECODER_DIFFERENCE)  # measured on CUDA only: "not measured" in a smoke run
 
 
@@ -100,11 +101,25 @@ def targets(steps: dict[str, dict]) -> list[dict]:
                     detail=f"most in one step over the ranks; sites: {sites}; from {source}",
                 )
             )
+    out.append(_auto_augment_scaling(steps.get("augment", {}).get("result", {}).get("results", [])))
     facts = steps.get("loader", {}).get("result", {})  # benchmarks/gpu_check/facts.py's, measured by the loader step
     lifetime = facts.get("batch_lifetime")
     out.append(_fact_target(BATCH_INTACT, lifetime, _intact, 0, (lifetime or {}).get("views")))
     out.append(_fact_target(DECODER_DIFFERENCE, facts.get("decoder_difference"), _decoded, MIXED_DECODE_TOLERANCE))
     return out
+
+
+def _auto_augment_scaling(results: list[dict]) -> dict:
+    """The augment step's randaugment batch cost (M over views/s) at M = 10 over M = 4."""
+    cases = {(r["augment"], r["views"]): r for r in results}
+    low, high = cases.get(("randaugment", 4), {}), cases.get(("randaugment", 10), {})
+    if not (low.get("views_per_s") and high.get("views_per_s")):
+        value, detail = None, "not measured: the augment step has no randaugment M = 4 and M = 10"
+    else:
+        value = (10 / high["views_per_s"]) / (4 / low["views_per_s"])
+        detail = f"{low['views_per_s']:.0f} views/s at M = 4, {high['views_per_s']:.0f} at M = 10; from augment"
+    met = None if value is None else value <= 2.5
+    return dict(target=AUTO_AUGMENT_SCALING, views=10, value=value, threshold=2.5, met=met, detail=detail)
 
 
 def _fact_target(

@@ -339,22 +339,23 @@ def summary(method: str, views: int, epochs: list[dict], batch: int) -> dict:
 
 # --- 6. the auto-augment graphs -------------------------------------------------------------------------
 
-AUTO_AUGMENTS = ("trivial", "randaugment")
+AUTO_AUGMENTS = ("randaugment", "trivial")  # at each M, randaugment first: its M = 10 / M = 4 is a target
 
 
 def step_augment(ctx: Ctx) -> int:
     """The auto-augment training views through the loader API (``BatchAugmentLoader(..., augment=...,
     stage="dali")`` with the recipe's augmentation defaults, decoder auto: mixed and DALI's GPU
     operators on a GPU, the cpu decoder and DALI's CPU operators in the smoke run) at each M of
-    ``augment_views``: ``graph_s``, the first epoch's first batch (the graph defined, of hundreds to
-    thousands of operators, built, and run once), ``epoch_start_s``, the next epoch's first batch (the
-    same graph, a new plan), and views/s over ``augment_seconds`` of batches after them."""
+    ``augment_views``: ``graph_s``, the first epoch's first batch (the graph defined, of a few hundred
+    operators, built, and run once), ``epoch_start_s``, the next epoch's first batch (the same graph, a
+    new plan), and views/s over ``augment_seconds`` of batches after them. What a batch at M = 10
+    costs against M = 4 is a target (:func:`benchmarks.gpu_check.report.targets`)."""
     from dali_ba.data.dataset import load_dataset
     from dali_ba.loading.loader import BatchAugmentLoader
     from dali_ba.recipe import DataConfig
 
     dataset, s = load_dataset(ensure_images(ctx)), ctx.sizes
-    cases = [(augment, views) for augment in AUTO_AUGMENTS for views in s.augment_views]
+    cases = [(augment, views) for views in s.augment_views for augment in AUTO_AUGMENTS]
     ctx.result.update(
         files=len(dataset),
         batch=s.batch,
