@@ -207,7 +207,9 @@ class BatchAugmentLoader(_ShardedLoader):
         """A new DALI pipeline (not yet built) for ``epoch`` of this rank from batch ``start``:
         decoding only when torch makes the views (``stage`` "torch", the cpu decoder's), decoding and
         views otherwise ("dali", the mixed decoder's; on the cpu decoder, only for tests and
-        comparisons). The loader's own passes run through one such pipeline per stage, kept."""
+        comparisons). The loader's own passes run through one such pipeline per stage, kept. For
+        ``trivial`` and ``randaugment``, DALI's graph has a view per sample: a batch of B·M views
+        (:func:`dali_ba.loading.pipeline.batch_augment_pipeline`), a sample's M in a row."""
         source = self._source(self._params(stage), self._views_per_sample(stage))
         source.start(self._data_pass(epoch, self.shard(epoch)[start * self.batch_size :]))
         return self._graph(source, stage)
