@@ -210,7 +210,7 @@ class BatchAugmentLoader(_ShardedLoader):
         comparisons). The loader's own passes run through one such pipeline per stage, kept. For
         ``trivial`` and ``randaugment``, DALI's graph has a view per sample: a batch of B·M views
         (:func:`dali_ba.loading.pipeline.batch_augment_pipeline`), a sample's M in a row."""
-        source = self._source(self._params(stage), self._views_per_sample(stage))
+        source = self._source(self._params(stage), self._view_slots(stage) or 1)
         source.start(self._data_pass(epoch, self.shard(epoch)[start * self.batch_size :]))
         return self._graph(source, stage)
 
@@ -218,7 +218,7 @@ class BatchAugmentLoader(_ShardedLoader):
         if self._stage(stage) == "torch":  # torch's view stage works on the CPU: decode there
             params = param_outputs(self.augment, self.augmentation.auto_ops)
             return decode_pipeline(samples=source, decoder="cpu", params=params, **self._run_args(self.seed))
-        return batch_augment_pipeline(  # on a source of _views_per_sample(stage) slots per sample
+        return batch_augment_pipeline(  # on a source of _view_slots(stage) slots per sample, if any
             samples=source,
             views=self.views,
             view_size=self.view_size,
@@ -229,20 +229,17 @@ class BatchAugmentLoader(_ShardedLoader):
             **self._run_args(self.seed),
         )
 
-    def _view_slots(self, stage: str | None) -> bool:
-        """Whether the ``stage``'s graph takes a view per DALI sample, M slots per sample
-        (:func:`dali_ba.loading.pipeline.views_as_samples`)."""
-        return self._stage(stage) == "dali" and views_as_samples(self.augment, self.augmentation.auto_ops)
-
-    def _views_per_sample(self, stage: str | None) -> int:
-        """DALI samples per sample in the ``stage``'s graph."""
-        return self.views if self._view_slots(stage) else 1
+    def _view_slots(self, stage: str | None) -> int:
+        """M where the ``stage``'s graph takes a view per DALI sample, M slots per sample
+        (:func:`dali_ba.loading.pipeline.views_as_samples`); 0 where it takes a sample per DALI sample."""
+        slots = self._stage(stage) == "dali" and views_as_samples(self.augment, self.augmentation.auto_ops)
+        return self.views if slots else 0
 
     def _params(self, stage: str | None) -> Callable | None:
         """What the ``stage``'s source serves after each batch's bytes and labels: :meth:`_view_params`,
         per view slot where each view is a DALI sample."""
-        views, draw = self.views, self._view_params
-        if not self._view_slots(stage) or draw is None:
+        views, draw = self._view_slots(stage), self._view_params
+        if not views or draw is None:
             return draw
 
         def per_view_slot(epoch: int, slots: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
@@ -309,9 +306,9 @@ class BatchAugmentLoader(_ShardedLoader):
             if stage == "torch":
                 feed = self._feed(stage, lambda source: self._graph(source, stage), self._view_params, iterate=False)
                 return self._torch_batches(feed.run(data_pass))
-            views = self._views_per_sample(stage)
-            feed = self._feed(stage, lambda source: self._graph(source, stage), self._params(stage), True, views)
-            return self._dali_batches(feed.run(data_pass), views if self._view_slots(stage) else 0)
+            slots = self._view_slots(stage)
+            feed = self._feed(stage, lambda source: self._graph(source, stage), self._params(stage), True, slots or 1)
+            return self._dali_batches(feed.run(data_pass), slots)
 
         for images, labels in self._recovering(batches_from, order, start):
             self._position = (epoch, self._position[1] + 1)
